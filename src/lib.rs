@@ -1,0 +1,20 @@
+//! netkit: a network toolkit — TCP and UDP services and clients, address
+//! resolution, the TCP connection table, file transfer, a chat hub and gossip
+//! membership — composed by `netkit serve` into one server.
+//!
+//! # Layout
+//!
+//! - [`shutdown`]: signal handling and the cancellation/tracking helpers every server uses.
+//! - [`net`]: address resolution ([`net::addr`]) and the TCP connection table ([`net::conns`]).
+//! - [`tcp`]: the concurrent line server ([`tcp::server`]), its services ([`tcp::service`]) and the nc-like client ([`tcp::client`]).
+//! - [`udp`]: the datagram server ([`udp::server`]) and the retransmitting client ([`udp::client`]).
+//! - [`serve`]: composes the services for `netkit serve`.
+//! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod net;
+pub mod serve;
+pub mod shutdown;
+pub mod tcp;
+pub mod udp;

@@ -1,0 +1,4 @@
+//! Network basics: address resolution and the TCP connection table.
+
+// pub mod addr;
+// pub mod conns;

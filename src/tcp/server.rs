@@ -1,0 +1,448 @@
+//! The concurrent TCP server: an accept loop that gives every connection its
+//! own task, caps how many run at once, times out idle peers, bounds line
+//! length, and drains on shutdown.
+//!
+//! Shutdown rule: once the shutdown token is cancelled the listener is
+//! dropped (new clients are refused), idle connections close at once, and a
+//! connection holding a partly received request keeps reading until that
+//! request is complete and answered. After the grace period every remaining
+//! connection is closed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::service::{Control, Service};
+use crate::cli::{Listen, parse_duration, parse_size};
+
+/// Command-line options of `netkit tcp serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8001", env = "NETKIT_TCP_LISTEN")]
+    pub listen: Listen,
+    /// The service to run.
+    #[arg(long, value_enum, default_value = "rand", env = "NETKIT_TCP_SERVICE")]
+    pub service: Service,
+    /// Connection limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits of a TCP line server, shared by `tcp serve` and `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Most connections served at once; a client over the cap gets an error line and is closed.
+    #[arg(long, default_value_t = 10_000, env = "NETKIT_TCP_MAX_CONNS")]
+    pub max_conns: usize,
+    /// Close a connection that sends nothing for this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, env = "NETKIT_TCP_IDLE_TIMEOUT")]
+    pub idle_timeout: Duration,
+    /// Longest line accepted, in bytes; a longer one gets an error line and the connection is closed.
+    #[arg(long, default_value = "8KiB", value_parser = parse_size, env = "NETKIT_TCP_MAX_LINE")]
+    pub max_line: u64,
+    /// How long shutdown waits for in-flight requests before closing connections.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "NETKIT_TCP_GRACE")]
+    pub grace: Duration,
+}
+
+/// How a server behaves; built from [`ServeArgs`] or by hand in tests.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The service every connection gets.
+    pub service: Service,
+    /// Most connections served at once.
+    pub max_conns: usize,
+    /// Idle timeout per connection.
+    pub idle_timeout: Duration,
+    /// Longest accepted line in bytes.
+    pub max_line: usize,
+    /// Grace period on shutdown.
+    pub grace: Duration,
+}
+
+impl Config {
+    /// A configuration for `service` from the limit flags.
+    pub fn new(service: Service, limits: &LimitArgs) -> Self {
+        Config {
+            service,
+            max_conns: limits.max_conns.max(1),
+            idle_timeout: limits.idle_timeout,
+            max_line: usize::try_from(limits.max_line)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            grace: limits.grace,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            service: Service::Rand,
+            max_conns: 10_000,
+            idle_timeout: Duration::from_secs(300),
+            max_line: 8192,
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters of a running server, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted and served (or being served).
+    pub served: AtomicU64,
+    /// Connections turned away because the cap was reached.
+    pub refused: AtomicU64,
+    /// Requests (lines) answered over all connections.
+    pub requests: AtomicU64,
+}
+
+/// Runs `netkit tcp serve` until SIGINT or SIGTERM.
+pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(addr) = args.listen.addr() else {
+        anyhow::bail!("--listen off leaves nothing to serve");
+    };
+    let listener = crate::cli::bind_tcp(addr, "--listen").await?;
+    let config = Config::new(args.service, &args.limits);
+    let shutdown = crate::shutdown::on_signal();
+    run(listener, config, Arc::new(Stats::default()), shutdown).await;
+    Ok(())
+}
+
+/// Serves `config.service` on `listener` until `shutdown` is cancelled, then
+/// drains (see the module docs) and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    info!(
+        addr = ?local,
+        service = ?config.service,
+        max_conns = config.max_conns,
+        "tcp: listening on {}",
+        local.map(|a| a.to_string()).unwrap_or_default()
+    );
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(config.max_conns));
+    let tracker = TaskTracker::new();
+    let hard = CancellationToken::new();
+    let mut backoff = Duration::from_millis(5);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => { backoff = Duration::from_millis(5); pair }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("tcp: accept failed: {e}; retrying in {}ms", backoff.as_millis());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, max_conns = config.max_conns, "tcp: connection cap reached, refusing client");
+            let max = config.max_conns;
+            tracker.spawn(async move {
+                let mut stream = stream;
+                let msg = format!(
+                    "ERR server busy: {max} connections already (the --max-conns limit); try again later\n"
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(msg.as_bytes())).await;
+            });
+            continue;
+        };
+        let n = stats.served.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = info_span!("conn", %peer);
+        let (config, stats, shutdown, hard) = (
+            config.clone(),
+            stats.clone(),
+            shutdown.clone(),
+            hard.clone(),
+        );
+        tracker.spawn(
+            async move {
+                debug!(served = n, "accepted");
+                let mut requests = 0u64;
+                let result = handle(stream, &config, &mut requests, &shutdown, &hard).await;
+                stats.requests.fetch_add(requests, Ordering::Relaxed);
+                match result {
+                    Ok(end) => info!(requests, served = n, "closed: {end}"),
+                    Err(e) => info!(requests, served = n, "closed: {e}"),
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    info!(
+        connections = tracker.len(),
+        "tcp: no longer accepting; waiting up to {} for connections to finish",
+        humantime::format_duration(config.grace)
+    );
+    let clean = crate::shutdown::drain(&tracker, config.grace, &hard).await;
+    info!(
+        served = stats.served.load(Ordering::Relaxed),
+        clean, "tcp: server stopped"
+    );
+}
+
+/// Why a connection ended without an I/O error.
+#[derive(Debug)]
+enum End {
+    PeerClosed,
+    Stop,
+    Idle,
+    LineTooLong,
+    Shutdown,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            End::PeerClosed => "peer closed",
+            End::Stop => "client sent STOP",
+            End::Idle => "idle timeout",
+            End::LineTooLong => "line too long",
+            End::Shutdown => "server shutting down",
+        })
+    }
+}
+
+/// Serves one connection. Reads go through a stack buffer and `try_read`, so
+/// an idle connection holds no read buffer at all.
+async fn handle(
+    mut stream: TcpStream,
+    config: &Config,
+    requests: &mut u64,
+    shutdown: &CancellationToken,
+    hard: &CancellationToken,
+) -> io::Result<End> {
+    let service = config.service;
+    let mut out = Vec::new();
+    if service.greet(&mut out) == Control::Close {
+        stream.write_all(&out).await?;
+        let _ = stream.shutdown().await;
+        return Ok(End::PeerClosed);
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let idle = tokio::time::sleep(config.idle_timeout);
+    let cancelled = shutdown.cancelled();
+    let abandoned = hard.cancelled();
+    tokio::pin!(idle, cancelled, abandoned);
+    let mut draining = false;
+
+    loop {
+        if draining && pending.is_empty() {
+            return Ok(End::Shutdown);
+        }
+        tokio::select! {
+            biased;
+            _ = &mut abandoned => return Ok(End::Shutdown),
+            r = stream.readable() => r?,
+            _ = &mut cancelled, if !draining => { draining = true; continue; }
+            _ = &mut idle => {
+                let msg = format!("ERR idle for {}, closing\n", humantime::format_duration(config.idle_timeout));
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(msg.as_bytes())).await;
+                return Ok(End::Idle);
+            }
+        }
+        let step = match read_and_serve(&stream, config, &mut pending, &mut out, requests) {
+            Ok(step) => step,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        idle.as_mut().reset(Instant::now() + config.idle_timeout);
+        if !out.is_empty() {
+            write_out(&mut stream, &mut out, config.idle_timeout, &mut abandoned).await?;
+        }
+        if let Some(end) = step {
+            if matches!(end, End::Stop | End::LineTooLong) {
+                let _ = stream.shutdown().await;
+            }
+            return Ok(end);
+        }
+    }
+}
+
+/// Writes and clears `out`: at once if the socket takes it, otherwise waiting
+/// (bounded by `timeout`) for a slow reader.
+async fn write_out(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+    abandoned: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+) -> io::Result<()> {
+    let written = match stream.try_write(out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if written < out.len() {
+        tokio::select! {
+            biased;
+            _ = abandoned.as_mut() => return Err(io::Error::other("server shutting down")),
+            r = tokio::time::timeout(timeout, stream.write_all(&out[written..])) => {
+                r.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer stopped reading"))??
+            }
+        }
+    }
+    out.clear();
+    if out.capacity() > 4096 {
+        out.shrink_to(256);
+    }
+    Ok(())
+}
+
+/// Reads what is there and runs the service over it. `Ok(Some(end))` ends the
+/// connection once `out` is flushed.
+fn read_and_serve(
+    stream: &TcpStream,
+    config: &Config,
+    pending: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    requests: &mut u64,
+) -> io::Result<Option<End>> {
+    let mut buf = [0u8; 4096];
+    let n = stream.try_read(&mut buf)?;
+    if n == 0 {
+        return Ok(Some(End::PeerClosed));
+    }
+    Ok(serve_bytes(config, &buf[..n], pending, out, requests))
+}
+
+/// The service over one chunk of input: complete lines are answered, a partial
+/// line is kept in `pending`. Free of sockets so it is tested directly.
+fn serve_bytes(
+    config: &Config,
+    mut data: &[u8],
+    pending: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    requests: &mut u64,
+) -> Option<End> {
+    let service = config.service;
+    if !service.is_line_based() {
+        service.on_bytes(data, out);
+        *requests += 1;
+        return None;
+    }
+    while let Some(pos) = data.iter().position(|&b| b == b'\n') {
+        let control = if pending.is_empty() {
+            if pos > config.max_line {
+                return Some(too_long(config, out));
+            }
+            service.on_line(&data[..pos], out)
+        } else {
+            pending.extend_from_slice(&data[..pos]);
+            if pending.len() > config.max_line {
+                return Some(too_long(config, out));
+            }
+            let c = service.on_line(pending, out);
+            pending.clear();
+            c
+        };
+        data = &data[pos + 1..];
+        if control == Control::Close {
+            return Some(End::Stop);
+        }
+        *requests += 1;
+    }
+    if pending.len() + data.len() > config.max_line {
+        return Some(too_long(config, out));
+    }
+    pending.extend_from_slice(data);
+    if pending.is_empty() && pending.capacity() > 0 {
+        *pending = Vec::new();
+    }
+    None
+}
+
+fn too_long(config: &Config, out: &mut Vec<u8>) -> End {
+    out.extend_from_slice(
+        format!(
+            "ERR line longer than {} bytes (the --max-line limit), closing\n",
+            config.max_line
+        )
+        .as_bytes(),
+    );
+    End::LineTooLong
+}
+
+/// The address a server bound, for logs and tests.
+pub fn bound(listener: &TcpListener) -> io::Result<SocketAddr> {
+    listener.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(max_line: usize) -> Config {
+        Config {
+            max_line,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_joined() {
+        let c = cfg(100);
+        let (mut pending, mut out, mut req) = (Vec::new(), Vec::new(), 0);
+        assert!(serve_bytes(&c, b"hel", &mut pending, &mut out, &mut req).is_none());
+        assert!(out.is_empty());
+        assert!(serve_bytes(&c, b"lo\nworld\nx", &mut pending, &mut out, &mut req).is_none());
+        assert_eq!(req, 2);
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 2);
+        assert_eq!(pending, b"x");
+    }
+
+    #[test]
+    fn stop_ends_after_answering_earlier_lines() {
+        let c = cfg(100);
+        let (mut pending, mut out, mut req) = (Vec::new(), Vec::new(), 0);
+        let end = serve_bytes(&c, b"1\n2\nSTOP\n3\n", &mut pending, &mut out, &mut req);
+        assert!(matches!(end, Some(End::Stop)));
+        assert_eq!(req, 2);
+    }
+
+    #[test]
+    fn long_lines_are_refused_whole_or_in_pieces() {
+        let c = cfg(8);
+        let (mut pending, mut out, mut req) = (Vec::new(), Vec::new(), 0);
+        let end = serve_bytes(&c, b"0123456789\n", &mut pending, &mut out, &mut req);
+        assert!(matches!(end, Some(End::LineTooLong)));
+        assert!(String::from_utf8_lossy(&out).contains("longer than 8 bytes"));
+
+        let (mut pending, mut out) = (Vec::new(), Vec::new());
+        assert!(serve_bytes(&c, b"01234", &mut pending, &mut out, &mut req).is_none());
+        let end = serve_bytes(&c, b"56789", &mut pending, &mut out, &mut req);
+        assert!(matches!(end, Some(End::LineTooLong)));
+
+        let (mut pending, mut out) = (Vec::new(), Vec::new());
+        assert!(serve_bytes(&c, b"01234567\n", &mut pending, &mut out, &mut req).is_none());
+    }
+}
