@@ -1,6 +1,7 @@
 //! The `netkit` binary: parses the command line, sets up logging, and makes one
 //! call into the library per command.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -31,18 +32,26 @@ enum Command {
     /// Datagram services and a client that retransmits.
     #[command(subcommand)]
     Udp(UdpCommand),
+    /// Resolve an address for a network (tcp, tcp4, tcp6, udp, udp4, udp6, ip, ip4, ip6).
+    Resolve(netkit::net::addr::ResolveArgs),
+    /// Show the TCP connection table with states, like `netstat -ant`.
+    Conns(netkit::net::conns::ConnsArgs),
 }
 
 #[derive(Subcommand)]
 enum TcpCommand {
     /// Serve a line service (rand, echo, daytime, discard) to many clients at once.
     Serve(netkit::tcp::server::ServeArgs),
+    /// Connect to a TCP server: stdin to the socket, the socket to stdout.
+    Connect(netkit::tcp::client::ConnectArgs),
 }
 
 #[derive(Subcommand)]
 enum UdpCommand {
     /// Answer datagrams (echo, rand, daytime).
     Serve(netkit::udp::server::ServeArgs),
+    /// Send datagrams, retransmit when no reply comes, and report round trips and loss.
+    Send(netkit::udp::client::SendArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,7 +70,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => netkit::serve::run_command(args).await,
             Command::Tcp(TcpCommand::Serve(args)) => netkit::tcp::server::run_command(args).await,
+            Command::Tcp(TcpCommand::Connect(args)) => netkit::tcp::client::run_command(args).await,
             Command::Udp(UdpCommand::Serve(args)) => netkit::udp::server::run_command(args).await,
+            Command::Udp(UdpCommand::Send(args)) => netkit::udp::client::run_command(args).await,
+            Command::Resolve(args) => netkit::net::addr::run_command(args).await,
+            Command::Conns(args) => netkit::net::conns::run_command(args).await,
         }
     });
     // Blocking stdin reads cannot be cancelled; do not wait for them.
@@ -90,6 +103,7 @@ fn init_tracing(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -1,4 +1,4 @@
 //! Network basics: address resolution and the TCP connection table.
 
-// pub mod addr;
-// pub mod conns;
+pub mod addr;
+pub mod conns;

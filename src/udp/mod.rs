@@ -1,6 +1,6 @@
 //! UDP: a datagram server and a client that retransmits.
 
-// pub mod client;
+pub mod client;
 pub mod server;
 
 use std::io;
