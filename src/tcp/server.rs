@@ -264,14 +264,17 @@ async fn handle(
             biased;
             _ = &mut abandoned => return Ok(End::Shutdown),
             r = stream.readable() => r?,
-            _ = &mut cancelled, if !draining => { draining = true; continue; }
+            // Bytes already received count as a request in flight: read them
+            // before deciding whether this connection is idle.
+            _ = &mut cancelled, if !draining => draining = true,
             _ = &mut idle => {
                 let msg = format!("ERR idle for {}, closing\n", humantime::format_duration(config.idle_timeout));
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(msg.as_bytes())).await;
                 return Ok(End::Idle);
             }
         }
-        let step = match read_and_serve(&stream, config, &mut pending, &mut out, requests) {
+        let step = match read_and_serve(&stream, config, &mut pending, &mut out, requests, draining)
+        {
             Ok(step) => step,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -326,9 +329,16 @@ fn read_and_serve(
     pending: &mut Vec<u8>,
     out: &mut Vec<u8>,
     requests: &mut u64,
+    draining: bool,
 ) -> io::Result<Option<End>> {
     let mut buf = [0u8; 4096];
-    let n = stream.try_read(&mut buf)?;
+    let n = if draining {
+        // Ask the kernel itself: the reactor may not have reported bytes
+        // that already arrived, and those are a request in flight.
+        std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut buf)?
+    } else {
+        stream.try_read(&mut buf)?
+    };
     if n == 0 {
         return Ok(Some(End::PeerClosed));
     }

@@ -1,0 +1,189 @@
+//! Runs the real `netkit` binary for integration tests: waits for log lines
+//! (not sleeps) to learn bound addresses, signals it, and collects its exit.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+/// A running netkit process whose stderr is read line by line.
+pub struct Netkit {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_netkit"));
+    c.env("RUST_LOG", "info").env_remove("NO_COLOR");
+    c
+}
+
+impl Netkit {
+    pub fn spawn(args: &[&str]) -> Netkit {
+        let mut cmd = bin();
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Self::from_command(cmd)
+    }
+
+    pub fn from_command(mut cmd: Command) -> Netkit {
+        let mut child = cmd.spawn().expect("spawn netkit");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Netkit {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`, failing after `timeout`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no line with {needle:?} within {timeout:?}; saw:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "netkit ended before logging {needle:?}; saw:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits for `<prefix> listening on ADDR` and returns ADDR.
+    pub fn addr(&mut self, prefix: &str) -> SocketAddr {
+        let needle = format!("{prefix} listening on ");
+        let line = self.wait_for(&needle, Duration::from_secs(20));
+        let rest = &line[line.find(&needle).unwrap() + needle.len()..];
+        rest.split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .expect("address in log line")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(Duration::from_secs(20))
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Keep what it logged for failure messages.
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(l);
+                }
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "netkit did not exit within {timeout:?}; saw:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            // Polling a child's exit status: there is no blocking wait with a timeout in std.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stdout_string(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            o.read_to_string(&mut s).unwrap();
+        }
+        s
+    }
+}
+
+impl Drop for Netkit {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs netkit to completion with `stdin` fed in, bounded by `timeout`.
+pub fn run_with_stdin(
+    args: &[&str],
+    stdin: &[u8],
+    timeout: Duration,
+) -> (ExitStatus, String, String) {
+    let mut cmd = bin();
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).ok();
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).ok();
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("netkit {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    writer.join().unwrap();
+    (status, o.join().unwrap(), e.join().unwrap())
+}
