@@ -186,7 +186,9 @@ async fn reset_mid_request_leaves_the_server_up() {
         let c = TcpStream::connect(s.addr).await.unwrap();
         let mut c = c;
         c.write_all(b"half a requ").await.unwrap();
-        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         drop(c); // RST
     }
     round_trip(s.addr).await;
