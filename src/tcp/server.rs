@@ -250,7 +250,14 @@ async fn handle(
         return Ok(End::PeerClosed);
     }
     let mut pending: Vec<u8> = Vec::new();
+    // The idle timer is reset lazily: activity only records the time, and the
+    // timer, when it fires early, is pushed to the real deadline. Resetting a
+    // timer per request would cost a lock on the timer wheel each time.
+    let mut last_activity = Instant::now();
     let idle = tokio::time::sleep(config.idle_timeout);
+    // Child tokens: each connection polls its own, so thousands of
+    // connections do not contend on the server's token.
+    let (shutdown, hard) = (shutdown.child_token(), hard.child_token());
     let cancelled = shutdown.cancelled();
     let abandoned = hard.cancelled();
     tokio::pin!(idle, cancelled, abandoned);
@@ -268,6 +275,10 @@ async fn handle(
             // before deciding whether this connection is idle.
             _ = &mut cancelled, if !draining => draining = true,
             _ = &mut idle => {
+                if last_activity.elapsed() < config.idle_timeout {
+                    idle.as_mut().reset(last_activity + config.idle_timeout);
+                    continue;
+                }
                 let msg = format!("ERR idle for {}, closing\n", humantime::format_duration(config.idle_timeout));
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(msg.as_bytes())).await;
                 return Ok(End::Idle);
@@ -279,7 +290,7 @@ async fn handle(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        idle.as_mut().reset(Instant::now() + config.idle_timeout);
+        last_activity = Instant::now();
         if !out.is_empty() {
             write_out(&mut stream, &mut out, config.idle_timeout, &mut abandoned).await?;
         }
