@@ -7,7 +7,9 @@ use netkit::net::addr::{Network, split};
 use netkit::tcp::service::{Control, Service};
 use proptest::prelude::*;
 
-const NETS: [&str; 9] = ["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6", "ip", "ip4", "ip6"];
+const NETS: [&str; 9] = [
+    "tcp", "tcp4", "tcp6", "udp", "udp4", "udp6", "ip", "ip4", "ip6",
+];
 
 proptest! {
     #[test]
@@ -56,9 +58,19 @@ fn chunking_does_not_change_answers() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let config = netkit::tcp::server::Config { max_line: 64, ..Default::default() };
-        tokio::spawn(netkit::tcp::server::run(listener, config, Default::default(), shutdown.clone()));
-        let input: Vec<u8> = (0..300).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+        let config = netkit::tcp::server::Config {
+            max_line: 64,
+            ..Default::default()
+        };
+        tokio::spawn(netkit::tcp::server::run(
+            listener,
+            config,
+            Default::default(),
+            shutdown.clone(),
+        ));
+        let input: Vec<u8> = (0..300)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
         for chunk in [1usize, 2, 3, 7, 64, 1000] {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             for piece in input.chunks(chunk) {
@@ -66,8 +78,15 @@ fn chunking_does_not_change_answers() {
             }
             c.write_all(b"STOP\n").await.unwrap();
             let mut out = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out)).await.unwrap().unwrap();
-            assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 300, "chunk size {chunk}");
+            tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                out.iter().filter(|b| **b == b'\n').count(),
+                300,
+                "chunk size {chunk}"
+            );
         }
         shutdown.cancel();
     });

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -267,13 +269,20 @@ async fn handle(
         if draining && pending.is_empty() {
             return Ok(End::Shutdown);
         }
-        tokio::select! {
+        let step = tokio::select! {
             biased;
             _ = &mut abandoned => return Ok(End::Shutdown),
-            r = stream.readable() => r?,
+            r = read_and_serve(&mut stream, config, &mut pending, &mut out, requests) => r?,
             // Bytes already received count as a request in flight: read them
             // before deciding whether this connection is idle.
-            _ = &mut cancelled, if !draining => draining = true,
+            _ = &mut cancelled, if !draining => {
+                draining = true;
+                match read_direct(&stream, config, &mut pending, &mut out, requests) {
+                    Ok(step) => step,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             _ = &mut idle => {
                 if last_activity.elapsed() < config.idle_timeout {
                     idle.as_mut().reset(last_activity + config.idle_timeout);
@@ -283,12 +292,6 @@ async fn handle(
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(msg.as_bytes())).await;
                 return Ok(End::Idle);
             }
-        }
-        let step = match read_and_serve(&stream, config, &mut pending, &mut out, requests, draining)
-        {
-            Ok(step) => step,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
         };
         last_activity = Instant::now();
         if !out.is_empty() {
@@ -334,22 +337,40 @@ async fn write_out(
 
 /// Reads what is there and runs the service over it. `Ok(Some(end))` ends the
 /// connection once `out` is flushed.
-fn read_and_serve(
+fn read_and_serve<'a>(
+    stream: &'a mut TcpStream,
+    config: &'a Config,
+    pending: &'a mut Vec<u8>,
+    out: &'a mut Vec<u8>,
+    requests: &'a mut u64,
+) -> impl Future<Output = io::Result<Option<End>>> + 'a {
+    // The read buffer lives on the stack of one poll, never in the task: an
+    // idle connection holds no buffer. `poll_read` (unlike `try_read`) also
+    // knows that a short read drained the socket, saving an EAGAIN read per
+    // request.
+    std::future::poll_fn(move |cx| {
+        let mut buf = [0u8; 4096];
+        let mut rb = ReadBuf::new(&mut buf);
+        std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut rb))?;
+        let data = rb.filled();
+        if data.is_empty() {
+            return Poll::Ready(Ok(Some(End::PeerClosed)));
+        }
+        Poll::Ready(Ok(serve_bytes(config, data, pending, out, requests)))
+    })
+}
+
+/// Reads what the kernel holds, bypassing the reactor's readiness: used when
+/// shutdown starts, since bytes that already arrived may not be reported yet.
+fn read_direct(
     stream: &TcpStream,
     config: &Config,
     pending: &mut Vec<u8>,
     out: &mut Vec<u8>,
     requests: &mut u64,
-    draining: bool,
 ) -> io::Result<Option<End>> {
     let mut buf = [0u8; 4096];
-    let n = if draining {
-        // Ask the kernel itself: the reactor may not have reported bytes
-        // that already arrived, and those are a request in flight.
-        std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut buf)?
-    } else {
-        stream.try_read(&mut buf)?
-    };
+    let n = std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut buf)?;
     if n == 0 {
         return Ok(Some(End::PeerClosed));
     }
