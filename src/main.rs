@@ -31,6 +31,10 @@ enum Command {
     /// Datagram services and a client that retransmits.
     #[command(subcommand)]
     Udp(UdpCommand),
+    /// Send files and folders to `netkit recv`, verified and resumable.
+    Send(netkit::transfer::send::SendArgs),
+    /// Receive files and folders from `netkit send` into a folder.
+    Recv(netkit::transfer::recv::RecvArgs),
 }
 
 #[derive(Subcommand)]
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => netkit::serve::run_command(args).await,
             Command::Tcp(TcpCommand::Serve(args)) => netkit::tcp::server::run_command(args).await,
             Command::Udp(UdpCommand::Serve(args)) => netkit::udp::server::run_command(args).await,
+            Command::Send(args) => netkit::transfer::send::run_command(args).await,
+            Command::Recv(args) => netkit::transfer::recv::run_command(args).await,
         }
     });
     // Blocking stdin reads cannot be cancelled; do not wait for them.
