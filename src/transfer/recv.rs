@@ -153,6 +153,8 @@ struct Shared {
     config: Config,
     /// Partial files being written right now; a second sender of the same name is refused.
     busy: Mutex<HashSet<PathBuf>>,
+    /// Signalled whenever a name leaves `busy`.
+    freed: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -160,6 +162,7 @@ impl Shared {
         Shared {
             config,
             busy: Mutex::new(HashSet::new()),
+            freed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -175,6 +178,7 @@ impl Drop for BusyGuard {
         if let Ok(mut b) = self.shared.busy.lock() {
             b.remove(&self.path);
         }
+        self.shared.freed.notify_waiters();
     }
 }
 
@@ -554,12 +558,9 @@ where
     };
 
     // One sender per name at a time.
-    let inserted = shared
-        .busy
-        .lock()
-        .expect("busy set poisoned")
-        .insert(target.part.clone());
-    if !inserted {
+    // One sender per name at a time. A sender that reconnects right after an
+    // interruption may find its old session still flushing: wait a little.
+    if !reserve(shared, &target.part, config.timeout / 2).await {
         return reject(
             conn,
             format!(
@@ -657,6 +658,27 @@ where
         _ => blake3::Hasher::new(),
     };
     receive_content(conn, offer, target, start, hasher, guard, config).await
+}
+
+/// Reserves `part` for this connection, waiting up to `wait` for another to release it.
+async fn reserve(shared: &Shared, part: &Path, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let freed = shared.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if shared
+            .busy
+            .lock()
+            .expect("busy set poisoned")
+            .insert(part.to_path_buf())
+        {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            return false;
+        }
+    }
 }
 
 fn join_rel(parent: &str, name: &str) -> String {
