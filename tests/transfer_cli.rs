@@ -38,9 +38,11 @@ fn spawn_listening(args: &[&str]) -> Running {
         }
     });
     loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the process logs its listening address");
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("the process never logged its listening address ({status:?})");
+        };
         if let Some(i) = line.find("recv: listening on ") {
             let addr: String = line[i + "recv: listening on ".len()..]
                 .chars()
