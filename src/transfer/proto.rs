@@ -712,6 +712,75 @@ mod tests {
         assert!(long.starts_with(c));
     }
 
+    fn hex(b: &[u8]) -> String {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The worked example of docs/transfer-protocol.md, byte for byte.
+    #[test]
+    fn worked_example_matches_the_docs() {
+        let enc_s = |f: SenderFrame| {
+            let mut b = BytesMut::new();
+            f.encode(&mut b);
+            hex(&b)
+        };
+        let enc_r = |f: ReceiverFrame| {
+            let mut b = BytesMut::new();
+            f.encode(&mut b);
+            hex(&b)
+        };
+        assert_eq!(
+            hex(&Preamble::OURS.encode()),
+            "4e 45 54 4b 49 54 58 46 00 01 00 00"
+        );
+        assert_eq!(
+            enc_s(SenderFrame::Offer(Offer {
+                path: "docs/hi.txt".into(),
+                kind: EntryKind::File,
+                size: Some(3),
+                mode: 0o644,
+                mtime: Some((1_700_000_000, 0)),
+            })),
+            "01 00 00 00 27 00 03 00 00 00 00 00 00 00 03 00 00 01 a4 00 00 00 00 65 53 f1 00 00 00 00 00 00 0b 64 6f 63 73 2f 68 69 2e 74 78 74"
+        );
+        assert_eq!(
+            enc_r(ReceiverFrame::Accept {
+                offset: 0,
+                prefix_hash: [0; 32]
+            }),
+            format!("41 00 00 00 28 00 00 00 00 00 00 00 00{}", " 00".repeat(32))
+        );
+        assert_eq!(
+            enc_s(SenderFrame::Start { offset: 0 }),
+            "02 00 00 00 08 00 00 00 00 00 00 00 00"
+        );
+        assert_eq!(
+            enc_s(SenderFrame::Data(Bytes::from_static(b"hi\n"))),
+            "04 00 00 00 03 68 69 0a"
+        );
+        assert_eq!(
+            blake3::hash(b"hi\n").to_hex().as_str(),
+            "0b8b60248fad7ac6dfac221b7e01a8b91c772421a15b387dd1fb2d6a94aee438"
+        );
+        assert_eq!(
+            enc_s(SenderFrame::Done {
+                hash: *blake3::hash(b"hi\n").as_bytes()
+            }),
+            "05 00 00 00 20 0b 8b 60 24 8f ad 7a c6 df ac 22 1b 7e 01 a8 b9 1c 77 24 21 a1 5b 38 7d d1 fb 2d 6a 94 ae e4 38"
+        );
+        assert_eq!(
+            enc_r(ReceiverFrame::Stored {
+                name: "docs/hi.txt".into(),
+                size: 3
+            }),
+            "44 00 00 00 15 00 00 00 00 00 00 00 03 00 0b 64 6f 63 73 2f 68 69 2e 74 78 74"
+        );
+        assert_eq!(enc_s(SenderFrame::Bye), "06 00 00 00 00");
+    }
+
     proptest! {
         #[test]
         fn decoder_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
