@@ -191,10 +191,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    async fn fill(&mut self, what: &'static str) -> Result<(), TransferError> {
-        let want = proto::bytes_needed(&self.rbuf).max(64 * 1024);
-        self.rbuf.reserve(want);
-        match tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.rbuf)).await {
+    /// Reads more bytes, at most `max`. Frame reads pass the rest of the
+    /// current frame plus one header, so a `Data` payload ends its own
+    /// buffer and is handed on without a copy.
+    async fn fill(&mut self, what: &'static str, max: usize) -> Result<(), TransferError> {
+        use bytes::BufMut;
+        let max = max.max(1);
+        self.rbuf.reserve(max);
+        let mut limited = (&mut self.rbuf).limit(max);
+        let read = self.stream.read_buf(&mut limited);
+        match tokio::time::timeout(self.timeout, read).await {
             Err(_) => Err(TransferError::Timeout {
                 what,
                 after: self.timeout,
@@ -214,7 +220,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Reads the peer's preamble and checks that it is compatible.
     pub(crate) async fn read_preamble(&mut self) -> Result<Preamble, TransferError> {
         while self.rbuf.len() < PREAMBLE_LEN {
-            self.fill("waiting for the netkit handshake").await?;
+            let missing = PREAMBLE_LEN - self.rbuf.len();
+            self.fill("waiting for the netkit handshake", missing)
+                .await?;
         }
         let raw: [u8; PREAMBLE_LEN] = self.rbuf.split_to(PREAMBLE_LEN)[..].try_into().unwrap();
         let p = Preamble::decode(&raw)?;
@@ -231,7 +239,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if let Some(f) = decode(&mut self.rbuf)? {
                 return Ok(f);
             }
-            self.fill(what).await?;
+            let need = proto::bytes_needed(&self.rbuf);
+            self.fill(what, need + HEADER_LEN).await?;
         }
     }
 

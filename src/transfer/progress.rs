@@ -90,6 +90,7 @@ impl Progress {
             name: name.to_string(),
             size,
             done: already,
+            base: already,
             started: Instant::now(),
             last_line: Instant::now(),
         }
@@ -120,6 +121,7 @@ pub struct FileProgress {
     name: String,
     size: Option<u64>,
     done: u64,
+    base: u64,
     started: Instant,
     last_line: Instant,
 }
@@ -147,7 +149,7 @@ impl FileProgress {
                 "sending {}: {} bytes{of}, {:.1} MB/s",
                 self.name,
                 self.done,
-                super::rate(self.done, secs)
+                super::rate(self.done - self.base, secs)
             );
         }
     }
