@@ -115,6 +115,10 @@ async fn round_trip_files_and_tree_with_metadata() {
     assert_eq!(mode(&got.join("one")), 0o751);
     assert_eq!(mode(&got.join("empty")), 0o600);
     assert_eq!(mode(&got.join("ünï")), 0o750);
+    assert_eq!(
+        std::fs::metadata(got.join("ünï")).unwrap().mtime(),
+        std::fs::metadata(tree.join("ünï")).unwrap().mtime()
+    );
     let mtime = |p: &Path| std::fs::metadata(p).unwrap().mtime();
     assert_eq!(mtime(&got.join("one")), 1_500_000_000);
     assert_eq!(mtime(&got.join("ünï/çødé/odd.bin")), 1_600_000_000);
@@ -360,4 +364,62 @@ async fn shutdown_stops_the_receiver_with_a_sender_connected() {
     tokio::time::timeout(Duration::from_secs(5), r.stop())
         .await
         .expect("receiver drains on shutdown");
+}
+
+#[tokio::test]
+async fn resumes_after_the_receiver_restarts_mid_file() {
+    use bytes::{Bytes, BytesMut};
+    use netkit::transfer::proto::{EntryKind, Offer, Preamble, ReceiverFrame, SenderFrame};
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let data = pseudo_random(3 * 1024 * 1024 + 7, 5);
+    let file = src.path().join("r.bin");
+    std::fs::write(&file, &data).unwrap();
+
+    let r = start_receiver(out.path(), |_| {}).await;
+    // A sender speaking frames by hand, stopping after 2 MiB of content.
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(&Preamble::OURS.encode()).await.unwrap();
+    let mut pre = [0u8; 12];
+    s.read_exact(&mut pre).await.unwrap();
+    let mut wire = BytesMut::new();
+    SenderFrame::Offer(Offer {
+        path: "r.bin".into(),
+        kind: EntryKind::File,
+        size: Some(data.len() as u64),
+        mode: 0o644,
+        mtime: None,
+    })
+    .encode(&mut wire);
+    s.write_all(&wire).await.unwrap();
+    let mut buf = BytesMut::new();
+    let answer = loop {
+        if let Some(f) = ReceiverFrame::decode(&mut buf).unwrap() {
+            break f;
+        }
+        s.read_buf(&mut buf).await.unwrap();
+    };
+    assert!(matches!(answer, ReceiverFrame::Accept { offset: 0, .. }));
+    wire.clear();
+    SenderFrame::Start { offset: 0 }.encode(&mut wire);
+    for part in data[..2 * 1024 * 1024].chunks(1024 * 1024) {
+        SenderFrame::Data(Bytes::copy_from_slice(part)).encode(&mut wire);
+    }
+    s.write_all(&wire).await.unwrap();
+
+    // The receiver stops mid-file; its writers finish before it returns.
+    r.stop().await;
+    assert!(!out.path().join("r.bin").exists());
+    let part_len = std::fs::metadata(out.path().join("r.bin.netkit-part"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    drop(s);
+
+    let r = start_receiver(out.path(), |_| {}).await;
+    let reports = send_to(r.addr, &[&file]).await.unwrap();
+    assert_eq!(reports[0].verdict, Verdict::Stored);
+    assert_eq!(reports[0].resumed_from, part_len);
+    assert_eq!(reports[0].transferred, data.len() as u64 - part_len);
+    assert_eq!(std::fs::read(out.path().join("r.bin")).unwrap(), data);
+    r.stop().await;
 }

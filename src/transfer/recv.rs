@@ -120,8 +120,12 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config));
     let reports = tokio::select! {
         r = receive(stream, peer.to_string(), &shared) => r,
-        _ = shutdown.cancelled() => anyhow::bail!("interrupted; partial files are kept for resume"),
+        _ = shutdown.cancelled() => {
+            shared.drain_writers().await;
+            anyhow::bail!("interrupted; partial files are kept for resume")
+        }
     };
+    shared.drain_writers().await;
     let reports = reports.map_err(|e| anyhow::anyhow!("sender {peer}: {e}"))?;
     let bad: Vec<_> = reports.iter().filter(|r| !r.verdict.confirmed()).collect();
     if !bad.is_empty() {
@@ -155,6 +159,8 @@ struct Shared {
     busy: Mutex<HashSet<PathBuf>>,
     /// Signalled whenever a name leaves `busy`.
     freed: tokio::sync::Notify,
+    /// Disk writers; waited for on shutdown so every received byte is written.
+    writers: TaskTracker,
 }
 
 impl Shared {
@@ -163,7 +169,14 @@ impl Shared {
             config,
             busy: Mutex::new(HashSet::new()),
             freed: tokio::sync::Notify::new(),
+            writers: TaskTracker::new(),
         }
+    }
+
+    /// Waits until every disk writer has finished.
+    async fn drain_writers(&self) {
+        self.writers.close();
+        self.writers.wait().await;
     }
 }
 
@@ -235,6 +248,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: Cancellation
     drop(listener);
     tracker.close();
     tracker.wait().await;
+    shared.drain_writers().await;
     info!("recv: stopped");
 }
 
@@ -657,7 +671,7 @@ where
         Found::Partial(len, h) if start == len => *h,
         _ => blake3::Hasher::new(),
     };
-    receive_content(conn, offer, target, start, hasher, guard, config).await
+    receive_content(conn, offer, target, start, hasher, guard, shared).await
 }
 
 /// Reserves `part` for this connection, waiting up to `wait` for another to release it.
@@ -752,18 +766,19 @@ async fn receive_content<S>(
     start: u64,
     hasher: blake3::Hasher,
     guard: BusyGuard,
-    config: &Config,
+    shared: &Shared,
 ) -> Result<Outcome, TransferError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (wtx, wrx) = mpsc::channel::<Bytes>(8);
     let (htx, mut hrx) = mpsc::channel::<Bytes>(8);
+    let config = &shared.config;
     let sync_every = config.sync_every;
     let part = target.part.clone();
     // The writer owns the busy guard: the name stays reserved until the last
     // queued chunk is on disk, even if this connection dies first.
-    let writer = tokio::task::spawn_blocking(move || {
+    let writer = shared.writers.spawn_blocking(move || {
         let _guard = guard;
         let file = open_part(&part, start).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot open {}: {e}", part.display()))
