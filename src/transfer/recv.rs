@@ -54,6 +54,10 @@ pub struct RecvArgs {
     /// Print one JSON object per received file on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Skip fdatasync: faster on slow disks, but a crash or power loss can
+    /// lose files the sender was told are stored.
+    #[arg(long, env = "NETKIT_RECV_NO_SYNC")]
+    pub no_sync: bool,
 }
 
 /// How a receiver behaves; built from [`RecvArgs`] or by hand.
@@ -71,6 +75,8 @@ pub struct Config {
     pub max_conns: usize,
     /// Make the data durable (fdatasync) every this many bytes, and at the end.
     pub sync_every: u64,
+    /// Call fdatasync at all (off: faster, but a crash can lose confirmed files).
+    pub durable: bool,
     /// Print one JSON object per file on stdout.
     pub json: bool,
 }
@@ -85,6 +91,7 @@ impl Config {
             timeout: Duration::from_secs(30),
             max_conns: 64,
             sync_every: 128 << 20,
+            durable: true,
             json: false,
         }
     }
@@ -92,6 +99,7 @@ impl Config {
 
 /// Runs `netkit recv`: serves until SIGINT/SIGTERM, or one sender with `--once`.
 pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
+    super::tune_allocator();
     let Some(addr) = args.listen.addr() else {
         anyhow::bail!("--listen off leaves nothing to receive on; give HOST:PORT");
     };
@@ -101,6 +109,7 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         max_conns: args.max_conns.max(1),
         json: args.json,
+        durable: !args.no_sync,
         ..Config::new(&args.dir)
     };
     prepare_dir(&config.dir)?;
@@ -714,27 +723,54 @@ where
     Ok(Outcome::rejected(reason))
 }
 
-/// Writes chunks at their offsets, leaving holes for all-zero chunks, with
-/// fdatasync every `sync_every` bytes. Returns the end offset.
+/// Writes chunks at their offsets, leaving holes for all-zero chunks.
+/// With `sync_every`, a second thread makes the data durable (fdatasync)
+/// each time that many more bytes are written, overlapping the disk flush
+/// with the transfer instead of stalling it. Returns the end offset.
 fn write_loop(
     file: &File,
     mut pos: u64,
     mut rx: mpsc::Receiver<Bytes>,
-    sync_every: u64,
+    sync_every: Option<u64>,
 ) -> io::Result<u64> {
-    let mut unsynced = 0u64;
-    while let Some(chunk) = rx.blocking_recv() {
-        if !is_zero(&chunk) {
-            file.write_all_at(&chunk, pos)?;
+    std::thread::scope(|scope| {
+        let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
+        let syncer = sync_every.map(|_| {
+            scope.spawn(move || -> io::Result<()> {
+                while kicked.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+        });
+        let every = sync_every.unwrap_or(u64::MAX);
+        let mut unsynced = 0u64;
+        let mut result = Ok(());
+        while let Some(chunk) = rx.blocking_recv() {
+            if !is_zero(&chunk)
+                && let Err(e) = file.write_all_at(&chunk, pos)
+            {
+                result = Err(e);
+                break;
+            }
+            pos += chunk.len() as u64;
+            unsynced += chunk.len() as u64;
+            if unsynced >= every {
+                // A flush still running covers less, but the next one (or the
+                // final fdatasync before the rename) covers the rest.
+                let _ = kick.try_send(());
+                unsynced = 0;
+            }
         }
-        pos += chunk.len() as u64;
-        unsynced += chunk.len() as u64;
-        if unsynced >= sync_every {
-            file.sync_data()?;
-            unsynced = 0;
+        drop(kick);
+        if let Some(s) = syncer {
+            let synced = s
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("fdatasync thread panicked")));
+            result = result.and(synced);
         }
-    }
-    Ok(pos)
+        result.map(|()| pos)
+    })
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -774,7 +810,7 @@ where
     let (wtx, wrx) = mpsc::channel::<Bytes>(8);
     let (htx, mut hrx) = mpsc::channel::<Bytes>(8);
     let config = &shared.config;
-    let sync_every = config.sync_every;
+    let sync_every = config.durable.then_some(config.sync_every);
     let part = target.part.clone();
     // The writer owns the busy guard: the name stays reserved until the last
     // queued chunk is on disk, even if this connection dies first.
@@ -865,14 +901,19 @@ where
     }
 
     // Durable, then visible under the final name.
-    let (overwrite, mode, mtime) = (config.overwrite, offer.mode, offer.mtime);
+    let (overwrite, mode, mtime, durable) =
+        (config.overwrite, offer.mode, offer.mtime, config.durable);
     let t = target.clone();
     let fin = tokio::task::spawn_blocking(move || -> io::Result<String> {
         file.set_len(written)?;
-        file.sync_data()?;
+        if durable {
+            file.sync_data()?;
+        }
         apply_meta(&file, mode, mtime)?;
         let name = commit(&t, overwrite)?;
-        File::open(&t.parent)?.sync_all()?;
+        if durable {
+            File::open(&t.parent)?.sync_all()?;
+        }
         Ok(name)
     })
     .await

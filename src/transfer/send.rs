@@ -81,6 +81,7 @@ pub struct Options {
 
 /// Runs `netkit send`.
 pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
+    super::tune_allocator();
     let entries = collect(&args.paths, args.name.as_deref())?;
     if entries.is_empty() {
         anyhow::bail!("nothing to send");
