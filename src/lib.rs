@@ -8,6 +8,7 @@
 //! - [`net`]: address resolution ([`net::addr`]) and the TCP connection table ([`net::conns`]).
 //! - [`tcp`]: the concurrent line server ([`tcp::server`]), its services ([`tcp::service`]) and the nc-like client ([`tcp::client`]).
 //! - [`udp`]: the datagram server ([`udp::server`]) and the retransmitting client ([`udp::client`]).
+//! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), [`transfer::send`] and [`transfer::recv`].
 //! - [`serve`]: composes the services for `netkit serve`.
 //! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).
 #![warn(missing_docs)]
@@ -17,4 +18,5 @@ pub mod net;
 pub mod serve;
 pub mod shutdown;
 pub mod tcp;
+pub mod transfer;
 pub mod udp;

@@ -36,6 +36,10 @@ enum Command {
     Resolve(netkit::net::addr::ResolveArgs),
     /// Show the TCP connection table with states, like `netstat -ant`.
     Conns(netkit::net::conns::ConnsArgs),
+    /// Send files and folders to `netkit recv`, verified and resumable.
+    Send(netkit::transfer::send::SendArgs),
+    /// Receive files and folders from `netkit send` into a folder.
+    Recv(netkit::transfer::recv::RecvArgs),
 }
 
 #[derive(Subcommand)]
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
             Command::Udp(UdpCommand::Send(args)) => netkit::udp::client::run_command(args).await,
             Command::Resolve(args) => netkit::net::addr::run_command(args).await,
             Command::Conns(args) => netkit::net::conns::run_command(args).await,
+            Command::Send(args) => netkit::transfer::send::run_command(args).await,
+            Command::Recv(args) => netkit::transfer::recv::run_command(args).await,
         }
     });
     // Blocking stdin reads cannot be cancelled; do not wait for them.

@@ -22,6 +22,9 @@ pub struct ServeArgs {
     /// UDP echo service.
     #[arg(long, default_value = "127.0.0.1:8002", env = "NETKIT_UDP")]
     pub udp: Listen,
+    /// File drop: a `netkit recv` receiver storing into `<data-dir>/files`.
+    #[arg(long, default_value = "127.0.0.1:8331", env = "NETKIT_DROP")]
+    pub drop: Listen,
     /// Where state lives.
     #[arg(long, default_value = "./netkit-data", env = "NETKIT_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -55,7 +58,20 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         Some(a) => Some(crate::cli::bind_udp(a, "--udp").await?),
         None => None,
     };
+    let drop_listener = match args.drop.addr() {
+        Some(a) => Some(crate::cli::bind_tcp(a, "--drop").await?),
+        None => None,
+    };
 
+    if let Some(listener) = drop_listener {
+        let files = args.data_dir.join("files");
+        crate::transfer::recv::prepare_dir(&files)?;
+        tracker.spawn(crate::transfer::recv::serve(
+            listener,
+            crate::transfer::recv::Config::new(files),
+            shutdown.clone(),
+        ));
+    }
     if let Some(listener) = tcp_listener {
         let config = tcp::server::Config::new(Service::Rand, &args.tcp_limits);
         tracker.spawn(tcp::server::run(

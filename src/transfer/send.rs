@@ -1,0 +1,626 @@
+//! The sending end: `netkit send PATH... --to ADDR`.
+//!
+//! Files and folders are walked into a list of entries (folders after their
+//! contents, so their mode and mtime stick); each is offered in turn. Content
+//! is read by one thread and hashed by another while the socket task sends
+//! it, so hashing never delays the first byte. The command succeeds only when
+//! the receiver confirmed every entry.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::progress::{Mode, Progress};
+use super::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
+use super::{CHUNK, Conn, FileReport, TransferError, Verdict, describe_receiver, names, rate};
+use crate::cli::parse_duration;
+
+/// Command-line options of `netkit send`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SendArgs {
+    /// Files and folders to send; `-` reads stdin (needs --name).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Receiver address, HOST:PORT.
+    #[arg(long, env = "NETKIT_SEND_TO")]
+    pub to: String,
+    /// Name to store under: required for `-`, optional for a single PATH.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Give up when the receiver answers nothing for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_SEND_TIMEOUT")]
+    pub timeout: Duration,
+    /// Give up connecting after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_SEND_CONNECT_TIMEOUT")]
+    pub connect_timeout: Duration,
+    /// Print one JSON object per entry on stdout instead of a text line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where an entry's content comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// A file on disk.
+    Path(PathBuf),
+    /// Standard input that is a regular file (`< file`): size known, re-readable.
+    StdinFile(File),
+    /// Standard input from a pipe: size unknown, read once.
+    StdinPipe,
+    /// A folder (no content).
+    Dir,
+}
+
+/// One file or folder to send.
+#[derive(Debug)]
+pub struct Entry {
+    /// Content source.
+    pub source: Source,
+    /// The offer made for it.
+    pub offer: Offer,
+}
+
+/// Options of a send session.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Timeout for every read and write.
+    pub timeout: Duration,
+    /// Progress output.
+    pub progress: Mode,
+}
+
+/// Runs `netkit send`.
+pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
+    super::tune_allocator();
+    let entries = collect(&args.paths, args.name.as_deref())?;
+    if entries.is_empty() {
+        anyhow::bail!("nothing to send");
+    }
+    let stream = connect(&args.to, args.connect_timeout).await?;
+    let opts = Options {
+        timeout: args.timeout,
+        progress: if args.json { Mode::Off } else { Mode::detect() },
+    };
+    let n = entries.len();
+    let started = Instant::now();
+    let mut printed = 0;
+    let result = send(stream, entries, &opts, |r| {
+        printed += 1;
+        if args.json {
+            println!("{}", serde_json::to_string(r).expect("report serializes"));
+        } else {
+            println!("{}", r.line());
+        }
+    })
+    .await;
+    let reports = result.map_err(|e| {
+        anyhow::anyhow!("{e} — {printed} of {n} entries done; run the same command again to resume")
+    })?;
+    let bad = reports.iter().filter(|r| !r.verdict.confirmed()).count();
+    let bytes: u64 = reports.iter().map(|r| r.transferred).sum();
+    let secs = started.elapsed().as_secs_f64();
+    info!(
+        "sent {n} entries, {bytes} bytes in {secs:.2}s ({:.1} MB/s)",
+        rate(bytes, secs)
+    );
+    if bad > 0 {
+        anyhow::bail!("{bad} of {n} entries were not stored by the receiver (see above)");
+    }
+    Ok(())
+}
+
+/// Connects to `to` within `timeout`, with an error that says what to check.
+pub async fn connect(to: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let s = match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+        Err(_) => anyhow::bail!(
+            "cannot connect to {to}: no answer within {} — check the address and any firewall",
+            humantime::format_duration(timeout)
+        ),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => anyhow::bail!(
+            "cannot connect to {to}: connection refused — is `netkit recv` running there?"
+        ),
+        Ok(Err(e)) => anyhow::bail!("cannot connect to {to}: {e} — pass --to HOST:PORT"),
+        Ok(Ok(s)) => s,
+    };
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Builds the list of entries for `paths` (`-` is stdin, named by `name`).
+pub fn collect(paths: &[String], name: Option<&str>) -> anyhow::Result<Vec<Entry>> {
+    if name.is_some() && paths.len() > 1 {
+        anyhow::bail!("--name applies to a single PATH; send several paths without it");
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if p == "-" {
+            let Some(name) = name else {
+                anyhow::bail!("sending stdin needs a name: pass --name NAME");
+            };
+            out.push(stdin_entry(name)?);
+            continue;
+        }
+        let path = PathBuf::from(p);
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {p}: {e} — check the path"))?;
+        let base = match name {
+            Some(n) => n.to_string(),
+            None => base_name(&path)?,
+        };
+        if meta.is_dir() {
+            walk(&path, &base, &mut out)?;
+        } else if meta.is_file() {
+            out.push(file_entry(path, base, &meta));
+        } else {
+            anyhow::bail!("{p} is neither a file nor a folder");
+        }
+    }
+    for e in &out {
+        names::validate(&e.offer.path).map_err(|err| {
+            anyhow::anyhow!(
+                "cannot send {:?}: {err}; rename it or pass --name",
+                e.offer.path
+            )
+        })?;
+    }
+    Ok(out)
+}
+
+fn base_name(path: &Path) -> anyhow::Result<String> {
+    let norm: PathBuf = std::path::absolute(path)?.components().collect();
+    let name = norm
+        .file_name()
+        .map(|n| n.to_owned())
+        .or_else(|| {
+            std::fs::canonicalize(path)
+                .ok()?
+                .file_name()
+                .map(|n| n.to_owned())
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} has no name to send it under; pass --name",
+                path.display()
+            )
+        })?;
+    name.to_str().map(str::to_string).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8; pass --name or rename it",
+            path.display()
+        )
+    })
+}
+
+fn mtime_of(m: &std::fs::Metadata) -> Option<(i64, u32)> {
+    Some((m.mtime(), u32::try_from(m.mtime_nsec()).ok()?))
+}
+
+fn file_entry(path: PathBuf, name: String, m: &std::fs::Metadata) -> Entry {
+    Entry {
+        source: Source::Path(path),
+        offer: Offer {
+            path: name,
+            kind: EntryKind::File,
+            size: Some(m.len()),
+            mode: m.mode() & 0o7777,
+            mtime: mtime_of(m),
+        },
+    }
+}
+
+fn stdin_entry(name: &str) -> anyhow::Result<Entry> {
+    let fd = io::stdin().as_fd().try_clone_to_owned()?;
+    let f = File::from(fd);
+    let m = f.metadata()?;
+    let (source, size) = if m.is_file() {
+        (Source::StdinFile(f), Some(m.len()))
+    } else {
+        (Source::StdinPipe, None)
+    };
+    Ok(Entry {
+        source,
+        offer: Offer {
+            path: name.to_string(),
+            kind: EntryKind::File,
+            size,
+            mode: 0o644,
+            mtime: None,
+        },
+    })
+}
+
+/// Adds `dir` (named `rel`) and everything below it: files first, each
+/// folder after its contents. Symlinks are skipped with a warning.
+fn walk(dir: &Path, rel: &str, out: &mut Vec<Entry>) -> anyhow::Result<()> {
+    let mut children: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", dir.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", dir.display()))?;
+    children.sort_by_key(|c| c.file_name());
+    for c in children {
+        let path = c.path();
+        let Some(name) = c.file_name().to_str().map(str::to_string) else {
+            anyhow::bail!(
+                "{} is not valid UTF-8; rename it to send it",
+                path.display()
+            );
+        };
+        let child_rel = format!("{rel}/{name}");
+        let m = std::fs::symlink_metadata(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        if m.file_type().is_symlink() {
+            warn!("skipping symlink {}", path.display());
+        } else if m.is_dir() {
+            walk(&path, &child_rel, out)?;
+        } else if m.is_file() {
+            out.push(file_entry(path, child_rel, &m));
+        } else {
+            warn!("skipping {} (not a file or folder)", path.display());
+        }
+    }
+    let m = std::fs::metadata(dir)?;
+    out.push(Entry {
+        source: Source::Dir,
+        offer: Offer {
+            path: rel.to_string(),
+            kind: EntryKind::Dir,
+            size: None,
+            mode: m.mode() & 0o7777,
+            mtime: mtime_of(&m),
+        },
+    });
+    Ok(())
+}
+
+/// Sends `entries` over `stream` and returns a report per entry (each also
+/// passed to `on_report` as soon as it is confirmed). An `Err` means the
+/// session broke off; what was confirmed before stays stored at the receiver.
+pub async fn send<S>(
+    stream: S,
+    entries: Vec<Entry>,
+    opts: &Options,
+    mut on_report: impl FnMut(&FileReport),
+) -> Result<Vec<FileReport>, TransferError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut conn = Conn::new(stream, opts.timeout);
+    let total = entries
+        .iter()
+        .map(|e| e.offer.size)
+        .try_fold(0u64, |acc, s| s.map(|s| acc + s));
+    let progress = Progress::new(opts.progress, total);
+    let result = async {
+        conn.write_preamble().await?;
+        conn.read_preamble().await.map_err(|e| match e {
+            TransferError::Closed(_) | TransferError::Timeout { .. } => {
+                TransferError::Violation(format!(
+                    "{e}; the peer did not answer with a netkit handshake — is it `netkit recv`?"
+                ))
+            }
+            e => e,
+        })?;
+        let mut reports = Vec::new();
+        for entry in entries {
+            let r = send_entry(&mut conn, entry, &progress).await?;
+            on_report(&r);
+            reports.push(r);
+        }
+        conn.send_sender(&SenderFrame::Bye).await?;
+        Ok(reports)
+    }
+    .await;
+    progress.finish();
+    match &result {
+        Err(TransferError::Peer(_)) | Err(TransferError::Closed(_)) | Ok(_) => {}
+        Err(e) => {
+            let _ = conn
+                .send_sender(&SenderFrame::Error {
+                    reason: e.to_string(),
+                })
+                .await;
+        }
+    }
+    conn.shutdown().await;
+    result
+}
+
+async fn send_entry<S>(
+    conn: &mut Conn<S>,
+    entry: Entry,
+    progress: &Progress,
+) -> Result<FileReport, TransferError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let started = Instant::now();
+    let offer = entry.offer.clone();
+    conn.send_sender(&SenderFrame::Offer(offer.clone())).await?;
+    let mut report = FileReport {
+        name: offer.path.clone(),
+        stored_as: None,
+        kind: match offer.kind {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+        },
+        size: offer.size.unwrap_or(0),
+        transferred: 0,
+        resumed_from: 0,
+        verdict: Verdict::Failed,
+        reason: None,
+        seconds: 0.0,
+        mb_per_s: 0.0,
+    };
+    let answer = conn
+        .read_receiver("waiting for the answer to an offer")
+        .await?;
+    let confirmation = match (answer, &entry.source) {
+        (ReceiverFrame::Reject { reason }, _) => {
+            report.verdict = Verdict::Rejected;
+            report.reason = Some(reason);
+            None
+        }
+        (ReceiverFrame::Stored { .. } | ReceiverFrame::Skipped { .. }, _)
+            if offer.kind == EntryKind::File =>
+        {
+            return Err(TransferError::Violation(
+                "receiver confirmed a file before its content".into(),
+            ));
+        }
+        (f @ ReceiverFrame::Stored { .. }, Source::Dir) => Some(f),
+        (ReceiverFrame::Error { reason }, _) => return Err(TransferError::Peer(reason)),
+        (ReceiverFrame::Check { hash }, src) if offer.size.is_some() => {
+            let size = offer.size.expect("checked");
+            let ours = hash_source(src, size).await?;
+            if ours.as_bytes() == &hash {
+                conn.send_sender(&SenderFrame::Same).await?;
+            } else {
+                conn.send_sender(&SenderFrame::Start { offset: 0 }).await?;
+                report.transferred =
+                    stream_content(conn, &entry, 0, blake3::Hasher::new(), progress).await?;
+            }
+            Some(conn.read_receiver("waiting for confirmation").await?)
+        }
+        (
+            ReceiverFrame::Accept {
+                offset,
+                prefix_hash,
+            },
+            src,
+        ) if offer.kind == EntryKind::File => {
+            let (start, hasher) = resume_point(src, offer.size, offset, prefix_hash).await?;
+            conn.send_sender(&SenderFrame::Start { offset: start })
+                .await?;
+            report.resumed_from = start;
+            report.transferred = stream_content(conn, &entry, start, hasher, progress).await?;
+            Some(conn.read_receiver("waiting for confirmation").await?)
+        }
+        (other, _) => {
+            return Err(TransferError::Unexpected {
+                expected: "Accept, Check or Reject",
+                got: describe_receiver(&other),
+            });
+        }
+    };
+    match confirmation {
+        None => {}
+        Some(ReceiverFrame::Stored { name, size }) => {
+            report.verdict = Verdict::Stored;
+            report.stored_as = Some(name);
+            report.size = size;
+        }
+        Some(ReceiverFrame::Skipped { name }) => {
+            report.verdict = Verdict::Skipped;
+            report.stored_as = Some(name);
+        }
+        Some(ReceiverFrame::Failed { reason }) => {
+            report.verdict = Verdict::Failed;
+            report.reason = Some(reason);
+        }
+        Some(ReceiverFrame::Error { reason }) => return Err(TransferError::Peer(reason)),
+        Some(other) => {
+            return Err(TransferError::Unexpected {
+                expected: "Stored, Skipped or Failed",
+                got: describe_receiver(&other),
+            });
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.mb_per_s = rate(report.transferred, report.seconds);
+    Ok(report)
+}
+
+fn open_source(src: &Source) -> io::Result<File> {
+    match src {
+        Source::Path(p) => File::open(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", p.display()))),
+        Source::StdinFile(f) => f.try_clone(),
+        Source::StdinPipe | Source::Dir => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "source cannot be re-read",
+        )),
+    }
+}
+
+async fn hash_source(src: &Source, size: u64) -> Result<blake3::Hash, TransferError> {
+    let f = open_source(src).map_err(|e| TransferError::Io {
+        what: "hashing the source".into(),
+        source: e,
+    })?;
+    tokio::task::spawn_blocking(move || super::hash_prefix(&f, size).map(|h| h.finalize()))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        .map_err(|e| TransferError::Io {
+            what: "hashing the source".into(),
+            source: e,
+        })
+}
+
+/// Decides where to start: at the receiver's partial length if its prefix
+/// hash matches ours, else at 0. Returns the start and the hasher over the prefix.
+async fn resume_point(
+    src: &Source,
+    size: Option<u64>,
+    offset: u64,
+    prefix_hash: [u8; 32],
+) -> Result<(u64, blake3::Hasher), TransferError> {
+    let Some(size) = size else {
+        return Ok((0, blake3::Hasher::new()));
+    };
+    if offset == 0 || offset > size {
+        return Ok((0, blake3::Hasher::new()));
+    }
+    let f = open_source(src).map_err(|e| TransferError::Io {
+        what: "reading the source".into(),
+        source: e,
+    })?;
+    let h = tokio::task::spawn_blocking(move || super::hash_prefix(&f, offset))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        .map_err(|e| TransferError::Io {
+            what: "hashing the source prefix".into(),
+            source: e,
+        })?;
+    if h.finalize().as_bytes() == &prefix_hash {
+        Ok((offset, h))
+    } else {
+        info!("the receiver's partial file differs from the source; sending from the start");
+        Ok((0, blake3::Hasher::new()))
+    }
+}
+
+/// Reads up to `want` bytes at `pos` (or sequentially for a pipe) into a fresh chunk.
+fn read_chunk(src: &mut ChunkSource, pos: u64, want: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(want);
+    let n = match src {
+        ChunkSource::File(f) => {
+            use std::os::fd::AsRawFd;
+            // SAFETY: pread writes at most `want` bytes into the spare capacity
+            // we own; we only mark as initialised the bytes it reports.
+            let n = unsafe {
+                libc::pread(
+                    f.as_raw_fd(),
+                    buf.spare_capacity_mut().as_mut_ptr().cast(),
+                    want,
+                    pos as libc::off_t,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            n as usize
+        }
+        ChunkSource::Pipe(r) => {
+            buf.resize(want, 0);
+            let n = r.read(&mut buf[..])?;
+            buf.truncate(n);
+            return Ok(buf.freeze());
+        }
+    };
+    // SAFETY: pread initialised the first `n` bytes.
+    unsafe { buf.set_len(n) };
+    Ok(buf.freeze())
+}
+
+enum ChunkSource {
+    File(File),
+    Pipe(io::Stdin),
+}
+
+/// Streams the content from `start` as `Data` frames with the reader and the
+/// hasher on their own threads, then sends `Done`. Returns the bytes sent.
+async fn stream_content<S>(
+    conn: &mut Conn<S>,
+    entry: &Entry,
+    start: u64,
+    hasher: blake3::Hasher,
+    progress: &Progress,
+) -> Result<u64, TransferError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let size = entry.offer.size;
+    let mut src = match &entry.source {
+        Source::StdinPipe => ChunkSource::Pipe(io::stdin()),
+        other => ChunkSource::File(open_source(other).map_err(|e| TransferError::Io {
+            what: "reading the source".into(),
+            source: e,
+        })?),
+    };
+    let name: Arc<str> = entry.offer.path.as_str().into();
+    let (dtx, mut drx) = mpsc::channel::<Bytes>(4);
+    let (htx, mut hrx) = mpsc::channel::<Bytes>(8);
+    let rname = name.clone();
+    let reader = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let mut pos = start;
+        loop {
+            let want = match size {
+                Some(s) if pos >= s => break,
+                // Chunks end on CHUNK boundaries so a resumed file lines up again.
+                Some(s) => ((s - pos).min(CHUNK as u64 - pos % CHUNK as u64)) as usize,
+                None => CHUNK,
+            };
+            let chunk = read_chunk(&mut src, pos, want)?;
+            if chunk.is_empty() {
+                if let Some(s) = size {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{rname} shrank while sending: ended at {pos} of {s} bytes"),
+                    ));
+                }
+                break;
+            }
+            pos += chunk.len() as u64;
+            if htx.blocking_send(chunk.clone()).is_err() || dtx.blocking_send(chunk).is_err() {
+                break;
+            }
+        }
+        Ok(pos - start)
+    });
+    let hash_task = tokio::task::spawn_blocking(move || {
+        let mut h = hasher;
+        while let Some(c) = hrx.blocking_recv() {
+            h.update(&c);
+        }
+        h.finalize()
+    });
+    let mut bar = progress.file(&name, size, start);
+    let mut sent = 0u64;
+    let send_result = async {
+        while let Some(chunk) = drx.recv().await {
+            conn.send_data(&chunk).await?;
+            sent += chunk.len() as u64;
+            bar.inc(chunk.len() as u64);
+        }
+        Ok::<_, TransferError>(())
+    }
+    .await;
+    drop(drx);
+    bar.finish();
+    let read = reader.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+    let hash = hash_task.await.map_err(|e| TransferError::Io {
+        what: "hashing".into(),
+        source: io::Error::other(e),
+    })?;
+    send_result?;
+    let read = read.map_err(|e| TransferError::Io {
+        what: format!("reading {name}"),
+        source: e,
+    })?;
+    debug_assert_eq!(read, sent);
+    conn.send_sender(&SenderFrame::Done {
+        hash: *hash.as_bytes(),
+    })
+    .await?;
+    Ok(sent)
+}

@@ -1,0 +1,283 @@
+//! `netkit send`, `netkit recv` and the file drop of `netkit serve`, driven
+//! through the real binary on port 0.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_netkit");
+
+/// A running receiver-side process, its bound address and its stderr so far.
+struct Running {
+    child: Child,
+    addr: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Spawns `netkit ARGS` and waits for the log line naming the transfer listener.
+fn spawn_listening(args: &[&str]) -> Running {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("the process never logged its listening address ({status:?})");
+        };
+        if let Some(i) = line.find("recv: listening on ") {
+            let addr: String = line[i + "recv: listening on ".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            return Running {
+                child,
+                addr,
+                stderr: rx,
+            };
+        }
+    }
+}
+
+impl Running {
+    fn wait(mut self) -> (std::process::ExitStatus, String, String) {
+        let status = self.child.wait().unwrap();
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let err: Vec<String> = self.stderr.try_iter().collect();
+        (status, out, err.join("\n"))
+    }
+}
+
+fn send(args: &[&str], stdin: Option<Stdio>) -> std::process::Output {
+    Command::new(BIN)
+        .arg("send")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(stdin.unwrap_or(Stdio::null()))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn send_and_recv_once_with_json() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tree = src.path().join("photos");
+    std::fs::create_dir_all(tree.join("2024/été")).unwrap();
+    std::fs::write(tree.join("2024/été/a.jpg"), vec![9u8; 100_003]).unwrap();
+    std::fs::write(tree.join("notes.txt"), "hello").unwrap();
+
+    let r = spawn_listening(&[
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        out.path().to_str().unwrap(),
+        "--once",
+        "--json",
+    ]);
+    let o = send(&["--to", &r.addr, "--json", tree.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(lines.iter().all(|l| l["verdict"] == "stored"), "{lines:?}");
+    assert_eq!(lines[0]["name"], "photos/2024/été/a.jpg");
+    assert_eq!(lines[0]["size"], 100_003);
+
+    let (status, stdout, _) = r.wait();
+    assert!(status.success());
+    assert_eq!(
+        stdout.lines().count(),
+        5,
+        "recv --json prints a line per entry"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("photos/2024/été/a.jpg")).unwrap(),
+        vec![9u8; 100_003]
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("photos/notes.txt")).unwrap(),
+        "hello"
+    );
+}
+
+#[test]
+fn stdin_from_a_pipe_and_from_a_file() {
+    let out = tempfile::tempdir().unwrap();
+    let r = spawn_listening(&[
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        out.path().to_str().unwrap(),
+    ]);
+    // A pipe: size unknown in advance.
+    let mut child = Command::new(BIN)
+        .args(["send", "-", "--name", "piped.txt", "--to", &r.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+    let mut stdin = child.stdin.take().unwrap();
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&d2).unwrap());
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("stored"));
+    assert_eq!(std::fs::read(out.path().join("piped.txt")).unwrap(), data);
+
+    // A regular file on stdin: size known.
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), b"from a file").unwrap();
+    let o = send(
+        &["-", "--name", "sub/redirected.txt", "--to", &r.addr],
+        Some(Stdio::from(std::fs::File::open(src.path()).unwrap())),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("sub/redirected.txt")).unwrap(),
+        "from a file"
+    );
+
+    // Usage errors are clear.
+    let o = send(&["-", "--to", &r.addr], None);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--name"));
+    stop(r);
+}
+
+fn stop(mut r: Running) {
+    // SAFETY: kill only sends a signal to our own child process.
+    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+    let status = r.child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+}
+
+#[test]
+fn multi_gib_sparse_file_round_trip() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let path = src.path().join("disk.img");
+    let len: u64 = (2 << 30) + 12_345;
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(len).unwrap();
+    let marks = [(0u64, b"head"), (1 << 30, b"midl"), (len - 4, b"tail")];
+    for (at, m) in marks {
+        f.write_all_at(m, at).unwrap();
+    }
+    drop(f);
+
+    let r = spawn_listening(&[
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        out.path().to_str().unwrap(),
+        "--once",
+    ]);
+    let o = send(&["--to", &r.addr, path.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (status, _, _) = r.wait();
+    assert!(status.success());
+
+    let got = out.path().join("disk.img");
+    let m = std::fs::metadata(&got).unwrap();
+    assert_eq!(m.len(), len);
+    // Holes stay holes: far less than the file's length is allocated.
+    assert!(m.blocks() * 512 < 64 << 20, "{} blocks", m.blocks());
+    let g = std::fs::File::open(&got).unwrap();
+    for (at, mark) in marks {
+        let mut b = [0u8; 4];
+        g.read_exact_at(&mut b, at).unwrap();
+        assert_eq!(&b, mark);
+    }
+    let mut b = [1u8; 4];
+    g.read_exact_at(&mut b, 1 << 20).unwrap();
+    assert_eq!(b, [0; 4]);
+}
+
+#[test]
+fn serve_runs_the_file_drop() {
+    let data = tempfile::tempdir().unwrap();
+    let r = spawn_listening(&[
+        "serve",
+        "--drop",
+        "127.0.0.1:0",
+        "--tcp",
+        "off",
+        "--udp",
+        "off",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    let src = tempfile::tempdir().unwrap();
+    let f = src.path().join("dropped.txt");
+    std::fs::write(&f, "into the drop").unwrap();
+    let o = send(&["--to", &r.addr, f.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("files/dropped.txt")).unwrap(),
+        "into the drop"
+    );
+    stop(r);
+}
+
+#[test]
+fn clear_errors_for_refused_connections_and_missing_files() {
+    // A port with nothing listening: bind, note it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let o = send(
+        &[
+            "--to",
+            &format!("127.0.0.1:{port}"),
+            f.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("connection refused") && err.contains("netkit recv"),
+        "{err}"
+    );
+
+    let o = send(&["--to", "127.0.0.1:1", "/nonexistent/file"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/file"));
+}
