@@ -24,13 +24,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the netkit server: every front door in one process.
-    Serve(netkit::serve::ServeArgs),
+    Serve(Box<netkit::serve::ServeArgs>),
     /// Concurrent TCP line services and an nc-like client.
     #[command(subcommand)]
     Tcp(TcpCommand),
     /// Datagram services and a client that retransmits.
     #[command(subcommand)]
     Udp(UdpCommand),
+    /// Terminal chat client for a hub (ws://HOST:PORT/ws or tcp://HOST:PORT).
+    Chat(netkit::chat::client::ChatArgs),
 }
 
 #[derive(Subcommand)]
@@ -59,9 +61,10 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => netkit::serve::run_command(args).await,
+            Command::Serve(args) => netkit::serve::run_command(*args).await,
             Command::Tcp(TcpCommand::Serve(args)) => netkit::tcp::server::run_command(args).await,
             Command::Udp(UdpCommand::Serve(args)) => netkit::udp::server::run_command(args).await,
+            Command::Chat(args) => netkit::chat::client::run_command(args).await,
         }
     });
     // Blocking stdin reads cannot be cancelled; do not wait for them.
