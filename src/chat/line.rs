@@ -6,10 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -129,6 +127,64 @@ pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, Stri
         _ => return Err(format!("unknown command /{cmd}; /help lists them")),
     };
     Ok(LineCommand::Hub(msg))
+}
+
+/// The outcome of [`read_line_limited`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineRead {
+    /// A complete line is in the buffer (without its newline).
+    Line,
+    /// The line was longer than the limit; it was read and thrown away.
+    TooLong,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Reads one `\n`-terminated line into `buf`, never holding more than `max`
+/// bytes: a longer line is consumed up to its newline and reported as
+/// [`LineRead::TooLong`], so the connection can go on.
+pub async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    use tokio::io::AsyncBufReadExt;
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let chunk = rd.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(if too_long || !buf.is_empty() {
+                if too_long {
+                    LineRead::TooLong
+                } else {
+                    LineRead::Line
+                }
+            } else {
+                LineRead::Eof
+            });
+        }
+        let (take, end) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+        }
+        rd.consume(take + usize::from(end));
+        if end {
+            return Ok(if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line
+            });
+        }
+    }
 }
 
 /// `HH:MM:SS` (UTC) of a millisecond timestamp.
@@ -290,18 +346,16 @@ pub async fn serve_conn(
         done.clone(),
         shutdown.clone(),
     ));
-    let mut lines = FramedRead::new(
-        rd,
-        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), config.max_msg),
-    );
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut bytes = Vec::new();
     let mut current: Option<String> = None;
     loop {
         let next = tokio::select! {
             _ = done.cancelled() => break,
             _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(config.idle_timeout, lines.next()) => r,
+            r = tokio::time::timeout(config.idle_timeout, read_line_limited(&mut rd, &mut bytes, config.max_msg)) => r,
         };
-        let bytes = match next {
+        match next {
             Err(_) => {
                 session.tell(ServerMsg::error(
                     "idle_timeout",
@@ -312,20 +366,20 @@ pub async fn serve_conn(
                 ));
                 break;
             }
-            Ok(None) => break,
-            Ok(Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded))) => {
+            Ok(Ok(LineRead::Eof)) => break,
+            Ok(Ok(LineRead::TooLong)) => {
                 session.tell(ServerMsg::error(
                     "too_large",
                     format!("line longer than {} bytes ignored", config.max_msg),
                 ));
                 continue;
             }
-            Ok(Some(Err(e))) => {
+            Ok(Err(e)) => {
                 debug!("read failed: {e}");
                 break;
             }
-            Ok(Some(Ok(b))) => b,
-        };
+            Ok(Ok(LineRead::Line)) => {}
+        }
         let line = String::from_utf8_lossy(&bytes);
         // Keep the current room in step with what the hub says we are in.
         let rooms = session.rooms();
@@ -446,6 +500,30 @@ fn push_line(buf: &mut String, msg: &ServerMsg) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_skipped_not_fatal() {
+        let input: &[u8] = b"short\nthis line is too long\nok\r\nlast";
+        let mut rd = tokio::io::BufReader::with_capacity(4, input);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            let r = read_line_limited(&mut rd, &mut buf, 8).await.unwrap();
+            if r == LineRead::Eof {
+                break;
+            }
+            got.push((r, String::from_utf8_lossy(&buf).to_string()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (LineRead::Line, "short".into()),
+                (LineRead::TooLong, String::new()),
+                (LineRead::Line, "ok\r".into()),
+                (LineRead::Line, "last".into()),
+            ]
+        );
+    }
 
     #[test]
     fn commands_parse() {
