@@ -9,11 +9,15 @@
 //! - [`tcp`]: the concurrent line server ([`tcp::server`]), its services ([`tcp::service`]) and the nc-like client ([`tcp::client`]).
 //! - [`udp`]: the datagram server ([`udp::server`]) and the retransmitting client ([`udp::client`]).
 //! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), [`transfer::send`] and [`transfer::recv`].
+//! - [`chat`]: the chat hub ([`chat::hub`]), its SQLite history ([`chat::store`]), wire types ([`chat::protocol`]), WebSocket and TCP line adapters ([`chat::ws`], [`chat::line`]) and `netkit chat` ([`chat::client`]).
+//! - [`http`]: the HTTP front door: web app, `/ws`, JSON API, `/metrics`.
 //! - [`serve`]: composes the services for `netkit serve`.
 //! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod cli;
+pub mod http;
 pub mod net;
 pub mod serve;
 pub mod shutdown;

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the netkit server: every front door in one process.
-    Serve(netkit::serve::ServeArgs),
+    Serve(Box<netkit::serve::ServeArgs>),
     /// Concurrent TCP line services and an nc-like client.
     #[command(subcommand)]
     Tcp(TcpCommand),
@@ -40,6 +40,8 @@ enum Command {
     Send(netkit::transfer::send::SendArgs),
     /// Receive files and folders from `netkit send` into a folder.
     Recv(netkit::transfer::recv::RecvArgs),
+    /// Terminal chat client for a hub (ws://HOST:PORT/ws or tcp://HOST:PORT).
+    Chat(netkit::chat::client::ChatArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,7 +74,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => netkit::serve::run_command(args).await,
+            Command::Serve(args) => netkit::serve::run_command(*args).await,
             Command::Tcp(TcpCommand::Serve(args)) => netkit::tcp::server::run_command(args).await,
             Command::Tcp(TcpCommand::Connect(args)) => netkit::tcp::client::run_command(args).await,
             Command::Udp(UdpCommand::Serve(args)) => netkit::udp::server::run_command(args).await,
@@ -81,6 +83,7 @@ fn main() -> ExitCode {
             Command::Conns(args) => netkit::net::conns::run_command(args).await,
             Command::Send(args) => netkit::transfer::send::run_command(args).await,
             Command::Recv(args) => netkit::transfer::recv::run_command(args).await,
+            Command::Chat(args) => netkit::chat::client::run_command(args).await,
         }
     });
     // Blocking stdin reads cannot be cancelled; do not wait for them.

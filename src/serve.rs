@@ -16,6 +16,12 @@ use crate::udp;
 /// Command-line options of `netkit serve`: one flag per front door, each an address or `off`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    /// HTTP: web app, /ws chat WebSocket, JSON API, /metrics.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "NETKIT_HTTP")]
+    pub http: Listen,
+    /// TCP line chat (`nc HOST PORT`).
+    #[arg(long, default_value = "127.0.0.1:8330", env = "NETKIT_CHAT")]
+    pub chat: Listen,
     /// TCP `rand` service.
     #[arg(long, default_value = "127.0.0.1:8001", env = "NETKIT_TCP")]
     pub tcp: Listen,
@@ -31,6 +37,12 @@ pub struct ServeArgs {
     /// Limits of the TCP service.
     #[command(flatten)]
     pub tcp_limits: tcp::server::LimitArgs,
+    /// Limits of the chat hub and its clients.
+    #[command(flatten)]
+    pub chat_limits: crate::chat::ChatLimitArgs,
+    /// Limits of the HTTP server.
+    #[command(flatten)]
+    pub http_limits: crate::http::HttpArgs,
 }
 
 /// Runs `netkit serve` until SIGINT or SIGTERM.
@@ -50,6 +62,14 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     })?;
     let tracker = TaskTracker::new();
 
+    let http_listener = match args.http.addr() {
+        Some(a) => Some(crate::cli::bind_tcp(a, "--http").await?),
+        None => None,
+    };
+    let chat_listener = match args.chat.addr() {
+        Some(a) => Some(crate::cli::bind_tcp(a, "--chat").await?),
+        None => None,
+    };
     let tcp_listener = match args.tcp.addr() {
         Some(a) => Some(crate::cli::bind_tcp(a, "--tcp").await?),
         None => None,
@@ -72,6 +92,41 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
+    // The hub exists only if a chat front door is open.
+    let mut hub_writer = None;
+    if http_listener.is_some() || chat_listener.is_some() {
+        let (hub, writer) = crate::chat::Hub::open(&args.data_dir, args.chat_limits.hub_config())
+            .map_err(|e| {
+            anyhow::anyhow!(
+                "{e} — check that --data-dir {} is writable",
+                args.data_dir.display()
+            )
+        })?;
+        hub_writer = Some(writer);
+        let conn = args.chat_limits.conn_config();
+        if let Some(listener) = http_listener {
+            let config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
+            let (hub, shutdown) = (hub.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                if let Err(e) = crate::http::run(listener, hub, config, shutdown).await {
+                    tracing::error!("http: server failed: {e}");
+                }
+            });
+        }
+        if let Some(listener) = chat_listener {
+            tracker.spawn(crate::chat::line::run(
+                listener,
+                hub.clone(),
+                conn,
+                shutdown.clone(),
+            ));
+        }
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            stop.cancelled().await;
+            hub.shutdown();
+        });
+    }
     if let Some(listener) = tcp_listener {
         let config = tcp::server::Config::new(Service::Rand, &args.tcp_limits);
         tracker.spawn(tcp::server::run(
@@ -91,11 +146,15 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         ));
     }
     if tracker.is_empty() {
-        anyhow::bail!("every service is off; enable at least one (e.g. --tcp 127.0.0.1:8001)");
+        anyhow::bail!("every service is off; enable at least one (e.g. --http 127.0.0.1:8080)");
     }
     info!(data_dir = %args.data_dir.display(), "netkit serve: running; SIGINT or SIGTERM stops it");
     tracker.close();
     tracker.wait().await;
+    if let Some(writer) = hub_writer {
+        // Every Hub clone is gone with the tasks: the writer commits its last batch and ends.
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    }
     info!("netkit serve: stopped");
     Ok(())
 }

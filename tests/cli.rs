@@ -245,6 +245,10 @@ fn serve_runs_tcp_and_udp_and_stops_on_sigterm() {
         "127.0.0.1:0",
         "--drop",
         "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--chat",
+        "127.0.0.1:0",
         "--data-dir",
         data.to_str().unwrap(),
     ]);

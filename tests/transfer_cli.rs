@@ -238,6 +238,10 @@ fn serve_runs_the_file_drop() {
         "off",
         "--udp",
         "off",
+        "--http",
+        "off",
+        "--chat",
+        "off",
         "--data-dir",
         data.path().to_str().unwrap(),
     ]);

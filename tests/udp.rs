@@ -72,8 +72,9 @@ fn oversized_datagram_is_reported_not_cut_and_the_server_goes_on() {
         b"small",
         "the oversized datagram got no (cut) answer"
     );
+    // Counted before the next datagram was read, so before "small" was answered.
     assert_eq!(stats.truncated.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.answered.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.received.load(Ordering::Relaxed), 2);
 }
 
 #[test]

@@ -1,0 +1,574 @@
+//! The TCP line adapter: `nc 127.0.0.1 8330` users chat in the same rooms as
+//! WebSocket users. A line starting with `/` is a command (`/join`, `/msg`, …);
+//! any other line is said in the current room. Hub messages are rendered as
+//! readable lines by [`format_line`] (also used by `netkit chat`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::ConnConfig;
+use super::hub::{Hub, Inbox, Received};
+use super::protocol::{ClientMsg, MessageKind, PresenceEvent, ServerMsg};
+
+/// The help text of the line protocol.
+pub const HELP: &str = "\
+commands:
+  /nick NAME          change your nickname
+  /join ROOM [ID]     join a room (resume after message ID)
+  /part [ROOM]        leave a room (default: the current one)
+  /rooms              list rooms
+  /who [ROOM]         list a room's members
+  /msg NICK TEXT      direct message to one user
+  /me TEXT            action in the current room
+  /topic [TEXT]       show or set the current room's topic
+  /help               this text
+  /quit               disconnect
+any other line is said in the current room; start it with // to say a line beginning with /";
+
+/// What a typed line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineCommand {
+    /// A request for the hub.
+    Hub(ClientMsg),
+    /// Show the help.
+    Help,
+    /// Disconnect.
+    Quit,
+    /// Nothing to do (blank line).
+    Nothing,
+}
+
+/// Parses one typed line; `current` is the room plain text goes to.
+pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.trim().is_empty() {
+        return Ok(LineCommand::Nothing);
+    }
+    let need_room = || {
+        current
+            .map(str::to_string)
+            .ok_or_else(|| "you are in no room; /join ROOM first".to_string())
+    };
+    if let Some(rest) = line.strip_prefix("//") {
+        return Ok(LineCommand::Hub(ClientMsg::Say {
+            room: need_room()?,
+            text: format!("/{rest}"),
+        }));
+    }
+    let Some(cmdline) = line.strip_prefix('/') else {
+        return Ok(LineCommand::Hub(ClientMsg::Say {
+            room: need_room()?,
+            text: line.to_string(),
+        }));
+    };
+    let (cmd, rest) = match cmdline.split_once(char::is_whitespace) {
+        Some((c, r)) => (c, r.trim()),
+        None => (cmdline, ""),
+    };
+    let room_arg = |s: &str| s.trim_start_matches('#').to_string();
+    let msg = match cmd.to_ascii_lowercase().as_str() {
+        "help" | "?" => return Ok(LineCommand::Help),
+        "quit" | "exit" => return Ok(LineCommand::Quit),
+        "nick" if !rest.is_empty() => ClientMsg::Nick {
+            nick: rest.to_string(),
+        },
+        "join" if !rest.is_empty() => {
+            let mut parts = rest.split_whitespace();
+            let room = room_arg(parts.next().unwrap_or_default());
+            let after = match parts.next() {
+                Some(id) => Some(
+                    id.parse::<u64>()
+                        .map_err(|_| format!("'{id}' is not a message id; /join ROOM [ID]"))?,
+                ),
+                None => None,
+            };
+            ClientMsg::Join { room, after }
+        }
+        "part" | "leave" => ClientMsg::Part {
+            room: if rest.is_empty() {
+                need_room()?
+            } else {
+                room_arg(rest)
+            },
+        },
+        "rooms" | "list" => ClientMsg::Rooms,
+        "who" | "names" => ClientMsg::Who {
+            room: if rest.is_empty() {
+                need_room()?
+            } else {
+                room_arg(rest)
+            },
+        },
+        "msg" | "query" => match rest.split_once(char::is_whitespace) {
+            Some((to, text)) if !text.trim().is_empty() => ClientMsg::Msg {
+                to: to.to_string(),
+                text: text.trim().to_string(),
+            },
+            _ => return Err("usage: /msg NICK TEXT".into()),
+        },
+        "me" if !rest.is_empty() => ClientMsg::Me {
+            room: need_room()?,
+            text: rest.to_string(),
+        },
+        "topic" if rest.is_empty() => {
+            return Err("usage: /topic TEXT (/rooms shows every topic)".into());
+        }
+        "topic" => ClientMsg::Topic {
+            room: need_room()?,
+            topic: rest.to_string(),
+        },
+        "nick" | "join" | "me" => return Err(format!("/{cmd} needs an argument; /help")),
+        _ => return Err(format!("unknown command /{cmd}; /help lists them")),
+    };
+    Ok(LineCommand::Hub(msg))
+}
+
+/// The outcome of [`read_line_limited`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineRead {
+    /// A complete line is in the buffer (without its newline).
+    Line,
+    /// The line was longer than the limit; it was read and thrown away.
+    TooLong,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Reads one `\n`-terminated line into `buf`, never holding more than `max`
+/// bytes: a longer line is consumed up to its newline and reported as
+/// [`LineRead::TooLong`], so the connection can go on.
+pub async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    use tokio::io::AsyncBufReadExt;
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let chunk = rd.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(if too_long || !buf.is_empty() {
+                if too_long {
+                    LineRead::TooLong
+                } else {
+                    LineRead::Line
+                }
+            } else {
+                LineRead::Eof
+            });
+        }
+        let (take, end) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+        }
+        rd.consume(take + usize::from(end));
+        if end {
+            return Ok(if too_long {
+                LineRead::TooLong
+            } else {
+                LineRead::Line
+            });
+        }
+    }
+}
+
+/// `HH:MM:SS` (UTC) of a millisecond timestamp.
+pub fn clock(ts_ms: i64) -> String {
+    let secs = ts_ms.div_euclid(1000).rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+/// Renders a hub message as one human-readable line (without the newline).
+/// Control characters in untrusted text are replaced so a peer cannot forge lines.
+pub fn format_line(msg: &ServerMsg) -> String {
+    let c = clean;
+    match msg {
+        ServerMsg::Welcome { nick } => format!(
+            "-- welcome to netkit chat, you are {}. /join ROOM to start, /help for commands",
+            c(nick)
+        ),
+        ServerMsg::Message(m) => match m.kind {
+            MessageKind::Say => format!(
+                "[{}] #{} <{}> {}",
+                clock(m.ts),
+                c(&m.room),
+                c(&m.from),
+                c(&m.text)
+            ),
+            MessageKind::Me => format!(
+                "[{}] #{} * {} {}",
+                clock(m.ts),
+                c(&m.room),
+                c(&m.from),
+                c(&m.text)
+            ),
+        },
+        ServerMsg::Joined {
+            room,
+            topic,
+            members,
+            history,
+            ..
+        } => {
+            let topic = if topic.is_empty() {
+                String::new()
+            } else {
+                format!(" — topic: {}", c(topic))
+            };
+            format!(
+                "-- joined #{}{topic} — members: {} — {history} earlier message(s) follow",
+                c(room),
+                c(&members.join(", "))
+            )
+        }
+        ServerMsg::Parted { room } => format!("-- you left #{}", c(room)),
+        ServerMsg::Presence { room, nick, event } => match event {
+            PresenceEvent::Join => format!("-- {} joined #{}", c(nick), c(room)),
+            PresenceEvent::Leave => format!("-- {} left #{}", c(nick), c(room)),
+        },
+        ServerMsg::Nick { old, new } => format!("-- {} is now known as {}", c(old), c(new)),
+        ServerMsg::Direct { from, to, text, ts } => {
+            format!("[{}] *{} -> {}* {}", clock(*ts), c(from), c(to), c(text))
+        }
+        ServerMsg::Topic { room, topic, by } => {
+            format!("-- {} set the topic of #{}: {}", c(by), c(room), c(topic))
+        }
+        ServerMsg::Rooms { rooms } => {
+            if rooms.is_empty() {
+                return "-- no rooms yet; /join ROOM creates one".into();
+            }
+            let list: Vec<String> = rooms
+                .iter()
+                .map(|r| format!("#{} ({})", c(&r.name), r.members))
+                .collect();
+            format!("-- rooms: {}", list.join(", "))
+        }
+        ServerMsg::Members { room, members } => {
+            format!("-- members of #{}: {}", c(room), c(&members.join(", ")))
+        }
+        ServerMsg::Error { code, message } => format!("ERR {}: {}", c(code), c(message)),
+        ServerMsg::Info { text } => format!("-- {}", c(text)),
+    }
+}
+
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|ch| if ch.is_control() { ' ' } else { ch })
+        .collect()
+}
+
+/// Serves TCP line clients on `listener` until `shutdown` is cancelled; then
+/// every client is told and closed.
+pub async fn run(listener: TcpListener, hub: Hub, config: ConnConfig, shutdown: CancellationToken) {
+    let local = listener.local_addr().ok();
+    info!(
+        "chat: listening on {} (TCP lines)",
+        local.map(|a| a.to_string()).unwrap_or_default()
+    );
+    let config = Arc::new(config);
+    let tracker = TaskTracker::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => { backoff = Duration::from_millis(5); pair }
+                Err(e) => {
+                    warn!("chat: accept failed: {e}; retrying in {}ms", backoff.as_millis());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (hub, config, shutdown) = (hub.clone(), config.clone(), shutdown.clone());
+        tracker.spawn(
+            async move {
+                debug!("accepted");
+                serve_conn(stream, hub, &config, shutdown).await;
+                debug!("closed");
+            }
+            .instrument(info_span!("chat-line", %peer)),
+        );
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Serves one line client: this task reads and hands requests to the hub;
+/// a second task writes. When either ends, the other stops.
+pub async fn serve_conn(
+    stream: TcpStream,
+    hub: Hub,
+    config: &ConnConfig,
+    shutdown: CancellationToken,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let (mut session, inbox) = match hub.connect(None) {
+        Ok(pair) => pair,
+        Err(e) => {
+            let line = format!("{}\n", format_line(&e.to_msg()));
+            let _ = tokio::time::timeout(config.write_timeout, wr.write_all(line.as_bytes())).await;
+            return;
+        }
+    };
+    let done = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        BufWriter::new(wr),
+        inbox,
+        config.write_timeout,
+        done.clone(),
+        shutdown.clone(),
+    ));
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut bytes = Vec::new();
+    let mut current: Option<String> = None;
+    loop {
+        let next = tokio::select! {
+            _ = done.cancelled() => break,
+            _ = shutdown.cancelled() => break,
+            r = tokio::time::timeout(config.idle_timeout, read_line_limited(&mut rd, &mut bytes, config.max_msg)) => r,
+        };
+        match next {
+            Err(_) => {
+                session.tell(ServerMsg::error(
+                    "idle_timeout",
+                    format!(
+                        "nothing received for {}; closing",
+                        humantime::format_duration(config.idle_timeout)
+                    ),
+                ));
+                break;
+            }
+            Ok(Ok(LineRead::Eof)) => break,
+            Ok(Ok(LineRead::TooLong)) => {
+                session.tell(ServerMsg::error(
+                    "too_large",
+                    format!("line longer than {} bytes ignored", config.max_msg),
+                ));
+                continue;
+            }
+            Ok(Err(e)) => {
+                debug!("read failed: {e}");
+                break;
+            }
+            Ok(Ok(LineRead::Line)) => {}
+        }
+        let line = String::from_utf8_lossy(&bytes);
+        // Keep the current room in step with what the hub says we are in.
+        let rooms = session.rooms();
+        if current.as_ref().is_none_or(|c| !rooms.contains(c)) {
+            current = rooms.last().cloned();
+        }
+        match parse_line(&line, current.as_deref()) {
+            Ok(LineCommand::Nothing) => {}
+            Ok(LineCommand::Help) => {
+                for l in HELP.lines() {
+                    session.tell(ServerMsg::Info { text: l.into() });
+                }
+            }
+            Ok(LineCommand::Quit) => break,
+            Ok(LineCommand::Hub(msg)) => {
+                let joining = match &msg {
+                    ClientMsg::Join { room, .. } => Some(room.clone()),
+                    _ => None,
+                };
+                match session.handle(msg).await {
+                    Ok(()) => {
+                        if joining.is_some() {
+                            current = joining;
+                        }
+                    }
+                    Err(e) => session.tell(e.to_msg()),
+                }
+            }
+            Err(e) => session.tell(ServerMsg::error("bad_command", e)),
+        }
+    }
+    done.cancel();
+    // Let the writer flush what is queued (bounded by its write timeout).
+    drop(session);
+    let _ = writer.await;
+}
+
+async fn write_loop(
+    mut wr: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut inbox: Inbox,
+    write_timeout: Duration,
+    done: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let mut buf = String::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(write_timeout, async {
+                    let _ = wr.write_all(b"ERR shutting_down: server shutting down\n").await;
+                    wr.flush().await
+                }).await;
+                break;
+            }
+            r = inbox.recv() => r,
+            _ = done.cancelled() => {
+                // Reader ended: flush what is already queued, then stop.
+                while let Some(ev) = inbox.try_recv() {
+                    buf.clear();
+                    push_line(&mut buf, &ev.msg);
+                    if tokio::time::timeout(write_timeout, wr.write_all(buf.as_bytes())).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = tokio::time::timeout(write_timeout, wr.flush()).await;
+                break;
+            }
+        };
+        buf.clear();
+        match first {
+            Received::Event(ev) => push_line(&mut buf, &ev.msg),
+            Received::Disconnected(reason) => {
+                let line = format!("ERR {}: {reason}\n", reason.code());
+                let _ = tokio::time::timeout(write_timeout, async {
+                    let _ = wr.write_all(line.as_bytes()).await;
+                    wr.flush().await
+                })
+                .await;
+                break;
+            }
+            Received::Closed => break,
+        }
+        while buf.len() < 64 * 1024 {
+            match inbox.try_recv() {
+                Some(ev) => push_line(&mut buf, &ev.msg),
+                None => break,
+            }
+        }
+        let wrote = tokio::time::timeout(write_timeout, async {
+            wr.write_all(buf.as_bytes()).await?;
+            wr.flush().await
+        })
+        .await;
+        match wrote {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!("write failed: {e}");
+                break;
+            }
+            Err(_) => {
+                info!(
+                    "write timed out after {}; closing",
+                    humantime::format_duration(write_timeout)
+                );
+                break;
+            }
+        }
+    }
+    done.cancel();
+}
+
+fn push_line(buf: &mut String, msg: &ServerMsg) {
+    buf.push_str(&format_line(msg));
+    buf.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_skipped_not_fatal() {
+        let input: &[u8] = b"short\nthis line is too long\nok\r\nlast";
+        let mut rd = tokio::io::BufReader::with_capacity(4, input);
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            let r = read_line_limited(&mut rd, &mut buf, 8).await.unwrap();
+            if r == LineRead::Eof {
+                break;
+            }
+            got.push((r, String::from_utf8_lossy(&buf).to_string()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (LineRead::Line, "short".into()),
+                (LineRead::TooLong, String::new()),
+                (LineRead::Line, "ok\r".into()),
+                (LineRead::Line, "last".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn commands_parse() {
+        let say = |r: &str, t: &str| {
+            LineCommand::Hub(ClientMsg::Say {
+                room: r.into(),
+                text: t.into(),
+            })
+        };
+        assert_eq!(
+            parse_line("hello\r\n", Some("a")).unwrap(),
+            say("a", "hello")
+        );
+        assert_eq!(parse_line("//etc", Some("a")).unwrap(), say("a", "/etc"));
+        assert!(parse_line("hello", None).is_err());
+        assert_eq!(
+            parse_line("/join #dev 42", None).unwrap(),
+            LineCommand::Hub(ClientMsg::Join {
+                room: "dev".into(),
+                after: Some(42)
+            })
+        );
+        assert_eq!(
+            parse_line("/msg bob hi there", None).unwrap(),
+            LineCommand::Hub(ClientMsg::Msg {
+                to: "bob".into(),
+                text: "hi there".into()
+            })
+        );
+        assert_eq!(parse_line("/quit", None).unwrap(), LineCommand::Quit);
+        assert!(parse_line("/frobnicate", None).is_err());
+        assert!(parse_line("/msg bob", None).is_err());
+        assert_eq!(parse_line("   ", None).unwrap(), LineCommand::Nothing);
+    }
+
+    #[test]
+    fn lines_render_without_control_characters() {
+        let m = ServerMsg::Message(super::super::protocol::ChatMessage {
+            room: "r".into(),
+            id: 1,
+            from: "ann".into(),
+            text: "hi\nERR fake".into(),
+            ts: 3_661_000,
+            kind: MessageKind::Say,
+        });
+        assert_eq!(format_line(&m), "[01:01:01] #r <ann> hi ERR fake");
+    }
+}

@@ -1,0 +1,299 @@
+//! Wire types of the chat protocol: what a client sends ([`ClientMsg`]) and what
+//! the hub sends back ([`ServerMsg`]), as JSON objects tagged by `type`. The
+//! WebSocket adapter speaks them as-is; the line adapter translates. See
+//! `docs/chat-protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// A message from a client to the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// Join a room (created on first join); `after` resumes from the last id seen.
+    Join {
+        /// Room name.
+        room: String,
+        /// Last message id the client saw in this room; it gets every later one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
+    /// Leave a room.
+    Part {
+        /// Room name.
+        room: String,
+    },
+    /// Say something in a room the client has joined.
+    Say {
+        /// Room name.
+        room: String,
+        /// The text.
+        text: String,
+    },
+    /// An action (`/me waves`) in a room.
+    Me {
+        /// Room name.
+        room: String,
+        /// The action text, without the nick.
+        text: String,
+    },
+    /// A direct message to one user.
+    Msg {
+        /// Recipient nick.
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Change nickname.
+    Nick {
+        /// The wanted nickname.
+        nick: String,
+    },
+    /// Set a room's topic.
+    Topic {
+        /// Room name.
+        room: String,
+        /// The new topic (empty clears it).
+        topic: String,
+    },
+    /// List the rooms.
+    Rooms,
+    /// List the members of a room.
+    Who {
+        /// Room name.
+        room: String,
+    },
+}
+
+/// Whether a room message is plain speech or a `/me` action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageKind {
+    /// Plain text.
+    #[default]
+    Say,
+    /// An action: render as `* nick text`.
+    Me,
+}
+
+impl MessageKind {
+    /// True for the default kind (used to leave the field out of JSON).
+    pub fn is_say(&self) -> bool {
+        *self == MessageKind::Say
+    }
+
+    /// The name stored in SQLite.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MessageKind::Say => "say",
+            MessageKind::Me => "me",
+        }
+    }
+
+    /// Parses the name stored in SQLite.
+    pub fn from_db(s: &str) -> Self {
+        if s == "me" {
+            MessageKind::Me
+        } else {
+            MessageKind::Say
+        }
+    }
+}
+
+/// A stored room message, as clients and the API see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Room name.
+    pub room: String,
+    /// Per-room id, increasing from 1.
+    pub id: u64,
+    /// Author nick.
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// `me` for actions; absent for plain messages.
+    #[serde(default, skip_serializing_if = "MessageKind::is_say")]
+    pub kind: MessageKind,
+}
+
+/// One room in a room list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    /// Room name.
+    pub name: String,
+    /// Members connected now.
+    pub members: usize,
+    /// Topic (may be empty).
+    pub topic: String,
+    /// Id of the newest message (0 if none).
+    pub last_id: u64,
+}
+
+/// Presence change in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceEvent {
+    /// A member joined.
+    Join,
+    /// A member left (part or disconnect).
+    Leave,
+}
+
+/// A message from the hub to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// First message on a connection: the nick the client got.
+    Welcome {
+        /// The client's nickname.
+        nick: String,
+    },
+    /// A room message (live or history; history comes right after `joined`).
+    Message(ChatMessage),
+    /// The client joined a room; history follows, then live messages.
+    Joined {
+        /// Room name.
+        room: String,
+        /// Current topic.
+        topic: String,
+        /// Members now, the client included.
+        members: Vec<String>,
+        /// Id of the newest message in the room.
+        last_id: u64,
+        /// Number of history messages that follow.
+        history: usize,
+        /// True when more messages were missed than are replayed; fetch the
+        /// older ones from `/api/rooms/{room}/messages?before=…`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
+    /// The client left a room.
+    Parted {
+        /// Room name.
+        room: String,
+    },
+    /// Someone joined or left a room the client is in.
+    Presence {
+        /// Room name.
+        room: String,
+        /// Whose presence changed.
+        nick: String,
+        /// What happened.
+        event: PresenceEvent,
+    },
+    /// Someone (maybe the client) changed nick.
+    Nick {
+        /// Old nickname.
+        old: String,
+        /// New nickname.
+        new: String,
+    },
+    /// A direct message, to the recipient and echoed to the sender.
+    Direct {
+        /// Sender nick.
+        from: String,
+        /// Recipient nick.
+        to: String,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch.
+        ts: i64,
+    },
+    /// A room's topic changed.
+    Topic {
+        /// Room name.
+        room: String,
+        /// The new topic.
+        topic: String,
+        /// Who set it.
+        by: String,
+    },
+    /// The room list.
+    Rooms {
+        /// Every known room.
+        rooms: Vec<RoomInfo>,
+    },
+    /// The members of a room.
+    Members {
+        /// Room name.
+        room: String,
+        /// Member nicks.
+        members: Vec<String>,
+    },
+    /// Informational text for a person (e.g. help).
+    Info {
+        /// The text.
+        text: String,
+    },
+    /// A problem with something the client sent, or why it is being disconnected.
+    Error {
+        /// Machine-readable code, e.g. `bad_room`, `rate_limited`, `lagging`.
+        code: String,
+        /// What went wrong and what to do about it.
+        message: String,
+    },
+}
+
+impl ServerMsg {
+    /// An error message with a code and an explanation.
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        ServerMsg::Error {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Serializes to the JSON sent over WebSocket.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_messages_have_the_fixed_shape() {
+        let m: ClientMsg = serde_json::from_str(r#"{"type":"join","room":"r"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMsg::Join {
+                room: "r".into(),
+                after: None
+            }
+        );
+        let m: ClientMsg =
+            serde_json::from_str(r#"{"type":"say","room":"r","text":"hi"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMsg::Say {
+                room: "r".into(),
+                text: "hi".into()
+            }
+        );
+        let out = ServerMsg::Message(ChatMessage {
+            room: "r".into(),
+            id: 7,
+            from: "ann".into(),
+            text: "hi".into(),
+            ts: 1000,
+            kind: MessageKind::Say,
+        });
+        assert_eq!(
+            out.to_json(),
+            r#"{"type":"message","room":"r","id":7,"from":"ann","text":"hi","ts":1000}"#
+        );
+        assert_eq!(
+            ServerMsg::error("bad_room", "x").to_json(),
+            r#"{"type":"error","code":"bad_room","message":"x"}"#
+        );
+    }
+
+    #[test]
+    fn unknown_types_and_missing_fields_are_rejected() {
+        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"dance"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"say","room":"r"}"#).is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! Chat history in SQLite: one table of room messages keyed by (room, id) and
+//! one of rooms with their topics. Only the hub's writer thread writes; readers
+//! open their own connection (WAL mode lets them read while it writes).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::protocol::{ChatMessage, MessageKind};
+
+/// File name of the chat database inside the data dir.
+pub const DB_FILE: &str = "chat.sqlite3";
+
+/// A failure of the history database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("chat history database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
+}
+
+/// A connection to the chat history database.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// A message about to be stored, with its id already assigned.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    /// Room name.
+    pub room: &'a str,
+    /// Per-room id.
+    pub id: u64,
+    /// Author nick.
+    pub from: &'a str,
+    /// The text.
+    pub text: &'a str,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// Plain or action.
+    pub kind: MessageKind,
+}
+
+/// A room as stored: name, topic and newest message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRoom {
+    /// Room name.
+    pub name: String,
+    /// Topic (may be empty).
+    pub topic: String,
+    /// Newest message id (0 if none).
+    pub last_id: u64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database `chat.sqlite3` in `dir`.
+    pub fn open_in(dir: &Path) -> Result<Store, StoreError> {
+        Store::open(&dir.join(DB_FILE))
+    }
+
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let path = path.to_path_buf();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        // WAL + NORMAL: a commit is in the OS once `commit` returns, so a killed
+        // process loses nothing it committed (only a power loss could).
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS rooms (
+                 name TEXT PRIMARY KEY,
+                 topic TEXT NOT NULL DEFAULT '',
+                 created_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS messages (
+                 room TEXT NOT NULL,
+                 id INTEGER NOT NULL,
+                 nick TEXT NOT NULL,
+                 text TEXT NOT NULL,
+                 ts_ms INTEGER NOT NULL,
+                 kind TEXT NOT NULL DEFAULT 'say',
+                 PRIMARY KEY (room, id)
+             ) WITHOUT ROWID;",
+        )
+        .map_err(err)?;
+        Ok(Store { conn, path })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every known room with its topic and newest id, sorted by name.
+    pub fn rooms(&self) -> Result<Vec<StoredRoom>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT r.name, r.topic, COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = r.name), 0)
+                 FROM rooms r ORDER BY r.name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(StoredRoom {
+                    name: r.get(0)?,
+                    topic: r.get(1)?,
+                    last_id: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Writes a batch in one transaction: rooms to create, messages, topic changes.
+    /// Either all of it is committed or none.
+    pub fn write_batch(
+        &mut self,
+        new_rooms: &[&str],
+        messages: &[NewMessage<'_>],
+        topics: &[(&str, &str)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut room_stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO rooms (name, topic, created_ms) VALUES (?1, '', ?2)",
+                )
+                .map_err(err)?;
+            for room in new_rooms {
+                room_stmt.execute(params![room, now_ms]).map_err(err)?;
+            }
+            let mut msg_stmt = tx
+                .prepare_cached(
+                    "INSERT INTO messages (room, id, nick, text, ts_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            for m in messages {
+                msg_stmt
+                    .execute(params![
+                        m.room,
+                        m.id as i64,
+                        m.from,
+                        m.text,
+                        m.ts,
+                        m.kind.as_str()
+                    ])
+                    .map_err(err)?;
+            }
+            let mut topic_stmt = tx
+                .prepare_cached(
+                    "INSERT INTO rooms (name, topic, created_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET topic = excluded.topic",
+                )
+                .map_err(err)?;
+            for (room, topic) in topics {
+                topic_stmt
+                    .execute(params![room, topic, now_ms])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// The newest `limit` messages of `room` with `after < id <= upto`, oldest first.
+    pub fn latest(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, nick, text, ts_ms, kind FROM messages
+                 WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id DESC LIMIT ?4",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut out = self.collect(&mut stmt, room, after, upto, limit)?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The oldest `limit` messages of `room` with `after < id <= upto`, oldest first.
+    pub fn earliest(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, nick, text, ts_ms, kind FROM messages
+                 WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id ASC LIMIT ?4",
+            )
+            .map_err(|e| self.err(e))?;
+        self.collect(&mut stmt, room, after, upto, limit)
+    }
+
+    fn collect(
+        &self,
+        stmt: &mut rusqlite::CachedStatement<'_>,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let upto = i64::try_from(upto).unwrap_or(i64::MAX);
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![room, after, upto, limit], |r| {
+                Ok(ChatMessage {
+                    room: room.to_string(),
+                    id: r.get::<_, i64>(0)? as u64,
+                    from: r.get(1)?,
+                    text: r.get(2)?,
+                    ts: r.get(3)?,
+                    kind: MessageKind::from_db(&r.get::<_, String>(4)?),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Number of messages stored in `room`.
+    pub fn count(&self, room: &str) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE room = ?1",
+                [room],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|n| n.unwrap_or(0) as u64)
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg<'a>(room: &'a str, id: u64, text: &'a str) -> NewMessage<'a> {
+        NewMessage {
+            room,
+            id,
+            from: "ann",
+            text,
+            ts: id as i64,
+            kind: MessageKind::Say,
+        }
+    }
+
+    #[test]
+    fn batches_and_paging() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        let texts: Vec<String> = (1..=10).map(|i| format!("m{i}")).collect();
+        let batch: Vec<_> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| msg("r", i as u64 + 1, t))
+            .collect();
+        s.write_batch(&["r"], &batch, &[("r", "hello")], 0).unwrap();
+        let ids = |v: Vec<ChatMessage>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.latest("r", 0, u64::MAX, 3).unwrap()), vec![8, 9, 10]);
+        assert_eq!(ids(s.latest("r", 0, 5, 3).unwrap()), vec![3, 4, 5]);
+        assert_eq!(ids(s.earliest("r", 6, u64::MAX, 2).unwrap()), vec![7, 8]);
+        assert_eq!(
+            s.rooms().unwrap(),
+            vec![StoredRoom {
+                name: "r".into(),
+                topic: "hello".into(),
+                last_id: 10
+            }]
+        );
+        // A failing batch (duplicate id) leaves nothing behind.
+        let bad = [msg("r", 11, "x"), msg("r", 3, "dup")];
+        assert!(s.write_batch(&[], &bad, &[], 0).is_err());
+        assert_eq!(s.count("r").unwrap(), 10);
+        drop(s);
+        let s = Store::open_in(dir.path()).unwrap();
+        assert_eq!(s.count("r").unwrap(), 10);
+    }
+}

@@ -1,0 +1,83 @@
+//! The JSON API: rooms, paged message history, and hub statistics.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use crate::chat::hub::valid_room;
+
+/// Query of `GET /api/rooms/{room}/messages`.
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    /// Only messages with a larger id (alone: page forward from here).
+    pub after: Option<u64>,
+    /// Only messages with a smaller id (page backward from here).
+    pub before: Option<u64>,
+    /// Most messages returned (default 50, at most 500).
+    pub limit: Option<usize>,
+}
+
+fn api_error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// `GET /api/rooms`: every room with members, topic and newest id.
+pub async fn rooms(State(app): State<AppState>) -> Response {
+    Json(json!({ "rooms": app.hub.rooms() })).into_response()
+}
+
+/// `GET /api/rooms/{room}/messages?after=ID&before=ID&limit=N`: stored messages, oldest first.
+pub async fn messages(
+    State(app): State<AppState>,
+    Path(room): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    if !valid_room(&room) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_room",
+            "invalid room name: use 1–32 letters, digits, '-' or '_'".into(),
+        );
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let hub = app.hub.clone();
+    let r = room.clone();
+    let result =
+        tokio::task::spawn_blocking(move || hub.history(&r, q.after, q.before, limit)).await;
+    match result {
+        Ok(Ok(messages)) => Json(json!({ "room": room, "messages": messages })).into_response(),
+        Ok(Err(e)) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_failed",
+            e.to_string(),
+        ),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// `GET /api/stats`: hub counters.
+pub async fn stats(State(app): State<AppState>) -> Response {
+    let s = app.hub.stats();
+    let rooms = app.hub.rooms();
+    Json(json!({
+        "clients": s.clients.load(Ordering::Relaxed),
+        "connections": s.connections.load(Ordering::Relaxed),
+        "rooms": rooms.len(),
+        "messages": s.messages.load(Ordering::Relaxed),
+        "deliveries": s.deliveries.load(Ordering::Relaxed),
+        "dropped_lagging": s.dropped_lagging.load(Ordering::Relaxed),
+        "write_batches": s.batches.load(Ordering::Relaxed),
+        "uptime_seconds": app.started.elapsed().as_secs(),
+    }))
+    .into_response()
+}

@@ -1,0 +1,64 @@
+//! Prometheus metrics: one process-wide recorder from `metrics-exporter-prometheus`,
+//! rendered by `GET /metrics`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder on first use and returns its handle, or `None`
+/// if another recorder was installed first (metrics are then not exported).
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => {
+                describe();
+                Some(h)
+            }
+            Err(e) => {
+                tracing::warn!("metrics: cannot install the Prometheus recorder: {e}");
+                None
+            }
+        })
+        .as_ref()
+}
+
+fn describe() {
+    metrics::describe_gauge!("netkit_chat_clients", "Chat clients connected now");
+    metrics::describe_counter!(
+        "netkit_chat_connections_total",
+        "Chat clients connected since start"
+    );
+    metrics::describe_counter!(
+        "netkit_chat_messages_total",
+        "Room messages stored and broadcast"
+    );
+    metrics::describe_counter!(
+        "netkit_chat_clients_dropped_total",
+        "Chat clients disconnected by the server, by reason"
+    );
+    metrics::describe_counter!(
+        "netkit_chat_rate_limited_total",
+        "Client messages refused by the rate limit"
+    );
+    metrics::describe_histogram!(
+        "netkit_chat_batch_seconds",
+        "Time to store and fan out one write batch"
+    );
+    metrics::describe_counter!(
+        "netkit_http_requests_total",
+        "HTTP requests, by route and status"
+    );
+}
+
+/// The metrics in Prometheus text format.
+pub fn render() -> String {
+    match handle() {
+        Some(h) => {
+            h.run_upkeep();
+            h.render()
+        }
+        None => "# metrics recorder not installed\n".into(),
+    }
+}

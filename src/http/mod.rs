@@ -1,0 +1,263 @@
+//! The HTTP front door (axum): the embedded web app at `/`, the chat WebSocket
+//! at `/ws`, the JSON API under `/api`, Prometheus `/metrics` and `/healthz`,
+//! behind tower layers for timeouts, body size and concurrency.
+
+pub mod api;
+pub mod assets;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::limit::ConcurrencyLimitLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tracing::{Instrument, info, info_span};
+
+use crate::chat::ConnConfig;
+use crate::chat::hub::Hub;
+use crate::chat::ws;
+use crate::cli::{parse_duration, parse_size};
+
+/// HTTP limits of `netkit serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// Longest time an HTTP request may take (not counting WebSocket sessions).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_HTTP_TIMEOUT")]
+    pub http_timeout: Duration,
+    /// Largest HTTP request body accepted.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size, env = "NETKIT_HTTP_BODY_LIMIT")]
+    pub http_body_limit: u64,
+    /// Most HTTP requests handled at once; more wait their turn.
+    #[arg(long, default_value_t = 1024, env = "NETKIT_HTTP_CONCURRENCY")]
+    pub http_concurrency: usize,
+    /// Extra browser origins allowed to open /ws (e.g. http://example.org:8080),
+    /// comma-separated; `*` allows any. The server's own host is always allowed.
+    #[arg(long, value_delimiter = ',', env = "NETKIT_ALLOW_ORIGIN")]
+    pub allow_origin: Vec<String>,
+}
+
+/// How the HTTP front door behaves.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Request timeout.
+    pub timeout: Duration,
+    /// Body size limit in bytes.
+    pub body_limit: usize,
+    /// Concurrent request limit.
+    pub concurrency: usize,
+    /// Extra allowed origins (`*` = any).
+    pub allow_origins: Vec<String>,
+    /// Per-connection WebSocket settings.
+    pub conn: ConnConfig,
+}
+
+impl HttpConfig {
+    /// Builds the configuration from flags.
+    pub fn new(args: &HttpArgs, conn: ConnConfig) -> Self {
+        HttpConfig {
+            timeout: args.http_timeout,
+            body_limit: usize::try_from(args.http_body_limit).unwrap_or(usize::MAX),
+            concurrency: args.http_concurrency.max(1),
+            allow_origins: args
+                .allow_origin
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            conn,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout: Duration::from_secs(10),
+            body_limit: 64 * 1024,
+            concurrency: 1024,
+            allow_origins: Vec::new(),
+            conn: ConnConfig::default(),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The chat hub.
+    pub hub: Hub,
+    /// Limits.
+    pub config: Arc<HttpConfig>,
+    /// When the server started.
+    pub started: Instant,
+    /// WebSocket sessions, waited for on shutdown.
+    pub sessions: TaskTracker,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState) -> Router {
+    let cfg = state.config.clone();
+    Router::new()
+        .route("/", get(assets::index))
+        .route("/app.js", get(assets::app_js))
+        .route("/style.css", get(assets::style_css))
+        .route("/ws", get(ws_upgrade))
+        .route("/api/rooms", get(api::rooms))
+        .route("/api/rooms/{room}/messages", get(api::messages))
+        .route("/api/stats", get(api::stats))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
+        .with_state(state)
+        .layer(RequestBodyLimitLayer::new(cfg.body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            cfg.timeout,
+        ))
+        .layer(ConcurrencyLimitLayer::new(cfg.concurrency))
+}
+
+/// Serves HTTP on `listener` until `shutdown` is cancelled, then closes every
+/// WebSocket (1001) and waits for the sessions to end.
+pub async fn run(
+    listener: TcpListener,
+    hub: Hub,
+    config: HttpConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let _ = metrics::handle();
+    let local = listener.local_addr()?;
+    info!("http: listening on http://{local}");
+    let state = AppState {
+        hub,
+        config: Arc::new(config),
+        started: Instant::now(),
+        sessions: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    };
+    let sessions = state.sessions.clone();
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    sessions.close();
+    sessions.wait().await;
+    info!("http: stopped");
+    Ok(())
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::render(),
+    )
+        .into_response()
+}
+
+/// Query of `GET /ws`.
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    /// Nickname to ask for.
+    pub nick: Option<String>,
+}
+
+/// True if a browser page from `origin` may open the WebSocket: it is the
+/// server's own `host`, or in the allow-list. Requests without an Origin are
+/// not from a browser page and are allowed (RFC 6455 §10.2).
+pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allow: &[String]) -> bool {
+    let Some(origin) = origin else { return true };
+    let origin = origin.trim_end_matches('/');
+    if allow
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let authority = origin
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(origin);
+    host.is_some_and(|h| h.eq_ignore_ascii_case(authority))
+}
+
+async fn ws_upgrade(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<WsQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if !origin_allowed(origin, host, &app.config.allow_origins) {
+        tracing::info!(%peer, origin, "ws: origin refused");
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "origin {} may not open this WebSocket; start the server with --allow-origin {}\n",
+                origin.unwrap_or_default(),
+                origin.unwrap_or_default()
+            ),
+        )
+            .into_response();
+    }
+    let wanted = q.nick.as_deref().filter(|n| !n.is_empty());
+    let (session, inbox) = match app.hub.connect(wanted) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+        }
+    };
+    let conn = app.config.conn.clone();
+    let cap = ws::hard_frame_cap(conn.max_msg);
+    let shutdown = app.shutdown.clone();
+    let sessions = app.sessions.clone();
+    upgrade
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(cap)
+        .max_frame_size(cap)
+        .on_upgrade(move |socket| {
+            sessions.track_future(
+                ws::serve_socket(socket, session, inbox, conn, shutdown)
+                    .instrument(info_span!("chat-ws", %peer)),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = Vec::new();
+        assert!(origin_allowed(None, Some("a:1"), &none));
+        assert!(origin_allowed(Some("http://a:1"), Some("a:1"), &none));
+        assert!(!origin_allowed(Some("http://evil:1"), Some("a:1"), &none));
+        assert!(!origin_allowed(Some("http://a:1"), None, &none));
+        let allow = vec!["http://evil:1".to_string()];
+        assert!(origin_allowed(Some("http://evil:1"), Some("a:1"), &allow));
+        assert!(origin_allowed(
+            Some("http://x"),
+            Some("a:1"),
+            &["*".to_string()]
+        ));
+    }
+}

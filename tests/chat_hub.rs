@@ -1,0 +1,494 @@
+//! Hub logic without sockets: rooms, nicks, direct messages, history paging,
+//! resume-from-id, rate limiting and the slow-client policy (paused clock).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use netkit::chat::hub::{DisconnectReason, Hub, HubConfig, HubError, Inbox, Received, Session};
+use netkit::chat::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, ServerMsg};
+
+fn open(dir: &std::path::Path, cfg: HubConfig) -> Hub {
+    Hub::open(dir, cfg).unwrap().0
+}
+
+fn unlimited() -> HubConfig {
+    HubConfig {
+        rate: 0.0,
+        ..HubConfig::default()
+    }
+}
+
+async fn next(inbox: &mut Inbox) -> ServerMsg {
+    match inbox.recv().await {
+        Received::Event(ev) => ev.msg.clone(),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// Skips messages until one matches `f`.
+async fn until<T>(inbox: &mut Inbox, mut f: impl FnMut(&ServerMsg) -> Option<T>) -> T {
+    loop {
+        let m = next(inbox).await;
+        if let Some(t) = f(&m) {
+            return t;
+        }
+    }
+}
+
+async fn connect(hub: &Hub, nick: &str) -> (Session, Inbox) {
+    let (s, mut i) = hub.connect(Some(nick)).unwrap();
+    assert_eq!(next(&mut i).await, ServerMsg::Welcome { nick: nick.into() });
+    (s, i)
+}
+
+async fn join(
+    s: &Session,
+    i: &mut Inbox,
+    room: &str,
+    after: Option<u64>,
+) -> (usize, Vec<ChatMessage>) {
+    s.join(room, after).await.unwrap();
+    let n = until(i, |m| match m {
+        ServerMsg::Joined { history, .. } => Some(*history),
+        _ => None,
+    })
+    .await;
+    let mut hist = Vec::new();
+    for _ in 0..n {
+        match next(i).await {
+            ServerMsg::Message(m) => hist.push(m),
+            other => panic!("expected history, got {other:?}"),
+        }
+    }
+    (n, hist)
+}
+
+async fn message(i: &mut Inbox) -> ChatMessage {
+    until(i, |m| match m {
+        ServerMsg::Message(m) => Some(m.clone()),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn rooms_presence_and_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path(), unlimited());
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    let (bob, mut bi) = connect(&hub, "bob").await;
+    join(&ann, &mut ai, "lobby", None).await;
+    join(&bob, &mut bi, "lobby", None).await;
+    assert_eq!(
+        next(&mut ai).await,
+        ServerMsg::Presence {
+            room: "lobby".into(),
+            nick: "bob".into(),
+            event: PresenceEvent::Join
+        }
+    );
+    ann.say("lobby", "hello".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    bob.say("lobby", "waves".into(), MessageKind::Me)
+        .await
+        .unwrap();
+    for inbox in [&mut ai, &mut bi] {
+        let m1 = message(inbox).await;
+        let m2 = message(inbox).await;
+        assert_eq!(
+            (m1.id, m1.from.as_str(), m1.text.as_str()),
+            (1, "ann", "hello")
+        );
+        assert_eq!((m2.id, m2.kind), (2, MessageKind::Me));
+    }
+    // Not a member: refused, nothing stored.
+    ann.say("other", "x".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    let err = until(&mut ai, |m| match m {
+        ServerMsg::Error { code, .. } => Some(code.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(err, "not_member");
+    assert!(matches!(
+        ann.join("bad room!", None).await,
+        Err(HubError::BadRoom(_))
+    ));
+    assert!(matches!(
+        ann.join(&"x".repeat(33), None).await,
+        Err(HubError::BadRoom(_))
+    ));
+    assert!(matches!(
+        ann.join("lobby", None).await,
+        Err(HubError::AlreadyJoined(_))
+    ));
+    // Topic and who.
+    ann.topic("lobby", "rust".into()).await.unwrap();
+    let t = until(&mut bi, |m| match m {
+        ServerMsg::Topic { topic, by, .. } => Some((topic.clone(), by.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(t, ("rust".into(), "ann".into()));
+    bob.who("lobby").unwrap();
+    let who = until(&mut bi, |m| match m {
+        ServerMsg::Members { members, .. } => Some(members.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(who, vec!["ann".to_string(), "bob".to_string()]);
+    // Leaving is announced; a disconnect too.
+    bob.part("lobby").unwrap();
+    let left = until(&mut ai, |m| match m {
+        ServerMsg::Presence {
+            nick,
+            event: PresenceEvent::Leave,
+            ..
+        } => Some(nick.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(left, "bob");
+    let rooms = hub.rooms();
+    assert_eq!(rooms.len(), 1);
+    assert_eq!((rooms[0].members, rooms[0].last_id), (1, 2));
+    assert_eq!(rooms[0].topic, "rust");
+}
+
+#[tokio::test]
+async fn nick_rules_and_direct_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path(), unlimited());
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    let (bob, mut bi) = connect(&hub, "bob").await;
+    let (cat, mut ci) = connect(&hub, "cat").await;
+    assert_eq!(bob.set_nick("ANN"), Err(HubError::NickTaken("ANN".into())));
+    assert!(matches!(
+        bob.set_nick("has space"),
+        Err(HubError::BadNick(_))
+    ));
+    assert!(matches!(bob.set_nick(""), Err(HubError::BadNick(_))));
+    assert!(matches!(
+        bob.set_nick(&"b".repeat(25)),
+        Err(HubError::BadNick(_))
+    ));
+    // Asking for a taken nick at connect gives a guest name and says why.
+    let (_dup, mut di) = hub.connect(Some("Ann")).unwrap();
+    assert!(
+        matches!(next(&mut di).await, ServerMsg::Welcome { nick } if nick.starts_with("guest-"))
+    );
+    assert!(matches!(next(&mut di).await, ServerMsg::Error { code, .. } if code == "nick_taken"));
+    // Guests get unique generated names.
+    let (g, mut gi) = hub.connect(None).unwrap();
+    let ServerMsg::Welcome { nick } = next(&mut gi).await else {
+        panic!()
+    };
+    assert!(nick.starts_with("guest-"));
+    assert_eq!(g.nick(), nick);
+    // Direct message: to the recipient and echoed to the sender, nobody else.
+    ann.direct("Bob", "psst".into()).unwrap();
+    for inbox in [&mut ai, &mut bi] {
+        let d = next(inbox).await;
+        assert!(
+            matches!(&d, ServerMsg::Direct { from, to, text, .. } if from == "ann" && to == "bob" && text == "psst"),
+            "{d:?}"
+        );
+    }
+    assert_eq!(
+        ann.direct("nobody", "x".into()),
+        Err(HubError::NoSuchUser("nobody".into()))
+    );
+    // A rename frees the old nick and is told to the renamer.
+    bob.set_nick("robert").unwrap();
+    assert_eq!(
+        next(&mut bi).await,
+        ServerMsg::Nick {
+            old: "bob".into(),
+            new: "robert".into()
+        }
+    );
+    cat.set_nick("bob").unwrap();
+    assert!(matches!(next(&mut ci).await, ServerMsg::Nick { .. }));
+    // Nothing leaked to cat from the direct message.
+    cat.who("lobby").unwrap();
+    assert!(matches!(next(&mut ci).await, ServerMsg::Members { .. }));
+    // A disconnect frees the nick.
+    drop(ann);
+    cat.set_nick("ann").unwrap();
+}
+
+#[tokio::test]
+async fn history_on_join_paging_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path(), unlimited());
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    join(&ann, &mut ai, "r", None).await;
+    for i in 1..=60 {
+        ann.say("r", format!("m{i}"), MessageKind::Say)
+            .await
+            .unwrap();
+    }
+    for i in 1..=60 {
+        assert_eq!(message(&mut ai).await.id, i);
+    }
+    // A new joiner gets the last 50, oldest first.
+    let (bob, mut bi) = connect(&hub, "bob").await;
+    let (n, hist) = join(&bob, &mut bi, "r", None).await;
+    assert_eq!(n, 50);
+    assert_eq!(hist.first().unwrap().id, 11);
+    assert_eq!(hist.last().unwrap().text, "m60");
+    // A returning client gets exactly what it missed.
+    let (cat, mut ci) = connect(&hub, "cat").await;
+    let (n, hist) = join(&cat, &mut ci, "r", Some(42)).await;
+    assert_eq!(n, 18);
+    assert_eq!(
+        hist.iter().map(|m| m.id).collect::<Vec<_>>(),
+        (43..=60).collect::<Vec<_>>()
+    );
+    // Paging through the store.
+    let ids = |v: Vec<ChatMessage>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    let h = hub.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        (
+            ids(h.history("r", None, None, 5).unwrap()),
+            ids(h.history("r", None, Some(20), 5).unwrap()),
+            ids(h.history("r", Some(20), None, 5).unwrap()),
+            ids(h.history("r", Some(20), Some(23), 5).unwrap()),
+            ids(h.history("nope", None, None, 5).unwrap()),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(page.0, vec![56, 57, 58, 59, 60]);
+    assert_eq!(page.1, vec![15, 16, 17, 18, 19]);
+    assert_eq!(page.2, vec![21, 22, 23, 24, 25]);
+    assert_eq!(page.3, vec![21, 22]);
+    assert!(page.4.is_empty());
+}
+
+/// Joining while messages flow: history and live messages meet with no gap and
+/// no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_while_messages_flow_has_no_gap_or_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path(), unlimited());
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    join(&ann, &mut ai, "r", None).await;
+    for i in 0..20 {
+        ann.say("r", format!("pre{i}"), MessageKind::Say)
+            .await
+            .unwrap();
+    }
+    let sender = tokio::spawn(async move {
+        for i in 0..500 {
+            ann.say("r", format!("live{i}"), MessageKind::Say)
+                .await
+                .unwrap();
+            if i % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        ann
+    });
+    let (bob, mut bi) = connect(&hub, "bob").await;
+    let (_, hist) = join(&bob, &mut bi, "r", Some(10)).await;
+    let mut seen: Vec<u64> = hist.iter().map(|m| m.id).collect();
+    while seen.last().copied().unwrap_or(0) < 520 {
+        seen.push(message(&mut bi).await.id);
+    }
+    let _ann = sender.await.unwrap();
+    assert_eq!(seen, (11..=520).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_client_is_disconnected_and_never_stalls_the_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = HubConfig {
+        queue_messages: 8,
+        rate: 0.0,
+        ..HubConfig::default()
+    };
+    let hub = open(dir.path(), cfg);
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    let (slow, mut si) = connect(&hub, "slow").await;
+    join(&ann, &mut ai, "r", None).await;
+    join(&slow, &mut si, "r", None).await;
+    assert!(matches!(
+        next(&mut ai).await,
+        ServerMsg::Presence {
+            event: PresenceEvent::Join,
+            ..
+        }
+    ));
+    // ann reads everything; slow reads nothing while 30 messages are sent
+    // (and the clock moves on: the policy depends on the queue, not on time).
+    let mut seen_leave = false;
+    for i in 1..=30u64 {
+        ann.say("r", format!("m{i}"), MessageKind::Say)
+            .await
+            .unwrap();
+        loop {
+            match next(&mut ai).await {
+                ServerMsg::Message(m) => {
+                    assert_eq!(m.id, i);
+                    break;
+                }
+                ServerMsg::Presence {
+                    nick,
+                    event: PresenceEvent::Leave,
+                    ..
+                } => {
+                    assert_eq!(nick, "slow");
+                    seen_leave = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // The slow client is told why, first thing.
+    match si.recv().await {
+        Received::Disconnected(DisconnectReason::Lagging { messages, .. }) => {
+            assert_eq!(messages, 8)
+        }
+        other => panic!("expected lagging, got {other:?}"),
+    }
+    assert_eq!(hub.stats().dropped_lagging.load(Ordering::Relaxed), 1);
+    // The room saw it leave, and goes on.
+    assert!(seen_leave);
+    assert_eq!(slow.rooms(), Vec::<String>::new());
+    assert!(
+        slow.say("r", "late".into(), MessageKind::Say)
+            .await
+            .is_err()
+    );
+    assert_eq!(hub.rooms()[0].members, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn byte_budget_also_bounds_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = HubConfig {
+        queue_messages: 1000,
+        queue_bytes: 2000,
+        rate: 0.0,
+        ..HubConfig::default()
+    };
+    let hub = open(dir.path(), cfg);
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    let (slow, mut si) = connect(&hub, "slow").await;
+    join(&ann, &mut ai, "r", None).await;
+    join(&slow, &mut si, "r", None).await;
+    for _ in 0..5 {
+        ann.say("r", "x".repeat(500), MessageKind::Say)
+            .await
+            .unwrap();
+        message(&mut ai).await;
+    }
+    assert!(matches!(
+        si.recv().await,
+        Received::Disconnected(DisconnectReason::Lagging { bytes: 2000, .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limit_refills_with_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = HubConfig {
+        rate: 2.0,
+        burst: 3.0,
+        ..HubConfig::default()
+    };
+    let hub = open(dir.path(), cfg);
+    let (mut ann, mut ai) = hub.connect(None).unwrap();
+    next(&mut ai).await;
+    let say = || ClientMsg::Say {
+        room: "r".into(),
+        text: "x".into(),
+    };
+    ann.handle(ClientMsg::Join {
+        room: "r".into(),
+        after: None,
+    })
+    .await
+    .unwrap();
+    ann.handle(say()).await.unwrap();
+    ann.handle(say()).await.unwrap();
+    assert_eq!(ann.handle(say()).await, Err(HubError::RateLimited(2.0)));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    ann.handle(say()).await.unwrap();
+    assert_eq!(ann.handle(say()).await, Err(HubError::RateLimited(2.0)));
+    // Only the accepted ones were stored.
+    let last = until(&mut ai, |m| match m {
+        ServerMsg::Message(m) if m.id == 3 => Some(m.id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(last, 3);
+}
+
+#[tokio::test]
+async fn bad_text_and_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = HubConfig {
+        max_clients: 2,
+        max_text: 10,
+        rate: 0.0,
+        ..HubConfig::default()
+    };
+    let hub = open(dir.path(), cfg);
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    join(&ann, &mut ai, "r", None).await;
+    assert!(matches!(
+        ann.say("r", String::new(), MessageKind::Say).await,
+        Err(HubError::BadText { .. })
+    ));
+    assert!(matches!(
+        ann.say("r", "x".repeat(11), MessageKind::Say).await,
+        Err(HubError::BadText { .. })
+    ));
+    let _b = hub.connect(None).unwrap();
+    assert!(matches!(hub.connect(None), Err(HubError::Full(2))));
+}
+
+#[tokio::test]
+async fn history_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (hub, writer) = Hub::open(dir.path(), unlimited()).unwrap();
+        let (ann, mut ai) = connect(&hub, "ann").await;
+        join(&ann, &mut ai, "r", None).await;
+        ann.topic("r", "kept".into()).await.unwrap();
+        for i in 0..5 {
+            ann.say("r", format!("m{i}"), MessageKind::Say)
+                .await
+                .unwrap();
+        }
+        for _ in 0..5 {
+            message(&mut ai).await;
+        }
+        drop((ann, ai, hub));
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
+    }
+    let hub = open(dir.path(), unlimited());
+    let rooms = hub.rooms();
+    assert_eq!(
+        (
+            rooms[0].name.as_str(),
+            rooms[0].last_id,
+            rooms[0].topic.as_str()
+        ),
+        ("r", 5, "kept")
+    );
+    let (bob, mut bi) = connect(&hub, "bob").await;
+    let (n, _) = join(&bob, &mut bi, "r", None).await;
+    assert_eq!(n, 5);
+    bob.say("r", "after restart".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    assert_eq!(message(&mut bi).await.id, 6);
+}

@@ -1,0 +1,613 @@
+//! Real sockets on 127.0.0.1 port 0: WebSocket and TCP line clients in one
+//! room, bad frames, size limits, silent and slow clients, the HTTP API.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use netkit::chat::hub::{Hub, HubConfig};
+use netkit::chat::{ConnConfig, line};
+use netkit::http::{self, HttpConfig};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+const T: Duration = Duration::from_secs(10);
+
+struct Server {
+    http: SocketAddr,
+    chat: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(hub_cfg: HubConfig, conn: ConnConfig) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, _writer) = Hub::open(dir.path(), hub_cfg).unwrap();
+        let hl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cl = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (http, chat) = (hl.local_addr().unwrap(), cl.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let cfg = HttpConfig {
+            conn: conn.clone(),
+            ..HttpConfig::default()
+        };
+        let tasks = vec![
+            tokio::spawn({
+                let (hub, s) = (hub.clone(), shutdown.clone());
+                async move { http::run(hl, hub, cfg, s).await.unwrap() }
+            }),
+            tokio::spawn(line::run(cl, hub, conn, shutdown.clone())),
+        ];
+        Server {
+            http,
+            chat,
+            shutdown,
+            tasks,
+            _dir: dir,
+        }
+    }
+
+    async fn ws(&self, nick: &str) -> Ws {
+        let url = format!("ws://{}/ws?nick={nick}", self.http);
+        let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap()
+            .unwrap();
+        let welcome = recv(&mut ws).await;
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["nick"], nick);
+        ws
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path, &[]).await
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            tokio::time::timeout(T, t).await.unwrap().unwrap();
+        }
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(T, tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(T, ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("stream ended")
+            .unwrap();
+        match m {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == ty {
+            return v;
+        }
+    }
+}
+
+struct LineClient {
+    rd: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl LineClient {
+    async fn connect(addr: SocketAddr) -> LineClient {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (rd, wr) = s.into_split();
+        let mut c = LineClient {
+            rd: BufReader::new(rd).lines(),
+            wr,
+        };
+        assert!(c.line().await.starts_with("-- welcome"));
+        c
+    }
+    async fn send(&mut self, l: &str) {
+        self.wr
+            .write_all(format!("{l}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(T, self.rd.next_line())
+            .await
+            .expect("timed out waiting for a line")
+            .unwrap()
+            .expect("connection closed")
+    }
+    async fn until(&mut self, pat: &str) -> String {
+        loop {
+            let l = self.line().await;
+            if l.contains(pat) {
+                return l;
+            }
+        }
+    }
+}
+
+fn open_hub() -> HubConfig {
+    HubConfig {
+        rate: 0.0,
+        ..HubConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn websocket_and_tcp_clients_share_a_room_in_order() {
+    let srv = Server::start(open_hub(), ConnConfig::default()).await;
+    let mut web = srv.ws("web").await;
+    send(&mut web, json!({"type":"join","room":"lobby"})).await;
+    let joined = recv_type(&mut web, "joined").await;
+    assert_eq!(joined["members"], json!(["web"]));
+
+    let mut nc = LineClient::connect(srv.chat).await;
+    nc.send("/nick term").await;
+    nc.until("is now known as term").await;
+    nc.send("/join #lobby").await;
+    nc.until("-- joined #lobby").await;
+    let p = recv_type(&mut web, "presence").await;
+    assert_eq!(
+        (p["nick"].as_str(), p["event"].as_str()),
+        (Some("term"), Some("join"))
+    );
+
+    for i in 0..20 {
+        send(
+            &mut web,
+            json!({"type":"say","room":"lobby","text":format!("w{i}")}),
+        )
+        .await;
+        nc.send(&format!("t{i}")).await;
+    }
+    nc.send("/me waves").await;
+    // Both see the same 41 messages, ids 1..=41 in order, each once.
+    let mut web_seen = Vec::new();
+    while web_seen.len() < 41 {
+        let m = recv_type(&mut web, "message").await;
+        web_seen.push((
+            m["id"].as_u64().unwrap(),
+            m["from"].as_str().unwrap().to_string(),
+            m["text"].as_str().unwrap().to_string(),
+        ));
+    }
+    assert_eq!(
+        web_seen.iter().map(|m| m.0).collect::<Vec<_>>(),
+        (1..=41).collect::<Vec<_>>()
+    );
+    assert_eq!(web_seen.iter().filter(|m| m.1 == "web").count(), 20);
+    assert_eq!(web_seen.last().unwrap().2, "waves");
+    let mut nc_seen = Vec::new();
+    while nc_seen.len() < 41 {
+        let l = nc.line().await;
+        if l.contains("#lobby <") || l.contains("#lobby * ") {
+            nc_seen.push(l);
+        }
+    }
+    for (line, (_, from, text)) in nc_seen.iter().zip(&web_seen) {
+        assert!(
+            line.ends_with(&format!("<{from}> {text}"))
+                || line.ends_with(&format!("* {from} {text}")),
+            "{line}"
+        );
+    }
+    // Direct message from the terminal to the browser user.
+    nc.send("/msg web psst").await;
+    let d = recv_type(&mut web, "direct").await;
+    assert_eq!(
+        (d["from"].as_str(), d["text"].as_str()),
+        (Some("term"), Some("psst"))
+    );
+    nc.until("*term -> web* psst").await;
+    // /who and /quit.
+    nc.send("/who").await;
+    assert_eq!(
+        nc.until("-- members of").await,
+        "-- members of #lobby: term, web"
+    );
+    nc.send("/quit").await;
+    let p = recv_type(&mut web, "presence").await;
+    assert_eq!(
+        (p["nick"].as_str(), p["event"].as_str()),
+        (Some("term"), Some("leave"))
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_nothing_is_stored() {
+    let conn = ConnConfig {
+        max_msg: 1024,
+        ..ConnConfig::default()
+    };
+    let srv = Server::start(open_hub(), conn).await;
+    let mut ws = srv.ws("ann").await;
+    send(&mut ws, json!({"type":"join","room":"r"})).await;
+    recv_type(&mut ws, "joined").await;
+    send(&mut ws, json!({"type":"say","room":"r","text":"before"})).await;
+    recv_type(&mut ws, "message").await;
+
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::Text("{not json".into()), "bad_json"),
+        (
+            Message::Binary(vec![0, 159, 146, 150].into()),
+            "binary_unsupported",
+        ),
+        (
+            Message::Text(json!({"type":"dance"}).to_string().into()),
+            "unknown_type",
+        ),
+        (
+            Message::Text(json!({"type":"say","room":"r"}).to_string().into()),
+            "bad_message",
+        ),
+        (
+            Message::Text(
+                json!({"type":"say","room":"r","text":"x".repeat(2000)})
+                    .to_string()
+                    .into(),
+            ),
+            "too_large",
+        ),
+        (
+            Message::Text(json!({"type":"join","room":"no spaces"}).to_string().into()),
+            "bad_room",
+        ),
+        (
+            Message::Text(json!({"type":"nick","nick":"<script>"}).to_string().into()),
+            "bad_nick",
+        ),
+        (
+            Message::Text(
+                json!({"type":"say","room":"r","text":""})
+                    .to_string()
+                    .into(),
+            ),
+            "bad_text",
+        ),
+        (
+            Message::Text(
+                json!({"type":"say","room":"elsewhere","text":"x"})
+                    .to_string()
+                    .into(),
+            ),
+            "not_member",
+        ),
+    ];
+    for (frame, code) in cases {
+        ws.send(frame).await.unwrap();
+        let e = recv_type(&mut ws, "error").await;
+        assert_eq!(e["code"], code, "{e}");
+        assert!(!e["message"].as_str().unwrap().is_empty());
+    }
+    // Still connected and working; only the two good messages are stored.
+    send(&mut ws, json!({"type":"say","room":"r","text":"after"})).await;
+    let m = recv_type(&mut ws, "message").await;
+    assert_eq!(m["id"], 2);
+    let (status, body) = srv.get("/api/rooms/r/messages").await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let texts: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["before", "after"]);
+
+    // Beyond the hard frame cap: closed with 1009 and a reason; the server stays up.
+    let huge = "x".repeat(netkit::chat::ws::hard_frame_cap(1024) + 10);
+    let _ = ws.send(Message::Text(huge.into())).await;
+    let close = loop {
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(c)))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1009);
+    assert!(close.reason.contains("too big"));
+    let mut again = srv.ws("ann2").await;
+    send(&mut again, json!({"type":"join","room":"r"})).await;
+    let j = recv_type(&mut again, "joined").await;
+    assert_eq!(j["history"], 2);
+
+    // The TCP side: an over-long line is refused, the connection goes on.
+    let mut nc = LineClient::connect(srv.chat).await;
+    nc.send(&"y".repeat(5000)).await;
+    assert!(nc.line().await.starts_with("ERR too_large"));
+    nc.send("/bogus").await;
+    assert!(nc.line().await.starts_with("ERR bad_command"));
+    nc.send("/join r").await;
+    nc.until("-- joined #r").await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn silent_websocket_client_is_dropped_after_the_ping_timeout() {
+    let conn = ConnConfig {
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(200),
+        ..ConnConfig::default()
+    };
+    let srv = Server::start(open_hub(), conn).await;
+    // A raw TCP client that upgrades and then never answers anything.
+    let mut s = TcpStream::connect(srv.http).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        srv.http
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    // Read until the server closes the TCP connection; the close frame (4001) is in there.
+    tokio::time::timeout(T, tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf))
+        .await
+        .expect("server never closed the silent client")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 101"));
+    // Close frame: 0x88, len, code 4001 = 0x0FA1.
+    let pos = buf
+        .windows(1)
+        .position(|w| w[0] == 0x88)
+        .expect("no close frame");
+    assert_eq!(&buf[pos + 2..pos + 4], &[0x0f, 0xa1]);
+    assert!(text.contains("ping timeout"));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn slow_websocket_reader_is_disconnected_with_a_reason() {
+    let hub = HubConfig {
+        queue_messages: 16,
+        queue_bytes: 64 * 1024,
+        rate: 0.0,
+        ..HubConfig::default()
+    };
+    let conn = ConnConfig {
+        max_msg: 16 * 1024,
+        write_timeout: Duration::from_secs(30),
+        ..ConnConfig::default()
+    };
+    let srv = Server::start(
+        HubConfig {
+            max_text: 16 * 1024,
+            ..hub
+        },
+        conn,
+    )
+    .await;
+    let mut fast = srv.ws("fast").await;
+    // The slow reader has a small receive buffer so that it falls behind sooner.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(srv.http).await.unwrap();
+    let url = format!("ws://{}/ws?nick=slow", srv.http);
+    let (mut slow, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    assert_eq!(recv(&mut slow).await["type"], "welcome");
+    send(&mut fast, json!({"type":"join","room":"r"})).await;
+    recv_type(&mut fast, "joined").await;
+    send(&mut slow, json!({"type":"join","room":"r"})).await;
+    recv_type(&mut slow, "joined").await;
+    // slow stops reading; fast sends until slow's socket buffers and queue overflow.
+    let text = "z".repeat(8000);
+    let mut n = 0u64;
+    let mut slow_gone = false;
+    while !slow_gone {
+        assert!(n < 20_000, "slow client never dropped");
+        for _ in 0..4 {
+            send(&mut fast, json!({"type":"say","room":"r","text":text})).await;
+        }
+        for _ in 0..4 {
+            loop {
+                let v = recv(&mut fast).await;
+                if v["type"] == "message" {
+                    n += 1;
+                    assert_eq!(v["id"], n, "the fast client missed nothing");
+                    break;
+                }
+                if v["type"] == "presence" && v["event"] == "leave" {
+                    assert_eq!(v["nick"], "slow");
+                    slow_gone = true;
+                }
+            }
+        }
+    }
+    // slow finally reads: a gapless prefix of messages, then the reason, then close 4000.
+    let mut last = 0;
+    let close = loop {
+        match tokio::time::timeout(T, slow.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "message" {
+                    assert_eq!(v["id"], last + 1);
+                    last += 1;
+                } else if v["type"] == "error" {
+                    assert_eq!(v["code"], "lagging");
+                }
+            }
+            Some(Ok(Message::Close(Some(c)))) => break c,
+            Some(Ok(_)) => {}
+            other => panic!("expected close, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4000);
+    assert!(close.reason.contains("lagging"));
+    let (_, metrics) = srv.get("/metrics").await;
+    assert!(
+        metrics.contains("netkit_chat_clients_dropped_total{reason=\"lagging\"}"),
+        "{metrics}"
+    );
+    let (_, stats) = srv.get("/api/stats").await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["dropped_lagging"], 1);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn http_api_pages_assets_and_origin() {
+    let srv = Server::start(open_hub(), ConnConfig::default()).await;
+    let mut ws = srv.ws("ann").await;
+    send(&mut ws, json!({"type":"join","room":"dev"})).await;
+    recv_type(&mut ws, "joined").await;
+    send(&mut ws, json!({"type":"topic","room":"dev","topic":"rust"})).await;
+    recv_type(&mut ws, "topic").await;
+    for i in 1..=12 {
+        send(
+            &mut ws,
+            json!({"type":"say","room":"dev","text":format!("m{i}")}),
+        )
+        .await;
+        recv_type(&mut ws, "message").await;
+    }
+    let json_of = |b: String| serde_json::from_str::<Value>(&b).unwrap();
+    let (s, b) = srv.get("/api/rooms").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        json_of(b)["rooms"],
+        json!([{"name":"dev","members":1,"topic":"rust","last_id":12}])
+    );
+    let ids = |v: Value| {
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(json_of(srv.get("/api/rooms/dev/messages?limit=3").await.1)),
+        vec![10, 11, 12]
+    );
+    assert_eq!(
+        ids(json_of(
+            srv.get("/api/rooms/dev/messages?after=4&limit=3").await.1
+        )),
+        vec![5, 6, 7]
+    );
+    assert_eq!(
+        ids(json_of(srv.get("/api/rooms/dev/messages?before=4").await.1)),
+        vec![1, 2, 3]
+    );
+    assert_eq!(srv.get("/api/rooms/bad%20room/messages").await.0, 400);
+    assert_eq!(srv.get("/api/rooms/dev/messages?limit=abc").await.0, 400);
+    let (s, b) = srv.get("/api/stats").await;
+    assert_eq!(s, 200);
+    assert_eq!(json_of(b)["messages"], 12);
+    assert_eq!(srv.get("/healthz").await, (200, "ok\n".to_string()));
+    let (s, page) = srv.get("/").await;
+    assert_eq!(s, 200);
+    assert!(page.contains("<script src=\"/app.js\">"));
+    assert_eq!(srv.get("/app.js").await.0, 200);
+    assert_eq!(srv.get("/style.css").await.0, 200);
+    assert_eq!(srv.get("/nope").await.0, 404);
+    let (s, m) = srv.get("/metrics").await;
+    assert_eq!(s, 200);
+    assert!(m.contains("netkit_chat_messages_total"));
+
+    // Origin: a foreign page is refused, the server's own page is allowed.
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ];
+    let own = format!("http://{}", srv.http);
+    let status_of = |origin: String| {
+        let addr = srv.http;
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut req = format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n");
+            for (k, v) in &upgrade {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            req.push_str("\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut rd = BufReader::new(s);
+            let mut status = String::new();
+            tokio::time::timeout(T, rd.read_line(&mut status))
+                .await
+                .unwrap()
+                .unwrap();
+            status
+        }
+    };
+    assert!(
+        status_of("http://evil.example".into())
+            .await
+            .starts_with("HTTP/1.1 403")
+    );
+    assert!(status_of(own).await.starts_with("HTTP/1.1 101"));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_clients_with_a_reason() {
+    let srv = Server::start(open_hub(), ConnConfig::default()).await;
+    let mut ws = srv.ws("ann").await;
+    let mut nc = LineClient::connect(srv.chat).await;
+    srv.shutdown.cancel();
+    let close = loop {
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(Some(c)))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("expected close, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 1001);
+    assert!(
+        nc.until("ERR shutting_down")
+            .await
+            .contains("server shutting down")
+    );
+    for t in srv.tasks {
+        tokio::time::timeout(T, t)
+            .await
+            .expect("server did not drain")
+            .unwrap();
+    }
+}

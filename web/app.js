@@ -1,0 +1,356 @@
+// netkit chat web client: plain JavaScript, no build step. Every piece of text
+// from the network is inserted with textContent, never as HTML.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    status: $("status"), nickForm: $("nick-form"), nickInput: $("nick-input"),
+    roomList: $("room-list"), joinForm: $("join-form"), joinInput: $("join-input"),
+    title: $("room-title"), topic: $("topic"), part: $("part-button"),
+    messages: $("messages"), sayForm: $("say-form"), sayInput: $("say-input"),
+    members: $("member-list"),
+  };
+
+  // rooms: name -> { lastId, items: [entry], members: [], topic, unread, joined }
+  // Direct conversations are kept as rooms named "@nick".
+  const rooms = new Map();
+  let current = null;
+  let myNick = localStorage.getItem("netkit.nick") || "";
+  let ws = null;
+  let backoff = 500;
+  let reconnectTimer = null;
+  const MAX_ITEMS = 500;
+
+  function room(name) {
+    if (!rooms.has(name)) {
+      rooms.set(name, { lastId: 0, items: [], members: [], topic: "", unread: 0, joined: false });
+    }
+    return rooms.get(name);
+  }
+
+  function savedRooms() {
+    try { return JSON.parse(localStorage.getItem("netkit.rooms") || "{}"); } catch { return {}; }
+  }
+  function saveRooms() {
+    const out = {};
+    for (const [name, r] of rooms) if (!name.startsWith("@") && r.joined) out[name] = r.lastId;
+    localStorage.setItem("netkit.rooms", JSON.stringify(out));
+  }
+
+  function clock(ts) {
+    const d = new Date(ts);
+    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  function renderItem(item) {
+    const li = document.createElement("li");
+    li.className = item.cls;
+    if (item.id) li.dataset.id = String(item.id);
+    if (item.ts) {
+      const t = document.createElement("time");
+      t.dateTime = new Date(item.ts).toISOString();
+      t.textContent = clock(item.ts);
+      li.appendChild(t);
+    }
+    if (item.from) {
+      const f = document.createElement("span");
+      f.className = "from";
+      f.textContent = item.cls.includes("me") ? "* " + item.from : item.from;
+      li.appendChild(f);
+    }
+    const s = document.createElement("span");
+    s.className = "text";
+    s.textContent = item.text;
+    li.appendChild(s);
+    return li;
+  }
+
+  function add(name, item) {
+    const r = room(name);
+    r.items.push(item);
+    if (r.items.length > MAX_ITEMS) r.items.splice(0, r.items.length - MAX_ITEMS);
+    if (name === current) {
+      const atBottom = el.messages.scrollHeight - el.messages.scrollTop - el.messages.clientHeight < 40;
+      el.messages.appendChild(renderItem(item));
+      while (el.messages.children.length > MAX_ITEMS) el.messages.firstChild.remove();
+      if (atBottom || item.mine) el.messages.scrollTop = el.messages.scrollHeight;
+    } else if (!item.cls.includes("notice")) {
+      r.unread += 1;
+      renderRooms();
+    }
+  }
+
+  function notice(name, text, cls) {
+    add(name || current || "", { cls: cls || "notice", text, ts: Date.now() });
+  }
+
+  function renderRooms() {
+    el.roomList.replaceChildren();
+    for (const [name, r] of rooms) {
+      if (!r.joined && !name.startsWith("@")) continue;
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = (name.startsWith("@") ? name : "#" + name) + (r.unread ? " (" + r.unread + ")" : "");
+      if (r.unread) b.className = "unread";
+      b.setAttribute("aria-current", String(name === current));
+      b.addEventListener("click", () => select(name));
+      li.appendChild(b);
+      el.roomList.appendChild(li);
+    }
+  }
+
+  function renderMembers() {
+    el.members.replaceChildren();
+    const r = current ? room(current) : null;
+    if (!r) return;
+    for (const m of r.members) {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = m;
+      b.title = "Direct message " + m;
+      b.style.cssText = "background:none;border:0;color:inherit;padding:0;cursor:pointer";
+      b.addEventListener("click", () => { el.sayInput.value = "/msg " + m + " "; el.sayInput.focus(); });
+      li.appendChild(b);
+      el.members.appendChild(li);
+    }
+  }
+
+  function select(name) {
+    current = name;
+    const r = room(name);
+    r.unread = 0;
+    el.title.textContent = name.startsWith("@") ? "Direct: " + name.slice(1) : "#" + name;
+    el.topic.textContent = r.topic || "";
+    el.part.hidden = name.startsWith("@");
+    el.messages.replaceChildren(...r.items.map(renderItem));
+    el.messages.scrollTop = el.messages.scrollHeight;
+    renderRooms();
+    renderMembers();
+    localStorage.setItem("netkit.current", name);
+  }
+
+  function send(obj) {
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify(obj));
+      return true;
+    }
+    notice(current, "not connected; the message was not sent (reconnecting…)", "error");
+    return false;
+  }
+
+  function setStatus(text, cls) {
+    el.status.textContent = text;
+    el.status.className = cls || "";
+  }
+
+  function onMessage(m) {
+    switch (m.type) {
+      case "welcome": {
+        const wanted = myNick;
+        myNick = m.nick;
+        el.nickInput.value = m.nick;
+        if (wanted && wanted !== m.nick) send({ type: "nick", nick: wanted });
+        break;
+      }
+      case "joined": {
+        const r = room(m.room);
+        r.joined = true;
+        r.topic = m.topic;
+        r.members = m.members;
+        if (r.lastId === 0 || m.truncated) notice(m.room, "joined #" + m.room);
+        else notice(m.room, "reconnected to #" + m.room);
+        if (m.truncated) notice(m.room, "some older messages were skipped; scroll the history with the API");
+        saveRooms();
+        if (!current || current === m.room || !rooms.get(current) || !rooms.get(current).joined) select(m.room);
+        else renderRooms();
+        break;
+      }
+      case "message": {
+        const r = room(m.room);
+        if (m.id <= r.lastId) break; // already seen (resume overlap)
+        r.lastId = m.id;
+        add(m.room, {
+          cls: "msg" + (m.kind === "me" ? " me" : ""), id: m.id, ts: m.ts,
+          from: m.from, text: m.text, mine: m.from === myNick,
+        });
+        saveRooms();
+        break;
+      }
+      case "parted": {
+        const r = room(m.room);
+        r.joined = false;
+        saveRooms();
+        if (current === m.room) {
+          const next = [...rooms.entries()].find(([n, x]) => x.joined || n.startsWith("@"));
+          if (next) select(next[0]); else { current = null; el.title.textContent = "No room"; el.messages.replaceChildren(); el.members.replaceChildren(); }
+        }
+        renderRooms();
+        break;
+      }
+      case "presence": {
+        const r = room(m.room);
+        if (m.event === "join") { if (!r.members.includes(m.nick)) r.members.push(m.nick); r.members.sort(); }
+        else r.members = r.members.filter((x) => x !== m.nick);
+        notice(m.room, m.nick + (m.event === "join" ? " joined" : " left"));
+        if (m.room === current) renderMembers();
+        break;
+      }
+      case "nick": {
+        if (m.old === myNick) {
+          myNick = m.new;
+          el.nickInput.value = m.new;
+          localStorage.setItem("netkit.nick", m.new);
+        }
+        for (const [name, r] of rooms) {
+          if (r.joined && r.members.includes(m.old)) {
+            r.members = r.members.map((x) => (x === m.old ? m.new : x)).sort();
+            notice(name, m.old + " is now known as " + m.new);
+          }
+        }
+        if (m.old === myNick || m.new === myNick) setStatus("online as " + myNick, "online");
+        renderMembers();
+        break;
+      }
+      case "direct": {
+        const peer = m.from === myNick ? m.to : m.from;
+        add("@" + peer, { cls: "msg direct", ts: m.ts, from: m.from, text: m.text, mine: m.from === myNick });
+        renderRooms();
+        break;
+      }
+      case "topic": {
+        const r = room(m.room);
+        r.topic = m.topic;
+        notice(m.room, m.by + " set the topic: " + m.topic);
+        if (m.room === current) el.topic.textContent = m.topic;
+        break;
+      }
+      case "members": {
+        const r = room(m.room);
+        r.members = m.members;
+        if (m.room === current) renderMembers();
+        break;
+      }
+      case "rooms":
+        notice(current, "rooms: " + (m.rooms.map((r) => "#" + r.name + " (" + r.members + ")").join(", ") || "none"));
+        break;
+      case "info":
+        notice(current, m.text);
+        break;
+      case "error":
+        notice(current, "error: " + m.message, "error");
+        break;
+      default:
+        break;
+    }
+    if (m.type === "welcome" || m.type === "nick") setStatus("online as " + myNick, "online");
+  }
+
+  function connect() {
+    clearTimeout(reconnectTimer);
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const q = myNick ? "?nick=" + encodeURIComponent(myNick) : "";
+    setStatus("connecting…");
+    ws = new WebSocket(proto + "//" + location.host + "/ws" + q);
+    ws.addEventListener("open", () => {
+      backoff = 500;
+      // Rejoin every room, resuming after the last id seen: no gap, no duplicate.
+      const saved = savedRooms();
+      const want = new Map(Object.entries(saved));
+      for (const [name, r] of rooms) if (r.joined) want.set(name, r.lastId);
+      for (const [name] of rooms) if (!name.startsWith("@")) room(name).joined = false;
+      if (want.size === 0) want.set("lobby", 0);
+      for (const [name, lastId] of want) {
+        const r = room(name);
+        if (lastId > r.lastId) r.lastId = lastId;
+        send(r.lastId > 0 && r.items.length > 0 ? { type: "join", room: name, after: r.lastId } : { type: "join", room: name });
+        if (r.items.length === 0) r.lastId = 0;
+      }
+    });
+    ws.addEventListener("message", (ev) => {
+      let m;
+      try { m = JSON.parse(ev.data); } catch { return; }
+      onMessage(m);
+    });
+    ws.addEventListener("close", (ev) => {
+      const why = ev.reason ? " (" + ev.reason + ")" : "";
+      const wait = Math.round(backoff * (0.75 + Math.random() * 0.5));
+      setStatus("offline" + why + " — retrying in " + Math.ceil(wait / 1000) + " s", "offline");
+      if (current) notice(current, "disconnected" + why);
+      reconnectTimer = setTimeout(connect, wait);
+      backoff = Math.min(backoff * 2, 15000);
+    });
+  }
+
+  el.sayForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = el.sayInput.value;
+    if (!text.trim()) return;
+    const target = current;
+    let sent = false;
+    const cmd = text.match(/^\/(\w+)\s*(.*)$/s);
+    if (cmd && !text.startsWith("//")) {
+      const [, name, rest] = cmd;
+      switch (name.toLowerCase()) {
+        case "me": sent = target && !target.startsWith("@") && send({ type: "me", room: target, text: rest }); break;
+        case "msg": {
+          const mm = rest.match(/^(\S+)\s+(.+)$/s);
+          sent = mm ? send({ type: "msg", to: mm[1], text: mm[2] }) : (notice(target, "usage: /msg NICK text", "error"), false);
+          break;
+        }
+        case "nick": sent = send({ type: "nick", nick: rest.trim() }); break;
+        case "join": sent = send({ type: "join", room: rest.trim().replace(/^#/, "") }); break;
+        case "part": sent = target && send({ type: "part", room: rest.trim().replace(/^#/, "") || target }); break;
+        case "topic": sent = target && send({ type: "topic", room: target, topic: rest }); break;
+        case "rooms": sent = send({ type: "rooms" }); break;
+        case "who": sent = target && send({ type: "who", room: rest.trim().replace(/^#/, "") || target }); break;
+        default: notice(target, "unknown command /" + name + " — try /me, /msg, /nick, /join, /part, /topic, /rooms, /who", "error");
+      }
+    } else if (target && target.startsWith("@")) {
+      sent = send({ type: "msg", to: target.slice(1), text });
+    } else if (target) {
+      sent = send({ type: "say", room: target, text: text.startsWith("//") ? text.slice(1) : text });
+    } else {
+      notice(null, "join a room first", "error");
+    }
+    if (sent) el.sayInput.value = "";
+  });
+
+  el.joinForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const name = el.joinInput.value.trim().replace(/^#/, "");
+    if (!name) return;
+    if (room(name).joined) select(name);
+    else send({ type: "join", room: name });
+    el.joinInput.value = "";
+    el.sayInput.focus();
+  });
+
+  el.nickForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const nick = el.nickInput.value.trim();
+    if (nick && nick !== myNick) send({ type: "nick", nick });
+  });
+
+  el.part.addEventListener("click", () => {
+    if (current && !current.startsWith("@")) send({ type: "part", room: current });
+  });
+
+  // Keyboard: Alt+Up / Alt+Down switch rooms; Escape returns to the message box.
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") { el.sayInput.focus(); return; }
+    if (e.altKey && (e.key === "ArrowUp" || e.key === "ArrowDown")) {
+      const names = [...rooms.entries()].filter(([n, r]) => r.joined || n.startsWith("@")).map(([n]) => n);
+      if (names.length === 0) return;
+      const i = Math.max(0, names.indexOf(current));
+      const j = (i + (e.key === "ArrowDown" ? 1 : names.length - 1)) % names.length;
+      select(names[j]);
+      e.preventDefault();
+    }
+  });
+
+  connect();
+  el.sayInput.focus();
+})();
