@@ -8,11 +8,13 @@
 //! - [`net`]: address resolution ([`net::addr`]) and the TCP connection table ([`net::conns`]).
 //! - [`tcp`]: the concurrent line server ([`tcp::server`]), its services ([`tcp::service`]) and the nc-like client ([`tcp::client`]).
 //! - [`udp`]: the datagram server ([`udp::server`]) and the retransmitting client ([`udp::client`]).
+//! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]).
 //! - [`serve`]: composes the services for `netkit serve`.
 //! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod cluster;
 pub mod net;
 pub mod serve;
 pub mod shutdown;

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the netkit server: every front door in one process.
-    Serve(netkit::serve::ServeArgs),
+    Serve(Box<netkit::serve::ServeArgs>),
     /// Concurrent TCP line services and an nc-like client.
     #[command(subcommand)]
     Tcp(TcpCommand),
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => netkit::serve::run_command(args).await,
+            Command::Serve(args) => netkit::serve::run_command(*args).await,
             Command::Tcp(TcpCommand::Serve(args)) => netkit::tcp::server::run_command(args).await,
             Command::Udp(UdpCommand::Serve(args)) => netkit::udp::server::run_command(args).await,
         }

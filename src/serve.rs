@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// Limits of the TCP service.
     #[command(flatten)]
     pub tcp_limits: tcp::server::LimitArgs,
+    /// Gossip cluster membership.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 /// Runs `netkit serve` until SIGINT or SIGTERM.
@@ -55,6 +58,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         Some(a) => Some(crate::cli::bind_udp(a, "--udp").await?),
         None => None,
     };
+    let cluster = crate::cluster::bind(&args.cluster).await?;
 
     if let Some(listener) = tcp_listener {
         let config = tcp::server::Config::new(Service::Rand, &args.tcp_limits);
@@ -74,6 +78,16 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
+    // The handle is what the chat relay will subscribe to.
+    let _membership = match cluster {
+        Some(bound) => Some(crate::cluster::membership::spawn(
+            bound,
+            crate::cluster::NodeMeta::default(),
+            shutdown.clone(),
+            &tracker,
+        )?),
+        None => None,
+    };
     if tracker.is_empty() {
         anyhow::bail!("every service is off; enable at least one (e.g. --tcp 127.0.0.1:8001)");
     }
