@@ -148,7 +148,7 @@ pub fn spawn(
         shutdown.clone(),
     ));
     if let Some(every) = status_json {
-        tracker.spawn(print_status(shared.clone(), every, shutdown));
+        tracker.spawn(print_status(shared.clone(), local_addr, every, shutdown));
     }
     Ok(Membership {
         shared,
@@ -287,9 +287,14 @@ async fn flush(
     }
 }
 
-/// Prints `{"ts", "name", "members", "alive", "suspect", "tx_bytes", "tx_pkts"}`
+/// Prints `{"ts", "name", "addr", "members", "alive", "suspect", "tx_bytes", "tx_pkts"}`
 /// on stdout every `every` until shutdown.
-async fn print_status(shared: Arc<Shared>, every: Duration, shutdown: CancellationToken) {
+async fn print_status(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     use std::io::Write;
     let every = every.max(Duration::from_millis(10));
     let mut tick = tokio::time::interval(every);
@@ -306,6 +311,7 @@ async fn print_status(shared: Arc<Shared>, every: Duration, shutdown: Cancellati
             serde_json::json!({
                 "ts": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                 "name": name,
+                "addr": addr.to_string(),
                 "members": counts.members,
                 "alive": counts.alive,
                 "suspect": counts.suspect,
