@@ -9,6 +9,8 @@
 pub mod id;
 pub mod membership;
 pub mod node;
+#[cfg(test)]
+mod sim;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -119,6 +119,15 @@ pub enum Timer {
     PushPull,
     /// Time to announce to the seeds again (no live member known).
     Join,
+    /// Time to nudge a member this node suspects again, if it still does.
+    Nudge {
+        /// The suspect.
+        id: NodeId,
+        /// Its incarnation when suspected.
+        incarnation: u16,
+        /// Nudges left after this one.
+        remaining: u8,
+    },
 }
 
 /// A member's state as netkit reports it.
@@ -246,6 +255,8 @@ struct Io {
     out: Output,
     stats: Stats,
     notes: Vec<OwnedNotification<NodeId>>,
+    /// Members this node just started suspecting (its own probe failed).
+    suspected: Vec<(NodeId, u16)>,
     plain: Vec<u8>,
 }
 
@@ -282,6 +293,15 @@ impl Runtime<NodeId> for Io {
     }
 
     fn submit_after(&mut self, event: foca::Timer<NodeId>, after: Duration) {
+        // Foca arms this timer exactly when its own probe of a member failed.
+        if let foca::Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = &event
+        {
+            self.suspected.push((member_id.clone(), *incarnation));
+        }
         self.out.timers.push((after, Timer::Foca(event)));
     }
 }
@@ -301,6 +321,8 @@ pub struct Node {
     join_pending: bool,
     leaving: bool,
     version: u64,
+    /// (addr, generation, incarnation, state) of foca's members at the last look.
+    snapshot: Vec<(SocketAddr, u32, u16, State)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -334,6 +356,7 @@ impl Node {
                 out: Output::default(),
                 stats: Stats::default(),
                 notes: Vec::new(),
+                suspected: Vec::new(),
                 plain: Vec::with_capacity(1500),
             },
             tuning,
@@ -347,6 +370,7 @@ impl Node {
             join_pending: false,
             leaving: false,
             version: 0,
+            snapshot: Vec::new(),
         })
     }
 
@@ -482,6 +506,19 @@ impl Node {
                     self.send_state(peer, false);
                 }
             }
+            Timer::Nudge {
+                id,
+                incarnation,
+                remaining,
+            } => {
+                let still = self
+                    .view
+                    .get(&id.addr)
+                    .is_some_and(|m| m.id == id && m.state == MemberState::Suspect);
+                if still && !self.leaving {
+                    self.nudge(id, incarnation, remaining);
+                }
+            }
             Timer::Join => {
                 self.join_pending = false;
                 if self.leaving || self.foca.num_members() > 0 || self.seeds.is_empty() {
@@ -599,8 +636,19 @@ impl Node {
                 }
             }
             AppMsg::Meta { meta, want_reply } => {
-                if !self.is_active_member(&from) {
+                // It may arrive before foca has told us about the sender; keep
+                // it for when it does, unless the sender is known to be gone.
+                if self
+                    .view
+                    .get(&from.addr)
+                    .is_some_and(|m| m.id == from && !m.state.is_active())
+                {
                     return;
+                }
+                if self.metas.len() > 2 * self.view.len() + 64 {
+                    let view = &self.view;
+                    self.metas
+                        .retain(|id, _| view.get(&id.addr).is_some_and(|m| &m.id == id));
                 }
                 self.metas.insert(from.clone(), meta.clone());
                 if let Some(m) = self.view.get_mut(&from.addr)
@@ -609,15 +657,38 @@ impl Node {
                     m.meta = Some(meta);
                     self.version += 1;
                 }
-                if want_reply && !self.meta_sent.contains(&from) {
+                if want_reply {
                     self.send_meta(from, false);
                 }
             }
-            AppMsg::Leave => {
+            AppMsg::Suspected { incarnation } => {
                 if !self.is_active_member(&from) {
                     return;
                 }
+                let me = self.id().clone();
+                let suspicion = foca::Member::new(me, incarnation, State::Suspect);
+                if let Err(e) = self
+                    .foca
+                    .apply_many(std::iter::once(suspicion), true, &mut self.io)
+                {
+                    debug!("cluster: applying a suspicion of this node: {e}");
+                }
+                // Any foca message carries the sender's incarnation; an
+                // announce takes the refutation straight to the suspecter.
+                if let Err(e) = self.foca.announce(from, &mut self.io) {
+                    debug!("cluster: refuting: {e}");
+                }
+                self.after_foca();
+            }
+            AppMsg::Leave => {
+                // Foca's own gossip of the departure may have come first:
+                // a member already down by that identity is relabelled "left".
+                if !self.view.get(&from.addr).is_some_and(|m| m.id == from) {
+                    return;
+                }
                 self.left.insert(from.clone());
+                // Force a full look: the member may already be down in foca.
+                self.snapshot.clear();
                 let down = foca::Member::new(from, 0, State::Down);
                 if let Err(e) = self
                     .foca
@@ -634,6 +705,26 @@ impl Node {
                     debug!(from = ?from, "cluster: payload from a non-member; dropped");
                 }
             }
+        }
+    }
+
+    /// Tells a member this node suspects so, directly; a live one refutes
+    /// right away. Repeated a few times while the suspicion lasts, since the
+    /// path to it is evidently lossy.
+    fn nudge(&mut self, id: NodeId, incarnation: u16, remaining: u8) {
+        let frame = AppFrame {
+            from: self.id().clone(),
+            msg: AppMsg::Suspected { incarnation },
+        };
+        self.io.send_app(id.addr, &frame);
+        if remaining > 0 {
+            let every = self.tuning.suspect_timeout / 5;
+            let next = Timer::Nudge {
+                id,
+                incarnation,
+                remaining: remaining - 1,
+            };
+            self.io.out.timers.push((every, next));
         }
     }
 
@@ -679,6 +770,11 @@ impl Node {
     /// Reacts to foca's notifications and brings the member view up to date,
     /// emitting an event for every state change.
     fn after_foca(&mut self) {
+        for (id, incarnation) in std::mem::take(&mut self.io.suspected) {
+            if !self.leaving {
+                self.nudge(id, incarnation, 3);
+            }
+        }
         for note in std::mem::take(&mut self.io.notes) {
             match note {
                 OwnedNotification::MemberUp(id) => {
@@ -711,10 +807,31 @@ impl Node {
     }
 
     fn refresh_view(&mut self) {
+        // Fast path: nothing changed since the last look (most packets).
+        let unchanged = self.foca.iter_membership_state().len() == self.snapshot.len()
+            && self
+                .foca
+                .iter_membership_state()
+                .zip(&self.snapshot)
+                .all(|(m, s)| (m.id().addr, m.id().bump, m.incarnation(), m.state()) == *s);
+        if unchanged {
+            return;
+        }
+        self.snapshot.clear();
+        self.snapshot.extend(
+            self.foca
+                .iter_membership_state()
+                .map(|m| (m.id().addr, m.id().bump, m.incarnation(), m.state())),
+        );
         let mut seen = 0usize;
+        let me = self.foca.identity().addr;
         for m in self.foca.iter_membership_state() {
-            seen += 1;
             let id = m.id();
+            // Our own earlier generation, declared down by foca itself.
+            if id.addr == me {
+                continue;
+            }
+            seen += 1;
             let state = match m.state() {
                 State::Alive => MemberState::Alive,
                 State::Suspect => MemberState::Suspect,

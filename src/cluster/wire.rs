@@ -50,6 +50,12 @@ pub enum AppMsg {
         /// Whether the sender does not know the receiver's metadata yet.
         want_reply: bool,
     },
+    /// The sender suspects the receiver at this incarnation: a direct nudge so
+    /// that a live receiver refutes at once instead of waiting for gossip.
+    Suspected {
+        /// The receiver's incarnation the suspicion is about.
+        incarnation: u16,
+    },
     /// The sender is leaving the cluster on purpose.
     Leave,
     /// Opaque application data for whoever subscribed (the chat relay).
