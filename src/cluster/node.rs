@@ -490,7 +490,7 @@ impl Node {
                 self.after_foca();
             }
             Timer::PushPull => {
-                let next = self.jittered(self.tuning.push_pull_interval);
+                let next = self.jittered(self.push_pull_interval());
                 self.io.out.timers.push((next, Timer::PushPull));
                 if self.leaving {
                     return;
@@ -594,6 +594,19 @@ impl Node {
         } else {
             debug!(%from, "cluster: ignoring gossip packet: {why}");
         }
+    }
+
+    /// The push-pull interval, stretched in large clusters as memberlist
+    /// does (×2 above 32 members, ×3 above 64, …) so that full-state traffic
+    /// per node stays flat as the state grows.
+    fn push_pull_interval(&self) -> Duration {
+        let n = self.counts().members.max(1) as f64;
+        let scale = if n <= 32.0 {
+            1.0
+        } else {
+            (n / 32.0).log2().ceil() + 1.0
+        };
+        self.tuning.push_pull_interval.mul_f64(scale)
     }
 
     fn jittered(&mut self, d: Duration) -> Duration {
