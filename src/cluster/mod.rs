@@ -53,7 +53,7 @@ pub struct ClusterArgs {
     #[arg(long, value_parser = parse_duration, default_value = "400ms", env = "NETKIT_CLUSTER_PROBE_RTT")]
     pub cluster_probe_rtt: Duration,
     /// How long a suspect member has to refute before it is declared down.
-    #[arg(long, value_parser = parse_duration, default_value = "2s", env = "NETKIT_CLUSTER_SUSPECT_TIMEOUT")]
+    #[arg(long, value_parser = parse_duration, default_value = "1500ms", env = "NETKIT_CLUSTER_SUSPECT_TIMEOUT")]
     pub cluster_suspect_timeout: Duration,
     /// How often pending updates are gossiped to a few random members.
     #[arg(long, value_parser = parse_duration, default_value = "100ms", env = "NETKIT_CLUSTER_GOSSIP_INTERVAL")]

@@ -55,7 +55,7 @@ impl Default for Tuning {
             probe_period: Duration::from_millis(1000),
             probe_rtt: Duration::from_millis(400),
             indirect_probes: 3,
-            suspect_timeout: Duration::from_millis(2000),
+            suspect_timeout: Duration::from_millis(1500),
             gossip_interval: Duration::from_millis(100),
             gossip_fanout: 3,
             push_pull_interval: Duration::from_secs(30),
@@ -731,7 +731,7 @@ impl Node {
         };
         self.io.send_app(id.addr, &frame);
         if remaining > 0 {
-            let every = self.tuning.suspect_timeout / 5;
+            let every = self.tuning.suspect_timeout / 6;
             let next = Timer::Nudge {
                 id,
                 incarnation,
@@ -785,7 +785,7 @@ impl Node {
     fn after_foca(&mut self) {
         for (id, incarnation) in std::mem::take(&mut self.io.suspected) {
             if !self.leaving {
-                self.nudge(id, incarnation, 3);
+                self.nudge(id, incarnation, 4);
             }
         }
         for note in std::mem::take(&mut self.io.notes) {
