@@ -589,6 +589,10 @@ impl Node {
 
     fn reject(&mut self, from: SocketAddr, why: &str) {
         self.io.stats.rejected += 1;
+        // Bounded: a flood from many addresses cannot grow it without limit.
+        if self.warned.len() >= 1024 {
+            self.warned.clear();
+        }
         if self.warned.insert(from) {
             warn!(%from, "cluster: ignoring gossip packet: {why} (further ones from this address are logged at debug level)");
         } else {
@@ -866,7 +870,16 @@ impl Node {
                 (_, MemberState::Down) => warn!(member = %id, "cluster: member is down"),
                 (_, MemberState::Left) => info!(member = %id, "cluster: member left"),
                 (Some(MemberState::Alive), MemberState::Suspect) => {
-                    info!(member = %id, "cluster: member is suspect")
+                    info!(member = %id, "cluster: member is suspect");
+                    // If the refutation has not reached this node by the time
+                    // the suspicion should be over, ask the member itself.
+                    let after = self.tuning.suspect_timeout + self.tuning.probe_period;
+                    let nudge = Timer::Nudge {
+                        id: id.clone(),
+                        incarnation: m.incarnation(),
+                        remaining: 1,
+                    };
+                    self.io.out.timers.push((after, nudge));
                 }
                 (Some(MemberState::Suspect), MemberState::Alive) => {
                     info!(member = %id, "cluster: member refuted suspicion; alive")
