@@ -91,7 +91,10 @@ impl Tuning {
             probe_period: self.probe_period,
             probe_rtt: self.probe_rtt,
             num_indirect_probes: nz(self.indirect_probes),
-            max_transmissions: lan.max_transmissions.max(NonZeroU8::new(4).expect("4")),
+            // memberlist's 4·log10(N+1) (7 at 64) lets an update miss a node
+            // now and then (≈ e^-7 per node); at least 10 makes it rare.
+            // Costs bytes only while there is news to spread.
+            max_transmissions: lan.max_transmissions.max(NonZeroU8::new(10).expect("10")),
             suspect_to_down_after: self.suspect_timeout,
             remove_down_after: Some(Duration::from_secs(24 * 3600)),
             // Room for the kind byte and the seal.

@@ -340,19 +340,56 @@ mod tests {
             Duration::from_secs(10),
         );
         sim.run_for(Duration::from_secs(30));
-        sim.kill(17);
-        let took = sim
-            .run_until_true(Duration::from_secs(30), |s| s.all_count(49))
-            .expect("victim declared down everywhere");
-        assert!(took <= Duration::from_secs(5), "detection took {took:?}");
+        // Five victims one after another: the tail matters, not one lucky run.
+        let victims = [17, 3, 42, 28, 9];
+        let mut tooks = Vec::new();
+        for (k, &victim) in victims.iter().enumerate() {
+            sim.kill(victim);
+            let alive = 50 - k - 1;
+            let t_kill = sim.now();
+            let took = sim
+                .run_until_true(Duration::from_secs(60), |s| s.all_count(alive))
+                .expect("victim declared down everywhere");
+            let name = format!("n{victim}");
+            let about: Vec<(Duration, MemberState)> = sim
+                .events
+                .iter()
+                .filter(|(t, _, e)| *t >= t_kill && e.id.name == name)
+                .map(|(t, _, e)| (*t - t_kill, e.state))
+                .collect();
+            let first_suspect = about.iter().find(|(_, s)| *s == MemberState::Suspect);
+            let first_down = about.iter().find(|(_, s)| *s == MemberState::Down);
+            // SWIM's weak spot: nobody may happen to probe the victim for a
+            // few seconds (probes of it arrive about once a second
+            // cluster-wide, exponentially spaced), so one victim may exceed
+            // the 5 s target; the median must not.
+            assert!(
+                took <= Duration::from_secs(10),
+                "{name}: detection took {took:?}; first suspect {first_suspect:?}, first down {first_down:?}"
+            );
+            tooks.push(took);
+            sim.run_for(Duration::from_secs(10));
+        }
+        tooks.sort();
+        assert!(
+            tooks[2] <= Duration::from_secs(5),
+            "median detection {tooks:?}"
+        );
         let downs = sim.downs();
-        assert!(downs.iter().all(|(_, name)| name == "n17"), "{downs:?}");
-        let observers: std::collections::HashSet<usize> = downs.iter().map(|(i, _)| *i).collect();
-        assert_eq!(observers.len(), 49, "every survivor saw n17 go down");
+        let names: Vec<String> = victims.iter().map(|v| format!("n{v}")).collect();
+        assert!(
+            downs.iter().all(|(_, name)| names.contains(name)),
+            "{downs:?}"
+        );
+        let observers = downs.iter().filter(|(_, name)| name == "n17").count();
+        assert_eq!(observers, 49, "every survivor saw n17 go down");
+        for v in victims.into_iter().skip(1) {
+            sim.start(v, &[0], None);
+        }
 
-        sim.start(17, &[3], None);
+        sim.start(17, &[5], None);
         sim.run_until_true(Duration::from_secs(5), |s| s.all_count(50))
-            .expect("restarted node rejoins");
+            .expect("restarted nodes rejoin");
     }
 
     #[test]
