@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Limits of the HTTP server.
     #[command(flatten)]
     pub http_limits: crate::http::HttpArgs,
+    /// Gossip cluster membership.
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 /// Runs `netkit serve` until SIGINT or SIGTERM.
@@ -81,6 +84,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     let drop_listener = match args.drop.addr() {
         Some(a) => Some(crate::cli::bind_tcp(a, "--drop").await?),
         None => None,
+    };
+    let cluster = crate::cluster::bind(&args.cluster).await?;
+
+    // Gossiped to the other nodes, so they can point users at this one.
+    let meta = crate::cluster::NodeMeta {
+        http: http_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        chat: chat_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
 
     if let Some(listener) = drop_listener {
@@ -145,6 +155,16 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
+    // The handle is what the chat relay will subscribe to.
+    let _membership = match cluster {
+        Some(bound) => Some(crate::cluster::membership::spawn(
+            bound,
+            meta,
+            shutdown.clone(),
+            &tracker,
+        )?),
+        None => None,
+    };
     if tracker.is_empty() {
         anyhow::bail!("every service is off; enable at least one (e.g. --http 127.0.0.1:8080)");
     }

@@ -1,0 +1,914 @@
+//! The sans-IO membership node: foca plus what netkit adds around it —
+//! joining through seeds, push-pull state exchange, metadata, graceful leave,
+//! member-state tracking with events, application payloads and packet
+//! sealing. It never touches a socket or a clock: the caller feeds it packets
+//! and timer events and drains an [`Output`] of datagrams to send, timers to
+//! arm and events to publish, so the same code runs under tokio
+//! ([`super::membership`]) and in the seeded simulator used by the tests.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use foca::{Foca, Identity, NoCustomBroadcast, OwnedNotification, PostcardCodec, Runtime, State};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use super::id::{NodeId, NodeMeta};
+use super::wire::{self, AppFrame, AppMsg, Packet, Sealer};
+
+/// Protocol timings and sizes; the defaults meet netkit's targets at 50 nodes
+/// on a LAN (see docs/cluster.md for how they were chosen).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How often each node probes one member.
+    pub probe_period: Duration,
+    /// How long a direct probe waits before asking others to probe indirectly.
+    pub probe_rtt: Duration,
+    /// Members asked to probe indirectly when a direct probe gets no answer.
+    pub indirect_probes: usize,
+    /// How long a suspect member has to refute before it is declared down.
+    pub suspect_timeout: Duration,
+    /// How often pending updates are gossiped (only while there are some).
+    pub gossip_interval: Duration,
+    /// Members each gossip round goes to.
+    pub gossip_fanout: usize,
+    /// How often each node exchanges its full state with a random member.
+    pub push_pull_interval: Duration,
+    /// How often a node that has no live member announces itself to the seeds.
+    pub join_retry: Duration,
+    /// How often a node announces itself to a member it considers down, so
+    /// that a healed partition merges again.
+    pub down_announce_interval: Duration,
+    /// Expected cluster size; sets how many times each update is retransmitted.
+    pub cluster_size: u32,
+    /// Largest datagram sent or accepted, sealing included.
+    pub max_packet: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            probe_period: Duration::from_millis(1000),
+            probe_rtt: Duration::from_millis(400),
+            indirect_probes: 3,
+            suspect_timeout: Duration::from_millis(1500),
+            gossip_interval: Duration::from_millis(100),
+            gossip_fanout: 3,
+            push_pull_interval: Duration::from_secs(30),
+            join_retry: Duration::from_secs(1),
+            down_announce_interval: Duration::from_secs(10),
+            cluster_size: 64,
+            max_packet: 1400,
+        }
+    }
+}
+
+impl Tuning {
+    /// The foca configuration these settings stand for.
+    pub fn foca_config(&self) -> Result<foca::Config, String> {
+        if self.probe_rtt.is_zero() || self.probe_rtt >= self.probe_period {
+            return Err(format!(
+                "probe RTT ({:?}) must be above zero and below the probe period ({:?}); adjust --cluster-probe-rtt",
+                self.probe_rtt, self.probe_period
+            ));
+        }
+        if self.suspect_timeout.is_zero() || self.gossip_interval.is_zero() {
+            return Err("the suspect timeout and the gossip interval must be above zero".into());
+        }
+        if self.max_packet < 512 || self.max_packet > 65_000 {
+            return Err(format!(
+                "max packet size {} is out of range 512..=65000; adjust --cluster-max-packet",
+                self.max_packet
+            ));
+        }
+        let lan = foca::Config::new_lan(NonZeroU32::new(self.cluster_size.max(1)).expect("max(1)"));
+        let nz = |n: usize| NonZeroUsize::new(n.max(1)).expect("max(1)");
+        Ok(foca::Config {
+            probe_period: self.probe_period,
+            probe_rtt: self.probe_rtt,
+            num_indirect_probes: nz(self.indirect_probes),
+            // memberlist's 4·log10(N+1) (7 at 64) lets an update miss a node
+            // now and then (≈ e^-7 per node); at least 10 makes it rare.
+            // Costs bytes only while there is news to spread.
+            max_transmissions: lan.max_transmissions.max(NonZeroU8::new(10).expect("10")),
+            suspect_to_down_after: self.suspect_timeout,
+            remove_down_after: Some(Duration::from_secs(24 * 3600)),
+            // Room for the kind byte and the seal.
+            max_packet_size: nz(self.max_packet - 1 - wire::SEAL_OVERHEAD),
+            notify_down_members: true,
+            periodic_announce: None,
+            periodic_announce_to_down_members: Some(foca::PeriodicParams {
+                frequency: self.down_announce_interval,
+                num_members: nz(1),
+            }),
+            periodic_gossip: Some(foca::PeriodicParams {
+                frequency: self.gossip_interval,
+                num_members: nz(self.gossip_fanout),
+            }),
+        })
+    }
+}
+
+/// A timer the node asked for; hand it back to [`Node::handle_timer`] when due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timer {
+    /// One of foca's timers.
+    Foca(foca::Timer<NodeId>),
+    /// Time for a push-pull exchange with a random member.
+    PushPull,
+    /// Time to announce to the seeds again (no live member known).
+    Join,
+    /// Time to nudge a member this node suspects again, if it still does.
+    Nudge {
+        /// The suspect.
+        id: NodeId,
+        /// Its incarnation when suspected.
+        incarnation: u16,
+        /// Nudges left after this one.
+        remaining: u8,
+    },
+}
+
+/// A member's state as netkit reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Answers probes.
+    Alive,
+    /// Missed a probe; has until the suspect timeout to refute.
+    Suspect,
+    /// Declared failed by the cluster.
+    Down,
+    /// Left on purpose (graceful shutdown).
+    Left,
+}
+
+impl MemberState {
+    /// Whether the member counts as part of the cluster (alive or suspect).
+    pub fn is_active(self) -> bool {
+        matches!(self, MemberState::Alive | MemberState::Suspect)
+    }
+}
+
+impl std::fmt::Display for MemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Down => "down",
+            MemberState::Left => "left",
+        })
+    }
+}
+
+/// One member as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Its current identity.
+    pub id: NodeId,
+    /// Its state.
+    pub state: MemberState,
+    /// Its metadata, once received.
+    pub meta: Option<NodeMeta>,
+}
+
+/// A change of one member's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberEvent {
+    /// The member (its new identity when it rejoined).
+    pub id: NodeId,
+    /// The state it is in now.
+    pub state: MemberState,
+    /// The state before, `None` when the member is new to this node.
+    pub previous: Option<MemberState>,
+}
+
+/// Opaque application data received from a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// The sending member.
+    pub from: NodeId,
+    /// The bytes it sent.
+    pub data: Vec<u8>,
+}
+
+/// What the node wants done after a call: drain it every time.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Datagrams to send, already framed (and sealed).
+    pub sends: Vec<(SocketAddr, Vec<u8>)>,
+    /// Timers to arm: hand each back after its delay.
+    pub timers: Vec<(Duration, Timer)>,
+    /// Member state changes, in order.
+    pub events: Vec<MemberEvent>,
+    /// Application payloads received.
+    pub payloads: Vec<Payload>,
+}
+
+/// Traffic counters of one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Datagram bytes sent (framing and sealing included).
+    pub tx_bytes: u64,
+    /// Datagrams sent.
+    pub tx_pkts: u64,
+    /// Datagram bytes received.
+    pub rx_bytes: u64,
+    /// Datagrams received.
+    pub rx_pkts: u64,
+    /// Datagrams refused (no or wrong key, malformed).
+    pub rejected: u64,
+}
+
+/// Member counts for the status line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Members not down or left, this node included.
+    pub members: usize,
+    /// Alive members, this node included.
+    pub alive: usize,
+    /// Suspect members.
+    pub suspect: usize,
+}
+
+/// Why an application payload could not be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No live member has that gossip address.
+    #[error("no live member at {0}")]
+    NoSuchMember(SocketAddr),
+    /// The payload does not fit in one datagram.
+    #[error("payload of {len} bytes exceeds the limit of {max} bytes per datagram")]
+    TooBig {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The part of the node foca writes into while it runs (its `Runtime`).
+struct Io {
+    rng: StdRng,
+    sealer: Option<Sealer>,
+    out: Output,
+    stats: Stats,
+    notes: Vec<OwnedNotification<NodeId>>,
+    /// Members this node just started suspecting (its own probe failed).
+    suspected: Vec<(NodeId, u16)>,
+    plain: Vec<u8>,
+}
+
+impl Io {
+    fn emit(&mut self, to: SocketAddr) {
+        let packet = match &self.sealer {
+            Some(sealer) => {
+                let nonce: [u8; 24] = self.rng.random();
+                let mut sealed = Vec::with_capacity(self.plain.len() + wire::SEAL_OVERHEAD);
+                sealer.seal(&self.plain, nonce, &mut sealed);
+                sealed
+            }
+            None => self.plain.clone(),
+        };
+        self.stats.tx_bytes += packet.len() as u64;
+        self.stats.tx_pkts += 1;
+        self.out.sends.push((to, packet));
+    }
+
+    fn send_app(&mut self, to: SocketAddr, frame: &AppFrame) {
+        wire::frame_app(frame, &mut self.plain);
+        self.emit(to);
+    }
+}
+
+impl Runtime<NodeId> for Io {
+    fn notify(&mut self, notification: foca::Notification<'_, NodeId>) {
+        self.notes.push(notification.to_owned());
+    }
+
+    fn send_to(&mut self, to: NodeId, data: &[u8]) {
+        wire::frame_foca(data, &mut self.plain);
+        self.emit(to.addr);
+    }
+
+    fn submit_after(&mut self, event: foca::Timer<NodeId>, after: Duration) {
+        // Foca arms this timer exactly when its own probe of a member failed.
+        if let foca::Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = &event
+        {
+            self.suspected.push((member_id.clone(), *incarnation));
+        }
+        self.out.timers.push((after, Timer::Foca(event)));
+    }
+}
+
+/// One cluster member's protocol state, driven by packets and timers.
+pub struct Node {
+    foca: Foca<NodeId, PostcardCodec, StdRng, NoCustomBroadcast>,
+    io: Io,
+    tuning: Tuning,
+    meta: NodeMeta,
+    seeds: Vec<SocketAddr>,
+    view: HashMap<SocketAddr, MemberInfo>,
+    left: HashSet<NodeId>,
+    metas: HashMap<NodeId, NodeMeta>,
+    meta_sent: HashSet<NodeId>,
+    warned: HashSet<SocketAddr>,
+    join_pending: bool,
+    leaving: bool,
+    version: u64,
+    /// (addr, generation, incarnation, state) of foca's members at the last look.
+    snapshot: Vec<(SocketAddr, u32, u16, State)>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", self.foca.identity())
+            .finish()
+    }
+}
+
+impl Node {
+    /// A node with identity `id` that will join through `seeds` (none: it
+    /// starts a new cluster). `rng` drives every random choice, so a seeded
+    /// one makes a run reproducible. Call [`Node::start`] next.
+    pub fn new(
+        id: NodeId,
+        meta: NodeMeta,
+        tuning: Tuning,
+        sealer: Option<Sealer>,
+        seeds: Vec<SocketAddr>,
+        mut rng: StdRng,
+    ) -> Result<Self, String> {
+        let config = tuning.foca_config()?;
+        let foca_rng = StdRng::from_rng(&mut rng);
+        let seeds = seeds.into_iter().filter(|s| *s != id.addr).collect();
+        Ok(Self {
+            foca: Foca::new(id, config, foca_rng, PostcardCodec),
+            io: Io {
+                rng,
+                sealer,
+                out: Output::default(),
+                stats: Stats::default(),
+                notes: Vec::new(),
+                suspected: Vec::new(),
+                plain: Vec::with_capacity(1500),
+            },
+            tuning,
+            meta,
+            seeds,
+            view: HashMap::new(),
+            left: HashSet::new(),
+            metas: HashMap::new(),
+            meta_sent: HashSet::new(),
+            warned: HashSet::new(),
+            join_pending: false,
+            leaving: false,
+            version: 0,
+            snapshot: Vec::new(),
+        })
+    }
+
+    /// Arms the periodic timers and announces to the seeds.
+    pub fn start(&mut self) {
+        let first = self.jittered(self.tuning.push_pull_interval);
+        self.io.out.timers.push((first, Timer::PushPull));
+        if self.seeds.is_empty() {
+            info!(id = ?self.id(), "cluster: starting a new cluster (no seeds)");
+        } else {
+            info!(id = ?self.id(), seeds = ?self.seeds, "cluster: joining through seeds");
+            self.handle_timer(Timer::Join);
+        }
+    }
+
+    /// This node's current identity.
+    pub fn id(&self) -> &NodeId {
+        self.foca.identity()
+    }
+
+    /// Every member this node knows of (itself excluded), down and left ones included.
+    pub fn members(&self) -> impl Iterator<Item = &MemberInfo> {
+        self.view.values()
+    }
+
+    /// Member counts, this node included.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts {
+            members: 1,
+            alive: 1,
+            suspect: 0,
+        };
+        for m in self.view.values() {
+            match m.state {
+                MemberState::Alive => {
+                    c.members += 1;
+                    c.alive += 1;
+                }
+                MemberState::Suspect => {
+                    c.members += 1;
+                    c.suspect += 1;
+                }
+                MemberState::Down | MemberState::Left => {}
+            }
+        }
+        if self.leaving {
+            c = Counts::default();
+        }
+        c
+    }
+
+    /// A number that changes whenever the member view (states or metadata) does.
+    pub fn view_version(&self) -> u64 {
+        self.version
+    }
+
+    /// Traffic counters.
+    pub fn stats(&self) -> Stats {
+        self.io.stats
+    }
+
+    /// Takes what the node wants done since the last call.
+    pub fn take_output(&mut self) -> Output {
+        std::mem::take(&mut self.io.out)
+    }
+
+    /// Largest application payload [`Node::send_payload`] accepts.
+    pub fn max_payload(&self) -> usize {
+        // Frame kind, identity (name ≤ 64 bytes), enum tags and length prefixes.
+        self.tuning.max_packet - wire::SEAL_OVERHEAD - 1 - 100
+    }
+
+    /// Handles one received datagram.
+    pub fn handle_packet(&mut self, from: SocketAddr, packet: &[u8]) {
+        self.io.stats.rx_bytes += packet.len() as u64;
+        self.io.stats.rx_pkts += 1;
+        if packet.len() > self.tuning.max_packet {
+            self.reject(
+                from,
+                &format!("{} bytes exceeds the packet limit", packet.len()),
+            );
+            return;
+        }
+        let opened;
+        let plain = match &self.io.sealer {
+            Some(sealer) => match sealer.open(packet) {
+                Ok(p) => {
+                    opened = p;
+                    &opened[..]
+                }
+                Err(e) => {
+                    self.reject(from, &e.to_string());
+                    return;
+                }
+            },
+            None => packet,
+        };
+        match wire::decode(plain) {
+            Ok(Packet::Foca(data)) => {
+                if let Err(e) = self.foca.handle_data(data, &mut self.io) {
+                    debug!(%from, "cluster: foca refused a packet: {e}");
+                }
+                self.after_foca();
+            }
+            Ok(Packet::App(frame)) => self.handle_app(frame),
+            Err(e) => self.reject(from, &e.to_string()),
+        }
+    }
+
+    /// Handles a timer that came due.
+    pub fn handle_timer(&mut self, timer: Timer) {
+        match timer {
+            Timer::Foca(t) => {
+                if let Err(e) = self.foca.handle_timer(t, &mut self.io) {
+                    debug!("cluster: foca timer: {e}");
+                }
+                self.after_foca();
+            }
+            Timer::PushPull => {
+                let next = self.jittered(self.push_pull_interval());
+                self.io.out.timers.push((next, Timer::PushPull));
+                if self.leaving {
+                    return;
+                }
+                let active: Vec<SocketAddr> = self
+                    .view
+                    .values()
+                    .filter(|m| m.state.is_active())
+                    .map(|m| m.id.addr)
+                    .collect();
+                if !active.is_empty() {
+                    let peer = active[self.io.rng.random_range(0..active.len())];
+                    self.send_state(peer, false);
+                }
+            }
+            Timer::Nudge {
+                id,
+                incarnation,
+                remaining,
+            } => {
+                let still = self
+                    .view
+                    .get(&id.addr)
+                    .is_some_and(|m| m.id == id && m.state == MemberState::Suspect);
+                if still && !self.leaving {
+                    self.nudge(id, incarnation, remaining);
+                }
+            }
+            Timer::Join => {
+                self.join_pending = false;
+                if self.leaving || self.foca.num_members() > 0 || self.seeds.is_empty() {
+                    return;
+                }
+                for seed in self.seeds.clone() {
+                    if let Err(e) = self.foca.announce(NodeId::seed(seed), &mut self.io) {
+                        debug!(%seed, "cluster: announce: {e}");
+                    }
+                }
+                self.after_foca();
+                self.join_pending = true;
+                self.io
+                    .out
+                    .timers
+                    .push((self.tuning.join_retry, Timer::Join));
+            }
+        }
+    }
+
+    /// Sends opaque application data to the live member gossiping at `to`.
+    pub fn send_payload(&mut self, to: SocketAddr, data: &[u8]) -> Result<(), SendError> {
+        let max = self.max_payload();
+        if data.len() > max {
+            return Err(SendError::TooBig {
+                len: data.len(),
+                max,
+            });
+        }
+        match self.view.get(&to) {
+            Some(m) if m.state.is_active() => {}
+            _ => return Err(SendError::NoSuchMember(to)),
+        }
+        let frame = AppFrame {
+            from: self.id().clone(),
+            msg: AppMsg::Payload(data.to_vec()),
+        };
+        self.io.send_app(to, &frame);
+        Ok(())
+    }
+
+    /// Leaves the cluster: tells every live member directly (so they see
+    /// "left" at once), then lets foca gossip its own departure.
+    pub fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        let frame = AppFrame {
+            from: self.id().clone(),
+            msg: AppMsg::Leave,
+        };
+        let active: Vec<SocketAddr> = self
+            .view
+            .values()
+            .filter(|m| m.state.is_active())
+            .map(|m| m.id.addr)
+            .collect();
+        for addr in &active {
+            self.io.send_app(*addr, &frame);
+        }
+        if let Err(e) = self.foca.leave_cluster(&mut self.io) {
+            debug!("cluster: leave: {e}");
+        }
+        self.io.notes.clear();
+        self.leaving = true;
+        info!(id = ?self.id(), told = active.len(), "cluster: left the cluster");
+    }
+
+    fn reject(&mut self, from: SocketAddr, why: &str) {
+        self.io.stats.rejected += 1;
+        // Bounded: a flood from many addresses cannot grow it without limit.
+        if self.warned.len() >= 1024 {
+            self.warned.clear();
+        }
+        if self.warned.insert(from) {
+            warn!(%from, "cluster: ignoring gossip packet: {why} (further ones from this address are logged at debug level)");
+        } else {
+            debug!(%from, "cluster: ignoring gossip packet: {why}");
+        }
+    }
+
+    /// The push-pull interval, stretched in large clusters as memberlist
+    /// does (×2 above 32 members, ×3 above 64, …) so that full-state traffic
+    /// per node stays flat as the state grows.
+    fn push_pull_interval(&self) -> Duration {
+        let n = self.counts().members.max(1) as f64;
+        let scale = if n <= 32.0 {
+            1.0
+        } else {
+            (n / 32.0).log2().ceil() + 1.0
+        };
+        self.tuning.push_pull_interval.mul_f64(scale)
+    }
+
+    fn jittered(&mut self, d: Duration) -> Duration {
+        let f: f64 = self.io.rng.random_range(0.75..1.25);
+        d.mul_f64(f)
+    }
+
+    /// Whether `id` is the identity this node currently knows as active.
+    fn is_active_member(&self, id: &NodeId) -> bool {
+        self.view
+            .get(&id.addr)
+            .is_some_and(|m| &m.id == id && m.state.is_active())
+    }
+
+    fn handle_app(&mut self, frame: AppFrame) {
+        let AppFrame { from, msg } = frame;
+        if self.leaving || from.addr == self.id().addr {
+            return;
+        }
+        match msg {
+            AppMsg::PushPull { reply, members } => {
+                // A member known to be down talks from stale knowledge.
+                if let Some(m) = self.view.get(&from.addr)
+                    && m.id == from
+                    && !m.state.is_active()
+                {
+                    debug!(from = ?from, "cluster: push-pull from a member known down; ignored");
+                    return;
+                }
+                let first_part = members.first().is_some_and(|m| m.id() == &from);
+                if let Err(e) = self
+                    .foca
+                    .apply_many(members.into_iter(), true, &mut self.io)
+                {
+                    debug!(from = ?from, "cluster: push-pull state: {e}");
+                }
+                self.after_foca();
+                if !reply && first_part {
+                    self.send_state(from.addr, true);
+                }
+            }
+            AppMsg::Meta { meta, want_reply } => {
+                // It may arrive before foca has told us about the sender; keep
+                // it for when it does, unless the sender is known to be gone.
+                if self
+                    .view
+                    .get(&from.addr)
+                    .is_some_and(|m| m.id == from && !m.state.is_active())
+                {
+                    return;
+                }
+                if self.metas.len() > 2 * self.view.len() + 64 {
+                    let view = &self.view;
+                    self.metas
+                        .retain(|id, _| view.get(&id.addr).is_some_and(|m| &m.id == id));
+                }
+                self.metas.insert(from.clone(), meta.clone());
+                if let Some(m) = self.view.get_mut(&from.addr)
+                    && m.meta.as_ref() != Some(&meta)
+                {
+                    m.meta = Some(meta);
+                    self.version += 1;
+                }
+                if want_reply {
+                    self.send_meta(from, false);
+                }
+            }
+            AppMsg::Suspected { incarnation } => {
+                if !self.is_active_member(&from) {
+                    return;
+                }
+                let me = self.id().clone();
+                let suspicion = foca::Member::new(me, incarnation, State::Suspect);
+                if let Err(e) = self
+                    .foca
+                    .apply_many(std::iter::once(suspicion), true, &mut self.io)
+                {
+                    debug!("cluster: applying a suspicion of this node: {e}");
+                }
+                // Any foca message carries the sender's incarnation; an
+                // announce takes the refutation straight to the suspecter.
+                if let Err(e) = self.foca.announce(from, &mut self.io) {
+                    debug!("cluster: refuting: {e}");
+                }
+                self.after_foca();
+            }
+            AppMsg::Leave => {
+                // Foca's own gossip of the departure may have come first:
+                // a member already down by that identity is relabelled "left".
+                if !self.view.get(&from.addr).is_some_and(|m| m.id == from) {
+                    return;
+                }
+                self.left.insert(from.clone());
+                // Force a full look: the member may already be down in foca.
+                self.snapshot.clear();
+                let down = foca::Member::new(from, 0, State::Down);
+                if let Err(e) = self
+                    .foca
+                    .apply_many(std::iter::once(down), true, &mut self.io)
+                {
+                    debug!("cluster: applying a leave: {e}");
+                }
+                self.after_foca();
+            }
+            AppMsg::Payload(data) => {
+                if self.is_active_member(&from) {
+                    self.io.out.payloads.push(Payload { from, data });
+                } else {
+                    debug!(from = ?from, "cluster: payload from a non-member; dropped");
+                }
+            }
+        }
+    }
+
+    /// Tells a member this node suspects so, directly; a live one refutes
+    /// right away. Repeated a few times while the suspicion lasts, since the
+    /// path to it is evidently lossy.
+    fn nudge(&mut self, id: NodeId, incarnation: u16, remaining: u8) {
+        let frame = AppFrame {
+            from: self.id().clone(),
+            msg: AppMsg::Suspected { incarnation },
+        };
+        self.io.send_app(id.addr, &frame);
+        if remaining > 0 {
+            let every = self.tuning.suspect_timeout / 6;
+            let next = Timer::Nudge {
+                id,
+                incarnation,
+                remaining: remaining - 1,
+            };
+            self.io.out.timers.push((every, next));
+        }
+    }
+
+    fn send_meta(&mut self, to: NodeId, want_reply: bool) {
+        let frame = AppFrame {
+            from: self.id().clone(),
+            msg: AppMsg::Meta {
+                meta: self.meta.clone(),
+                want_reply,
+            },
+        };
+        self.io.send_app(to.addr, &frame);
+        self.meta_sent.insert(to);
+    }
+
+    /// Sends this node's full membership state to `to`, in as many datagrams
+    /// as it takes; the first member of the first part is this node itself.
+    fn send_state(&mut self, to: SocketAddr, reply: bool) {
+        let me = self.id().clone();
+        let budget = self.tuning.max_packet - wire::SEAL_OVERHEAD - 1 - postcard_len(&me) - 16;
+        let mut parts: Vec<Vec<foca::Member<NodeId>>> = vec![Vec::new()];
+        let mut used = 0;
+        let all = std::iter::once(foca::Member::alive(me.clone()))
+            .chain(self.foca.iter_membership_state().cloned());
+        for m in all {
+            let len = postcard_len(&m);
+            if used + len > budget && !parts.last().expect("non-empty").is_empty() {
+                parts.push(Vec::new());
+                used = 0;
+            }
+            used += len;
+            parts.last_mut().expect("non-empty").push(m);
+        }
+        for members in parts {
+            let frame = AppFrame {
+                from: me.clone(),
+                msg: AppMsg::PushPull { reply, members },
+            };
+            self.io.send_app(to, &frame);
+        }
+    }
+
+    /// Reacts to foca's notifications and brings the member view up to date,
+    /// emitting an event for every state change.
+    fn after_foca(&mut self) {
+        for (id, incarnation) in std::mem::take(&mut self.io.suspected) {
+            if !self.leaving {
+                self.nudge(id, incarnation, 4);
+            }
+        }
+        for note in std::mem::take(&mut self.io.notes) {
+            match note {
+                OwnedNotification::MemberUp(id) => {
+                    if !self.meta_sent.contains(&id) {
+                        let want = !self.metas.contains_key(&id);
+                        self.send_meta(id, want);
+                    }
+                }
+                OwnedNotification::Rejoin(id) => {
+                    warn!(id = ?id, "cluster: the cluster declared this node down; rejoined with a new generation");
+                }
+                OwnedNotification::Defunct => {
+                    warn!("cluster: this node was declared down and cannot rejoin");
+                }
+                OwnedNotification::Active => debug!("cluster: joined; known by a live member"),
+                OwnedNotification::Idle => {
+                    info!("cluster: no live member left");
+                    if !self.join_pending && !self.seeds.is_empty() && !self.leaving {
+                        self.join_pending = true;
+                        self.io
+                            .out
+                            .timers
+                            .push((self.tuning.join_retry, Timer::Join));
+                    }
+                }
+                OwnedNotification::MemberDown(_) | OwnedNotification::Rename(_, _) => {}
+            }
+        }
+        self.refresh_view();
+    }
+
+    fn refresh_view(&mut self) {
+        // Fast path: nothing changed since the last look (most packets).
+        let unchanged = self.foca.iter_membership_state().len() == self.snapshot.len()
+            && self
+                .foca
+                .iter_membership_state()
+                .zip(&self.snapshot)
+                .all(|(m, s)| (m.id().addr, m.id().bump, m.incarnation(), m.state()) == *s);
+        if unchanged {
+            return;
+        }
+        self.snapshot.clear();
+        self.snapshot.extend(
+            self.foca
+                .iter_membership_state()
+                .map(|m| (m.id().addr, m.id().bump, m.incarnation(), m.state())),
+        );
+        let mut seen = 0usize;
+        let me = self.foca.identity().addr;
+        for m in self.foca.iter_membership_state() {
+            let id = m.id();
+            // Our own earlier generation, declared down by foca itself.
+            if id.addr == me {
+                continue;
+            }
+            seen += 1;
+            let state = match m.state() {
+                State::Alive => MemberState::Alive,
+                State::Suspect => MemberState::Suspect,
+                State::Down if self.left.contains(id) => MemberState::Left,
+                State::Down => MemberState::Down,
+            };
+            let previous = match self.view.get(&id.addr) {
+                Some(old) if &old.id == id && old.state == state => continue,
+                Some(old) if &old.id == id => Some(old.state),
+                Some(old) if old.state.is_active() && state.is_active() => Some(old.state),
+                Some(_) | None => None,
+            };
+            let info = MemberInfo {
+                id: id.clone(),
+                state,
+                meta: self.metas.get(id).cloned(),
+            };
+            match (previous, state) {
+                (_, MemberState::Down) => warn!(member = %id, "cluster: member is down"),
+                (_, MemberState::Left) => info!(member = %id, "cluster: member left"),
+                (Some(MemberState::Alive), MemberState::Suspect) => {
+                    info!(member = %id, "cluster: member is suspect");
+                    // If the refutation has not reached this node by the time
+                    // the suspicion should be over, ask the member itself.
+                    let after = self.tuning.suspect_timeout + self.tuning.probe_period;
+                    let nudge = Timer::Nudge {
+                        id: id.clone(),
+                        incarnation: m.incarnation(),
+                        remaining: 1,
+                    };
+                    self.io.out.timers.push((after, nudge));
+                }
+                (Some(MemberState::Suspect), MemberState::Alive) => {
+                    info!(member = %id, "cluster: member refuted suspicion; alive")
+                }
+                (None, _) | (Some(_), _) => info!(member = %id, %state, "cluster: member joined"),
+            }
+            self.io.out.events.push(MemberEvent {
+                id: id.clone(),
+                state,
+                previous,
+            });
+            self.view.insert(id.addr, info);
+            self.version += 1;
+        }
+        if seen != self.view.len() {
+            let present: HashSet<SocketAddr> = self
+                .foca
+                .iter_membership_state()
+                .map(|m| m.id().addr())
+                .collect();
+            self.view.retain(|addr, _| present.contains(addr));
+            self.version += 1;
+        }
+    }
+}
+
+fn postcard_len<T: Serialize>(value: &T) -> usize {
+    postcard::to_allocvec(value).map_or(64, |v| v.len())
+}
