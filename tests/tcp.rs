@@ -339,7 +339,7 @@ fn binary_tcp_serve_answers_and_exits_0_on_sigterm() {
     let nums: Vec<u32> = out.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(nums.len(), 3, "{out}");
     assert!(nums.iter().all(|n| *n < 100));
-    p.wait_for("closed: client sent STOP", T);
+    p.wait_for("connection closed: client sent STOP", T);
     assert!(p.terminate().success(), "{}", p.seen.join("\n"));
     p.wait_for("tcp: server stopped", T);
 }

@@ -9,7 +9,6 @@
 //! connection is closed.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::service::{Control, Service};
 use crate::cli::{Listen, parse_duration, parse_size};
@@ -178,7 +177,10 @@ pub async fn run(
             continue;
         };
         let n = stats.served.fetch_add(1, Ordering::Relaxed) + 1;
-        let span = info_span!("conn", %peer);
+        // The span is at debug level: entering an enabled span on every poll
+        // costs a shared lock in the log filter, and the hot path polls once
+        // per request. The close line below names the peer itself.
+        let span = debug_span!("conn", %peer);
         let (config, stats, shutdown, hard) = (
             config.clone(),
             stats.clone(),
@@ -192,8 +194,8 @@ pub async fn run(
                 let result = handle(stream, &config, &mut requests, &shutdown, &hard).await;
                 stats.requests.fetch_add(requests, Ordering::Relaxed);
                 match result {
-                    Ok(end) => info!(requests, served = n, "closed: {end}"),
-                    Err(e) => info!(requests, served = n, "closed: {e}"),
+                    Ok(end) => info!(%peer, requests, served = n, "tcp: connection closed: {end}"),
+                    Err(e) => info!(%peer, requests, served = n, "tcp: connection closed: {e}"),
                 }
                 drop(permit);
             }
@@ -432,11 +434,6 @@ fn too_long(config: &Config, out: &mut Vec<u8>) -> End {
         .as_bytes(),
     );
     End::LineTooLong
-}
-
-/// The address a server bound, for logs and tests.
-pub fn bound(listener: &TcpListener) -> io::Result<SocketAddr> {
-    listener.local_addr()
 }
 
 #[cfg(test)]
