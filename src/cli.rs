@@ -112,7 +112,8 @@ pub async fn bind_udp(addr: &str, flag: &str) -> anyhow::Result<tokio::net::UdpS
         .map_err(|e| bind_error(addr, flag, e))
 }
 
-fn bind_error(addr: &str, flag: &str, e: std::io::Error) -> anyhow::Error {
+/// The error for a failed bind: names the address and the flag that fixes it.
+pub fn bind_error(addr: &str, flag: &str, e: std::io::Error) -> anyhow::Error {
     let hint = match e.kind() {
         std::io::ErrorKind::AddrInUse => {
             format!("address in use — pass {flag} 127.0.0.1:0 for any free port")

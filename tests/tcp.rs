@@ -428,3 +428,41 @@ fn binary_tcp_connect_times_out() {
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(err.contains("timed out after 300ms"), "{err}");
 }
+
+#[test]
+fn binary_tcp_serve_shards_share_one_connection_cap() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut p = Netkit::spawn(&[
+        "tcp",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "2",
+        "--max-conns",
+        "3",
+    ]);
+    let addr = p.addr("tcp:");
+    assert!(p.seen.last().unwrap().contains("threads=2"));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        (&c).write_all(b"x\n").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.trim().parse::<u32>().unwrap() < 100, "{line}");
+        held.push(c);
+    }
+    // Whichever shard the kernel hands the fourth client to, the cap is shared.
+    for _ in 0..4 {
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        let mut line = String::new();
+        BufReader::new(c).read_line(&mut line).unwrap();
+        assert!(line.starts_with("ERR server busy: 3 connections"), "{line}");
+    }
+    assert!(p.terminate().success());
+    p.wait_for("tcp: server stopped", T);
+}

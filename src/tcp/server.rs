@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Connection limits.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Threads, each with its own listener (SO_REUSEPORT) and runtime; default: one per core.
+    #[arg(long, env = "NETKIT_TCP_THREADS")]
+    pub threads: Option<usize>,
 }
 
 /// Limits of a TCP line server, shared by `tcp serve` and `serve`.
@@ -115,11 +118,106 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
     let Some(addr) = args.listen.addr() else {
         anyhow::bail!("--listen off leaves nothing to serve");
     };
-    let listener = crate::cli::bind_tcp(addr, "--listen").await?;
     let config = Config::new(args.service, &args.limits);
     let shutdown = crate::shutdown::on_signal();
-    run(listener, config, Arc::new(Stats::default()), shutdown).await;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    if threads == 1 {
+        let listener = crate::cli::bind_tcp(addr, "--listen").await?;
+        run(listener, config, Arc::new(Stats::default()), shutdown).await;
+        return Ok(());
+    }
+    let listeners = bind_shards(addr, threads)?;
+    let stats = Arc::new(Stats::default());
+    tokio::task::spawn_blocking(move || run_sharded(listeners, config, stats, shutdown))
+        .await
+        .map_err(|e| anyhow::anyhow!("tcp server thread failed: {e}"))??;
     Ok(())
+}
+
+/// Binds `n` listeners to one address with `SO_REUSEPORT`, so the kernel
+/// spreads new connections over them. Port 0 is resolved by the first.
+pub fn bind_shards(addr: &str, n: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let mut target: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| anyhow::anyhow!("cannot bind {addr}: give IP:PORT, e.g. 127.0.0.1:8001"))?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let bind = || -> std::io::Result<std::net::TcpListener> {
+            let s = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&target.into())?;
+            s.listen(4096)?;
+            s.set_nonblocking(true)?;
+            Ok(s.into())
+        };
+        let l = bind().map_err(|e| crate::cli::bind_error(addr, "--listen", e))?;
+        target = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serves on each listener from its own thread with a single-threaded
+/// runtime (thread per core: no cross-thread wake-ups on the request path).
+/// The connection cap, counters and shutdown are shared. Blocks until every
+/// shard has drained.
+pub fn run_sharded(
+    listeners: Vec<std::net::TcpListener>,
+    config: Config,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = listeners.first().and_then(|l| l.local_addr().ok());
+    log_listening(local, &config, listeners.len());
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(config.max_conns));
+    let mut threads = Vec::new();
+    for (i, std_listener) in listeners.into_iter().enumerate() {
+        let (config, permits, stats, shutdown) = (
+            config.clone(),
+            permits.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        );
+        let t = std::thread::Builder::new()
+            .name(format!("tcp-shard-{i}"))
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener)?;
+                    serve_listener(listener, config, permits, stats, shutdown).await;
+                    anyhow::Ok(())
+                })
+            })?;
+        threads.push(t);
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a tcp server thread panicked"))??;
+    }
+    info!(
+        served = stats.served.load(Ordering::Relaxed),
+        "tcp: server stopped"
+    );
+    Ok(())
+}
+
+fn log_listening(local: Option<std::net::SocketAddr>, config: &Config, threads: usize) {
+    info!(
+        addr = ?local,
+        service = ?config.service,
+        max_conns = config.max_conns,
+        threads,
+        "tcp: listening on {}",
+        local.map(|a| a.to_string()).unwrap_or_default()
+    );
 }
 
 /// Serves `config.service` on `listener` until `shutdown` is cancelled, then
@@ -130,16 +228,24 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
-    let local = listener.local_addr().ok();
-    info!(
-        addr = ?local,
-        service = ?config.service,
-        max_conns = config.max_conns,
-        "tcp: listening on {}",
-        local.map(|a| a.to_string()).unwrap_or_default()
-    );
-    let config = Arc::new(config);
+    log_listening(listener.local_addr().ok(), &config, 1);
     let permits = Arc::new(Semaphore::new(config.max_conns));
+    serve_listener(listener, Arc::new(config), permits, stats.clone(), shutdown).await;
+    info!(
+        served = stats.served.load(Ordering::Relaxed),
+        "tcp: server stopped"
+    );
+}
+
+/// The accept loop of one listener; `permits` caps connections over every
+/// listener that shares it.
+async fn serve_listener(
+    listener: TcpListener,
+    config: Arc<Config>,
+    permits: Arc<Semaphore>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let hard = CancellationToken::new();
     let mut backoff = Duration::from_millis(5);
@@ -209,10 +315,7 @@ pub async fn run(
         humantime::format_duration(config.grace)
     );
     let clean = crate::shutdown::drain(&tracker, config.grace, &hard).await;
-    info!(
-        served = stats.served.load(Ordering::Relaxed),
-        clean, "tcp: server stopped"
-    );
+    debug!(clean, "tcp: listener drained");
 }
 
 /// Why a connection ended without an I/O error.
