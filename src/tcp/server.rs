@@ -248,26 +248,8 @@ async fn serve_listener(
 ) {
     let tracker = TaskTracker::new();
     let hard = CancellationToken::new();
-    let mut backoff = Duration::from_millis(5);
-
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(pair) => { backoff = Duration::from_millis(5); pair }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!("tcp: accept failed: {e}; retrying in {}ms", backoff.as_millis());
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = crate::net::accept::Acceptor::new("tcp");
+    while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
