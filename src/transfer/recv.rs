@@ -27,6 +27,9 @@ use super::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
 use super::{Conn, FileReport, TransferError, Verdict, describe_sender, rate};
 use crate::cli::{Listen, parse_duration, parse_size};
 
+/// Chunks queued per connection for the disk writer and for the hasher.
+const QUEUE: usize = 64;
+
 /// Command-line options of `netkit recv`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecvArgs {
@@ -807,8 +810,11 @@ async fn receive_content<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (wtx, wrx) = mpsc::channel::<Bytes>(8);
-    let (htx, mut hrx) = mpsc::channel::<Bytes>(8);
+    // Up to QUEUE chunks (8 MiB) in flight to each of the disk writer and the
+    // hasher, so a short stall of one (dirty-page throttling, a busy core)
+    // does not stop the socket.
+    let (wtx, wrx) = mpsc::channel::<Bytes>(QUEUE);
+    let (htx, mut hrx) = mpsc::channel::<Bytes>(QUEUE);
     let config = &shared.config;
     let sync_every = config.durable.then_some(config.sync_every);
     let part = target.part.clone();
