@@ -268,7 +268,8 @@ async fn changed_source_restarts_from_zero() {
 async fn many_senders_at_once() {
     let src = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let r = start_receiver(out.path(), |_| {}).await;
+    // Also covers `--no-sync` (no fdatasync anywhere).
+    let r = start_receiver(out.path(), |c| c.durable = false).await;
     let mut tasks = Vec::new();
     for i in 0..6u64 {
         let p = src.path().join(format!("f{i}.bin"));
