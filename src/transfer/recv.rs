@@ -656,7 +656,15 @@ where
     }
     conn.send_receiver(&answer).await?;
 
-    let start = match conn.read_sender("waiting for Start").await? {
+    // The sender hashes its prefix (resume) or whole file (Check) first.
+    let to_hash = match &answer {
+        ReceiverFrame::Accept { offset, .. } => *offset,
+        _ => offer.size.unwrap_or(0),
+    };
+    let start = match conn
+        .read_sender_after_hashing("waiting for Start", to_hash)
+        .await?
+    {
         SenderFrame::Same if matches!(found, Found::Same(_)) => {
             let name = join_rel(&target.rel_parent, &target.file_name);
             conn.send_receiver(&ReceiverFrame::Skipped { name: name.clone() })

@@ -358,7 +358,11 @@ async fn send_entry(
         mb_per_s: 0.0,
     };
     let answer = conn
-        .read_receiver("waiting for the answer to an offer")
+        // The receiver may hash a partial or existing file of up to this size first.
+        .read_receiver_after_hashing(
+            "waiting for the answer to an offer",
+            offer.size.unwrap_or(0),
+        )
         .await?;
     let confirmation = match (answer, &entry.source) {
         (ReceiverFrame::Reject { reason }, _) => {
