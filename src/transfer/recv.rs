@@ -1,7 +1,8 @@
 //! The receiving end: `netkit recv` and the file drop of `netkit serve`.
 //!
-//! One task per connection; per file, the socket task feeds two threads (disk
-//! writer and BLAKE3 hasher) through bounded queues. A file is written as
+//! One task per connection; per file, the socket task feeds a disk thread
+//! (BLAKE3, then write) through a bounded queue, and fdatasync runs on a
+//! thread of its own. A file is written as
 //! `NAME.netkit-part` and renamed to its final name only after its hash
 //! matched and its data is durable, so a partial file never appears under the
 //! final name and a later `send` of the same file resumes from it.
@@ -734,16 +735,17 @@ where
     Ok(Outcome::rejected(reason))
 }
 
-/// Writes chunks at their offsets, leaving holes for all-zero chunks.
-/// With `sync_every`, a second thread makes the data durable (fdatasync)
+/// Hashes each chunk and writes it at its offset (while the chunk is still
+/// in this core's cache), leaving holes for all-zero chunks. With `sync_every`, a second thread makes the data durable (fdatasync)
 /// each time that many more bytes are written, overlapping the disk flush
 /// with the transfer instead of stalling it. Returns the end offset.
 fn write_loop(
     file: &File,
     mut pos: u64,
     mut rx: mpsc::Receiver<Bytes>,
+    mut hasher: blake3::Hasher,
     sync_every: Option<u64>,
-) -> io::Result<u64> {
+) -> io::Result<(u64, blake3::Hasher)> {
     std::thread::scope(|scope| {
         let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
         let syncer = sync_every.map(|_| {
@@ -758,6 +760,7 @@ fn write_loop(
         let mut unsynced = 0u64;
         let mut result = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
             if !is_zero(&chunk)
                 && let Err(e) = file.write_all_at(&chunk, pos)
             {
@@ -780,7 +783,7 @@ fn write_loop(
                 .unwrap_or_else(|_| Err(io::Error::other("fdatasync thread panicked")));
             result = result.and(synced);
         }
-        result.map(|()| pos)
+        result.map(|()| (pos, hasher))
     })
 }
 
@@ -818,11 +821,9 @@ async fn receive_content<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    // Up to QUEUE chunks (8 MiB) in flight to each of the disk writer and the
-    // hasher, so a short stall of one (dirty-page throttling, a busy core)
-    // does not stop the socket.
+    // Up to QUEUE chunks (8 MiB) in flight to the disk thread, so a short
+    // stall (dirty-page throttling, a busy core) does not stop the socket.
     let (wtx, wrx) = mpsc::channel::<Bytes>(QUEUE);
-    let (htx, mut hrx) = mpsc::channel::<Bytes>(QUEUE);
     let config = &shared.config;
     let sync_every = config.durable.then_some(config.sync_every);
     let part = target.part.clone();
@@ -833,15 +834,8 @@ where
         let file = open_part(&part, start).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot open {}: {e}", part.display()))
         })?;
-        let end = write_loop(&file, start, wrx, sync_every)?;
-        Ok::<_, io::Error>((file, end))
-    });
-    let hasher_task = tokio::task::spawn_blocking(move || {
-        let mut h = hasher;
-        while let Some(c) = hrx.blocking_recv() {
-            h.update(&c);
-        }
-        h
+        let (end, hasher) = write_loop(&file, start, wrx, hasher, sync_every)?;
+        Ok::<_, io::Error>((file, end, hasher))
     });
 
     let limit = offer.size.or(config.max_size);
@@ -869,7 +863,7 @@ where
                 if chunk.is_empty() || !sink_ok {
                     continue;
                 }
-                if wtx.send(chunk.clone()).await.is_err() || htx.send(chunk).await.is_err() {
+                if wtx.send(chunk).await.is_err() {
                     sink_ok = false;
                 }
             }
@@ -884,12 +878,8 @@ where
         }
     };
     drop(wtx);
-    drop(htx);
     let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    let ours = hasher_task
-        .await
-        .map_err(|e| TransferError::Violation(e.to_string()))?;
-    let (file, written) = match written {
+    let (file, written, ours) = match written {
         Ok(x) => x,
         Err(e) => {
             let reason = format!("cannot write {}: {e}", offer.path);
