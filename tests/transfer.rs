@@ -87,6 +87,8 @@ async fn round_trip_files_and_tree_with_metadata() {
     set_mtime(&tree.join("one"), 1_500_000_000);
     set_mtime(&tree.join("ünï/çødé/odd.bin"), 1_600_000_000);
     std::fs::set_permissions(tree.join("ünï"), PermissionsExt::from_mode(0o750)).unwrap();
+    // Symlinks inside a sent folder are skipped, never followed.
+    std::os::unix::fs::symlink("/etc", tree.join("link-out")).unwrap();
     let single = src.path().join("single.dat");
     std::fs::write(&single, pseudo_random(4097, 2)).unwrap();
 
@@ -122,6 +124,7 @@ async fn round_trip_files_and_tree_with_metadata() {
     let mtime = |p: &Path| std::fs::metadata(p).unwrap().mtime();
     assert_eq!(mtime(&got.join("one")), 1_500_000_000);
     assert_eq!(mtime(&got.join("ünï/çødé/odd.bin")), 1_600_000_000);
+    assert!(std::fs::symlink_metadata(got.join("link-out")).is_err());
     // No partial files left behind.
     assert!(!walk(out.path()).iter().any(|p| p.ends_with(".netkit-part")));
     r.stop().await;
@@ -268,7 +271,8 @@ async fn changed_source_restarts_from_zero() {
 async fn many_senders_at_once() {
     let src = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let r = start_receiver(out.path(), |_| {}).await;
+    // Also covers `--no-sync` (no fdatasync anywhere).
+    let r = start_receiver(out.path(), |c| c.durable = false).await;
     let mut tasks = Vec::new();
     for i in 0..6u64 {
         let p = src.path().join(format!("f{i}.bin"));

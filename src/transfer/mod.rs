@@ -179,6 +179,8 @@ pub(crate) struct Conn<S> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     timeout: Duration,
+    /// Extra time allowed for the next read, while the peer hashes a file.
+    extra: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -188,6 +190,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::with_capacity(1024),
             timeout,
+            extra: Duration::ZERO,
         }
     }
 
@@ -195,16 +198,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// current frame plus one header, so a `Data` payload ends its own
     /// buffer and is handed on without a copy.
     async fn fill(&mut self, what: &'static str, max: usize) -> Result<(), TransferError> {
+        let t = self.timeout + self.extra;
         use bytes::BufMut;
         let max = max.max(1);
         self.rbuf.reserve(max);
         let mut limited = (&mut self.rbuf).limit(max);
         let read = self.stream.read_buf(&mut limited);
-        match tokio::time::timeout(self.timeout, read).await {
-            Err(_) => Err(TransferError::Timeout {
-                what,
-                after: self.timeout,
-            }),
+        match tokio::time::timeout(t, read).await {
+            Err(_) => Err(TransferError::Timeout { what, after: t }),
             Ok(Ok(0)) => Err(TransferError::Closed(what)),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(TransferError::io(format!("reading from peer ({what})"), e)),
@@ -242,6 +243,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             let need = proto::bytes_needed(&self.rbuf);
             self.fill(what, need + HEADER_LEN).await?;
         }
+    }
+
+    /// Reads one frame sent by a sender, allowing the peer `extra` time
+    /// beyond the timeout (it may be hashing a large file first).
+    pub(crate) async fn read_sender_after_hashing(
+        &mut self,
+        what: &'static str,
+        hashed_bytes: u64,
+    ) -> Result<SenderFrame, TransferError> {
+        self.extra = hashing_allowance(hashed_bytes);
+        let r = self.read_with(what, SenderFrame::decode).await;
+        self.extra = Duration::ZERO;
+        r
+    }
+
+    /// Reads one frame sent by a receiver, allowing it time to hash `hashed_bytes` first.
+    pub(crate) async fn read_receiver_after_hashing(
+        &mut self,
+        what: &'static str,
+        hashed_bytes: u64,
+    ) -> Result<ReceiverFrame, TransferError> {
+        self.extra = hashing_allowance(hashed_bytes);
+        let r = self.read_with(what, ReceiverFrame::decode).await;
+        self.extra = Duration::ZERO;
+        r
     }
 
     /// Reads one frame sent by a sender.
@@ -300,6 +326,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// Time a peer may need to hash `bytes` (at a pessimistic 50 MB/s) before
+/// it answers; added to the read timeout so a large resume does not time out.
+pub(crate) fn hashing_allowance(bytes: u64) -> Duration {
+    Duration::from_secs(bytes / 50_000_000)
+}
+
 fn finish_write(
     r: Result<io::Result<()>, tokio::time::error::Elapsed>,
     t: Duration,
@@ -311,6 +343,68 @@ fn finish_write(
         }),
         Ok(Err(e)) => Err(TransferError::io("writing to peer", e)),
         Ok(Ok(())) => Ok(()),
+    }
+}
+
+impl Conn<tokio::net::TcpStream> {
+    /// Sends `len` bytes of `file` from `pos` as one `Data` frame, with
+    /// sendfile(2): the content goes from the page cache to the socket
+    /// without a copy through this process.
+    pub(crate) async fn send_file_frame(
+        &mut self,
+        file: &std::fs::File,
+        pos: u64,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        use std::os::fd::AsRawFd;
+        use tokio::io::Interest;
+        self.write_raw(&proto::data_header(len)).await?;
+        let mut off = libc::off_t::try_from(pos).map_err(|_| {
+            TransferError::io(
+                "sending file content",
+                io::Error::new(io::ErrorKind::InvalidInput, "offset too large"),
+            )
+        })?;
+        let mut left = len;
+        while left > 0 {
+            let t = self.timeout;
+            match tokio::time::timeout(t, self.stream.writable()).await {
+                Err(_) => {
+                    return Err(TransferError::Timeout {
+                        what: "writing (the peer stopped reading)",
+                        after: t,
+                    });
+                }
+                Ok(Err(e)) => return Err(TransferError::io("writing to peer", e)),
+                Ok(Ok(())) => {}
+            }
+            let sock = self.stream.as_raw_fd();
+            let r = self.stream.try_io(Interest::WRITABLE, || {
+                // SAFETY: both descriptors are open for the duration of the
+                // call; sendfile only reads `off` and writes it back.
+                let n = unsafe { libc::sendfile(sock, file.as_raw_fd(), &mut off, left) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match r {
+                Ok(0) => {
+                    return Err(TransferError::io(
+                        "reading the source",
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the file shrank while it was being sent",
+                        ),
+                    ));
+                }
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(TransferError::io("sending file content", e)),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
 //! The receiving end: `netkit recv` and the file drop of `netkit serve`.
 //!
-//! One task per connection; per file, the socket task feeds two threads (disk
-//! writer and BLAKE3 hasher) through bounded queues. A file is written as
+//! One task per connection; per file, the socket task feeds a disk thread
+//! (BLAKE3, then write) through a bounded queue, and fdatasync runs on a
+//! thread of its own. A file is written as
 //! `NAME.netkit-part` and renamed to its final name only after its hash
 //! matched and its data is durable, so a partial file never appears under the
 //! final name and a later `send` of the same file resumes from it.
@@ -26,6 +27,9 @@ use super::names::{self, NameError};
 use super::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
 use super::{Conn, FileReport, TransferError, Verdict, describe_sender, rate};
 use crate::cli::{Listen, parse_duration, parse_size};
+
+/// Chunks queued per connection for the disk writer and for the hasher.
+const QUEUE: usize = 64;
 
 /// Command-line options of `netkit recv`.
 #[derive(Debug, Clone, clap::Args)]
@@ -653,7 +657,15 @@ where
     }
     conn.send_receiver(&answer).await?;
 
-    let start = match conn.read_sender("waiting for Start").await? {
+    // The sender hashes its prefix (resume) or whole file (Check) first.
+    let to_hash = match &answer {
+        ReceiverFrame::Accept { offset, .. } => *offset,
+        _ => offer.size.unwrap_or(0),
+    };
+    let start = match conn
+        .read_sender_after_hashing("waiting for Start", to_hash)
+        .await?
+    {
         SenderFrame::Same if matches!(found, Found::Same(_)) => {
             let name = join_rel(&target.rel_parent, &target.file_name);
             conn.send_receiver(&ReceiverFrame::Skipped { name: name.clone() })
@@ -723,16 +735,17 @@ where
     Ok(Outcome::rejected(reason))
 }
 
-/// Writes chunks at their offsets, leaving holes for all-zero chunks.
-/// With `sync_every`, a second thread makes the data durable (fdatasync)
+/// Hashes each chunk and writes it at its offset (while the chunk is still
+/// in this core's cache), leaving holes for all-zero chunks. With `sync_every`, a second thread makes the data durable (fdatasync)
 /// each time that many more bytes are written, overlapping the disk flush
 /// with the transfer instead of stalling it. Returns the end offset.
 fn write_loop(
     file: &File,
     mut pos: u64,
     mut rx: mpsc::Receiver<Bytes>,
+    mut hasher: blake3::Hasher,
     sync_every: Option<u64>,
-) -> io::Result<u64> {
+) -> io::Result<(u64, blake3::Hasher)> {
     std::thread::scope(|scope| {
         let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
         let syncer = sync_every.map(|_| {
@@ -745,8 +758,10 @@ fn write_loop(
         });
         let every = sync_every.unwrap_or(u64::MAX);
         let mut unsynced = 0u64;
+        let mut kicked_at = pos;
         let mut result = Ok(());
         while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
             if !is_zero(&chunk)
                 && let Err(e) = file.write_all_at(&chunk, pos)
             {
@@ -755,6 +770,10 @@ fn write_loop(
             }
             pos += chunk.len() as u64;
             unsynced += chunk.len() as u64;
+            if pos - kicked_at >= WRITEBACK_STEP {
+                start_writeback(file, kicked_at, pos - kicked_at);
+                kicked_at = pos;
+            }
             if unsynced >= every {
                 // A flush still running covers less, but the next one (or the
                 // final fdatasync before the rename) covers the rest.
@@ -769,8 +788,32 @@ fn write_loop(
                 .unwrap_or_else(|_| Err(io::Error::other("fdatasync thread panicked")));
             result = result.and(synced);
         }
-        result.map(|()| pos)
+        result.map(|()| (pos, hasher))
     })
+}
+
+/// How often the disk thread asks the kernel to start writing back what it wrote.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writeback of `len` bytes at `off` without waiting for it, so dirty
+/// pages never pile up to the kernel's throttling threshold and the periodic
+/// fdatasync finds little left to do. Best effort: errors surface at fdatasync.
+fn start_writeback(file: &File, off: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range only reads its integer arguments.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                off as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, off, len);
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -807,8 +850,9 @@ async fn receive_content<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (wtx, wrx) = mpsc::channel::<Bytes>(8);
-    let (htx, mut hrx) = mpsc::channel::<Bytes>(8);
+    // Up to QUEUE chunks (8 MiB) in flight to the disk thread, so a short
+    // stall (dirty-page throttling, a busy core) does not stop the socket.
+    let (wtx, wrx) = mpsc::channel::<Bytes>(QUEUE);
     let config = &shared.config;
     let sync_every = config.durable.then_some(config.sync_every);
     let part = target.part.clone();
@@ -819,15 +863,8 @@ where
         let file = open_part(&part, start).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot open {}: {e}", part.display()))
         })?;
-        let end = write_loop(&file, start, wrx, sync_every)?;
-        Ok::<_, io::Error>((file, end))
-    });
-    let hasher_task = tokio::task::spawn_blocking(move || {
-        let mut h = hasher;
-        while let Some(c) = hrx.blocking_recv() {
-            h.update(&c);
-        }
-        h
+        let (end, hasher) = write_loop(&file, start, wrx, hasher, sync_every)?;
+        Ok::<_, io::Error>((file, end, hasher))
     });
 
     let limit = offer.size.or(config.max_size);
@@ -855,7 +892,7 @@ where
                 if chunk.is_empty() || !sink_ok {
                     continue;
                 }
-                if wtx.send(chunk.clone()).await.is_err() || htx.send(chunk).await.is_err() {
+                if wtx.send(chunk).await.is_err() {
                     sink_ok = false;
                 }
             }
@@ -870,12 +907,8 @@ where
         }
     };
     drop(wtx);
-    drop(htx);
     let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    let ours = hasher_task
-        .await
-        .map_err(|e| TransferError::Violation(e.to_string()))?;
-    let (file, written) = match written {
+    let (file, written, ours) = match written {
         Ok(x) => x,
         Err(e) => {
             let reason = format!("cannot write {}: {e}", offer.path);

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -285,15 +284,12 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<Entry>) -> anyhow::Result<()> {
 /// Sends `entries` over `stream` and returns a report per entry (each also
 /// passed to `on_report` as soon as it is confirmed). An `Err` means the
 /// session broke off; what was confirmed before stays stored at the receiver.
-pub async fn send<S>(
-    stream: S,
+pub async fn send(
+    stream: TcpStream,
     entries: Vec<Entry>,
     opts: &Options,
     mut on_report: impl FnMut(&FileReport),
-) -> Result<Vec<FileReport>, TransferError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) -> Result<Vec<FileReport>, TransferError> {
     let mut conn = Conn::new(stream, opts.timeout);
     let total = entries
         .iter()
@@ -322,7 +318,10 @@ where
     .await;
     progress.finish();
     match &result {
-        Err(TransferError::Peer(_)) | Err(TransferError::Closed(_)) | Ok(_) => {}
+        // A failed socket or file operation may have left a frame half
+        // written: close without another frame.
+        Err(TransferError::Peer(_) | TransferError::Closed(_) | TransferError::Io { .. })
+        | Ok(_) => {}
         Err(e) => {
             let _ = conn
                 .send_sender(&SenderFrame::Error {
@@ -335,14 +334,11 @@ where
     result
 }
 
-async fn send_entry<S>(
-    conn: &mut Conn<S>,
+async fn send_entry(
+    conn: &mut Conn<TcpStream>,
     entry: Entry,
     progress: &Progress,
-) -> Result<FileReport, TransferError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) -> Result<FileReport, TransferError> {
     let started = Instant::now();
     let offer = entry.offer.clone();
     conn.send_sender(&SenderFrame::Offer(offer.clone())).await?;
@@ -362,7 +358,11 @@ where
         mb_per_s: 0.0,
     };
     let answer = conn
-        .read_receiver("waiting for the answer to an offer")
+        // The receiver may hash a partial or existing file of up to this size first.
+        .read_receiver_after_hashing(
+            "waiting for the answer to an offer",
+            offer.size.unwrap_or(0),
+        )
         .await?;
     let confirmation = match (answer, &entry.source) {
         (ReceiverFrame::Reject { reason }, _) => {
@@ -537,18 +537,107 @@ enum ChunkSource {
     Pipe(io::Stdin),
 }
 
-/// Streams the content from `start` as `Data` frames with the reader and the
-/// hasher on their own threads, then sends `Done`. Returns the bytes sent.
-async fn stream_content<S>(
-    conn: &mut Conn<S>,
+/// Streams the content from `start`, then sends `Done` with the hash of the
+/// whole file. Returns the bytes sent. A file goes out with sendfile(2) while
+/// another thread hashes it from the page cache; a pipe goes through a
+/// reader thread and a hasher thread.
+async fn stream_content(
+    conn: &mut Conn<TcpStream>,
     entry: &Entry,
     start: u64,
     hasher: blake3::Hasher,
     progress: &Progress,
-) -> Result<u64, TransferError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+) -> Result<u64, TransferError> {
+    let (sent, hash) = match (&entry.source, entry.offer.size) {
+        (Source::Path(_) | Source::StdinFile(_), Some(size)) => {
+            stream_file(conn, entry, start, size, hasher, progress).await?
+        }
+        _ => stream_pipe(conn, entry, start, hasher, progress).await?,
+    };
+    conn.send_sender(&SenderFrame::Done {
+        hash: *hash.as_bytes(),
+    })
+    .await?;
+    Ok(sent)
+}
+
+/// Sends `[start, size)` of a regular file with sendfile(2) in CHUNK-aligned
+/// frames; hashes the same range on a blocking thread meanwhile.
+async fn stream_file(
+    conn: &mut Conn<TcpStream>,
+    entry: &Entry,
+    start: u64,
+    size: u64,
+    hasher: blake3::Hasher,
+    progress: &Progress,
+) -> Result<(u64, blake3::Hash), TransferError> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let read_err = |e| TransferError::Io {
+        what: format!("reading {}", entry.offer.path),
+        source: e,
+    };
+    let file = open_source(&entry.source).map_err(read_err)?;
+    let hfile = file.try_clone().map_err(read_err)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let hstop = stop.clone();
+    let hash_task = tokio::task::spawn_blocking(move || -> io::Result<blake3::Hash> {
+        let mut h = hasher;
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = start;
+        while pos < size {
+            if hstop.load(Ordering::Relaxed) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "sending stopped",
+                ));
+            }
+            let want = (size - pos).min(CHUNK as u64) as usize;
+            let n = hfile.read_at(&mut buf[..want], pos)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file shrank while it was being sent: ended at {pos} of {size} bytes"
+                    ),
+                ));
+            }
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        Ok(h.finalize())
+    });
+    let mut bar = progress.file(&entry.offer.path, Some(size), start);
+    let mut pos = start;
+    let sent = async {
+        while pos < size {
+            // Frames end on CHUNK boundaries so a resumed file lines up again.
+            let n = (size - pos).min(CHUNK as u64 - pos % CHUNK as u64) as usize;
+            conn.send_file_frame(&file, pos, n).await?;
+            pos += n as u64;
+            bar.inc(n as u64);
+        }
+        Ok::<_, TransferError>(())
+    }
+    .await;
+    bar.finish();
+    if sent.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    let hash = hash_task.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+    sent?;
+    Ok((pos - start, hash.map_err(read_err)?))
+}
+
+/// Streams a pipe (or any source read once) as `Data` frames with the reader
+/// and the hasher on their own threads.
+async fn stream_pipe(
+    conn: &mut Conn<TcpStream>,
+    entry: &Entry,
+    start: u64,
+    hasher: blake3::Hasher,
+    progress: &Progress,
+) -> Result<(u64, blake3::Hash), TransferError> {
     let size = entry.offer.size;
     let mut src = match &entry.source {
         Source::StdinPipe => ChunkSource::Pipe(io::stdin()),
@@ -618,9 +707,5 @@ where
         source: e,
     })?;
     debug_assert_eq!(read, sent);
-    conn.send_sender(&SenderFrame::Done {
-        hash: *hash.as_bytes(),
-    })
-    .await?;
-    Ok(sent)
+    Ok((sent, hash))
 }
