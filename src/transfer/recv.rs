@@ -222,23 +222,14 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: Cancellation
     let permits = Arc::new(Semaphore::new(config.max_conns.max(1)));
     let shared = Arc::new(Shared::new(config));
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(5);
+    let mut acceptor = crate::net::accept::Acceptor::new("recv");
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => { backoff = Duration::from_millis(5); x }
-                Err(e) => {
-                    warn!("recv: accept failed: {e}; retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await else {
+            break;
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
