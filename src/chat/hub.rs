@@ -318,7 +318,9 @@ impl Hub {
     /// Opens the history in `data_dir` and starts the writer thread.
     pub fn open(data_dir: &Path, config: HubConfig) -> Result<(Hub, HubWriter), StoreError> {
         let writer_store = Store::open_in(data_dir)?;
+        writer_store.disable_autocheckpoint()?;
         let reader = Store::open_in(data_dir)?;
+        let checkpointer = Store::open_in(data_dir)?;
         let mut state = State::default();
         for r in writer_store.rooms()? {
             state.rooms.insert(
@@ -339,10 +341,29 @@ impl Hub {
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let s = shared.clone();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("chat-writer".into())
-            .spawn(move || writer_loop(s, writer_store, rx))
+            .spawn(move || {
+                writer_loop(s, writer_store, rx);
+                drop(stop_tx);
+            })
             .expect("cannot spawn the chat writer thread");
+        // Checkpoints (and their fsyncs) happen here, off the writer's path,
+        // every second until the writer ends.
+        std::thread::Builder::new()
+            .name("chat-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(std::time::Duration::from_secs(1))
+                {
+                    if let Err(e) = checkpointer.checkpoint() {
+                        tracing::warn!("chat: checkpoint failed: {e}");
+                    }
+                }
+                let _ = checkpointer.checkpoint();
+            })
+            .expect("cannot spawn the chat checkpoint thread");
         Ok((Hub { shared, writer: tx }, HubWriter(handle)))
     }
 
