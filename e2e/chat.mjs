@@ -22,10 +22,10 @@ function fail(msg) {
 }
 
 // Start `netkit serve` on free ports; read the bound addresses from its log.
-function startServer(dataDir) {
+function startServer(dataDir, http = "127.0.0.1:0") {
   const child = spawn(
     bin,
-    ["serve", "--http", "127.0.0.1:0", "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir],
+    ["serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir],
     { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" } },
   );
   return new Promise((resolve, reject) => {
@@ -103,7 +103,7 @@ async function seeMessage(page, text) {
 }
 
 const dataDir = mkdtempSync(path.join(os.tmpdir(), "netkit-e2e-"));
-const srv = await startServer(dataDir);
+let srv = await startServer(dataDir);
 const url = `http://${srv.http}/`;
 let browser;
 let ok = false;
@@ -160,10 +160,32 @@ try {
   await seeMessage(bob, "back after reload");
   await carol.waitFor("<alice> back after reload");
 
+  // Server restart on the same port: the pages reconnect with backoff and
+  // resume after the last id they saw — no message lost, none twice.
+  carol.close();
+  const exited = new Promise((r) => srv.child.once("exit", r));
+  srv.child.kill("SIGTERM");
+  await exited;
+  await alice.locator("#status", { hasText: "offline" }).waitFor({ timeout: T });
+  srv = await startServer(dataDir, srv.http);
+  await alice.locator("#status", { hasText: "online as alice" }).waitFor({ timeout: 30000 });
+  await bob.locator("#status", { hasText: "online as bob" }).waitFor({ timeout: 30000 });
+  const dave = lineClient(srv.chat);
+  await dave.waitFor("-- welcome");
+  dave.send("/join lobby");
+  await dave.waitFor("-- joined #lobby");
+  dave.send("after the restart");
+  await seeMessage(alice, "after the restart");
+  await seeMessage(bob, "after the restart");
+  for (const [page, text] of [[alice, "after the restart"], [bob, "hello from alice"], [bob, "back after reload"]]) {
+    const n = await page.locator("#messages li.msg", { hasText: text }).count();
+    if (n !== 1) fail(`${JSON.stringify(text)} shown ${n} times after reconnecting`);
+  }
+  dave.close();
+
   await alice.screenshot({ path: path.join(outDir, "chat.png"), fullPage: true });
   await bob.setViewportSize({ width: 390, height: 760 });
   await bob.screenshot({ path: path.join(outDir, "chat-phone.png"), fullPage: true });
-  carol.close();
   ok = true;
   console.log(`e2e: ok — screenshots in ${path.relative(root, outDir)}/chat.png and chat-phone.png`);
 } finally {

@@ -492,3 +492,35 @@ async fn history_survives_a_restart() {
         .unwrap();
     assert_eq!(message(&mut bi).await.id, 6);
 }
+
+#[tokio::test]
+async fn big_rooms_skip_presence_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = HubConfig {
+        presence_limit: 2,
+        rate: 0.0,
+        ..HubConfig::default()
+    };
+    let hub = open(dir.path(), cfg);
+    let (a, mut ai) = connect(&hub, "a").await;
+    let (b, mut bi) = connect(&hub, "b").await;
+    let (c, mut ci) = connect(&hub, "c").await;
+    join(&a, &mut ai, "r", None).await;
+    join(&b, &mut bi, "r", None).await;
+    // a sees b join (room had 1 member < 2).
+    assert!(matches!(next(&mut ai).await, ServerMsg::Presence { nick, .. } if nick == "b"));
+    c.join("r", None).await.unwrap();
+    let joined = next(&mut ci).await;
+    let ServerMsg::Joined {
+        members,
+        member_count,
+        ..
+    } = joined
+    else {
+        panic!("{joined:?}")
+    };
+    assert_eq!((members.len(), member_count), (2, 3));
+    // No presence for c (room had 2 members): the next thing a sees is a message.
+    c.say("r", "hi".into(), MessageKind::Say).await.unwrap();
+    assert!(matches!(next(&mut ai).await, ServerMsg::Message(m) if m.from == "c"));
+}

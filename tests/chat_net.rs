@@ -611,3 +611,46 @@ async fn shutdown_closes_clients_with_a_reason() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn connection_cap_and_rate_limit_over_sockets() {
+    let hub = HubConfig {
+        max_clients: 1,
+        rate: 1.0,
+        burst: 2.0,
+        ..HubConfig::default()
+    };
+    let srv = Server::start(hub, ConnConfig::default()).await;
+    let mut ws = srv.ws("ann").await;
+    // Over the cap: HTTP 503 for WebSocket, an error line for TCP.
+    let url = format!("ws://{}/ws", srv.http);
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    let s = TcpStream::connect(srv.chat).await.unwrap();
+    let mut rd = BufReader::new(s).lines();
+    let l = tokio::time::timeout(T, rd.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(l.starts_with("ERR server_full"), "{l}");
+    // Rate: a burst of 2, then refused with an explicit error.
+    send(&mut ws, json!({"type":"join","room":"r"})).await;
+    send(&mut ws, json!({"type":"say","room":"r","text":"one"})).await;
+    send(&mut ws, json!({"type":"say","room":"r","text":"two"})).await;
+    // The error and the stored message may come in either order.
+    let (mut error, mut message) = (None, None);
+    while error.is_none() || message.is_none() {
+        let v = recv(&mut ws).await;
+        match v["type"].as_str() {
+            Some("error") => error = Some(v),
+            Some("message") => message = Some(v),
+            _ => {}
+        }
+    }
+    assert_eq!(error.unwrap()["code"], "rate_limited");
+    assert_eq!(message.unwrap()["text"], "one");
+    srv.stop().await;
+}

@@ -46,6 +46,10 @@ pub struct HubConfig {
     pub rate: f64,
     /// Commands a client may send in a burst above the rate.
     pub burst: f64,
+    /// Rooms larger than this get no join/leave events and `joined` lists only
+    /// this many members (the rest through `who`): keeps big rooms from
+    /// quadratic presence traffic.
+    pub presence_limit: usize,
 }
 
 impl Default for HubConfig {
@@ -59,6 +63,7 @@ impl Default for HubConfig {
             resume_max: 500,
             rate: 20.0,
             burst: 40.0,
+            presence_limit: 200,
         }
     }
 }
@@ -313,7 +318,9 @@ impl Hub {
     /// Opens the history in `data_dir` and starts the writer thread.
     pub fn open(data_dir: &Path, config: HubConfig) -> Result<(Hub, HubWriter), StoreError> {
         let writer_store = Store::open_in(data_dir)?;
+        writer_store.disable_autocheckpoint()?;
         let reader = Store::open_in(data_dir)?;
+        let checkpointer = Store::open_in(data_dir)?;
         let mut state = State::default();
         for r in writer_store.rooms()? {
             state.rooms.insert(
@@ -334,10 +341,29 @@ impl Hub {
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let s = shared.clone();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("chat-writer".into())
-            .spawn(move || writer_loop(s, writer_store, rx))
+            .spawn(move || {
+                writer_loop(s, writer_store, rx);
+                drop(stop_tx);
+            })
             .expect("cannot spawn the chat writer thread");
+        // Checkpoints (and their fsyncs) happen here, off the writer's path,
+        // every second until the writer ends.
+        std::thread::Builder::new()
+            .name("chat-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(std::time::Duration::from_secs(1))
+                {
+                    if let Err(e) = checkpointer.checkpoint() {
+                        tracing::warn!("chat: checkpoint failed: {e}");
+                    }
+                }
+                let _ = checkpointer.checkpoint();
+            })
+            .expect("cannot spawn the chat checkpoint thread");
         Ok((Hub { shared, writer: tx }, HubWriter(handle)))
     }
 
@@ -559,6 +585,9 @@ impl Shared {
             let members: Vec<ClientId> = match st.rooms.get_mut(room) {
                 Some(r) => {
                     r.members.remove(&id);
+                    if r.members.len() >= self.config.presence_limit {
+                        continue;
+                    }
                     r.members.iter().copied().collect()
                 }
                 None => continue,
@@ -722,10 +751,15 @@ impl Session {
         if !was_member {
             return Err(HubError::NotMember(truncate(room)));
         }
+        let limit = self.hub.shared.config.presence_limit;
         let members: Vec<ClientId> = match st.rooms.get_mut(room) {
             Some(r) => {
                 r.members.remove(&self.id);
-                r.members.iter().copied().collect()
+                if r.members.len() < limit {
+                    r.members.iter().copied().collect()
+                } else {
+                    Vec::new()
+                }
             }
             None => Vec::new(),
         };
@@ -909,6 +943,20 @@ impl Drop for Session {
         let now = shared.stats.clients.fetch_sub(1, Ordering::Relaxed) - 1;
         metrics::gauge!("netkit_chat_clients").set(now as f64);
     }
+}
+
+/// At most `max` member nicks of `room` (unsorted; for big rooms).
+fn member_nicks_upto(st: &State, room: &str, max: usize) -> Vec<String> {
+    st.rooms
+        .get(room)
+        .map(|r| {
+            r.members
+                .iter()
+                .filter_map(|id| st.clients.get(id).map(|c| c.nick.clone()))
+                .take(max)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn member_nicks(st: &State, room: &str) -> Vec<String> {
@@ -1179,20 +1227,29 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
         }
         _ => return, // gone, or a duplicate join in the same batch
     };
+    let limit = shared.config.presence_limit;
     let r = st.rooms.entry(room.to_string()).or_default();
-    let others: Vec<ClientId> = r.members.iter().copied().collect();
+    let others: Vec<ClientId> = if r.members.len() < limit {
+        r.members.iter().copied().collect()
+    } else {
+        Vec::new()
+    };
     r.members.insert(client);
     let topic = r.topic.clone();
+    let member_count = r.members.len();
     let presence = Event::new(ServerMsg::Presence {
         room: room.to_string(),
         nick,
         event: PresenceEvent::Join,
     });
     shared.deliver_locked(st, &others, &presence);
+    let mut members = member_nicks_upto(st, room, limit);
+    members.sort();
     let joined = Event::new(ServerMsg::Joined {
         room: room.to_string(),
         topic,
-        members: member_nicks(st, room),
+        member_count,
+        members,
         last_id: join.last_id,
         history: join.history.len(),
         truncated: join.truncated,

@@ -37,6 +37,9 @@ pub struct ChatLimitArgs {
     /// Messages a client may send in a burst above --chat-rate.
     #[arg(long, default_value_t = 40.0, env = "NETKIT_CHAT_BURST")]
     pub chat_burst: f64,
+    /// Rooms with more members than this get no join/leave events, and `joined` lists only this many members.
+    #[arg(long, default_value_t = 200, env = "NETKIT_CHAT_PRESENCE_LIMIT")]
+    pub chat_presence_limit: usize,
     /// How often the server pings a WebSocket client.
     #[arg(long, default_value = "20s", value_parser = parse_duration, env = "NETKIT_CHAT_PING_INTERVAL")]
     pub chat_ping_interval: Duration,
@@ -61,6 +64,7 @@ impl ChatLimitArgs {
             max_text: usize::try_from(self.chat_max_msg).unwrap_or(usize::MAX),
             rate: self.chat_rate.max(0.0),
             burst: self.chat_burst.max(1.0),
+            presence_limit: self.chat_presence_limit,
             ..HubConfig::default()
         }
     }

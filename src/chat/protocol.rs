@@ -157,8 +157,11 @@ pub enum ServerMsg {
         room: String,
         /// Current topic.
         topic: String,
-        /// Members now, the client included.
+        /// Members now, the client included (at most the presence limit; see `member_count`).
         members: Vec<String>,
+        /// How many members the room has.
+        #[serde(default)]
+        member_count: usize,
         /// Id of the newest message in the room.
         last_id: u64,
         /// Number of history messages that follow.

@@ -107,6 +107,24 @@ impl Store {
         }
     }
 
+    /// Leaves WAL checkpoints (and their fsyncs) to [`Store::checkpoint`] on
+    /// another connection, so that committing a batch never waits on the disk.
+    pub fn disable_autocheckpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Copies committed WAL pages into the database without blocking writers.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .map_err(|e| self.err(e))
+    }
+
     /// Every known room with its topic and newest id, sorted by name.
     pub fn rooms(&self) -> Result<Vec<StoredRoom>, StoreError> {
         let mut stmt = self

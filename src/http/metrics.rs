@@ -48,7 +48,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "netkit_http_requests_total",
-        "HTTP requests, by route and status"
+        "HTTP requests, by status class"
     );
 }
 

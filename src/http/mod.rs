@@ -122,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
         .with_state(state)
+        .layer(axum::middleware::from_fn(count_requests))
         .layer(RequestBodyLimitLayer::new(cfg.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -157,6 +158,20 @@ pub async fn run(
     sessions.wait().await;
     info!("http: stopped");
     Ok(())
+}
+
+/// Counts requests by status class for `/metrics`.
+async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let class = match resp.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    ::metrics::counter!("netkit_http_requests_total", "status" => class).increment(1);
+    resp
 }
 
 async fn metrics_text() -> Response {
@@ -229,8 +244,8 @@ async fn ws_upgrade(
     let shutdown = app.shutdown.clone();
     let sessions = app.sessions.clone();
     upgrade
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .read_buffer_size(1024)
+        .write_buffer_size(8 * 1024)
         .max_message_size(cap)
         .max_frame_size(cap)
         .on_upgrade(move |socket| {
