@@ -10,7 +10,7 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use super::ConnConfig;
 use super::hub::{Hub, Inbox, Received};
@@ -287,24 +287,8 @@ pub async fn run(listener: TcpListener, hub: Hub, config: ConnConfig, shutdown: 
     );
     let config = Arc::new(config);
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(pair) => { backoff = Duration::from_millis(5); pair }
-                Err(e) => {
-                    warn!("chat: accept failed: {e}; retrying in {}ms", backoff.as_millis());
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
+    let mut acceptor = crate::net::accept::Acceptor::new("chat");
+    while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
         let (hub, config, shutdown) = (hub.clone(), config.clone(), shutdown.clone());
         tracker.spawn(
