@@ -290,7 +290,8 @@ pub async fn run(listener: TcpListener, hub: Hub, config: ConnConfig, shutdown: 
     let mut acceptor = crate::net::accept::Acceptor::new("chat");
     while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
-        let (hub, config, shutdown) = (hub.clone(), config.clone(), shutdown.clone());
+        // A child token per connection: polled per line, a shared one would be one contended lock.
+        let (hub, config, shutdown) = (hub.clone(), config.clone(), shutdown.child_token());
         tracker.spawn(
             async move {
                 debug!("accepted");

@@ -54,7 +54,9 @@ pub async fn serve_socket(
         config.clone(),
         close_rx,
         done.clone(),
-        shutdown,
+        // Its own child token: every socket polls it per message, and a shared
+        // token would put all of them on one lock.
+        shutdown.child_token(),
     ));
     let close = read_loop(&mut stream, &mut session, &config, &done).await;
     if let Some(frame) = close {
