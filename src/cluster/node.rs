@@ -52,7 +52,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
-            probe_period: Duration::from_millis(1000),
+            probe_period: Duration::from_millis(1100),
             probe_rtt: Duration::from_millis(400),
             indirect_probes: 3,
             suspect_timeout: Duration::from_millis(1500),
