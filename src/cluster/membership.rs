@@ -186,14 +186,7 @@ async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            got = crate::udp::recv_from(&socket, &mut buf) => match got {
-                Ok(got) if got.truncated_from.is_some() => {
-                    debug!(peer = %got.peer, "cluster: oversized datagram dropped");
-                }
-                Ok(got) => node.handle_packet(got.peer, &buf[..got.len]),
-                // ICMP errors from earlier sends concern one peer only.
-                Err(e) => debug!("cluster: receive error: {e}"),
-            },
+            // Timers first: a flood of datagrams must not starve probing.
             _ = sleep_until(next) => {
                 let now = Instant::now();
                 while let Some(entry) = timers.first_entry() {
@@ -203,6 +196,14 @@ async fn run(
                     node.handle_timer(entry.remove());
                 }
             }
+            got = crate::udp::recv_from(&socket, &mut buf) => match got {
+                Ok(got) if got.truncated_from.is_some() => {
+                    debug!(peer = %got.peer, "cluster: oversized datagram dropped");
+                }
+                Ok(got) => node.handle_packet(got.peer, &buf[..got.len]),
+                // ICMP errors from earlier sends concern one peer only.
+                Err(e) => debug!("cluster: receive error: {e}"),
+            },
             Some(cmd) = commands.recv() => match cmd {
                 Command::Send { to, data, reply } => {
                     let _ = reply.send(node.send_payload(to, &data));

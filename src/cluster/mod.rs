@@ -47,7 +47,7 @@ pub struct ClusterArgs {
     #[arg(long, value_parser = parse_duration, env = "NETKIT_STATUS_JSON", value_name = "DUR")]
     pub status_json: Option<Duration>,
     /// How often each node probes one member.
-    #[arg(long, value_parser = parse_duration, default_value = "1s", env = "NETKIT_CLUSTER_PROBE_PERIOD")]
+    #[arg(long, value_parser = parse_duration, default_value = "1100ms", env = "NETKIT_CLUSTER_PROBE_PERIOD")]
     pub cluster_probe_period: Duration,
     /// How long a probe waits for an answer before asking others to probe.
     #[arg(long, value_parser = parse_duration, default_value = "400ms", env = "NETKIT_CLUSTER_PROBE_RTT")]

@@ -52,7 +52,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Self {
-            probe_period: Duration::from_millis(1000),
+            probe_period: Duration::from_millis(1100),
             probe_rtt: Duration::from_millis(400),
             indirect_probes: 3,
             suspect_timeout: Duration::from_millis(1500),
@@ -305,6 +305,14 @@ impl Runtime<NodeId> for Io {
         {
             self.suspected.push((member_id.clone(), *incarnation));
         }
+        // Foca probes at a fixed period, so nodes started together probe in
+        // lock-step bursts forever; ±10 % jitter spreads them out (the mean
+        // period, and so the packet rate, stays the same).
+        let after = if matches!(event, foca::Timer::ProbeRandomMember(_)) {
+            after.mul_f64(self.rng.random_range(0.9..1.1))
+        } else {
+            after
+        };
         self.out.timers.push((after, Timer::Foca(event)));
     }
 }
