@@ -436,8 +436,9 @@ fn read_and_serve<'a>(
     // knows that a short read drained the socket, saving an EAGAIN read per
     // request.
     std::future::poll_fn(move |cx| {
-        let mut buf = [0u8; 4096];
-        let mut rb = ReadBuf::new(&mut buf);
+        // Uninitialised: zeroing 4 KiB per read showed up in profiles.
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut rb = ReadBuf::uninit(&mut buf);
         std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut rb))?;
         let data = rb.filled();
         if data.is_empty() {
