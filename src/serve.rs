@@ -93,6 +93,26 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         chat: chat_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
 
+    // The handle is what /api/cluster reads (and the chat relay will subscribe to).
+    let membership = match cluster {
+        Some(bound) => Some(crate::cluster::membership::spawn(
+            bound,
+            meta.clone(),
+            shutdown.clone(),
+            &tracker,
+        )?),
+        None => None,
+    };
+    let cluster_info = crate::cluster::ClusterInfo {
+        name: args
+            .cluster
+            .node_name
+            .clone()
+            .unwrap_or_else(crate::cluster::host_name),
+        meta,
+        membership,
+    };
+
     if let Some(listener) = drop_listener {
         let files = args.data_dir.join("files");
         crate::transfer::recv::prepare_dir(&files)?;
@@ -117,8 +137,11 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         if let Some(listener) = http_listener {
             let config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
             let (hub, shutdown) = (hub.clone(), shutdown.clone());
+            let cluster = cluster_info.clone();
             tracker.spawn(async move {
-                if let Err(e) = crate::http::run(listener, hub, config, shutdown).await {
+                if let Err(e) =
+                    crate::http::run_with_cluster(listener, hub, config, cluster, shutdown).await
+                {
                     tracing::error!("http: server failed: {e}");
                 }
             });
@@ -155,16 +178,6 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
-    // The handle is what the chat relay will subscribe to.
-    let _membership = match cluster {
-        Some(bound) => Some(crate::cluster::membership::spawn(
-            bound,
-            meta,
-            shutdown.clone(),
-            &tracker,
-        )?),
-        None => None,
-    };
     if tracker.is_empty() {
         anyhow::bail!("every service is off; enable at least one (e.g. --http 127.0.0.1:8080)");
     }

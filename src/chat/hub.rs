@@ -434,6 +434,14 @@ impl Hub {
         Ok((session, inbox))
     }
 
+    /// Nicknames of every connected client, sorted.
+    pub fn users(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut v: Vec<String> = st.clients.values().map(|c| c.nick.clone()).collect();
+        v.sort();
+        v
+    }
+
     /// Every room with its member count, topic and newest id, sorted by name.
     pub fn rooms(&self) -> Vec<RoomInfo> {
         let st = self.lock();
