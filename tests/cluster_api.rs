@@ -373,3 +373,36 @@ fn members_command_prints_the_table_and_json() {
         "{out:?}"
     );
 }
+
+/// The web page carries the cluster panel, and its script fills it from `/api/cluster`.
+#[tokio::test]
+async fn page_has_the_cluster_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
+    let app = state(
+        hub.clone(),
+        ClusterInfo::standalone("solo", NodeMeta::default()),
+    );
+    let text = |path: &'static str| {
+        let app = app.clone();
+        async move {
+            let resp = router(app)
+                .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+    };
+    let html = text("/").await;
+    assert!(html.contains(r#"<ul id="cluster-list""#), "{html}");
+    let js = text("/app.js").await;
+    assert!(js.contains(r#"getElementById("cluster-list")"#));
+    assert!(js.contains(r#"fetch("/api/cluster""#));
+    // Node names and users are text, never HTML.
+    assert!(!js.contains("innerHTML"));
+    hub.shutdown();
+}
