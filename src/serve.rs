@@ -133,6 +133,16 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             )
         })?;
         hub_writer = Some(writer);
+        // Rooms span the cluster: the relay carries messages between nodes.
+        if let Some(membership) = &cluster_info.membership {
+            let store = crate::cluster::relay::RelayStore::open_in(&args.data_dir)?;
+            tracker.spawn(crate::cluster::relay::run(
+                hub.clone(),
+                membership.clone(),
+                store,
+                shutdown.clone(),
+            ));
+        }
         let conn = args.chat_limits.conn_config();
         if let Some(listener) = http_listener {
             let config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
