@@ -576,8 +576,13 @@ impl RelayStore {
     }
 }
 
-/// How often each node sends its summary to a random live member.
+/// How often each node sends its summary to a random live member while
+/// there is activity (messages, catch-up, member changes).
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long activity keeps summaries at [`SUMMARY_INTERVAL`].
+pub const BUSY_FOR: Duration = Duration::from_secs(10);
+/// How often a quiet node sends its summary.
+pub const QUIET_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The relay task of `netkit serve`: relays messages posted on this node to
 /// every live member, applies the other nodes' messages to the hub, and
@@ -605,6 +610,10 @@ pub async fn run(
     let mut relay = Relay::new(me, have);
     let mut local = hub.stored_local();
     let mut payloads = membership.payloads();
+    let mut member_events = membership.events();
+    // Summaries every second while busy, every ten seconds when quiet.
+    let mut busy_until = tokio::time::Instant::now() + BUSY_FOR;
+    let mut last_summary = tokio::time::Instant::now();
     let mut parts = Reassembly::default();
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
@@ -619,6 +628,7 @@ pub async fn run(
                     if let Err(e) = store.insert(std::slice::from_ref(&m), true) {
                         tracing::error!("relay: {e}");
                     }
+                    busy_until = tokio::time::Instant::now() + BUSY_FOR;
                     let packet = RelayPacket::Msg(m);
                     for peer in live_peers(&membership) {
                         send(&membership, peer, &packet).await;
@@ -642,15 +652,28 @@ pub async fn run(
                         None => continue,
                     };
                     let actions = relay.receive(p.from.addr, packet, started.elapsed());
+                    if !actions.is_empty() {
+                        busy_until = tokio::time::Instant::now() + BUSY_FOR;
+                    }
                     carry_out(&hub, &membership, &mut store, actions).await;
                 }
                 // Summaries recover whatever was dropped.
                 Err(RecvError::Lagged(n)) => tracing::debug!("relay: {n} packets dropped (lagging)"),
                 Err(RecvError::Closed) => break,
             },
+            got = member_events.recv() => match got {
+                // A member came, went or came back: catch up quickly.
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    busy_until = tokio::time::Instant::now() + BUSY_FOR;
+                }
+                Err(RecvError::Closed) => break,
+            },
             _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                let due = now < busy_until || now >= last_summary + QUIET_SUMMARY_INTERVAL;
                 let peers = live_peers(&membership);
-                if !peers.is_empty() {
+                if due && !peers.is_empty() {
+                    last_summary = now;
                     let peer = peers[rand::random_range(0..peers.len())];
                     send(&membership, peer, &relay.summary()).await;
                 }
