@@ -111,6 +111,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             .unwrap_or_else(crate::cluster::host_name),
         meta,
         membership,
+        remote_users: Default::default(),
     };
 
     if let Some(listener) = drop_listener {
@@ -140,6 +141,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
                 hub.clone(),
                 membership.clone(),
                 store,
+                cluster_info.remote_users.clone(),
                 shutdown.clone(),
             ));
         }

@@ -130,6 +130,7 @@ async fn router_reports_members_of_a_live_cluster() {
             name: "a".into(),
             meta: a_meta,
             membership: Some(a),
+            remote_users: Default::default(),
         },
     );
     let deadline = Instant::now() + DEADLINE;
@@ -290,6 +291,23 @@ fn two_real_nodes_report_each_other() {
     let a_in_b = &vb["members"][1];
     assert_eq!(a_in_b["chat"], a_chat.to_string());
     assert_eq!(a_in_b["gossip"], a_gossip.to_string());
+    // a's users reach b through the chat relay.
+    let deadline = Instant::now() + DEADLINE;
+    while fetch(b_http)["members"][1]["users"] != serde_json::json!(["zed"]) {
+        assert!(
+            Instant::now() < deadline,
+            "b never heard a's users: {}",
+            fetch(b_http)
+        );
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+    // And a change too.
+    user.write_all(b"/nick zoe\n").unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while fetch(b_http)["members"][1]["users"] != serde_json::json!(["zoe"]) {
+        assert!(Instant::now() < deadline, "b never heard the new nick");
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
 
     // kill -9 of b: a reports it down.
     b.child.kill().unwrap();

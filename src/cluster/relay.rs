@@ -72,6 +72,8 @@ pub enum RelayPacket {
         /// The highest one the asker has without a gap.
         after: u64,
     },
+    /// The nicknames connected to the sender (for `/api/cluster`).
+    Users(Vec<String>),
     /// One piece of a packet too large for one datagram ([`split`]).
     Part {
         /// Random id shared by the pieces of one packet.
@@ -311,8 +313,8 @@ impl Relay {
                     });
                 }
             }
-            // Reassembled by the driver before they get here.
-            RelayPacket::Part { .. } => {}
+            // Handled by the driver.
+            RelayPacket::Part { .. } | RelayPacket::Users(_) => {}
         }
         out
     }
@@ -591,6 +593,7 @@ pub async fn run(
     hub: crate::chat::hub::Hub,
     membership: super::Membership,
     mut store: RelayStore,
+    remote_users: super::report::RemoteUsers,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use tokio::sync::broadcast::error::RecvError;
@@ -614,6 +617,8 @@ pub async fn run(
     // Summaries every second while busy, every ten seconds when quiet.
     let mut busy_until = tokio::time::Instant::now() + BUSY_FOR;
     let mut last_summary = tokio::time::Instant::now();
+    // The user list last sent to every member; `None` forces a resend.
+    let mut users_sent: Option<Vec<String>> = None;
     let mut parts = Reassembly::default();
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
@@ -648,6 +653,13 @@ pub async fn run(
                                 None => continue,
                             }
                         }
+                        Some(RelayPacket::Users(users)) => {
+                            remote_users
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(p.from.addr, users);
+                            continue;
+                        }
                         Some(packet) => packet,
                         None => continue,
                     };
@@ -665,17 +677,30 @@ pub async fn run(
                 // A member came, went or came back: catch up quickly.
                 Ok(_) | Err(RecvError::Lagged(_)) => {
                     busy_until = tokio::time::Instant::now() + BUSY_FOR;
+                    users_sent = None;
                 }
                 Err(RecvError::Closed) => break,
             },
             _ = tick.tick() => {
+                let users = hub.users();
+                if users_sent.as_ref() != Some(&users) {
+                    let packet = RelayPacket::Users(users.clone());
+                    for peer in live_peers(&membership) {
+                        send(&membership, peer, &packet).await;
+                    }
+                    users_sent = Some(users);
+                }
                 let now = tokio::time::Instant::now();
-                let due = now < busy_until || now >= last_summary + QUIET_SUMMARY_INTERVAL;
+                let quiet_due = now >= last_summary + QUIET_SUMMARY_INTERVAL;
                 let peers = live_peers(&membership);
-                if due && !peers.is_empty() {
+                if (now < busy_until || quiet_due) && !peers.is_empty() {
                     last_summary = now;
                     let peer = peers[rand::random_range(0..peers.len())];
                     send(&membership, peer, &relay.summary()).await;
+                    if quiet_due && let Some(users) = &users_sent {
+                        // Now and then, in case a change was lost.
+                        send(&membership, peer, &RelayPacket::Users(users.clone())).await;
+                    }
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! The cluster as one node reports it: the JSON of `GET /api/cluster`, built
 //! from the membership view, and read back by `netkit members`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +20,12 @@ pub struct ClusterInfo {
     pub meta: NodeMeta,
     /// The running membership; `None` when clustering is off.
     pub membership: Option<Membership>,
+    /// Users connected to other nodes, by gossip address, as the relay last heard.
+    pub remote_users: RemoteUsers,
 }
+
+/// Users connected to each other node, by its gossip address (filled by the relay).
+pub type RemoteUsers = Arc<Mutex<BTreeMap<SocketAddr, Vec<String>>>>;
 
 impl ClusterInfo {
     /// A node that is not part of a cluster.
@@ -27,6 +34,7 @@ impl ClusterInfo {
             name: name.into(),
             meta,
             membership: None,
+            remote_users: RemoteUsers::default(),
         }
     }
 
@@ -49,6 +57,11 @@ impl ClusterInfo {
             };
         };
         let view = membership.view();
+        let remote = self
+            .remote_users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         me.name = view.me.name.clone();
         me.gossip = Some(view.me.addr);
         let mut members = vec![me];
@@ -59,7 +72,11 @@ impl ClusterInfo {
             gossip: Some(m.id.addr),
             http: m.meta.as_ref().and_then(|meta| meta.http),
             chat: m.meta.as_ref().and_then(|meta| meta.chat),
-            users: None,
+            users: if m.state.is_active() {
+                remote.get(&m.id.addr).cloned()
+            } else {
+                None
+            },
         }));
         ClusterReport {
             clustering: true,
@@ -96,8 +113,8 @@ pub struct MemberReport {
     pub http: Option<SocketAddr>,
     /// Its TCP line-chat address, from its metadata.
     pub chat: Option<SocketAddr>,
-    /// Nicknames connected to it; only known for the answering node itself
-    /// (absent for other members: they do not gossip their users).
+    /// Nicknames connected to it: always for the answering node; for a live
+    /// member once the chat relay has heard its list (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,
 }
