@@ -93,7 +93,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         chat: chat_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
 
-    // The handle is what /api/cluster reads (and the chat relay will subscribe to).
+    // The handle is what /api/cluster and the chat relay read.
     let membership = match cluster {
         Some(bound) => Some(crate::cluster::membership::spawn(
             bound,
