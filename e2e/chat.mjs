@@ -118,6 +118,8 @@ try {
   const alice = await openPage(browser, url, "alice");
   const bob = await openPage(browser, url, "bob");
   await alice.locator("#member-list li", { hasText: "bob" }).waitFor({ timeout: T });
+  // The cluster panel (GET /api/cluster, polled every 5 s) lists this node and its users.
+  await alice.locator("#cluster-list li.self", { hasText: "bob" }).waitFor({ timeout: T });
 
   const carol = lineClient(srv.chat);
   await carol.waitFor("-- welcome");

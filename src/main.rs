@@ -42,6 +42,8 @@ enum Command {
     Recv(netkit::transfer::recv::RecvArgs),
     /// Terminal chat client for a hub (ws://HOST:PORT/ws or tcp://HOST:PORT).
     Chat(netkit::chat::client::ChatArgs),
+    /// Cluster membership as one node sees it (from its HTTP server).
+    Members(netkit::cluster::members::MembersArgs),
 }
 
 #[derive(Subcommand)]
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
             Command::Send(args) => netkit::transfer::send::run_command(args).await,
             Command::Recv(args) => netkit::transfer::recv::run_command(args).await,
             Command::Chat(args) => netkit::chat::client::run_command(args).await,
+            Command::Members(args) => netkit::cluster::members::run_command(args).await,
         }
     });
     // Blocking stdin reads cannot be cancelled; do not wait for them.

@@ -93,6 +93,27 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         chat: chat_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
 
+    // The handle is what /api/cluster and the chat relay read.
+    let membership = match cluster {
+        Some(bound) => Some(crate::cluster::membership::spawn(
+            bound,
+            meta.clone(),
+            shutdown.clone(),
+            &tracker,
+        )?),
+        None => None,
+    };
+    let cluster_info = crate::cluster::ClusterInfo {
+        name: args
+            .cluster
+            .node_name
+            .clone()
+            .unwrap_or_else(crate::cluster::host_name),
+        meta,
+        membership,
+        remote_users: Default::default(),
+    };
+
     if let Some(listener) = drop_listener {
         let files = args.data_dir.join("files");
         crate::transfer::recv::prepare_dir(&files)?;
@@ -113,12 +134,26 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             )
         })?;
         hub_writer = Some(writer);
+        // Rooms span the cluster: the relay carries messages between nodes.
+        if let Some(membership) = &cluster_info.membership {
+            let store = crate::cluster::relay::RelayStore::open_in(&args.data_dir)?;
+            tracker.spawn(crate::cluster::relay::run(
+                hub.clone(),
+                membership.clone(),
+                store,
+                cluster_info.remote_users.clone(),
+                shutdown.clone(),
+            ));
+        }
         let conn = args.chat_limits.conn_config();
         if let Some(listener) = http_listener {
             let config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
             let (hub, shutdown) = (hub.clone(), shutdown.clone());
+            let cluster = cluster_info.clone();
             tracker.spawn(async move {
-                if let Err(e) = crate::http::run(listener, hub, config, shutdown).await {
+                if let Err(e) =
+                    crate::http::run_with_cluster(listener, hub, config, cluster, shutdown).await
+                {
                     tracing::error!("http: server failed: {e}");
                 }
             });
@@ -155,16 +190,6 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             shutdown.clone(),
         ));
     }
-    // The handle is what the chat relay will subscribe to.
-    let _membership = match cluster {
-        Some(bound) => Some(crate::cluster::membership::spawn(
-            bound,
-            meta,
-            shutdown.clone(),
-            &tracker,
-        )?),
-        None => None,
-    };
     if tracker.is_empty() {
         anyhow::bail!("every service is off; enable at least one (e.g. --http 127.0.0.1:8080)");
     }

@@ -282,7 +282,9 @@ async fn resume_while_messages_flow_has_no_gap_or_duplicate() {
             .unwrap();
     }
     let sender = tokio::spawn(async move {
-        for i in 0..500 {
+        // Fewer than the 500 a resume replays at most, however far the
+        // sender gets before bob joins: the test is about the seam, not the cap.
+        for i in 0..300 {
             ann.say("r", format!("live{i}"), MessageKind::Say)
                 .await
                 .unwrap();
@@ -295,11 +297,11 @@ async fn resume_while_messages_flow_has_no_gap_or_duplicate() {
     let (bob, mut bi) = connect(&hub, "bob").await;
     let (_, hist) = join(&bob, &mut bi, "r", Some(10)).await;
     let mut seen: Vec<u64> = hist.iter().map(|m| m.id).collect();
-    while seen.last().copied().unwrap_or(0) < 520 {
+    while seen.last().copied().unwrap_or(0) < 320 {
         seen.push(message(&mut bi).await.id);
     }
     let _ann = sender.await.unwrap();
-    assert_eq!(seen, (11..=520).collect::<Vec<_>>());
+    assert_eq!(seen, (11..=320).collect::<Vec<_>>());
 }
 
 #[tokio::test(start_paused = true)]

@@ -354,3 +354,60 @@
   connect();
   el.sayInput.focus();
 })();
+
+// The cluster view: the nodes this server knows, their state, HTTP address
+// and users, from GET /api/cluster every 5 s (see docs/cluster.md).
+(function () {
+  const list = document.getElementById("cluster-list");
+  if (!list) return;
+  const EVERY = 5000;
+
+  function render(report) {
+    list.replaceChildren();
+    for (const m of report.members || []) {
+      const li = document.createElement("li");
+      li.className = "node state-" + m.state + (m.self ? " self" : "");
+      const name = document.createElement("span");
+      name.className = "node-name";
+      name.textContent = m.name + (m.self ? " (this node)" : "");
+      const state = document.createElement("span");
+      state.className = "node-state";
+      state.textContent = m.state;
+      const addr = document.createElement("span");
+      addr.className = "node-addr";
+      if (m.http && !m.self && m.state === "alive") {
+        const a = document.createElement("a");
+        a.href = "http://" + m.http + "/";
+        a.textContent = m.http;
+        addr.append(a);
+      } else {
+        addr.textContent = m.http || m.gossip || "";
+      }
+      const users = document.createElement("span");
+      users.className = "node-users";
+      users.textContent = Array.isArray(m.users)
+        ? (m.users.length ? m.users.length + " users: " + m.users.join(", ") : "no users")
+        : "";
+      li.append(name, " ", state, " ", addr, " ", users);
+      list.append(li);
+    }
+    if (!report.clustering) {
+      const li = document.createElement("li");
+      li.className = "node-note";
+      li.textContent = "clustering is off";
+      list.append(li);
+    }
+  }
+
+  async function refresh() {
+    try {
+      const r = await fetch("/api/cluster", { cache: "no-store" });
+      if (r.ok) render(await r.json());
+    } catch {
+      // Offline: the chat status already says so; try again on the next tick.
+    }
+  }
+
+  refresh();
+  setInterval(refresh, EVERY);
+})();

@@ -207,6 +207,13 @@ pub struct HubStats {
 
 type ClientId = u64;
 
+/// The author of messages applied from another node ([`Hub::apply_remote`]);
+/// no client has this id (they count from 1).
+const REMOTE: ClientId = 0;
+
+/// Capacity of the [`Hub::stored_local`] broadcast.
+const STORED_LOCAL_CAPACITY: usize = 8192;
+
 struct Kick {
     token: CancellationToken,
     reason: OnceLock<DisconnectReason>,
@@ -246,9 +253,13 @@ struct Shared {
     stats: HubStats,
     next_client: AtomicU64,
     reader: Mutex<Store>,
+    /// Messages posted on this node, sent once stored (for the cluster relay).
+    stored_local: tokio::sync::broadcast::Sender<ChatMessage>,
 }
 
 enum WriteCmd {
+    /// Notified once every command queued before it is committed ([`Hub::sync_writes`]).
+    Sync(Arc<tokio::sync::Notify>),
     Say {
         client: ClientId,
         room: String,
@@ -338,6 +349,7 @@ impl Hub {
             stats: HubStats::default(),
             next_client: AtomicU64::new(1),
             reader: Mutex::new(reader),
+            stored_local: tokio::sync::broadcast::channel(STORED_LOCAL_CAPACITY).0,
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let s = shared.clone();
@@ -458,6 +470,61 @@ impl Hub {
             kick,
         };
         Ok((session, inbox))
+    }
+
+    /// Queues a message posted on another node for storage in `room` (created
+    /// if new) and delivery to the room's local members, in the order of the
+    /// calls; [`Hub::sync_writes`] waits for it to be committed.
+    /// For the cluster relay; such messages are not sent to [`Hub::stored_local`].
+    pub async fn apply_remote(
+        &self,
+        room: String,
+        from: String,
+        text: String,
+        kind: MessageKind,
+        ts: i64,
+    ) -> Result<(), HubError> {
+        if !valid_room(&room) {
+            return Err(HubError::BadRoom(truncate(&room)));
+        }
+        self.writer
+            .send(WriteCmd::Say {
+                client: REMOTE,
+                room,
+                from,
+                text,
+                kind,
+                ts,
+            })
+            .await
+            .map_err(|_| HubError::ShuttingDown)
+    }
+
+    /// Waits until every write queued before this call (messages from
+    /// [`Hub::apply_remote`] included) has been committed or has failed.
+    pub async fn sync_writes(&self) -> Result<(), HubError> {
+        let done = Arc::new(tokio::sync::Notify::new());
+        self.writer
+            .send(WriteCmd::Sync(done.clone()))
+            .await
+            .map_err(|_| HubError::ShuttingDown)?;
+        done.notified().await;
+        Ok(())
+    }
+
+    /// Every message posted on this node from now on, once it is stored (in
+    /// storage order). A subscriber that falls more than 8192 messages behind
+    /// gets `Lagged` and has missed those.
+    pub fn stored_local(&self) -> tokio::sync::broadcast::Receiver<ChatMessage> {
+        self.shared.stored_local.subscribe()
+    }
+
+    /// Nicknames of every connected client, sorted.
+    pub fn users(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut v: Vec<String> = st.clients.values().map(|c| c.nick.clone()).collect();
+        v.sort();
+        v
     }
 
     /// Every room with its member count, topic and newest id, sorted by name.
@@ -1032,6 +1099,7 @@ fn process_batch(
         let mut joining: HashSet<(ClientId, &str)> = HashSet::new();
         for cmd in batch {
             allowed.push(match cmd {
+                WriteCmd::Say { client: REMOTE, .. } => true,
                 WriteCmd::Say { client, room, .. } | WriteCmd::Topic { client, room, .. } => {
                     joining.contains(&(*client, room.as_str()))
                         || st
@@ -1043,6 +1111,7 @@ fn process_batch(
                     joining.insert((*client, room.as_str()));
                     true
                 }
+                WriteCmd::Sync(_) => true,
             });
         }
     }
@@ -1058,13 +1127,16 @@ fn process_batch(
         }
         match cmd {
             WriteCmd::Say {
+                client,
                 room,
                 from,
                 text,
                 kind,
                 ts,
-                ..
             } => {
+                if *client == REMOTE && !last_ids.contains_key(room) {
+                    new_rooms.push(room);
+                }
                 let id = next.entry(room.clone()).or_insert(0);
                 *id += 1;
                 ids.push(*id);
@@ -1077,6 +1149,7 @@ fn process_batch(
                     kind: *kind,
                 });
             }
+            WriteCmd::Sync(_) => ids.push(0),
             WriteCmd::Join { room, .. } => {
                 ids.push(*next.entry(room.clone()).or_insert(0));
                 new_rooms.push(room);
@@ -1166,14 +1239,20 @@ fn process_batch(
                     continue;
                 }
                 stored += 1;
-                let ev = Event::new(ServerMsg::Message(ChatMessage {
+                let msg = ChatMessage {
                     room: room.clone(),
                     id,
                     from: from.clone(),
                     text: text.clone(),
                     ts: *ts,
                     kind: *kind,
-                }));
+                };
+                if *client == REMOTE {
+                    st.rooms.entry(room.clone()).or_default();
+                } else {
+                    let _ = shared.stored_local.send(msg.clone());
+                }
+                let ev = Event::new(ServerMsg::Message(msg));
                 let members: Vec<ClientId> = match st.rooms.get_mut(room) {
                     Some(r) => {
                         r.last_id = id;
@@ -1183,6 +1262,7 @@ fn process_batch(
                 };
                 shared.deliver_locked(&mut st, &members, &ev);
             }
+            WriteCmd::Sync(done) => done.notify_one(),
             WriteCmd::Join { client, room, .. } => {
                 let Some(join) = join else { continue };
                 apply_join(shared, &mut st, *client, room, join);

@@ -4,11 +4,15 @@
 //!
 //! A relay (or anything else) follows the cluster through a [`Membership`]
 //! handle: a watch of the member view, a broadcast of member events, and
-//! opaque payloads sent to and received from members.
+//! opaque payloads sent to and received from members. [`report`] is what
+//! `GET /api/cluster` answers, and [`members`] is `netkit members URL`.
 
 pub mod id;
+pub mod members;
 pub mod membership;
 pub mod node;
+pub mod relay;
+pub mod report;
 #[cfg(test)]
 mod sim;
 pub mod wire;
@@ -21,6 +25,7 @@ use anyhow::Context;
 pub use id::{NodeId, NodeMeta};
 pub use membership::{ClusterView, Membership};
 pub use node::{MemberEvent, MemberInfo, MemberState, Payload, Tuning};
+pub use report::{ClusterInfo, ClusterReport};
 
 use crate::cli::{Listen, parse_duration};
 
@@ -172,6 +177,15 @@ pub async fn bind(args: &ClusterArgs) -> anyhow::Result<Option<BoundCluster>> {
             .map(wire::Sealer::from_passphrase),
         status_json: args.status_json,
     }))
+}
+
+/// The machine's host name (`node` when unknown): a standalone node's name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().chars().take(id::MAX_NAME_LEN).collect::<String>())
+        .filter(|h| id::validate_name(h).is_ok())
+        .unwrap_or_else(|| "node".to_string())
 }
 
 /// `HOSTNAME-PORT`, or `node-XXXXXX` when the host name is unknown.

@@ -1,4 +1,4 @@
-//! The JSON API: rooms, paged message history, and hub statistics.
+//! The JSON API: rooms, paged message history, hub statistics, and the cluster.
 
 use std::sync::atomic::Ordering;
 
@@ -80,4 +80,10 @@ pub async fn stats(State(app): State<AppState>) -> Response {
         "uptime_seconds": app.started.elapsed().as_secs(),
     }))
     .into_response()
+}
+
+/// `GET /api/cluster`: this node and every member it knows, with states and
+/// addresses (see docs/cluster.md).
+pub async fn cluster(State(app): State<AppState>) -> Response {
+    Json(app.cluster.report(app.hub.users())).into_response()
 }

@@ -28,6 +28,7 @@ use crate::chat::ConnConfig;
 use crate::chat::hub::Hub;
 use crate::chat::ws;
 use crate::cli::{parse_duration, parse_size};
+use crate::cluster::report::ClusterInfo;
 
 /// HTTP limits of `netkit serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -105,6 +106,8 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
+    /// This node and, when clustering is on, the membership (`GET /api/cluster`).
+    pub cluster: ClusterInfo,
 }
 
 /// The router with every route and layer.
@@ -118,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/rooms", get(api::rooms))
         .route("/api/rooms/{room}/messages", get(api::messages))
         .route("/api/stats", get(api::stats))
+        .route("/api/cluster", get(api::cluster))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
@@ -132,11 +136,28 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then closes every
-/// WebSocket (1001) and waits for the sessions to end.
+/// WebSocket (1001) and waits for the sessions to end. `/api/cluster`
+/// reports a standalone node named after the host.
 pub async fn run(
     listener: TcpListener,
     hub: Hub,
     config: HttpConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let meta = crate::cluster::NodeMeta {
+        http: Some(listener.local_addr()?),
+        chat: None,
+    };
+    let cluster = ClusterInfo::standalone(crate::cluster::host_name(), meta);
+    run_with_cluster(listener, hub, config, cluster, shutdown).await
+}
+
+/// [`run`], with `cluster` telling `/api/cluster` about this node and its membership.
+pub async fn run_with_cluster(
+    listener: TcpListener,
+    hub: Hub,
+    config: HttpConfig,
+    cluster: ClusterInfo,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let _ = metrics::handle();
@@ -148,6 +169,7 @@ pub async fn run(
         started: Instant::now(),
         sessions: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        cluster,
     };
     let sessions = state.sessions.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -1,0 +1,261 @@
+//! Chat across nodes with real `netkit serve` processes on 127.0.0.1: three
+//! nodes, line-chat users on two of them see each other's messages exactly
+//! once and in order, a node killed with `kill -9` restarts and its history
+//! converges. Every wait reads a socket or polls HTTP with a deadline.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Node {
+    child: Child,
+    log: Receiver<String>,
+    seen: Vec<String>,
+    http: SocketAddr,
+    chat: SocketAddr,
+    gossip: SocketAddr,
+}
+
+impl Node {
+    fn start(name: &str, data: &Path, listen: &str, join: &str) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netkit"));
+        cmd.args(["serve", "--tcp", "off", "--udp", "off", "--drop", "off"])
+            .args(["--http", "127.0.0.1:0", "--chat", "127.0.0.1:0"])
+            .args(["--chat-rate", "0"])
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--node-name", name, "--cluster-listen", listen])
+            .args(["--join", join])
+            .args(["--cluster-probe-period", "200ms"])
+            .args(["--cluster-probe-rtt", "80ms"])
+            .args(["--cluster-suspect-timeout", "600ms"])
+            .args(["--cluster-gossip-interval", "50ms"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("NETKIT_CLUSTER_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn netkit");
+        let (tx, log) = channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut node = Node {
+            child,
+            log,
+            seen: Vec::new(),
+            http: "0.0.0.0:0".parse().unwrap(),
+            chat: "0.0.0.0:0".parse().unwrap(),
+            gossip: "0.0.0.0:0".parse().unwrap(),
+        };
+        node.http = node.addr_after("http: listening on http://");
+        node.chat = node.addr_after("chat: listening on ");
+        node.gossip = node.addr_after("gossip on udp ");
+        node
+    }
+
+    fn addr_after(&mut self, needle: &str) -> SocketAddr {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                let rest = &l[l.find(needle).unwrap() + needle.len()..];
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no {needle:?} in the log:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(http: SocketAddr, path: &str) -> Value {
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
+fn alive_peers(node: &Node) -> usize {
+    get(node.http, "/api/cluster")["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["self"] == false && m["state"] == "alive")
+        .count()
+}
+
+/// A line-chat user.
+struct User {
+    out: TcpStream,
+    lines: BufReader<TcpStream>,
+    seen: Vec<String>,
+}
+
+impl User {
+    fn join(chat: SocketAddr, nick: &str) -> User {
+        let out = TcpStream::connect(chat).unwrap();
+        out.set_read_timeout(Some(DEADLINE)).unwrap();
+        let lines = BufReader::new(out.try_clone().unwrap());
+        let mut u = User {
+            out,
+            lines,
+            seen: Vec::new(),
+        };
+        u.send(&format!("/nick {nick}"));
+        u.send("/join lobby");
+        u.wait_for("-- joined #lobby");
+        u
+    }
+
+    fn send(&mut self, line: &str) {
+        self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    fn wait_for(&mut self, needle: &str) {
+        while !self.seen.iter().any(|l| l.contains(needle)) {
+            let mut l = String::new();
+            match self.lines.read_line(&mut l) {
+                Ok(n) if n > 0 => self.seen.push(l.trim_end().to_string()),
+                other => panic!(
+                    "no line with {needle:?} ({other:?}); saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The texts of `<nick>` messages seen, in order.
+    fn texts_from(&self, nick: &str) -> Vec<String> {
+        let tag = format!(" <{nick}> ");
+        self.seen
+            .iter()
+            .filter_map(|l| l.split_once(&tag).map(|(_, t)| t.to_string()))
+            .collect()
+    }
+}
+
+fn history_texts(node: &Node) -> Vec<String> {
+    get(node.http, "/api/rooms/lobby/messages?limit=500")["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+}
+
+#[test]
+fn messages_cross_nodes_and_histories_converge_after_kill_9() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Node::start("a", dirs[0].path(), "127.0.0.1:0", "");
+    let seed = a.gossip.to_string();
+    let b = Node::start("b", dirs[1].path(), "127.0.0.1:0", &seed);
+    let mut c = Node::start("c", dirs[2].path(), "127.0.0.1:0", &seed);
+    wait_until("three nodes see each other", || {
+        [&a, &b, &c].iter().all(|n| alive_peers(n) == 2)
+    });
+
+    let mut ann = User::join(a.chat, "ann");
+    let mut bob = User::join(b.chat, "bob");
+    let a_texts: Vec<String> = (0..20).map(|i| format!("from-a-{i}")).collect();
+    let b_texts: Vec<String> = (0..5).map(|i| format!("from-b-{i}")).collect();
+    for t in &a_texts {
+        ann.send(t);
+    }
+    for t in &b_texts {
+        bob.send(t);
+    }
+    // A message larger than one gossip datagram crosses in pieces.
+    let long = format!("long-{}", "L".repeat(5000));
+    bob.send(&long);
+    bob.wait_for("<ann> from-a-19");
+    ann.wait_for("<bob> from-b-4");
+    ann.wait_for(&format!("<bob> {long}"));
+    // Exactly once, in the sender's order, on the other node.
+    assert_eq!(bob.texts_from("ann"), a_texts);
+    let mut b_sent = b_texts.clone();
+    b_sent.push(long.clone());
+    assert_eq!(ann.texts_from("bob"), b_sent);
+
+    // kill -9 of c; a message posted meanwhile still reaches b.
+    let c_gossip = c.gossip;
+    c.kill9();
+    wait_until("a and b count c out", || {
+        alive_peers(&a) == 1 && alive_peers(&b) == 1
+    });
+    ann.send("while-c-was-down");
+    bob.wait_for("<ann> while-c-was-down");
+
+    // c restarts on its gossip address with its data dir; its history catches up.
+    let c = Node::start("c", dirs[2].path(), &c_gossip.to_string(), &seed);
+    let mut want: Vec<String> = a_texts.clone();
+    want.extend(b_sent.iter().cloned());
+    want.push("while-c-was-down".into());
+    want.sort();
+    for node in [&a, &b, &c] {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let mut got = history_texts(node);
+            got.sort();
+            if got == want {
+                break;
+            }
+            let last: Vec<String> = history_texts(node)
+                .into_iter()
+                .map(|t| t.chars().take(16).collect())
+                .collect();
+            assert!(
+                Instant::now() < deadline,
+                "history of {} never converged: {last:?}\nlog: {}",
+                node.http,
+                node.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50)); // poll interval
+        }
+        // Each sender's messages are stored in its order.
+        let got = history_texts(node);
+        let from_a: Vec<&String> = got.iter().filter(|t| t.starts_with("from-a-")).collect();
+        assert_eq!(from_a, a_texts.iter().collect::<Vec<_>>());
+    }
+    // And a user on the restarted node gets it all from its own history.
+    let mut cid = User::join(c.chat, "cid");
+    cid.wait_for("while-c-was-down");
+}
