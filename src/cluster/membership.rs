@@ -159,80 +159,73 @@ pub fn spawn(
 }
 
 async fn run(
-    mut node: Node,
+    node: Node,
     socket: UdpSocket,
     shared: Arc<Shared>,
     view: watch::Sender<ClusterView>,
     mut commands: mpsc::Receiver<Command>,
     shutdown: CancellationToken,
 ) {
-    let mut timers: BTreeMap<(Instant, u64), Timer> = BTreeMap::new();
-    let mut seq = 0u64;
-    let mut version = u64::MAX;
+    let mut d = Driver {
+        node,
+        socket,
+        shared,
+        view,
+        timers: BTreeMap::new(),
+        seq: 0,
+        version: u64::MAX,
+    };
     let mut buf = vec![0u8; 65_536];
-    node.start();
-    flush(
-        &mut node,
-        &socket,
-        &mut timers,
-        &mut seq,
-        &shared,
-        &view,
-        &mut version,
-    )
-    .await;
+    d.node.start();
+    d.flush().await;
     loop {
-        let next = timers.first_key_value().map(|(k, _)| k.0);
+        let next = d.timers.first_key_value().map(|(k, _)| k.0);
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             // Timers first: a flood of datagrams must not starve probing.
             _ = sleep_until(next) => {
                 let now = Instant::now();
-                while let Some(entry) = timers.first_entry() {
+                while let Some(entry) = d.timers.first_entry() {
                     if entry.key().0 > now {
                         break;
                     }
-                    node.handle_timer(entry.remove());
+                    d.node.handle_timer(entry.remove());
                 }
             }
-            got = crate::udp::recv_from(&socket, &mut buf) => match got {
+            got = crate::udp::recv_from(&d.socket, &mut buf) => match got {
                 Ok(got) if got.truncated_from.is_some() => {
                     debug!(peer = %got.peer, "cluster: oversized datagram dropped");
                 }
-                Ok(got) => node.handle_packet(got.peer, &buf[..got.len]),
+                Ok(got) => d.node.handle_packet(got.peer, &buf[..got.len]),
                 // ICMP errors from earlier sends concern one peer only.
                 Err(e) => debug!("cluster: receive error: {e}"),
             },
             Some(cmd) = commands.recv() => match cmd {
                 Command::Send { to, data, reply } => {
-                    let _ = reply.send(node.send_payload(to, &data));
+                    let _ = reply.send(d.node.send_payload(to, &data));
                 }
             },
         }
-        flush(
-            &mut node,
-            &socket,
-            &mut timers,
-            &mut seq,
-            &shared,
-            &view,
-            &mut version,
-        )
-        .await;
+        d.flush().await;
     }
-    node.leave();
-    flush(
-        &mut node,
-        &socket,
-        &mut timers,
-        &mut seq,
-        &shared,
-        &view,
-        &mut version,
-    )
-    .await;
-    info!(stats = ?node.stats(), "cluster: stopped");
+    d.node.leave();
+    d.flush().await;
+    info!(stats = ?d.node.stats(), "cluster: stopped");
+}
+
+/// The driver's state around the sans-IO node: its socket, its timers, and
+/// where its output goes.
+struct Driver {
+    node: Node,
+    socket: UdpSocket,
+    shared: Arc<Shared>,
+    view: watch::Sender<ClusterView>,
+    /// Pending timers by deadline; `seq` keeps equal deadlines apart.
+    timers: BTreeMap<(Instant, u64), Timer>,
+    seq: u64,
+    /// The node's view version last published on `view`.
+    version: u64,
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -242,49 +235,54 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn flush(
-    node: &mut Node,
-    socket: &UdpSocket,
-    timers: &mut BTreeMap<(Instant, u64), Timer>,
-    seq: &mut u64,
-    shared: &Shared,
-    view: &watch::Sender<ClusterView>,
-    version: &mut u64,
-) {
-    let out = node.take_output();
-    for (to, packet) in &out.sends {
-        if let Err(e) = socket.send_to(packet, to).await {
-            debug!(%to, "cluster: cannot send: {e}");
+impl Driver {
+    /// Sends the node's packets, arms its timers, and publishes its events,
+    /// payloads, counters and (when it changed) its view.
+    async fn flush(&mut self) {
+        let Driver {
+            node,
+            socket,
+            shared,
+            view,
+            timers,
+            seq,
+            version,
+        } = self;
+        let out = node.take_output();
+        for (to, packet) in &out.sends {
+            if let Err(e) = socket.send_to(packet, to).await {
+                debug!(%to, "cluster: cannot send: {e}");
+            }
         }
-    }
-    let now = Instant::now();
-    for (after, timer) in out.timers {
-        *seq += 1;
-        timers.insert((now + after, *seq), timer);
-    }
-    for event in out.events {
-        let _ = shared.events.send(event);
-    }
-    for payload in out.payloads {
-        let _ = shared.payloads.send(payload);
-    }
-    {
-        let mut status = shared.status.lock().expect("status lock");
-        status.0 = node.counts();
-        status.1 = node.stats();
-        if status.2 != node.id().name {
-            status.2 = node.id().name.clone();
+        let now = Instant::now();
+        for (after, timer) in out.timers {
+            *seq += 1;
+            timers.insert((now + after, *seq), timer);
         }
-    }
-    if node.view_version() != *version {
-        *version = node.view_version();
-        let mut members: Vec<MemberInfo> = node.members().cloned().collect();
-        members.sort_by(|a, b| a.id.name.cmp(&b.id.name).then(a.id.addr.cmp(&b.id.addr)));
-        view.send_replace(ClusterView {
-            me: node.id().clone(),
-            members,
-            counts: node.counts(),
-        });
+        for event in out.events {
+            let _ = shared.events.send(event);
+        }
+        for payload in out.payloads {
+            let _ = shared.payloads.send(payload);
+        }
+        {
+            let mut status = shared.status.lock().expect("status lock");
+            status.0 = node.counts();
+            status.1 = node.stats();
+            if status.2 != node.id().name {
+                status.2 = node.id().name.clone();
+            }
+        }
+        if node.view_version() != *version {
+            *version = node.view_version();
+            let mut members: Vec<MemberInfo> = node.members().cloned().collect();
+            members.sort_by(|a, b| a.id.name.cmp(&b.id.name).then(a.id.addr.cmp(&b.id.addr)));
+            view.send_replace(ClusterView {
+                me: node.id().clone(),
+                members,
+                counts: node.counts(),
+            });
+        }
     }
 }
 
