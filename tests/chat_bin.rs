@@ -1,6 +1,8 @@
 //! The real binary: `netkit serve` killed with SIGKILL loses nothing that was
 //! broadcast, a restart keeps history, and `netkit chat` talks to the hub.
 
+mod proc_util;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -247,15 +249,8 @@ fn netkit_chat_over_websocket_and_tcp() {
     drop(ws_in);
     drop(tcp_in);
     for c in [&mut ws_client, &mut tcp_client] {
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                assert!(status.success());
-                break;
-            }
-            assert!(Instant::now() < deadline, "netkit chat did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(proc_util::exited_within(c, T), "netkit chat did not exit");
+        assert!(c.wait().unwrap().success());
     }
     // A bad URL is a clear error.
     let out = Command::new(env!("CARGO_BIN_EXE_netkit"))

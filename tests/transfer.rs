@@ -339,9 +339,9 @@ async fn sender_times_out_on_a_silent_peer() {
     let addr = listener.local_addr().unwrap();
     let hold = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
-        // Hold the connection open, silently, until the test ends.
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        drop(s);
+        // Hold the connection open, silently, until the test aborts this task.
+        let _held = s;
+        std::future::pending::<()>().await;
     });
     let src = tempfile::tempdir().unwrap();
     let f = src.path().join("f");

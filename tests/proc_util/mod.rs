@@ -105,25 +105,19 @@ impl Netkit {
     }
 
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                // Keep what it logged for failure messages.
-                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-                    self.seen.push(l);
-                }
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "netkit did not exit within {timeout:?}; saw:\n{}",
-                    self.seen.join("\n")
-                );
-            }
-            // Polling a child's exit status: there is no blocking wait with a timeout in std.
-            std::thread::sleep(Duration::from_millis(10));
+        if !exited_within(&self.child, timeout) {
+            let _ = self.child.kill();
+            panic!(
+                "netkit did not exit within {timeout:?}; saw:\n{}",
+                self.seen.join("\n")
+            );
         }
+        let st = self.child.wait().unwrap();
+        // Keep what it logged for failure messages.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        st
     }
 
     pub fn stdout_string(&mut self) -> String {
@@ -173,17 +167,27 @@ pub fn run_with_stdin(
         err.read_to_string(&mut s).ok();
         s
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("netkit {args:?} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    if !exited_within(&child, timeout) {
+        let _ = child.kill();
+        panic!("netkit {args:?} did not finish within {timeout:?}");
+    }
+    let status = child.wait().unwrap();
     writer.join().unwrap();
     (status, o.join().unwrap(), e.join().unwrap())
+}
+
+/// Blocks until `child` has exited or `timeout` passed, and says which. The
+/// child is not reaped (`WNOWAIT`), so `Child::wait` still gets its status.
+pub fn exited_within(child: &Child, timeout: Duration) -> bool {
+    let pid = child.id();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        // SAFETY: waitid(2) writes only into the zeroed siginfo we own.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        let _ = tx.send(rc == 0);
+    });
+    rx.recv_timeout(timeout).unwrap_or(false)
 }
