@@ -2,10 +2,12 @@
 //! in-process memberships gossiping on 127.0.0.1), and two real `netkit serve`
 //! processes. Every wait polls with a deadline; nothing sleeps for correctness.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod proc_util;
+
+use proc_util::{Netkit, cluster_node_command};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -165,74 +167,25 @@ async fn router_reports_members_of_a_live_cluster() {
     hub.shutdown();
 }
 
-/// A real `netkit serve` node with its stderr lines on a channel.
+/// A `netkit serve` cluster node and its data dir.
 struct Node {
-    child: Child,
-    log: Receiver<String>,
-    seen: Vec<String>,
+    p: Netkit,
     _dir: tempfile::TempDir,
 }
 
 impl Node {
     fn start(name: &str, join: &str, chat: bool) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netkit"));
-        cmd.args(["serve", "--tcp", "off", "--udp", "off", "--drop", "off"])
-            .args(["--http", "127.0.0.1:0"])
-            .args(["--chat", if chat { "127.0.0.1:0" } else { "off" }])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--node-name", name, "--cluster-listen", "127.0.0.1:0"])
-            .args(["--join", join])
-            .args(["--cluster-probe-period", "200ms"])
-            .args(["--cluster-probe-rtt", "80ms"])
-            .args(["--cluster-suspect-timeout", "600ms"])
-            .args(["--cluster-gossip-interval", "50ms"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("NETKIT_CLUSTER_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn netkit");
-        let (tx, log) = channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let cmd = cluster_node_command(name, dir.path(), "127.0.0.1:0", join, chat);
         Node {
-            child,
-            log,
-            seen: Vec::new(),
+            p: Netkit::from_command(cmd),
             _dir: dir,
         }
     }
 
     /// The address logged after `needle`, waiting for the line with a deadline.
     fn addr_after(&mut self, needle: &str) -> SocketAddr {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-                let rest = &l[l.find(needle).unwrap() + needle.len()..];
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no {needle:?} in the log:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.addr_after(needle)
     }
 }
 
@@ -310,8 +263,8 @@ fn two_real_nodes_report_each_other() {
     }
 
     // kill -9 of b: a reports it down.
-    b.child.kill().unwrap();
-    b.child.wait().unwrap();
+    b.p.child.kill().unwrap();
+    b.p.child.wait().unwrap();
     let deadline = Instant::now() + DEADLINE;
     loop {
         let va = fetch(a_http);

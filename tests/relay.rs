@@ -3,21 +3,21 @@
 //! once and in order, a node killed with `kill -9` restarts and its history
 //! converges. Every wait reads a socket or polls HTTP with a deadline.
 
+mod proc_util;
+
+use proc_util::{Netkit, cluster_node_command};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A `netkit serve` cluster node with line chat, and its bound addresses.
 struct Node {
-    child: Child,
-    log: Receiver<String>,
-    seen: Vec<String>,
+    p: Netkit,
     http: SocketAddr,
     chat: SocketAddr,
     gossip: SocketAddr,
@@ -25,73 +25,23 @@ struct Node {
 
 impl Node {
     fn start(name: &str, data: &Path, listen: &str, join: &str) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netkit"));
-        cmd.args(["serve", "--tcp", "off", "--udp", "off", "--drop", "off"])
-            .args(["--http", "127.0.0.1:0", "--chat", "127.0.0.1:0"])
-            .args(["--chat-rate", "0"])
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--node-name", name, "--cluster-listen", listen])
-            .args(["--join", join])
-            .args(["--cluster-probe-period", "200ms"])
-            .args(["--cluster-probe-rtt", "80ms"])
-            .args(["--cluster-suspect-timeout", "600ms"])
-            .args(["--cluster-gossip-interval", "50ms"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("NETKIT_CLUSTER_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn netkit");
-        let (tx, log) = channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut node = Node {
-            child,
-            log,
-            seen: Vec::new(),
-            http: "0.0.0.0:0".parse().unwrap(),
-            chat: "0.0.0.0:0".parse().unwrap(),
-            gossip: "0.0.0.0:0".parse().unwrap(),
-        };
-        node.http = node.addr_after("http: listening on http://");
-        node.chat = node.addr_after("chat: listening on ");
-        node.gossip = node.addr_after("gossip on udp ");
-        node
-    }
-
-    fn addr_after(&mut self, needle: &str) -> SocketAddr {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-                let rest = &l[l.find(needle).unwrap() + needle.len()..];
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no {needle:?} in the log:\n{}", self.seen.join("\n")),
-            }
+        let mut cmd = cluster_node_command(name, data, listen, join, true);
+        cmd.args(["--chat-rate", "0"]);
+        let mut p = Netkit::from_command(cmd);
+        let http = p.addr_after("http: listening on http://");
+        let chat = p.addr_after("chat: listening on ");
+        let gossip = p.addr_after("gossip on udp ");
+        Node {
+            p,
+            http,
+            chat,
+            gossip,
         }
     }
 
     fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.p.child.kill().unwrap(); // SIGKILL
+        self.p.child.wait().unwrap();
     }
 }
 
@@ -246,7 +196,7 @@ fn messages_cross_nodes_and_histories_converge_after_kill_9() {
                 Instant::now() < deadline,
                 "history of {} never converged: {last:?}\nlog: {}",
                 node.http,
-                node.seen.join("\n")
+                node.p.seen.join("\n")
             );
             std::thread::sleep(Duration::from_millis(50)); // poll interval
         }

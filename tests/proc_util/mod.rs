@@ -83,9 +83,13 @@ impl Netkit {
 
     /// Waits for `<prefix> listening on ADDR` and returns ADDR.
     pub fn addr(&mut self, prefix: &str) -> SocketAddr {
-        let needle = format!("{prefix} listening on ");
-        let line = self.wait_for(&needle, Duration::from_secs(20));
-        let rest = &line[line.find(&needle).unwrap() + needle.len()..];
+        self.addr_after(&format!("{prefix} listening on "))
+    }
+
+    /// Waits for a stderr line containing `needle` and parses the address after it.
+    pub fn addr_after(&mut self, needle: &str) -> SocketAddr {
+        let line = self.wait_for(needle, Duration::from_secs(30));
+        let rest = &line[line.find(needle).unwrap() + needle.len()..];
         rest.split_whitespace()
             .next()
             .unwrap()
@@ -190,4 +194,33 @@ pub fn exited_within(child: &Child, timeout: Duration) -> bool {
         let _ = tx.send(rc == 0);
     });
     rx.recv_timeout(timeout).unwrap_or(false)
+}
+
+/// `netkit serve` as a cluster node on 127.0.0.1 with fast failure detection:
+/// HTTP on port 0, line chat on port 0 when `chat`, every other door off.
+/// Callers may add flags before spawning it with [`Netkit::from_command`].
+pub fn cluster_node_command(
+    name: &str,
+    data: &std::path::Path,
+    listen: &str,
+    join: &str,
+    chat: bool,
+) -> Command {
+    let mut cmd = bin();
+    cmd.args(["serve", "--tcp", "off", "--udp", "off", "--drop", "off"])
+        .args(["--http", "127.0.0.1:0"])
+        .args(["--chat", if chat { "127.0.0.1:0" } else { "off" }])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--node-name", name, "--cluster-listen", listen])
+        .args(["--join", join])
+        .args(["--cluster-probe-period", "200ms"])
+        .args(["--cluster-probe-rtt", "80ms"])
+        .args(["--cluster-suspect-timeout", "600ms"])
+        .args(["--cluster-gossip-interval", "50ms"])
+        .env_remove("NETKIT_CLUSTER_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
 }
