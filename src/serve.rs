@@ -34,6 +34,12 @@ pub struct ServeArgs {
     /// Where state lives.
     #[arg(long, default_value = "./netkit-data", env = "NETKIT_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// Largest datagram the UDP service takes; larger ones are reported and dropped.
+    #[arg(long, default_value = "64KiB", value_parser = crate::cli::parse_size, env = "NETKIT_UDP_MAX_DATAGRAM")]
+    pub udp_max_datagram: u64,
+    /// Limits of the file drop.
+    #[command(flatten)]
+    pub drop_limits: crate::transfer::recv::DropArgs,
     /// Limits of the TCP service.
     #[command(flatten)]
     pub tcp_limits: tcp::server::LimitArgs,
@@ -119,7 +125,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         crate::transfer::recv::prepare_dir(&files)?;
         tracker.spawn(crate::transfer::recv::serve(
             listener,
-            crate::transfer::recv::Config::new(files),
+            args.drop_limits.config(files),
             shutdown.clone(),
         ));
     }
@@ -185,7 +191,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         tracker.spawn(udp::server::run(
             socket,
             Service::Echo,
-            65_536,
+            udp::server::buffer_size(args.udp_max_datagram),
             Arc::new(udp::server::Stats::default()),
             shutdown.clone(),
         ));

@@ -242,10 +242,18 @@ fn serve_runs_the_file_drop() {
         "off",
         "--chat",
         "off",
+        "--drop-max-size",
+        "100",
         "--data-dir",
         data.path().to_str().unwrap(),
     ]);
     let src = tempfile::tempdir().unwrap();
+    // The drop's limit flags reach its receiver.
+    let big = src.path().join("big.bin");
+    std::fs::write(&big, [7u8; 101]).unwrap();
+    let o = send(&["--to", &r.addr, big.to_str().unwrap()], None);
+    assert!(!o.status.success());
+    assert!(!data.path().join("files/big.bin").exists());
     let f = src.path().join("dropped.txt");
     std::fs::write(&f, "into the drop").unwrap();
     let o = send(&["--to", &r.addr, f.to_str().unwrap()], None);

@@ -64,6 +64,36 @@ pub struct RecvArgs {
     pub no_sync: bool,
 }
 
+/// Limits of the file drop in `netkit serve` (the receiver's flags, named `--drop-…`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DropArgs {
+    /// Refuse dropped files larger than this (e.g. 10GiB).
+    #[arg(long, value_parser = parse_size, env = "NETKIT_DROP_MAX_SIZE")]
+    pub drop_max_size: Option<u64>,
+    /// Give up on a sender to the drop that sends nothing for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_DROP_TIMEOUT")]
+    pub drop_timeout: Duration,
+    /// Most senders the drop serves at once; more wait for a free slot.
+    #[arg(long, default_value_t = 64, env = "NETKIT_DROP_MAX_CONNS")]
+    pub drop_max_conns: usize,
+    /// Replace an existing different file in the drop instead of saving it as `name (1).ext`.
+    #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
+    pub drop_overwrite: bool,
+}
+
+impl DropArgs {
+    /// The receiver configuration for the drop folder `dir`.
+    pub fn config(&self, dir: impl Into<PathBuf>) -> Config {
+        Config {
+            overwrite: self.drop_overwrite,
+            max_size: self.drop_max_size,
+            timeout: self.drop_timeout,
+            max_conns: self.drop_max_conns.max(1),
+            ..Config::new(dir)
+        }
+    }
+}
+
 /// How a receiver behaves; built from [`RecvArgs`] or by hand.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -37,15 +37,21 @@ pub struct Stats {
     pub truncated: AtomicU64,
 }
 
+/// The receive buffer for a `--max-datagram` value: 1 byte to 64 KiB (the
+/// largest UDP payload fits).
+pub fn buffer_size(max_datagram: u64) -> usize {
+    usize::try_from(max_datagram)
+        .unwrap_or(usize::MAX)
+        .clamp(1, 65_536)
+}
+
 /// Runs `netkit udp serve` until SIGINT or SIGTERM.
 pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
     let Some(addr) = args.listen.addr() else {
         anyhow::bail!("--listen off leaves nothing to serve");
     };
     let socket = crate::cli::bind_udp(addr, "--listen").await?;
-    let max = usize::try_from(args.max_datagram)
-        .unwrap_or(usize::MAX)
-        .clamp(1, 65_536);
+    let max = buffer_size(args.max_datagram);
     run(
         socket,
         args.service,
