@@ -210,16 +210,7 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, nick, text, ts_ms, kind FROM messages
-                 WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id DESC LIMIT ?4",
-            )
-            .map_err(|e| self.err(e))?;
-        let mut out = self.collect(&mut stmt, room, after, upto, limit)?;
-        out.reverse();
-        Ok(out)
+        self.range(room, after, upto, limit, true)
     }
 
     /// The oldest `limit` messages of `room` with `after < id <= upto`, oldest first.
@@ -230,14 +221,32 @@ impl Store {
         upto: u64,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, nick, text, ts_ms, kind FROM messages
-                 WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id ASC LIMIT ?4",
-            )
-            .map_err(|e| self.err(e))?;
-        self.collect(&mut stmt, room, after, upto, limit)
+        self.range(room, after, upto, limit, false)
+    }
+
+    /// `limit` messages of `room` with `after < id <= upto` from the newest or
+    /// the oldest end, returned oldest first.
+    fn range(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        newest: bool,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let sql = if newest {
+            "SELECT id, nick, text, ts_ms, kind FROM messages
+             WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id DESC LIMIT ?4"
+        } else {
+            "SELECT id, nick, text, ts_ms, kind FROM messages
+             WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id ASC LIMIT ?4"
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let mut out = self.collect(&mut stmt, room, after, upto, limit)?;
+        if newest {
+            out.reverse();
+        }
+        Ok(out)
     }
 
     fn collect(
