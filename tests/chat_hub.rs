@@ -84,7 +84,9 @@ async fn rooms_presence_and_messages() {
         ServerMsg::Presence {
             room: "lobby".into(),
             nick: "bob".into(),
-            event: PresenceEvent::Join
+            event: PresenceEvent::Join,
+            node: None,
+            reason: None,
         }
     );
     ann.say("lobby", "hello".into(), MessageKind::Say)
@@ -206,7 +208,8 @@ async fn nick_rules_and_direct_messages() {
         next(&mut bi).await,
         ServerMsg::Nick {
             old: "bob".into(),
-            new: "robert".into()
+            new: "robert".into(),
+            node: None,
         }
     );
     cat.set_nick("bob").unwrap();
