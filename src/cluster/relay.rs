@@ -822,6 +822,14 @@ impl PresenceLink {
             return;
         }
         self.mine = next;
+        let size = RelayPacket::Presence(self.mine.clone()).encode().len();
+        if size > usize::from(MAX_PARTS) * (MAX_DATAGRAM - 32) {
+            tracing::warn!(
+                bytes = size,
+                users = self.mine.users.len(),
+                "relay: presence snapshot too large for other nodes to accept; they will not see this node's users"
+            );
+        }
         let now = tokio::time::Instant::now();
         self.last_sent = Some(now);
         self.resend_due = Some(now + PRESENCE_RESEND);
@@ -1428,5 +1436,51 @@ mod tests {
         assert_eq!(RelayPacket::decode(b"\x00garbage"), None);
         assert_eq!(RelayPacket::decode(&[MAGIC, 0xff, 0xff]), None);
         assert_eq!(RelayPacket::decode(&[]), None);
+    }
+
+    #[test]
+    fn presence_packets_roundtrip_and_garbage_is_dropped() {
+        use super::super::presence::{Snapshot, SnapshotUser};
+        let snap = RelayPacket::Presence(Snapshot {
+            version: 3,
+            users: vec![SnapshotUser {
+                id: 7,
+                nick: "bob".into(),
+                rooms: vec!["lobby".into()],
+            }],
+        });
+        assert_eq!(RelayPacket::decode(&snap.encode()), Some(snap.clone()));
+        let direct = RelayPacket::Direct {
+            from: "ann".into(),
+            to: "bob".into(),
+            text: "psst".into(),
+            ts: 1,
+        };
+        assert_eq!(RelayPacket::decode(&direct.encode()), Some(direct));
+        // Truncated or padded datagrams of a presence packet do not decode.
+        let bytes = snap.encode();
+        for cut in 1..bytes.len() {
+            assert_eq!(RelayPacket::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        // A claimed length far beyond the datagram.
+        let mut huge = vec![MAGIC, 6, 3, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        huge.extend([0u8; 16]);
+        assert_eq!(RelayPacket::decode(&huge), None);
+        // Pieces announcing more than MAX_PARTS, or larger than a datagram,
+        // are refused before anything is held.
+        let mut r = Reassembly::default();
+        assert!(
+            r.add(1, 1, 0, MAX_PARTS + 1, vec![0], Duration::ZERO)
+                .is_none()
+        );
+        assert!(
+            r.add(1, 2, 0, 2, vec![0; MAX_DATAGRAM + 1], Duration::ZERO)
+                .is_none()
+        );
+        assert!(r.pending.is_empty());
+        // A split snapshot whose reassembled body is garbage yields nothing.
+        assert!(r.add(1, 3, 0, 2, vec![6, 3], Duration::ZERO).is_none());
+        assert!(r.add(1, 3, 1, 2, vec![0xff; 8], Duration::ZERO).is_none());
+        assert!(r.pending.is_empty());
     }
 }
