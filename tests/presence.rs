@@ -141,13 +141,19 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     let mut ann = User::connect(a.chat, "ann");
     ann.send("/join lobby");
     ann.wait_for("-- joined #lobby");
-    wait_until("b hears of ann", || {
-        peers(&b).iter().any(|m| {
-            m["users"]
-                .as_array()
-                .is_some_and(|u| u.contains(&"ann".into()))
-        })
+    wait_until("b hears of ann in lobby", || {
+        get(b.http, "/api/rooms")["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "lobby" && r["remote"] == 1)
     });
+    // /api/cluster lists a's users on b.
+    assert!(peers(&b).iter().any(|m| {
+        m["users"]
+            .as_array()
+            .is_some_and(|u| u.contains(&"ann".into()))
+    }));
     let mut bob = User::connect(b.chat, "bob");
     bob.send("/join lobby");
     let joined = bob.wait_for("-- joined #lobby");
