@@ -84,7 +84,9 @@ async fn rooms_presence_and_messages() {
         ServerMsg::Presence {
             room: "lobby".into(),
             nick: "bob".into(),
-            event: PresenceEvent::Join
+            event: PresenceEvent::Join,
+            node: None,
+            reason: None,
         }
     );
     ann.say("lobby", "hello".into(), MessageKind::Say)
@@ -206,7 +208,8 @@ async fn nick_rules_and_direct_messages() {
         next(&mut bi).await,
         ServerMsg::Nick {
             old: "bob".into(),
-            new: "robert".into()
+            new: "robert".into(),
+            node: None,
         }
     );
     cat.set_nick("bob").unwrap();
@@ -525,4 +528,155 @@ async fn big_rooms_skip_presence_events() {
     // No presence for c (room had 2 members): the next thing a sees is a message.
     c.say("r", "hi".into(), MessageKind::Say).await.unwrap();
     assert!(matches!(next(&mut ai).await, ServerMsg::Message(m) if m.from == "c"));
+}
+
+/// Presence heard from other nodes (what the cluster relay feeds the hub):
+/// local members get the same events as for local users, with the node
+/// added, member lists and counts include remote members, their nicks are
+/// taken here, and direct messages go out to the relay and come in from it.
+#[tokio::test]
+async fn remote_presence_reaches_local_members_with_their_node() {
+    use netkit::chat::hub::RemotePresence;
+    use netkit::chat::protocol::RemoteMember;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(dir.path(), unlimited());
+    let mut outgoing = hub.take_outgoing_directs().unwrap();
+    assert!(hub.take_outgoing_directs().is_none());
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    join(&ann, &mut ai, "lobby", None).await;
+    let bob = RemoteMember {
+        nick: "bob".into(),
+        node: "b".into(),
+    };
+    hub.apply_remote_presence(
+        vec![RemotePresence::Join {
+            room: "lobby".into(),
+            member: bob.clone(),
+        }],
+        vec![bob.clone()],
+    );
+    let ev = next(&mut ai).await;
+    assert_eq!(
+        ev.to_json(),
+        r#"{"type":"presence","room":"lobby","nick":"bob","event":"join","node":"b"}"#
+    );
+    // The same join again (a resent snapshot) is not announced twice.
+    hub.apply_remote_presence(
+        vec![RemotePresence::Join {
+            room: "lobby".into(),
+            member: bob.clone(),
+        }],
+        vec![bob.clone()],
+    );
+    ann.who("lobby").unwrap();
+    let who = next(&mut ai).await;
+    assert_eq!(
+        who.to_json(),
+        r#"{"type":"members","room":"lobby","members":["ann","bob"],"remote":[{"nick":"bob","node":"b"}]}"#
+    );
+    let lobby = hub.rooms().into_iter().find(|r| r.name == "lobby").unwrap();
+    assert_eq!((lobby.members, lobby.remote), (2, 1));
+    // bob's nick is taken here too (case-insensitively).
+    assert_eq!(ann.set_nick("Bob"), Err(HubError::NickTaken("Bob".into())));
+    let (_x, mut xi) = hub.connect(Some("BOB")).unwrap();
+    assert!(
+        matches!(next(&mut xi).await, ServerMsg::Welcome { nick } if nick.starts_with("guest-"))
+    );
+    assert!(matches!(next(&mut xi).await, ServerMsg::Error { code, .. } if code == "nick_taken"));
+    // A local join lists the remote member; local events keep their old shape.
+    let (cat, mut ci) = connect(&hub, "cat").await;
+    cat.join("lobby", None).await.unwrap();
+    let ServerMsg::Joined {
+        members,
+        remote,
+        member_count,
+        ..
+    } = next(&mut ci).await
+    else {
+        panic!("expected joined");
+    };
+    assert_eq!(members, vec!["ann", "bob", "cat"]);
+    assert_eq!(remote, vec![bob.clone()]);
+    assert_eq!(member_count, 3);
+    assert_eq!(
+        next(&mut ai).await.to_json(),
+        r#"{"type":"presence","room":"lobby","nick":"cat","event":"join"}"#
+    );
+    // A remote rename, then a leave because the node went down.
+    let rob = RemoteMember {
+        nick: "rob".into(),
+        node: "b".into(),
+    };
+    hub.apply_remote_presence(
+        vec![RemotePresence::Nick {
+            node: "b".into(),
+            old: "bob".into(),
+            new: "rob".into(),
+        }],
+        vec![rob.clone()],
+    );
+    assert_eq!(
+        next(&mut ai).await.to_json(),
+        r#"{"type":"nick","old":"bob","new":"rob","node":"b"}"#
+    );
+    // Direct messages: out through the relay's queue, echoed to the sender.
+    ann.direct("rob", "psst".into()).unwrap();
+    let out = outgoing.recv().await.unwrap();
+    assert_eq!(
+        (out.from.as_str(), &out.to, out.text.as_str()),
+        ("ann", &rob, "psst")
+    );
+    assert!(matches!(next(&mut ai).await, ServerMsg::Direct { to, .. } if to == "rob"));
+    ann.direct("rob@b", "again".into()).unwrap();
+    assert_eq!(outgoing.recv().await.unwrap().to, rob);
+    assert!(matches!(next(&mut ai).await, ServerMsg::Direct { to, .. } if to == "rob@b"));
+    assert_eq!(
+        ann.direct("rob@c", "x".into()),
+        Err(HubError::NoSuchUser("rob@c".into()))
+    );
+    // ... and in from another node; a sender whose nick is in use here shows its node.
+    assert!(hub.deliver_remote_direct(rob.clone(), "ann", "hi".into(), 5));
+    assert!(
+        matches!(next(&mut ai).await, ServerMsg::Direct { from, to, .. } if from == "rob" && to == "ann")
+    );
+    let cat_b = RemoteMember {
+        nick: "cat".into(),
+        node: "b".into(),
+    };
+    assert!(hub.deliver_remote_direct(cat_b, "ann", "hi".into(), 5));
+    assert!(matches!(next(&mut ai).await, ServerMsg::Direct { from, .. } if from == "cat@b"));
+    assert!(!hub.deliver_remote_direct(rob.clone(), "nobody", "hi".into(), 5));
+    assert!(!hub.deliver_remote_direct(rob.clone(), "bad nick", "hi".into(), 5));
+    hub.apply_remote_presence(
+        vec![RemotePresence::Leave {
+            room: "lobby".into(),
+            member: rob.clone(),
+            reason: Some("node down".into()),
+        }],
+        vec![],
+    );
+    assert_eq!(
+        next(&mut ai).await.to_json(),
+        r#"{"type":"presence","room":"lobby","nick":"rob","event":"leave","node":"b","reason":"node down"}"#
+    );
+    ann.who("lobby").unwrap();
+    assert!(
+        matches!(next(&mut ai).await, ServerMsg::Members { members, remote, .. } if members == ["ann", "cat"] && remote.is_empty())
+    );
+    // The nick is free again.
+    ann.set_nick("bob").unwrap();
+    // The local presence the cluster is sent.
+    let users = hub.local_presence();
+    let nicks: Vec<(&str, Vec<String>)> = users
+        .iter()
+        .map(|u| (u.nick.as_str(), u.rooms.clone()))
+        .collect();
+    assert!(
+        nicks.contains(&("bob", vec!["lobby".to_string()])),
+        "{nicks:?}"
+    );
+    assert!(
+        nicks.contains(&("cat", vec!["lobby".to_string()])),
+        "{nicks:?}"
+    );
 }

@@ -101,6 +101,17 @@
     }
   }
 
+  // Members of other cluster nodes are shown (and messaged) as nick@node.
+  function atNode(nick, node) { return node ? nick + "@" + node : nick; }
+  function shownMembers(members, remote) {
+    const local = members.slice();
+    for (const r of remote || []) {
+      const i = local.indexOf(r.nick);
+      if (i >= 0) local.splice(i, 1);
+    }
+    return local.concat((remote || []).map((r) => atNode(r.nick, r.node))).sort();
+  }
+
   function renderMembers() {
     el.members.replaceChildren();
     const r = current ? room(current) : null;
@@ -159,7 +170,7 @@
         const r = room(m.room);
         r.joined = true;
         r.topic = m.topic;
-        r.members = m.members;
+        r.members = shownMembers(m.members, m.remote);
         if (r.lastId === 0 || m.truncated) notice(m.room, "joined #" + m.room);
         else notice(m.room, "reconnected to #" + m.room);
         if (m.truncated) notice(m.room, "some older messages were skipped; scroll the history with the API");
@@ -192,22 +203,24 @@
       }
       case "presence": {
         const r = room(m.room);
-        if (m.event === "join") { if (!r.members.includes(m.nick)) r.members.push(m.nick); r.members.sort(); }
-        else r.members = r.members.filter((x) => x !== m.nick);
-        notice(m.room, m.nick + (m.event === "join" ? " joined" : " left"));
+        const who = atNode(m.nick, m.node);
+        if (m.event === "join") { if (!r.members.includes(who)) r.members.push(who); r.members.sort(); }
+        else r.members = r.members.filter((x) => x !== who);
+        notice(m.room, who + (m.event === "join" ? " joined" : " left") + (m.reason ? " (" + m.reason + ")" : ""));
         if (m.room === current) renderMembers();
         break;
       }
       case "nick": {
-        if (m.old === myNick) {
+        const oldName = atNode(m.old, m.node), newName = atNode(m.new, m.node);
+        if (!m.node && m.old === myNick) {
           myNick = m.new;
           el.nickInput.value = m.new;
           localStorage.setItem("netkit.nick", m.new);
         }
         for (const [name, r] of rooms) {
-          if (r.joined && r.members.includes(m.old)) {
-            r.members = r.members.map((x) => (x === m.old ? m.new : x)).sort();
-            notice(name, m.old + " is now known as " + m.new);
+          if (r.joined && r.members.includes(oldName)) {
+            r.members = r.members.map((x) => (x === oldName ? newName : x)).sort();
+            notice(name, oldName + " is now known as " + newName);
           }
         }
         if (m.old === myNick || m.new === myNick) setStatus("online as " + myNick, "online");
@@ -229,7 +242,7 @@
       }
       case "members": {
         const r = room(m.room);
-        r.members = m.members;
+        r.members = shownMembers(m.members, m.remote);
         if (m.room === current) renderMembers();
         break;
       }

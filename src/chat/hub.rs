@@ -24,7 +24,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, RoomInfo, ServerMsg};
+use super::protocol::{
+    ChatMessage, ClientMsg, MessageKind, PresenceEvent, RemoteMember, RoomInfo, ServerMsg,
+};
 use super::store::{NewMessage, Store, StoreError};
 
 /// Limits and policies of a hub.
@@ -245,7 +247,85 @@ struct State {
     nicks: HashMap<String, ClientId>,
     rooms: HashMap<String, Room>,
     shutting_down: bool,
+    /// Users connected to other cluster nodes (fed by the cluster relay).
+    remote: Remote,
 }
+
+/// What this node knows of the users connected to other nodes.
+#[derive(Default)]
+struct Remote {
+    /// Room name → its members on other nodes.
+    rooms: HashMap<String, BTreeSet<RemoteMember>>,
+    /// Lowercased nick → the remote users carrying it (usually one).
+    users: HashMap<String, Vec<RemoteMember>>,
+}
+
+impl Remote {
+    fn count(&self, room: &str) -> usize {
+        self.rooms.get(room).map_or(0, BTreeSet::len)
+    }
+
+    fn has_nick(&self, nick: &str) -> bool {
+        self.users.contains_key(&nick.to_ascii_lowercase())
+    }
+}
+
+/// A change of presence on another node, for [`Hub::apply_remote_presence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemotePresence {
+    /// `member` joined `room`.
+    Join {
+        /// Room name.
+        room: String,
+        /// Who, and on which node.
+        member: RemoteMember,
+    },
+    /// `member` left `room`; `reason` is set when it did not leave itself.
+    Leave {
+        /// Room name.
+        room: String,
+        /// Who, and on which node.
+        member: RemoteMember,
+        /// E.g. `node down`.
+        reason: Option<String>,
+    },
+    /// A user of `node` changed nick from `old` to `new`.
+    Nick {
+        /// The node it is connected to.
+        node: String,
+        /// Old nickname.
+        old: String,
+        /// New nickname.
+        new: String,
+    },
+}
+
+/// One connected client as the cluster presence snapshot carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalUser {
+    /// The hub's id of the client (stable for its connection).
+    pub id: u64,
+    /// Its nickname.
+    pub nick: String,
+    /// The rooms it is in, sorted.
+    pub rooms: Vec<String>,
+}
+
+/// A direct message to a user of another node, for the cluster relay to carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingDirect {
+    /// Sender nick (on this node).
+    pub from: String,
+    /// Recipient and its node.
+    pub to: RemoteMember,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+}
+
+/// Capacity of the queue of direct messages to other nodes.
+const OUTGOING_DIRECTS: usize = 1024;
 
 struct Shared {
     config: HubConfig,
@@ -255,6 +335,12 @@ struct Shared {
     reader: Mutex<Store>,
     /// Messages posted on this node, sent once stored (for the cluster relay).
     stored_local: tokio::sync::broadcast::Sender<ChatMessage>,
+    /// Bumped whenever a local client connects, leaves, joins, parts or
+    /// renames (for the cluster presence snapshot).
+    presence: tokio::sync::watch::Sender<u64>,
+    /// Direct messages to users of other nodes; the receiver is taken by the relay.
+    directs: mpsc::Sender<OutgoingDirect>,
+    directs_rx: Mutex<Option<mpsc::Receiver<OutgoingDirect>>>,
 }
 
 enum WriteCmd {
@@ -343,6 +429,7 @@ impl Hub {
                 },
             );
         }
+        let (directs_tx, directs_rx) = mpsc::channel(OUTGOING_DIRECTS);
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(state),
@@ -350,6 +437,9 @@ impl Hub {
             next_client: AtomicU64::new(1),
             reader: Mutex::new(reader),
             stored_local: tokio::sync::broadcast::channel(STORED_LOCAL_CAPACITY).0,
+            presence: tokio::sync::watch::channel(0).0,
+            directs: directs_tx,
+            directs_rx: Mutex::new(Some(directs_rx)),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let s = shared.clone();
@@ -418,7 +508,9 @@ impl Hub {
             let mut refused = None;
             match wanted {
                 Some(w) if !valid_nick(w) => refused = Some(HubError::BadNick(truncate(w))),
-                Some(w) if st.nicks.contains_key(&w.to_ascii_lowercase()) => {
+                Some(w)
+                    if st.nicks.contains_key(&w.to_ascii_lowercase()) || st.remote.has_nick(w) =>
+                {
                     refused = Some(HubError::NickTaken(w.to_string()))
                 }
                 _ => {}
@@ -429,7 +521,9 @@ impl Hub {
                     let mut n = id;
                     loop {
                         let candidate = format!("guest-{n}");
-                        if !st.nicks.contains_key(&candidate.to_ascii_lowercase()) {
+                        if !st.nicks.contains_key(&candidate.to_ascii_lowercase())
+                            && !st.remote.has_nick(&candidate)
+                        {
                             break candidate;
                         }
                         n += 1_000_000;
@@ -451,6 +545,7 @@ impl Hub {
             if let Some(e) = &refusal {
                 self.deliver_locked(&mut st, id, &Event::new(e.to_msg()));
             }
+            self.shared.presence_changed();
         }
         let stats = &self.shared.stats;
         let now = stats.clients.fetch_add(1, Ordering::Relaxed) + 1;
@@ -533,15 +628,190 @@ impl Hub {
         let mut v: Vec<RoomInfo> = st
             .rooms
             .iter()
-            .map(|(name, r)| RoomInfo {
-                name: name.clone(),
-                members: r.members.len(),
-                topic: r.topic.clone(),
-                last_id: r.last_id,
+            .map(|(name, r)| {
+                let remote = st.remote.count(name);
+                RoomInfo {
+                    name: name.clone(),
+                    members: r.members.len() + remote,
+                    topic: r.topic.clone(),
+                    last_id: r.last_id,
+                    remote,
+                }
             })
             .collect();
+        // Rooms that so far exist only on other nodes, with members there.
+        for (name, members) in &st.remote.rooms {
+            if !members.is_empty() && !st.rooms.contains_key(name) {
+                v.push(RoomInfo {
+                    name: name.clone(),
+                    members: members.len(),
+                    topic: String::new(),
+                    last_id: 0,
+                    remote: members.len(),
+                });
+            }
+        }
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+
+    /// This node's connected clients with their rooms, for the cluster
+    /// presence snapshot, sorted by id.
+    pub fn local_presence(&self) -> Vec<LocalUser> {
+        let st = self.lock();
+        let mut v: Vec<LocalUser> = st
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.outbox.kick.token.is_cancelled())
+            .map(|(&id, c)| LocalUser {
+                id,
+                nick: c.nick.clone(),
+                rooms: c.rooms.iter().cloned().collect(),
+            })
+            .collect();
+        v.sort_by_key(|u| u.id);
+        v
+    }
+
+    /// A watch bumped whenever [`Hub::local_presence`] may have changed.
+    pub fn presence_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.presence.subscribe()
+    }
+
+    /// Applies presence changes heard from other nodes, in order: updates the
+    /// member lists and tells the local members of each room (as for local
+    /// joins, leaves and renames, with the member's node). `users` is every
+    /// user connected to another node now (nicks in use elsewhere are refused
+    /// here).
+    pub fn apply_remote_presence(&self, changes: Vec<RemotePresence>, users: Vec<RemoteMember>) {
+        let shared = &self.shared;
+        let limit = shared.config.presence_limit;
+        let mut st = self.lock();
+        st.remote.users.clear();
+        for u in users {
+            st.remote
+                .users
+                .entry(u.nick.to_ascii_lowercase())
+                .or_default()
+                .push(u);
+        }
+        for change in changes {
+            match change {
+                RemotePresence::Join { room, member } => {
+                    if !st
+                        .remote
+                        .rooms
+                        .entry(room.clone())
+                        .or_default()
+                        .insert(member.clone())
+                    {
+                        continue;
+                    }
+                    let locals = local_members_below(&st, &room, limit, 1);
+                    let ev = Event::new(ServerMsg::Presence {
+                        room,
+                        nick: member.nick,
+                        event: PresenceEvent::Join,
+                        node: Some(member.node),
+                        reason: None,
+                    });
+                    shared.deliver_locked(&mut st, &locals, &ev);
+                }
+                RemotePresence::Leave {
+                    room,
+                    member,
+                    reason,
+                } => {
+                    let Some(set) = st.remote.rooms.get_mut(&room) else {
+                        continue;
+                    };
+                    if !set.remove(&member) {
+                        continue;
+                    }
+                    if set.is_empty() {
+                        st.remote.rooms.remove(&room);
+                    }
+                    let locals = local_members_below(&st, &room, limit, 0);
+                    let ev = Event::new(ServerMsg::Presence {
+                        room,
+                        nick: member.nick,
+                        event: PresenceEvent::Leave,
+                        node: Some(member.node),
+                        reason,
+                    });
+                    shared.deliver_locked(&mut st, &locals, &ev);
+                }
+                RemotePresence::Nick { node, old, new } => {
+                    let old_m = RemoteMember {
+                        nick: old.clone(),
+                        node: node.clone(),
+                    };
+                    let new_m = RemoteMember {
+                        nick: new.clone(),
+                        node: node.clone(),
+                    };
+                    let mut recipients: BTreeSet<ClientId> = BTreeSet::new();
+                    let State { remote, rooms, .. } = &mut *st;
+                    for (room, set) in remote.rooms.iter_mut() {
+                        if set.remove(&old_m) {
+                            set.insert(new_m.clone());
+                            if let Some(r) = rooms.get(room) {
+                                recipients.extend(r.members.iter().copied());
+                            }
+                        }
+                    }
+                    let recipients: Vec<ClientId> = recipients.into_iter().collect();
+                    let ev = Event::new(ServerMsg::Nick {
+                        old,
+                        new,
+                        node: Some(node),
+                    });
+                    shared.deliver_locked(&mut st, &recipients, &ev);
+                }
+            }
+        }
+    }
+
+    /// The receiver of direct messages addressed to users of other nodes;
+    /// `None` after the first call (the relay takes it).
+    pub fn take_outgoing_directs(&self) -> Option<mpsc::Receiver<OutgoingDirect>> {
+        self.shared
+            .directs_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Delivers a direct message sent by `from` (a user of node `node`) to
+    /// the local user `to`. Returns false if no such user is connected here.
+    pub fn deliver_remote_direct(
+        &self,
+        from: RemoteMember,
+        to: &str,
+        text: String,
+        ts: i64,
+    ) -> bool {
+        if !valid_nick(to) || !valid_nick(&from.nick) || text.is_empty() {
+            return false;
+        }
+        let mut st = self.lock();
+        let Some(&target) = st.nicks.get(&to.to_ascii_lowercase()) else {
+            return false;
+        };
+        // A remote sender whose nick is also in use here is shown as nick@node.
+        let from = if st.nicks.contains_key(&from.nick.to_ascii_lowercase()) {
+            from.display()
+        } else {
+            from.nick
+        };
+        let to = st
+            .clients
+            .get(&target)
+            .map(|c| c.nick.clone())
+            .unwrap_or_default();
+        let ev = Event::new(ServerMsg::Direct { from, to, text, ts });
+        self.shared.deliver_locked(&mut st, &[target], &ev);
+        true
     }
 
     /// Stored messages of `room`, oldest first. With `after` alone it pages
@@ -585,6 +855,11 @@ impl Hub {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the cluster presence that the local clients changed.
+    fn presence_changed(&self) {
+        self.presence.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Puts `ev` in each recipient's queue; a recipient whose queue is full is
@@ -648,11 +923,13 @@ impl Shared {
             return;
         };
         st.nicks.remove(&c.nick.to_ascii_lowercase());
+        self.presence_changed();
         for room in &c.rooms {
+            let remote = st.remote.count(room);
             let members: Vec<ClientId> = match st.rooms.get_mut(room) {
                 Some(r) => {
                     r.members.remove(&id);
-                    if r.members.len() >= self.config.presence_limit {
+                    if r.members.len() + remote >= self.config.presence_limit {
                         continue;
                     }
                     r.members.iter().copied().collect()
@@ -663,6 +940,8 @@ impl Shared {
                 room: room.clone(),
                 nick: c.nick.clone(),
                 event: PresenceEvent::Leave,
+                node: None,
+                reason: None,
             });
             self.deliver_locked(st, &members, &ev);
         }
@@ -819,10 +1098,11 @@ impl Session {
             return Err(HubError::NotMember(truncate(room)));
         }
         let limit = self.hub.shared.config.presence_limit;
+        let remote = st.remote.count(room);
         let members: Vec<ClientId> = match st.rooms.get_mut(room) {
             Some(r) => {
                 r.members.remove(&self.id);
-                if r.members.len() < limit {
+                if r.members.len() + remote < limit {
                     r.members.iter().copied().collect()
                 } else {
                     Vec::new()
@@ -831,10 +1111,13 @@ impl Session {
             None => Vec::new(),
         };
         let shared = &self.hub.shared;
+        shared.presence_changed();
         let ev = Event::new(ServerMsg::Presence {
             room: room.to_string(),
             nick,
             event: PresenceEvent::Leave,
+            node: None,
+            reason: None,
         });
         shared.deliver_locked(&mut st, &members, &ev);
         let parted = Event::new(ServerMsg::Parted {
@@ -885,7 +1168,7 @@ impl Session {
         }
         let mut st = self.hub.lock();
         let Some(&target) = st.nicks.get(&to.to_ascii_lowercase()) else {
-            return Err(HubError::NoSuchUser(truncate(to)));
+            return self.direct_remote(&mut st, to, text);
         };
         let from = st
             .clients
@@ -912,6 +1195,54 @@ impl Session {
         Ok(())
     }
 
+    /// A direct message to a user of another node (`nick`, or `nick@node`
+    /// to pick one among users of the same nick): handed to the cluster
+    /// relay and echoed to the sender.
+    fn direct_remote(&self, st: &mut State, to: &str, text: String) -> Result<(), HubError> {
+        let (nick, node) = match to.split_once('@') {
+            Some((n, node)) => (n, Some(node)),
+            None => (to, None),
+        };
+        let target = st
+            .remote
+            .users
+            .get(&nick.to_ascii_lowercase())
+            .and_then(|us| us.iter().find(|u| node.is_none_or(|n| u.node == n)))
+            .cloned();
+        let Some(target) = target else {
+            return Err(HubError::NoSuchUser(truncate(to)));
+        };
+        let from = st
+            .clients
+            .get(&self.id)
+            .map(|c| c.nick.clone())
+            .unwrap_or_default();
+        let ts = now_ms();
+        let shown = if node.is_some() {
+            target.display()
+        } else {
+            target.nick.clone()
+        };
+        let out = OutgoingDirect {
+            from: from.clone(),
+            to: target,
+            text: text.clone(),
+            ts,
+        };
+        if self.hub.shared.directs.try_send(out).is_err() {
+            // No relay (clustering off) or its queue is full.
+            return Err(HubError::NoSuchUser(truncate(to)));
+        }
+        let ev = Event::new(ServerMsg::Direct {
+            from,
+            to: shown,
+            text,
+            ts,
+        });
+        self.hub.shared.deliver_locked(st, &[self.id], &ev);
+        Ok(())
+    }
+
     /// Changes the nickname (unique on the server, case-insensitively); everyone
     /// sharing a room with the client, and the client, is told.
     pub fn set_nick(&self, nick: &str) -> Result<(), HubError> {
@@ -923,6 +1254,10 @@ impl Session {
         if let Some(&owner) = st.nicks.get(&key)
             && owner != self.id
         {
+            return Err(HubError::NickTaken(nick.to_string()));
+        }
+        // In use on another node (as far as this node knows).
+        if st.remote.has_nick(nick) && !st.nicks.contains_key(&key) {
             return Err(HubError::NickTaken(nick.to_string()));
         }
         let Some(c) = st.clients.get_mut(&self.id) else {
@@ -942,7 +1277,9 @@ impl Session {
         let ev = Event::new(ServerMsg::Nick {
             old,
             new: nick.to_string(),
+            node: None,
         });
+        self.hub.shared.presence_changed();
         self.hub.shared.deliver_locked(&mut st, &recipients, &ev);
         Ok(())
     }
@@ -971,13 +1308,14 @@ impl Session {
         if !valid_room(room) {
             return Err(HubError::BadRoom(truncate(room)));
         }
-        let members = {
+        let (members, remote) = {
             let st = self.hub.lock();
             member_nicks(&st, room)
         };
         self.tell(ServerMsg::Members {
             room: room.to_string(),
             members,
+            remote,
         });
         Ok(())
     }
@@ -1012,9 +1350,11 @@ impl Drop for Session {
     }
 }
 
-/// At most `max` member nicks of `room` (unsorted; for big rooms).
-fn member_nicks_upto(st: &State, room: &str, max: usize) -> Vec<String> {
-    st.rooms
+/// At most `max` member nicks of `room`, local ones first, sorted, and which
+/// of them are on other nodes.
+fn member_nicks_upto(st: &State, room: &str, max: usize) -> (Vec<String>, Vec<RemoteMember>) {
+    let mut v: Vec<String> = st
+        .rooms
         .get(room)
         .map(|r| {
             r.members
@@ -1023,22 +1363,39 @@ fn member_nicks_upto(st: &State, room: &str, max: usize) -> Vec<String> {
                 .take(max)
                 .collect()
         })
-        .unwrap_or_default()
-}
-
-fn member_nicks(st: &State, room: &str) -> Vec<String> {
-    let mut v: Vec<String> = st
+        .unwrap_or_default();
+    let remote: Vec<RemoteMember> = st
+        .remote
         .rooms
         .get(room)
-        .map(|r| {
-            r.members
-                .iter()
-                .filter_map(|id| st.clients.get(id).map(|c| c.nick.clone()))
+        .map(|set| {
+            set.iter()
+                .take(max.saturating_sub(v.len()))
+                .cloned()
                 .collect()
         })
         .unwrap_or_default();
+    v.extend(remote.iter().map(|m| m.nick.clone()));
     v.sort();
-    v
+    (v, remote)
+}
+
+/// Every member nick of `room` (on every node), sorted, and which are remote.
+fn member_nicks(st: &State, room: &str) -> (Vec<String>, Vec<RemoteMember>) {
+    member_nicks_upto(st, room, usize::MAX)
+}
+
+/// The local members of `room` who get presence events, given that the
+/// room has `extra` more members than counted now: none above the presence limit.
+fn local_members_below(st: &State, room: &str, limit: usize, extra: usize) -> Vec<ClientId> {
+    let Some(r) = st.rooms.get(room) else {
+        return Vec::new();
+    };
+    let total = r.members.len() + st.remote.count(room);
+    if total.saturating_sub(extra) >= limit {
+        return Vec::new();
+    }
+    r.members.iter().copied().collect()
 }
 
 /// Cuts untrusted input echoed in an error to a readable length.
@@ -1308,28 +1665,32 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
         _ => return, // gone, or a duplicate join in the same batch
     };
     let limit = shared.config.presence_limit;
+    let remote = st.remote.count(room);
     let r = st.rooms.entry(room.to_string()).or_default();
-    let others: Vec<ClientId> = if r.members.len() < limit {
+    let others: Vec<ClientId> = if r.members.len() + remote < limit {
         r.members.iter().copied().collect()
     } else {
         Vec::new()
     };
     r.members.insert(client);
     let topic = r.topic.clone();
-    let member_count = r.members.len();
+    let member_count = r.members.len() + remote;
+    shared.presence_changed();
     let presence = Event::new(ServerMsg::Presence {
         room: room.to_string(),
         nick,
         event: PresenceEvent::Join,
+        node: None,
+        reason: None,
     });
     shared.deliver_locked(st, &others, &presence);
-    let mut members = member_nicks_upto(st, room, limit);
-    members.sort();
+    let (members, remote) = member_nicks_upto(st, room, limit);
     let joined = Event::new(ServerMsg::Joined {
         room: room.to_string(),
         topic,
         member_count,
         members,
+        remote,
         last_id: join.last_id,
         history: join.history.len(),
         truncated: join.truncated,

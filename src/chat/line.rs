@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::ConnConfig;
 use super::hub::{Hub, Inbox, Received};
-use super::protocol::{ClientMsg, MessageKind, PresenceEvent, ServerMsg};
+use super::protocol::{ClientMsg, MessageKind, PresenceEvent, RemoteMember, ServerMsg};
 
 /// The help text of the line protocol.
 pub const HELP: &str = "\
@@ -227,6 +227,7 @@ pub fn format_line(msg: &ServerMsg) -> String {
             room,
             topic,
             members,
+            remote,
             history,
             ..
         } => {
@@ -238,15 +239,32 @@ pub fn format_line(msg: &ServerMsg) -> String {
             format!(
                 "-- joined #{}{topic} — members: {} — {history} earlier message(s) follow",
                 c(room),
-                c(&members.join(", "))
+                c(&shown_members(members, remote).join(", "))
             )
         }
         ServerMsg::Parted { room } => format!("-- you left #{}", c(room)),
-        ServerMsg::Presence { room, nick, event } => match event {
-            PresenceEvent::Join => format!("-- {} joined #{}", c(nick), c(room)),
-            PresenceEvent::Leave => format!("-- {} left #{}", c(nick), c(room)),
-        },
-        ServerMsg::Nick { old, new } => format!("-- {} is now known as {}", c(old), c(new)),
+        ServerMsg::Presence {
+            room,
+            nick,
+            event,
+            node,
+            reason,
+        } => {
+            let who = at_node(nick, node.as_deref());
+            let why = reason
+                .as_ref()
+                .map(|r| format!(" ({})", c(r)))
+                .unwrap_or_default();
+            match event {
+                PresenceEvent::Join => format!("-- {} joined #{}", c(&who), c(room)),
+                PresenceEvent::Leave => format!("-- {} left #{}{why}", c(&who), c(room)),
+            }
+        }
+        ServerMsg::Nick { old, new, node } => format!(
+            "-- {} is now known as {}",
+            c(&at_node(old, node.as_deref())),
+            c(&at_node(new, node.as_deref()))
+        ),
         ServerMsg::Direct { from, to, text, ts } => {
             format!("[{}] *{} -> {}* {}", clock(*ts), c(from), c(to), c(text))
         }
@@ -263,12 +281,40 @@ pub fn format_line(msg: &ServerMsg) -> String {
                 .collect();
             format!("-- rooms: {}", list.join(", "))
         }
-        ServerMsg::Members { room, members } => {
-            format!("-- members of #{}: {}", c(room), c(&members.join(", ")))
-        }
+        ServerMsg::Members {
+            room,
+            members,
+            remote,
+        } => format!(
+            "-- members of #{}: {}",
+            c(room),
+            c(&shown_members(members, remote).join(", "))
+        ),
         ServerMsg::Error { code, message } => format!("ERR {}: {}", c(code), c(message)),
         ServerMsg::Info { text } => format!("-- {}", c(text)),
     }
+}
+
+/// `nick`, or `nick@node` for a user of another node.
+fn at_node(nick: &str, node: Option<&str>) -> String {
+    match node {
+        Some(n) => format!("{nick}@{n}"),
+        None => nick.to_string(),
+    }
+}
+
+/// A member list as shown to people: local members by nick, members of
+/// other nodes as `nick@node`, sorted.
+pub fn shown_members(members: &[String], remote: &[RemoteMember]) -> Vec<String> {
+    let mut local: Vec<String> = members.to_vec();
+    for r in remote {
+        if let Some(i) = local.iter().position(|m| *m == r.nick) {
+            local.remove(i);
+        }
+    }
+    local.extend(remote.iter().map(RemoteMember::display));
+    local.sort();
+    local
 }
 
 fn clean(s: &str) -> String {

@@ -128,6 +128,29 @@ pub struct RoomInfo {
     pub topic: String,
     /// Id of the newest message (0 if none).
     pub last_id: u64,
+    /// How many of `members` are connected to other cluster nodes (absent when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub remote: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// A room member connected to another node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RemoteMember {
+    /// Its nickname.
+    pub nick: String,
+    /// The name of the node it is connected to.
+    pub node: String,
+}
+
+impl RemoteMember {
+    /// `nick@node`, how the line protocol and the web page show it.
+    pub fn display(&self) -> String {
+        format!("{}@{}", self.nick, self.node)
+    }
 }
 
 /// Presence change in a room.
@@ -162,6 +185,10 @@ pub enum ServerMsg {
         /// How many members the room has.
         #[serde(default)]
         member_count: usize,
+        /// Which of `members` are connected to other cluster nodes, and where
+        /// (absent when none).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        remote: Vec<RemoteMember>,
         /// Id of the newest message in the room.
         last_id: u64,
         /// Number of history messages that follow.
@@ -184,6 +211,12 @@ pub enum ServerMsg {
         nick: String,
         /// What happened.
         event: PresenceEvent,
+        /// The node the member is connected to, when it is another one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        /// Why a member left when it did not leave itself (e.g. `node down`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Someone (maybe the client) changed nick.
     Nick {
@@ -191,6 +224,9 @@ pub enum ServerMsg {
         old: String,
         /// New nickname.
         new: String,
+        /// The node the user is connected to, when it is another one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
     },
     /// A direct message, to the recipient and echoed to the sender.
     Direct {
@@ -223,6 +259,10 @@ pub enum ServerMsg {
         room: String,
         /// Member nicks.
         members: Vec<String>,
+        /// Which of `members` are connected to other cluster nodes, and where
+        /// (absent when none).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        remote: Vec<RemoteMember>,
     },
     /// Informational text for a person (e.g. help).
     Info {

@@ -259,6 +259,18 @@ impl Driver {
             *seq += 1;
             timers.insert((now + after, *seq), timer);
         }
+        // The view first: whoever gets an event or a payload and reads the
+        // view (the relay checks a sender is live) sees the state behind it.
+        if node.view_version() != *version {
+            *version = node.view_version();
+            let mut members: Vec<MemberInfo> = node.members().cloned().collect();
+            members.sort_by(|a, b| a.id.name.cmp(&b.id.name).then(a.id.addr.cmp(&b.id.addr)));
+            view.send_replace(ClusterView {
+                me: node.id().clone(),
+                members,
+                counts: node.counts(),
+            });
+        }
         for event in out.events {
             let _ = shared.events.send(event);
         }
@@ -272,16 +284,6 @@ impl Driver {
             if status.2 != node.id().name {
                 status.2 = node.id().name.clone();
             }
-        }
-        if node.view_version() != *version {
-            *version = node.view_version();
-            let mut members: Vec<MemberInfo> = node.members().cloned().collect();
-            members.sort_by(|a, b| a.id.name.cmp(&b.id.name).then(a.id.addr.cmp(&b.id.addr)));
-            view.send_replace(ClusterView {
-                me: node.id().clone(),
-                members,
-                counts: node.counts(),
-            });
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod id;
 pub mod members;
 pub mod membership;
 pub mod node;
+pub mod presence;
 pub mod relay;
 pub mod report;
 #[cfg(test)]

@@ -85,6 +85,21 @@ pub enum RelayPacket {
         /// Its bytes of the encoded packet.
         data: Vec<u8>,
     },
+    /// The sender's whole presence (its users and their rooms), replacing
+    /// what the receiver held for it ([`super::presence`]).
+    Presence(super::presence::Snapshot),
+    /// A direct message from a user of the sender to a user of the receiver
+    /// (best effort: one datagram, no acknowledgement).
+    Direct {
+        /// Sender nick.
+        from: String,
+        /// Recipient nick.
+        to: String,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch, at the sender.
+        ts: i64,
+    },
 }
 
 /// Largest relay datagram sent (gossip payloads allow about 1250 bytes).
@@ -114,6 +129,10 @@ pub fn split(packet: &RelayPacket, id: u64) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// Most pieces one packet may be split into (about 1 MB); a packet
+/// announcing more is dropped.
+pub const MAX_PARTS: u16 = 1100;
 
 /// Most packets being reassembled at once.
 pub const MAX_ASSEMBLIES: usize = 256;
@@ -147,7 +166,7 @@ impl<P: Ord + Clone> Reassembly<P> {
         data: Vec<u8>,
         now: Duration,
     ) -> Option<RelayPacket> {
-        if count == 0 || index >= count {
+        if count == 0 || index >= count || count > MAX_PARTS || data.len() > MAX_DATAGRAM {
             return None;
         }
         let key = (from, id);
@@ -314,7 +333,10 @@ impl Relay {
                 }
             }
             // Handled by the driver.
-            RelayPacket::Part { .. } | RelayPacket::Users(_) => {}
+            RelayPacket::Part { .. }
+            | RelayPacket::Users(_)
+            | RelayPacket::Presence(_)
+            | RelayPacket::Direct { .. } => {}
         }
         out
     }
@@ -617,8 +639,8 @@ pub async fn run(
     // Summaries every second while busy, every ten seconds when quiet.
     let mut busy_until = tokio::time::Instant::now() + BUSY_FOR;
     let mut last_summary = tokio::time::Instant::now();
-    // The user list last sent to every member; `None` forces a resend.
-    let mut users_sent: Option<Vec<String>> = None;
+    let mut presence = PresenceLink::new(&hub, remote_users);
+    let mut directs = hub.take_outgoing_directs();
     let mut parts = Reassembly::default();
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
@@ -653,21 +675,38 @@ pub async fn run(
                                 None => continue,
                             }
                         }
-                        Some(RelayPacket::Users(users)) => {
-                            remote_users
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(p.from.addr, users);
+                        Some(packet) => packet,
+                        None => {
+                            tracing::debug!(from = ?p.from, "relay: malformed packet dropped");
                             continue;
                         }
-                        Some(packet) => packet,
-                        None => continue,
                     };
-                    let actions = relay.receive(p.from.addr, packet, started.elapsed());
-                    if !actions.is_empty() {
-                        busy_until = tokio::time::Instant::now() + BUSY_FOR;
+                    match packet {
+                        RelayPacket::Users(users) => {
+                            // From a node that predates presence snapshots.
+                            presence.remote_users.lock().unwrap_or_else(|e| e.into_inner()).insert(p.from.addr, users);
+                        }
+                        RelayPacket::Presence(snap) => presence.receive(&hub, &membership, &p.from, snap),
+                        RelayPacket::Direct { from, to, text, ts } => {
+                            let ok = text.len() <= hub.config().max_text
+                                && hub.deliver_remote_direct(
+                                    crate::chat::protocol::RemoteMember { nick: from, node: p.from.name.clone() },
+                                    &to,
+                                    text,
+                                    ts,
+                                );
+                            if !ok {
+                                tracing::debug!(from = ?p.from, "relay: direct message for nobody here, or malformed; dropped");
+                            }
+                        }
+                        packet => {
+                            let actions = relay.receive(p.from.addr, packet, started.elapsed());
+                            if !actions.is_empty() {
+                                busy_until = tokio::time::Instant::now() + BUSY_FOR;
+                            }
+                            carry_out(&hub, &membership, &mut store, actions).await;
+                        }
                     }
-                    carry_out(&hub, &membership, &mut store, actions).await;
                 }
                 // Summaries recover whatever was dropped.
                 Err(RecvError::Lagged(n)) => tracing::debug!("relay: {n} packets dropped (lagging)"),
@@ -675,21 +714,35 @@ pub async fn run(
             },
             got = member_events.recv() => match got {
                 // A member came, went or came back: catch up quickly.
-                Ok(_) | Err(RecvError::Lagged(_)) => {
+                Ok(ev) => {
                     busy_until = tokio::time::Instant::now() + BUSY_FOR;
-                    users_sent = None;
+                    presence.member_event(&hub, &membership, &ev).await;
+                }
+                Err(RecvError::Lagged(_)) => {
+                    busy_until = tokio::time::Instant::now() + BUSY_FOR;
+                    presence.check_view(&hub, &membership);
+                    presence.resend_due = Some(tokio::time::Instant::now());
                 }
                 Err(RecvError::Closed) => break,
             },
-            _ = tick.tick() => {
-                let users = hub.users();
-                if users_sent.as_ref() != Some(&users) {
-                    let packet = RelayPacket::Users(users.clone());
-                    for peer in live_peers(&membership) {
+            Ok(()) = presence.changes.changed() => presence.schedule(),
+            _ = sleep_until(presence.due) => presence.send_if_changed(&hub, &membership).await,
+            _ = sleep_until(presence.resend_due) => {
+                presence.resend_due = None;
+                presence.send_all(&membership).await;
+            }
+            Some(d) = recv_direct(&mut directs) => {
+                match presence.table.peer_named(&d.to.node) {
+                    Some(peer) => {
+                        let packet = RelayPacket::Direct { from: d.from, to: d.to.nick, text: d.text, ts: d.ts };
                         send(&membership, peer, &packet).await;
                     }
-                    users_sent = Some(users);
+                    None => tracing::debug!(node = %d.to.node, "relay: direct message for a node no longer known; dropped"),
                 }
+            }
+            _ = tick.tick() => {
+                // Member events cover this; the view is the fallback.
+                presence.check_view(&hub, &membership);
                 let now = tokio::time::Instant::now();
                 let quiet_due = now >= last_summary + QUIET_SUMMARY_INTERVAL;
                 let peers = live_peers(&membership);
@@ -697,15 +750,209 @@ pub async fn run(
                     last_summary = now;
                     let peer = peers[rand::random_range(0..peers.len())];
                     send(&membership, peer, &relay.summary()).await;
-                    if quiet_due && let Some(users) = &users_sent {
+                    if quiet_due {
                         // Now and then, in case a change was lost.
-                        send(&membership, peer, &RelayPacket::Users(users.clone())).await;
+                        send(&membership, peer, &RelayPacket::Presence(presence.mine.clone())).await;
                     }
                 }
             }
         }
     }
     tracing::debug!("relay: stopped");
+}
+
+/// Least time between two presence snapshots sent by this node (a burst of
+/// joins makes one snapshot).
+pub const PRESENCE_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// After a presence change, the snapshot is sent again this much later, in
+/// case the first datagram was lost.
+pub const PRESENCE_RESEND: Duration = Duration::from_secs(1);
+
+/// The relay's side of cluster presence: this node's snapshot, what it
+/// holds of the others ([`PresenceTable`]), and when to send.
+struct PresenceLink {
+    table: super::presence::PresenceTable<std::net::SocketAddr>,
+    /// This node's current snapshot.
+    mine: super::presence::Snapshot,
+    changes: tokio::sync::watch::Receiver<u64>,
+    /// When to build and send a new snapshot.
+    due: Option<tokio::time::Instant>,
+    /// When to send the current one again.
+    resend_due: Option<tokio::time::Instant>,
+    last_sent: Option<tokio::time::Instant>,
+    remote_users: super::report::RemoteUsers,
+}
+
+impl PresenceLink {
+    fn new(hub: &crate::chat::hub::Hub, remote_users: super::report::RemoteUsers) -> Self {
+        let mut changes = hub.presence_changes();
+        changes.mark_changed();
+        PresenceLink {
+            table: Default::default(),
+            mine: super::presence::Snapshot {
+                version: 0,
+                users: Vec::new(),
+            },
+            changes,
+            due: None,
+            resend_due: None,
+            last_sent: None,
+            remote_users,
+        }
+    }
+
+    fn schedule(&mut self) {
+        if self.due.is_none() {
+            let now = tokio::time::Instant::now();
+            let earliest = self
+                .last_sent
+                .map_or(now, |at| (at + PRESENCE_MIN_INTERVAL).max(now));
+            self.due = Some(earliest);
+        }
+    }
+
+    async fn send_if_changed(
+        &mut self,
+        hub: &crate::chat::hub::Hub,
+        membership: &super::Membership,
+    ) {
+        self.due = None;
+        let next = super::presence::Snapshot::of(self.mine.version + 1, hub.local_presence());
+        if next.same_users(&self.mine) {
+            return;
+        }
+        self.mine = next;
+        let size = RelayPacket::Presence(self.mine.clone()).encode().len();
+        if size > usize::from(MAX_PARTS) * (MAX_DATAGRAM - 32) {
+            tracing::warn!(
+                bytes = size,
+                users = self.mine.users.len(),
+                "relay: presence snapshot too large for other nodes to accept; they will not see this node's users"
+            );
+        }
+        let now = tokio::time::Instant::now();
+        self.last_sent = Some(now);
+        self.resend_due = Some(now + PRESENCE_RESEND);
+        self.send_all(membership).await;
+    }
+
+    async fn send_all(&self, membership: &super::Membership) {
+        let packet = RelayPacket::Presence(self.mine.clone());
+        for peer in live_peers(membership) {
+            send(membership, peer, &packet).await;
+        }
+    }
+
+    /// A snapshot from a member: applied if the sender is still a live
+    /// member in this generation and the snapshot is newer and well-formed.
+    fn receive(
+        &mut self,
+        hub: &crate::chat::hub::Hub,
+        membership: &super::Membership,
+        from: &super::NodeId,
+        snap: super::presence::Snapshot,
+    ) {
+        let live = membership
+            .view()
+            .members
+            .iter()
+            .any(|m| m.id == *from && m.state.is_active());
+        if !live {
+            tracing::debug!(from = ?from, "relay: presence from a node not live; ignored");
+            return;
+        }
+        match self.table.apply(from.addr, &from.name, from.bump, snap) {
+            Ok(changes) => self.apply(hub, changes),
+            Err(super::presence::Rejected::Stale) => {}
+            Err(e) => tracing::warn!(from = ?from, "relay: {e}; ignored"),
+        }
+    }
+
+    async fn member_event(
+        &mut self,
+        hub: &crate::chat::hub::Hub,
+        membership: &super::Membership,
+        ev: &super::MemberEvent,
+    ) {
+        use super::MemberState;
+        let addr = ev.id.addr;
+        match ev.state {
+            MemberState::Down | MemberState::Left => {
+                let reason = if ev.state == MemberState::Down {
+                    "node down"
+                } else {
+                    "node left"
+                };
+                let changes = self.table.end_generation(&addr, ev.id.bump, reason);
+                self.apply(hub, changes);
+            }
+            MemberState::Alive | MemberState::Suspect => {
+                // A new life at the address ends the previous one.
+                if let Some((generation, _)) = self.table.version_of(&addr)
+                    && generation < ev.id.bump
+                {
+                    let changes = self
+                        .table
+                        .end_generation(&addr, generation, "node restarted");
+                    self.apply(hub, changes);
+                }
+                // A member new to this node, or back: tell it who is here.
+                if ev.previous.is_none_or(|p| !p.is_active()) {
+                    send(membership, addr, &RelayPacket::Presence(self.mine.clone())).await;
+                }
+            }
+        }
+    }
+
+    /// Drops the presence of every node the member view no longer holds
+    /// live in the same generation (missed or lagged member events).
+    fn check_view(&mut self, hub: &crate::chat::hub::Hub, membership: &super::Membership) {
+        let view = membership.view();
+        for (addr, generation) in self.table.held() {
+            let current = view.members.iter().find(|m| m.id.addr == addr);
+            let ok = current.is_some_and(|m| m.id.bump == generation && m.state.is_active());
+            if !ok {
+                let reason = match current.map(|m| m.state) {
+                    Some(super::MemberState::Left) => "node left",
+                    Some(s) if s.is_active() => "node restarted",
+                    _ => "node down",
+                };
+                let changes = self.table.end_generation(&addr, generation, reason);
+                self.apply(hub, changes);
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        hub: &crate::chat::hub::Hub,
+        changes: Vec<crate::chat::hub::RemotePresence>,
+    ) {
+        hub.apply_remote_presence(changes, self.table.users());
+        let mut users = self.remote_users.lock().unwrap_or_else(|e| e.into_inner());
+        users.clear();
+        for (addr, _) in self.table.held() {
+            if let Some(nicks) = self.table.nicks_of(&addr) {
+                users.insert(addr, nicks);
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_direct(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<crate::chat::hub::OutgoingDirect>>,
+) -> Option<crate::chat::hub::OutgoingDirect> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn live_peers(membership: &super::Membership) -> Vec<std::net::SocketAddr> {
@@ -1189,5 +1436,51 @@ mod tests {
         assert_eq!(RelayPacket::decode(b"\x00garbage"), None);
         assert_eq!(RelayPacket::decode(&[MAGIC, 0xff, 0xff]), None);
         assert_eq!(RelayPacket::decode(&[]), None);
+    }
+
+    #[test]
+    fn presence_packets_roundtrip_and_garbage_is_dropped() {
+        use super::super::presence::{Snapshot, SnapshotUser};
+        let snap = RelayPacket::Presence(Snapshot {
+            version: 3,
+            users: vec![SnapshotUser {
+                id: 7,
+                nick: "bob".into(),
+                rooms: vec!["lobby".into()],
+            }],
+        });
+        assert_eq!(RelayPacket::decode(&snap.encode()), Some(snap.clone()));
+        let direct = RelayPacket::Direct {
+            from: "ann".into(),
+            to: "bob".into(),
+            text: "psst".into(),
+            ts: 1,
+        };
+        assert_eq!(RelayPacket::decode(&direct.encode()), Some(direct));
+        // Truncated or padded datagrams of a presence packet do not decode.
+        let bytes = snap.encode();
+        for cut in 1..bytes.len() {
+            assert_eq!(RelayPacket::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        // A claimed length far beyond the datagram.
+        let mut huge = vec![MAGIC, 6, 3, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        huge.extend([0u8; 16]);
+        assert_eq!(RelayPacket::decode(&huge), None);
+        // Pieces announcing more than MAX_PARTS, or larger than a datagram,
+        // are refused before anything is held.
+        let mut r = Reassembly::default();
+        assert!(
+            r.add(1, 1, 0, MAX_PARTS + 1, vec![0], Duration::ZERO)
+                .is_none()
+        );
+        assert!(
+            r.add(1, 2, 0, 2, vec![0; MAX_DATAGRAM + 1], Duration::ZERO)
+                .is_none()
+        );
+        assert!(r.pending.is_empty());
+        // A split snapshot whose reassembled body is garbage yields nothing.
+        assert!(r.add(1, 3, 0, 2, vec![6, 3], Duration::ZERO).is_none());
+        assert!(r.add(1, 3, 1, 2, vec![0xff; 8], Duration::ZERO).is_none());
+        assert!(r.pending.is_empty());
     }
 }

@@ -1,0 +1,239 @@
+//! Presence across nodes with real `netkit serve` processes on 127.0.0.1:
+//! a line-chat user on one node sees users of another node join, rename and
+//! appear in `/who`, can send them a direct message, is refused a nick in use
+//! there, and sees them leave ("node down") when that node is killed with
+//! `kill -9`. Every wait reads a socket or polls HTTP with a deadline.
+
+mod proc_util;
+
+use proc_util::{Netkit, cluster_node_command};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Node {
+    p: Netkit,
+    http: SocketAddr,
+    chat: SocketAddr,
+    gossip: SocketAddr,
+}
+
+impl Node {
+    fn start(name: &str, data: &Path, join: &str) -> Node {
+        let mut cmd = cluster_node_command(name, data, "127.0.0.1:0", join, true);
+        cmd.args(["--chat-rate", "0"]);
+        let mut p = Netkit::from_command(cmd);
+        let http = p.addr_after("http: listening on http://");
+        let chat = p.addr_after("chat: listening on ");
+        let gossip = p.addr_after("gossip on udp ");
+        Node {
+            p,
+            http,
+            chat,
+            gossip,
+        }
+    }
+}
+
+fn get(http: SocketAddr, path: &str) -> Value {
+    let mut s = TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
+/// The members of `/api/cluster` other than the node itself.
+fn peers(node: &Node) -> Vec<Value> {
+    get(node.http, "/api/cluster")["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["self"] == false)
+        .cloned()
+        .collect()
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+}
+
+/// A line-chat user; every line read is kept.
+struct User {
+    out: TcpStream,
+    lines: BufReader<TcpStream>,
+    seen: Vec<String>,
+    /// Lines before this index were consumed by an earlier wait.
+    mark: usize,
+}
+
+impl User {
+    fn connect(chat: SocketAddr, nick: &str) -> User {
+        let out = TcpStream::connect(chat).unwrap();
+        out.set_read_timeout(Some(DEADLINE)).unwrap();
+        let lines = BufReader::new(out.try_clone().unwrap());
+        let mut u = User {
+            out,
+            lines,
+            seen: Vec::new(),
+            mark: 0,
+        };
+        u.send(&format!("/nick {nick}"));
+        u.wait_for(&format!("is now known as {nick}"));
+        u
+    }
+
+    fn send(&mut self, line: &str) {
+        self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    /// Waits for a line containing `needle` after the last one waited for;
+    /// returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            if let Some(i) = self.seen[self.mark..]
+                .iter()
+                .position(|l| l.contains(needle))
+            {
+                self.mark += i + 1;
+                return self.seen[self.mark - 1].clone();
+            }
+            let mut l = String::new();
+            match self.lines.read_line(&mut l) {
+                Ok(n) if n > 0 => self.seen.push(l.trim_end().to_string()),
+                other => panic!(
+                    "no line with {needle:?} ({other:?}); saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.seen.iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+#[test]
+fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Node::start("a", dirs[0].path(), "");
+    let mut b = Node::start("b", dirs[1].path(), &a.gossip.to_string());
+    wait_until("a and b see each other", || {
+        [&a, &b]
+            .iter()
+            .all(|n| peers(n).iter().any(|m| m["state"] == "alive"))
+    });
+
+    // ann joins on a; once b has heard of her, bob joins on b and sees her.
+    let mut ann = User::connect(a.chat, "ann");
+    ann.send("/join lobby");
+    ann.wait_for("-- joined #lobby");
+    wait_until("b hears of ann in lobby", || {
+        get(b.http, "/api/rooms")["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "lobby" && r["remote"] == 1)
+    });
+    // /api/cluster lists a's users on b.
+    assert!(peers(&b).iter().any(|m| {
+        m["users"]
+            .as_array()
+            .is_some_and(|u| u.contains(&"ann".into()))
+    }));
+    let mut bob = User::connect(b.chat, "bob");
+    bob.send("/join lobby");
+    let joined = bob.wait_for("-- joined #lobby");
+    assert!(joined.contains("members: ann@a, bob "), "{joined}");
+
+    // ann sees bob join, as she sees local joins, marked with his node.
+    ann.wait_for("-- bob@b joined #lobby");
+    ann.send("/who");
+    let who = ann.wait_for("-- members of #lobby:");
+    assert_eq!(who, "-- members of #lobby: ann, bob@b");
+    // The room list counts members on every node.
+    let rooms = get(a.http, "/api/rooms");
+    let lobby = rooms["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "lobby")
+        .unwrap()
+        .clone();
+    assert_eq!(lobby["members"], 2, "{rooms}");
+    assert_eq!(lobby["remote"], 1, "{rooms}");
+
+    // A rename on b is seen on a; the nick is then taken cluster-wide.
+    bob.send("/nick bobby");
+    bob.wait_for("-- bob is now known as bobby");
+    ann.wait_for("-- bob@b is now known as bobby@b");
+    let mut cat = User::connect(a.chat, "cat");
+    cat.send("/nick bobby");
+    cat.wait_for("ERR nick_taken");
+
+    // A direct message crosses nodes.
+    ann.send("/msg bobby psst");
+    ann.wait_for("*ann -> bobby* psst");
+    bob.wait_for("*ann -> bobby* psst");
+
+    // A second user on b joins and parts: ann sees both.
+    let mut dan = User::connect(b.chat, "dan");
+    dan.send("/join lobby");
+    ann.wait_for("-- dan@b joined #lobby");
+    dan.send("/part lobby");
+    ann.wait_for("-- dan@b left #lobby");
+    dan.send("/join lobby");
+    ann.wait_for("-- dan@b joined #lobby");
+
+    // Garbage at a's gossip socket changes nothing.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for d in [&b"\xC7\x05\xff\xff"[..], &[0u8; 1400][..], b"presence"] {
+        junk.send_to(d, a.gossip).unwrap();
+    }
+
+    // kill -9 of b: once a declares it down, b's users leave ann's room.
+    b.p.child.kill().unwrap();
+    b.p.child.wait().unwrap();
+    let first = ann.wait_for("(node down)");
+    let second = ann.wait_for("(node down)");
+    let mut leaves = [first, second];
+    leaves.sort();
+    assert_eq!(
+        leaves,
+        [
+            "-- bobby@b left #lobby (node down)".to_string(),
+            "-- dan@b left #lobby (node down)".to_string(),
+        ]
+    );
+    ann.send("/who");
+    assert_eq!(
+        ann.wait_for("-- members of #lobby:"),
+        "-- members of #lobby: ann"
+    );
+    // Each event exactly once.
+    assert_eq!(ann.count("bob@b joined"), 1);
+    assert_eq!(ann.count("bobby@b left"), 1);
+    assert_eq!(ann.count("dan@b joined"), 2);
+    // The freed nick can be taken on a now.
+    cat.send("/nick bobby");
+    cat.wait_for("-- cat is now known as bobby");
+    // a still serves its history and its users.
+    assert!(
+        get(a.http, "/api/rooms/lobby/messages")["messages"]
+            .as_array()
+            .is_some()
+    );
+}
