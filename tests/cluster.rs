@@ -184,6 +184,18 @@ fn three_nodes_detect_a_kill_and_the_restarted_node_rejoins() {
         n.wait_members(2);
         n.wait_log(&["member is down", "c ("]);
     }
+    // The first datagram sent to c's unbound port drew an ICMP "port
+    // unreachable", which its sender took as an early failed probe.
+    let early = [&mut a, &mut b].into_iter().any(|n| {
+        n.drain_log()
+            .iter()
+            .any(|l| l.contains("gossip port is unreachable") && l.contains("c ("))
+    });
+    assert!(
+        early,
+        "a or b suspected c from ICMP: {:?} {:?}",
+        a.logs, b.logs
+    );
 
     // Same name, same address: a new generation that wins over the down one.
     let b_addr = b.addr();

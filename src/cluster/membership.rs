@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::BoundCluster;
 use super::id::{NodeId, NodeMeta};
@@ -122,6 +122,13 @@ pub fn spawn(
         status_json,
     } = bound;
     let local_addr = id.addr;
+    // ICMP "port unreachable" from a member's address is an early sign that
+    // it crashed (see `Node::handle_unreachable`).
+    if let Err(e) = crate::udp::enable_error_queue(&socket) {
+        warn!(
+            "cluster: cannot read ICMP errors on the gossip socket ({e}); crashed members are found by probing alone"
+        );
+    }
     let rng: StdRng = rand::make_rng();
     let node =
         Node::new(id.clone(), meta, tuning, sealer, seeds, rng).map_err(anyhow::Error::msg)?;
@@ -198,9 +205,16 @@ async fn run(
                     debug!(peer = %got.peer, "cluster: oversized datagram dropped");
                 }
                 Ok(got) => d.node.handle_packet(got.peer, &buf[..got.len]),
-                // ICMP errors from earlier sends concern one peer only.
+                // A pending ICMP error surfaces here too; the branch below
+                // reads what it was about.
                 Err(e) => debug!("cluster: receive error: {e}"),
             },
+            // ICMP "port unreachable" for datagrams sent earlier.
+            Ok(addrs) = crate::udp::next_unreachable(&d.socket) => {
+                for addr in addrs {
+                    d.node.handle_unreachable(addr);
+                }
+            }
             Some(cmd) = commands.recv() => match cmd {
                 Command::Send { to, data, reply } => {
                     let _ = reply.send(d.node.send_payload(to, &data));
@@ -248,42 +262,61 @@ impl Driver {
             seq,
             version,
         } = self;
-        let out = node.take_output();
-        for (to, packet) in &out.sends {
-            if let Err(e) = socket.send_to(packet, to).await {
-                debug!(%to, "cluster: cannot send: {e}");
+        // Sending can reveal unreachable members, whose suspicion is more
+        // output: loop until a round reveals nothing new.
+        loop {
+            let out = node.take_output();
+            let mut unreachable = Vec::new();
+            for (to, packet) in &out.sends {
+                let mut sent = socket.send_to(packet, to).await;
+                if let Err(e) = &sent
+                    && e.kind() == std::io::ErrorKind::ConnectionRefused
+                {
+                    // The error is an earlier datagram's (a pending ICMP
+                    // error fails the next send): note whose, send again.
+                    unreachable.extend(crate::udp::take_unreachable(socket));
+                    sent = socket.send_to(packet, to).await;
+                }
+                if let Err(e) = sent {
+                    debug!(%to, "cluster: cannot send: {e}");
+                }
+            }
+            let now = Instant::now();
+            for (after, timer) in out.timers {
+                *seq += 1;
+                timers.insert((now + after, *seq), timer);
+            }
+            // The view first: whoever gets an event or a payload and reads
+            // the view (the relay checks a sender is live) sees the state
+            // behind it.
+            if node.view_version() != *version {
+                *version = node.view_version();
+                let mut members: Vec<MemberInfo> = node.members().cloned().collect();
+                members.sort_by(|a, b| a.id.name.cmp(&b.id.name).then(a.id.addr.cmp(&b.id.addr)));
+                view.send_replace(ClusterView {
+                    me: node.id().clone(),
+                    members,
+                    counts: node.counts(),
+                });
+            }
+            for event in out.events {
+                let _ = shared.events.send(event);
+            }
+            for payload in out.payloads {
+                let _ = shared.payloads.send(payload);
+            }
+            if unreachable.is_empty() {
+                break;
+            }
+            for addr in unreachable {
+                node.handle_unreachable(addr);
             }
         }
-        let now = Instant::now();
-        for (after, timer) in out.timers {
-            *seq += 1;
-            timers.insert((now + after, *seq), timer);
-        }
-        // The view first: whoever gets an event or a payload and reads the
-        // view (the relay checks a sender is live) sees the state behind it.
-        if node.view_version() != *version {
-            *version = node.view_version();
-            let mut members: Vec<MemberInfo> = node.members().cloned().collect();
-            members.sort_by(|a, b| a.id.name.cmp(&b.id.name).then(a.id.addr.cmp(&b.id.addr)));
-            view.send_replace(ClusterView {
-                me: node.id().clone(),
-                members,
-                counts: node.counts(),
-            });
-        }
-        for event in out.events {
-            let _ = shared.events.send(event);
-        }
-        for payload in out.payloads {
-            let _ = shared.payloads.send(payload);
-        }
-        {
-            let mut status = shared.status.lock().expect("status lock");
-            status.0 = node.counts();
-            status.1 = node.stats();
-            if status.2 != node.id().name {
-                status.2 = node.id().name.clone();
-            }
+        let mut status = shared.status.lock().expect("status lock");
+        status.0 = node.counts();
+        status.1 = node.stats();
+        if status.2 != node.id().name {
+            status.2 = node.id().name.clone();
         }
     }
 }

@@ -131,6 +131,14 @@ pub enum Timer {
         /// Nudges left after this one.
         remaining: u8,
     },
+    /// The suspect timeout of a suspicion raised by an unreachable report
+    /// ([`Node::handle_unreachable`]) is over: down, unless it refuted.
+    UnreachableDown {
+        /// The suspect.
+        id: NodeId,
+        /// Its incarnation when suspected.
+        incarnation: u16,
+    },
 }
 
 /// A member's state as netkit reports it.
@@ -334,6 +342,8 @@ pub struct Node {
     version: u64,
     /// (addr, generation, incarnation, state) of foca's members at the last look.
     snapshot: Vec<(SocketAddr, u32, u16, State)>,
+    /// Suspicions raised by unreachable reports whose timeout is running.
+    unreachable: HashSet<(NodeId, u16)>,
 }
 
 impl std::fmt::Debug for Node {
@@ -382,6 +392,7 @@ impl Node {
             leaving: false,
             version: 0,
             snapshot: Vec::new(),
+            unreachable: HashSet::new(),
         })
     }
 
@@ -491,9 +502,72 @@ impl Node {
         }
     }
 
+    /// The host of `addr` answered a datagram sent there with "port
+    /// unreachable" (ICMP): no socket is bound there, so the member gossiping
+    /// from it has most likely crashed. This is taken as a failed probe that
+    /// came early: the member is suspected at once (and the suspicion
+    /// gossiped, and the member nudged, so one that is alive after all
+    /// refutes it as usual), and declared down after two thirds of the
+    /// suspect timeout unless it refutes. The
+    /// report only ever starts a suspicion of an alive member, so a forged
+    /// one costs a refutation and nothing more.
+    pub fn handle_unreachable(&mut self, addr: SocketAddr) {
+        if self.leaving {
+            return;
+        }
+        let Some(member) = self
+            .foca
+            .iter_membership_state()
+            .find(|m| m.id().addr == addr && m.state() == State::Alive)
+        else {
+            return;
+        };
+        let (id, incarnation) = (member.id().clone(), member.incarnation());
+        if !self.unreachable.insert((id.clone(), incarnation)) {
+            return;
+        }
+        info!(member = %id, "cluster: member's gossip port is unreachable; suspecting it now");
+        let suspect = foca::Member::new(id.clone(), incarnation, State::Suspect);
+        if let Err(e) = self
+            .foca
+            .apply_many(std::iter::once(suspect), true, &mut self.io)
+        {
+            debug!("cluster: applying an unreachable suspicion: {e}");
+        }
+        // A shorter wait than a failed probe's: the evidence is stronger
+        // (nothing is bound there), and the member is told directly, so a
+        // live one refutes within a round trip.
+        self.io.out.timers.push((
+            self.tuning.suspect_timeout.mul_f64(2.0 / 3.0),
+            Timer::UnreachableDown {
+                id: id.clone(),
+                incarnation,
+            },
+        ));
+        // Should the report be wrong, the member hears of it directly too.
+        self.nudge(id, incarnation, 2);
+        self.after_foca();
+    }
+
     /// Handles a timer that came due.
     pub fn handle_timer(&mut self, timer: Timer) {
         match timer {
+            Timer::UnreachableDown { id, incarnation } => {
+                self.unreachable.remove(&(id.clone(), incarnation));
+                let still = self.foca.iter_membership_state().any(|m| {
+                    m.id() == &id && m.incarnation() == incarnation && m.state() == State::Suspect
+                });
+                if still && !self.leaving {
+                    let down = foca::Member::new(id, incarnation, State::Down);
+                    if let Err(e) = self
+                        .foca
+                        .apply_many(std::iter::once(down), true, &mut self.io)
+                    {
+                        debug!("cluster: declaring an unreachable member down: {e}");
+                    }
+                    self.after_foca();
+                }
+            }
             Timer::Foca(t) => {
                 if let Err(e) = self.foca.handle_timer(t, &mut self.io) {
                     debug!("cluster: foca timer: {e}");

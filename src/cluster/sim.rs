@@ -25,6 +25,12 @@ enum Ev {
         epoch: u32,
         timer: Timer,
     },
+    /// An ICMP "port unreachable" for a datagram `node` sent to `to`.
+    Unreachable {
+        node: usize,
+        epoch: u32,
+        to: SocketAddr,
+    },
 }
 
 struct SimNode {
@@ -48,6 +54,9 @@ pub(crate) struct Sim {
     pub latency: (Duration, Duration),
     /// Group of each node; datagrams between groups are dropped.
     pub groups: Option<Vec<u8>>,
+    /// Whether a datagram sent to a stopped node draws an ICMP "port
+    /// unreachable" back to its sender (as on a host whose process died).
+    pub icmp: bool,
     /// Every member event: (time, observing node, event).
     pub events: Vec<(Duration, usize, MemberEvent)>,
     /// Every payload received: (receiving node, payload).
@@ -74,6 +83,7 @@ impl Sim {
             loss: 0.0,
             latency: (Duration::from_micros(200), Duration::from_millis(2)),
             groups: None,
+            icmp: false,
             events: Vec::new(),
             payloads: Vec::new(),
         }
@@ -149,6 +159,12 @@ impl Sim {
         self.kill(i);
     }
 
+    /// Node `i` is told that node `about` is unreachable (true or not).
+    pub(crate) fn report_unreachable(&mut self, i: usize, about: usize) {
+        self.nodes[i].node.handle_unreachable(addr(about));
+        self.drain(i);
+    }
+
     pub(crate) fn send_payload(&mut self, from: usize, to: usize, data: &[u8]) {
         self.nodes[from]
             .node
@@ -190,6 +206,11 @@ impl Sim {
             }
             let (lo, hi) = self.latency;
             let delay = lo + (hi - lo).mul_f64(self.rng.random_range(0.0..1.0));
+            if self.icmp && !self.nodes[j].up {
+                let at = self.now + delay * 2;
+                self.schedule(at, Ev::Unreachable { node: i, epoch, to });
+                continue;
+            }
             let at = self.now + delay;
             self.schedule(
                 at,
@@ -226,6 +247,12 @@ impl Sim {
                 Ev::Timer { node, epoch, timer } => {
                     if self.nodes[node].up && self.nodes[node].epoch == epoch {
                         self.nodes[node].node.handle_timer(timer);
+                        self.drain(node);
+                    }
+                }
+                Ev::Unreachable { node, epoch, to } => {
+                    if self.nodes[node].up && self.nodes[node].epoch == epoch {
+                        self.nodes[node].node.handle_unreachable(to);
                         self.drain(node);
                     }
                 }
@@ -390,6 +417,93 @@ mod tests {
         sim.start(17, &[5], None);
         sim.run_until_true(Duration::from_secs(5), |s| s.all_count(50))
             .expect("restarted nodes rejoin");
+    }
+
+    #[test]
+    fn with_icmp_every_killed_node_is_out_everywhere_within_five_seconds() {
+        // A crashed process leaves its port unbound, so the first datagram
+        // sent to it draws "port unreachable": its sender suspects it at
+        // once instead of a probe period later.
+        let mut sim = Sim::new(seed(), tuning());
+        sim.icmp = true;
+        converge(
+            &mut sim,
+            50,
+            Duration::from_millis(10),
+            Duration::from_secs(10),
+        );
+        sim.run_for(Duration::from_secs(30));
+        let victims = [17, 3, 42, 28, 9, 33, 21, 11, 46, 5];
+        let mut tooks = Vec::new();
+        for (k, &victim) in victims.iter().enumerate() {
+            sim.kill(victim);
+            let took = sim
+                .run_until_true(Duration::from_secs(60), |s| s.all_count(50 - k - 1))
+                .expect("victim declared down everywhere");
+            let name = format!("n{victim}");
+            let about: Vec<(Duration, usize, MemberState)> = sim
+                .events
+                .iter()
+                .filter(|(t, _, e)| *t >= sim.now() - took && e.id.name == name)
+                .map(|(t, i, e)| (*t + took - sim.now(), *i, e.state))
+                .collect();
+            eprintln!("{name} {took:?} {:?}", &about[..about.len().min(6)]);
+            tooks.push(took);
+            sim.run_for(Duration::from_secs(10));
+        }
+        tooks.sort();
+        // What is left is the wait for a first datagram to the victim: probes
+        // of any one member come about once per probe period cluster-wide,
+        // exponentially spaced, so a long wait now and then is inherent.
+        assert!(
+            tooks[tooks.len() / 2] <= Duration::from_millis(3000),
+            "median {tooks:?}"
+        );
+        assert!(
+            tooks.iter().all(|t| *t <= Duration::from_secs(8)),
+            "{tooks:?}"
+        );
+        let downs = sim.downs();
+        let names: Vec<String> = victims.iter().map(|v| format!("n{v}")).collect();
+        assert!(
+            downs.iter().all(|(_, name)| names.contains(name)),
+            "only victims go down: {downs:?}"
+        );
+    }
+
+    #[test]
+    fn a_false_unreachable_report_is_refuted_and_nobody_goes_down() {
+        let mut sim = Sim::new(seed(), tuning());
+        sim.icmp = true;
+        converge(
+            &mut sim,
+            5,
+            Duration::from_millis(10),
+            Duration::from_secs(10),
+        );
+        sim.run_for(Duration::from_secs(5));
+        let t0 = sim.now();
+        // Forged (or stale) reports about a live member, repeated.
+        for _ in 0..3 {
+            sim.report_unreachable(0, 3);
+            sim.report_unreachable(1, 3);
+        }
+        let suspected = sim
+            .events
+            .iter()
+            .any(|(t, _, e)| *t >= t0 && e.id.name == "n3" && e.state == MemberState::Suspect);
+        assert!(suspected, "the report starts a suspicion");
+        sim.run_for(Duration::from_secs(20));
+        assert!(sim.downs().is_empty(), "{:?}", sim.downs());
+        assert!(sim.all_count(5), "n3 refuted and is alive everywhere");
+        // Reports about an unknown address or this node itself change nothing.
+        let before = sim.events.len();
+        sim.report_unreachable(0, 0);
+        sim.nodes[0]
+            .node
+            .handle_unreachable(SocketAddr::from(([127, 0, 0, 1], 1)));
+        sim.run_for(Duration::from_secs(1));
+        assert_eq!(sim.events.len(), before);
     }
 
     #[test]
