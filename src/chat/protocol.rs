@@ -16,6 +16,11 @@ pub enum ClientMsg {
         /// Last message id the client saw in this room; it gets every later one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<u64>,
+        /// Cluster resume: for each origin, the highest `origin_id` the
+        /// client saw in this room (on any node); it gets every message it
+        /// has not seen. Takes precedence over `after` on a clustered node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<std::collections::BTreeMap<String, u64>>,
     },
     /// Leave a room.
     Part {
@@ -115,6 +120,14 @@ pub struct ChatMessage {
     /// `me` for actions; absent for plain messages.
     #[serde(default, skip_serializing_if = "MessageKind::is_say")]
     pub kind: MessageKind,
+    /// In a cluster: the origin (`node/TAG`) where it was posted; absent with
+    /// clustering off and for messages stored before origins were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// With `origin`: its `id` in the room on the origin node (increasing
+    /// in the origin's order; what `join` with `since` resumes by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_id: Option<u64>,
 }
 
 /// One room in a room list.
@@ -304,7 +317,8 @@ mod tests {
             m,
             ClientMsg::Join {
                 room: "r".into(),
-                after: None
+                after: None,
+                since: None
             }
         );
         let m: ClientMsg =
@@ -323,6 +337,8 @@ mod tests {
             text: "hi".into(),
             ts: 1000,
             kind: MessageKind::Say,
+            origin: None,
+            origin_id: None,
         });
         assert_eq!(
             out.to_json(),
