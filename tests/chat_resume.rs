@@ -38,7 +38,7 @@ fn node(origin: &str) -> Node {
 async fn relay(from: &mut Node, to: &Node) {
     from.hub.sync_writes().await.unwrap();
     while let Ok(m) = from.local.try_recv() {
-        let origin = (m.origin.clone().unwrap(), m.origin_id.unwrap());
+        let origin = (m.origin.clone().unwrap().into_string(), m.origin_id);
         to.hub
             .apply_remote_from(m.room, m.from, m.text, m.kind, m.ts, Some(origin))
             .await
@@ -59,7 +59,7 @@ async fn take(from: &mut Node) -> Vec<ChatMessage> {
 
 async fn apply(to: &Node, msgs: &[ChatMessage]) {
     for m in msgs.iter().cloned() {
-        let origin = (m.origin.clone().unwrap(), m.origin_id.unwrap());
+        let origin = (m.origin.clone().unwrap().into_string(), m.origin_id);
         to.hub
             .apply_remote_from(m.room, m.from, m.text, m.kind, m.ts, Some(origin))
             .await
@@ -115,8 +115,10 @@ async fn say(s: &Session, room: &str, text: &str) {
 fn vector(seen: &[ChatMessage]) -> BTreeMap<String, u64> {
     let mut v = BTreeMap::new();
     for m in seen {
-        let e = v.entry(m.origin.clone().unwrap()).or_insert(0);
-        *e = (*e).max(m.origin_id.unwrap());
+        let e = v
+            .entry(m.origin.clone().unwrap().into_string())
+            .or_insert(0);
+        *e = (*e).max(m.origin_id);
     }
     v
 }
@@ -159,7 +161,7 @@ async fn since_resumes_on_another_node_with_no_gap_and_no_duplicate() {
     // Every message carries its origin; local ones their own id.
     assert!(seen.iter().all(|m| m.origin.is_some()));
     assert_eq!(seen[0].origin.as_deref(), Some("a/1"));
-    assert_eq!(seen[0].origin_id, Some(seen[0].id));
+    assert_eq!(seen[0].origin_id, seen[0].id);
     let v = vector(&seen);
     drop(ann);
     drain(&mut bi);
@@ -278,7 +280,7 @@ async fn since_is_bounded_and_truncates_like_after() {
     assert_eq!(hist.len(), 500);
     assert_eq!(hist[0].text, "m10");
     let (d, mut di) = connect(&a.hub, "dave").await;
-    let v = BTreeMap::from([("a/1".to_string(), hist[489].origin_id.unwrap())]);
+    let v = BTreeMap::from([("a/1".to_string(), hist[489].origin_id)]);
     let (truncated, hist) = resume(&d, &mut di, "r", Some(v)).await;
     assert!(!truncated);
     assert_eq!(
@@ -298,10 +300,7 @@ async fn without_clustering_since_falls_back_to_after_and_messages_have_no_origi
     }
     hub.sync_writes().await.unwrap();
     let seen = drain(&mut ai);
-    assert!(
-        seen.iter()
-            .all(|m| m.origin.is_none() && m.origin_id.is_none())
-    );
+    assert!(seen.iter().all(|m| m.origin.is_none() && m.origin_id == 0));
     let json = ServerMsg::Message(seen[0].clone()).to_json();
     assert!(!json.contains("origin"), "{json}");
     let (b, mut bi) = connect(&hub, "bob").await;
@@ -343,7 +342,7 @@ async fn an_old_database_is_migrated() {
     say(&ann, "r", "new").await;
     let posted = take(&mut a).await;
     assert_eq!(posted[0].id, 3);
-    assert_eq!(posted[0].origin_id, Some(3));
+    assert_eq!(posted[0].origin_id, 3);
     // Old rows have no origin: a resume by origin vector skips them.
     let (c, mut ci) = connect(&a.hub, "carol").await;
     let (_, hist) = resume(&c, &mut ci, "r", Some(BTreeMap::new())).await;

@@ -1714,8 +1714,8 @@ fn process_batch(
                     text: text.clone(),
                     ts: *ts,
                     kind: *kind,
-                    origin: origin.map(|o| o.0.to_string()),
-                    origin_id: origin.map(|o| o.1),
+                    origin: origin.map(|o| o.0.into()),
+                    origin_id: origin.map_or(0, |o| o.1),
                 };
                 if *client == REMOTE {
                     st.rooms.entry(room.clone()).or_default();

@@ -605,7 +605,7 @@ mod tests {
             ts: 3_661_000,
             kind: MessageKind::Say,
             origin: None,
-            origin_id: None,
+            origin_id: 0,
         });
         assert_eq!(format_line(&m), "[01:01:01] #r <ann> hi ERR fake");
     }

@@ -122,12 +122,14 @@ pub struct ChatMessage {
     pub kind: MessageKind,
     /// In a cluster: the origin (`node/TAG`) where it was posted; absent with
     /// clustering off and for messages stored before origins were recorded.
+    /// (A `Box<str>` keeps [`ServerMsg`] from growing.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin: Option<String>,
+    pub origin: Option<Box<str>>,
     /// With `origin`: its `id` in the room on the origin node (increasing
-    /// in the origin's order; what `join` with `since` resumes by).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin_id: Option<u64>,
+    /// in the origin's order; what `join` with `since` resumes by); 0 (and
+    /// absent from JSON) without an origin.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub origin_id: u64,
 }
 
 /// One room in a room list.
@@ -147,6 +149,10 @@ pub struct RoomInfo {
 }
 
 fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
@@ -338,7 +344,7 @@ mod tests {
             ts: 1000,
             kind: MessageKind::Say,
             origin: None,
-            origin_id: None,
+            origin_id: 0,
         });
         assert_eq!(
             out.to_json(),

@@ -388,10 +388,11 @@ impl Store {
 /// One row of [`MSG_COLUMNS`] as a message of `room`.
 fn row_message(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
     let origin: Option<String> = r.get(5)?;
+    let origin = origin.map(String::into_boxed_str);
     let origin_id: Option<i64> = r.get(6)?;
     let (origin, origin_id) = match (origin, origin_id) {
-        (Some(o), Some(n)) => (Some(o), Some(n as u64)),
-        _ => (None, None),
+        (Some(o), Some(n)) if n > 0 => (Some(o), n as u64),
+        _ => (None, 0),
     };
     Ok(ChatMessage {
         room: room.to_string(),

@@ -1081,7 +1081,7 @@ async fn reconcile(hub: &crate::chat::hub::Hub, store: &mut RelayStore) -> anyho
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let present = recent.iter().any(|r| {
             if m.origin_id > 0 && r.origin.is_some() {
-                r.origin.as_deref() == Some(m.origin.as_str()) && r.origin_id == Some(m.origin_id)
+                r.origin.as_deref() == Some(m.origin.as_str()) && r.origin_id == m.origin_id
             } else {
                 r.from == m.from && r.text == m.text && r.ts == m.ts && r.kind == m.kind
             }
