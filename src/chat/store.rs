@@ -351,7 +351,10 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT MAX(origin_id) FROM messages WHERE room = ?1 AND origin = ?2 AND id <= ?3",
+                // Newest first along the index: origin ids and ids grow together
+                // for one origin, so this stops at once.
+                "SELECT origin_id FROM messages WHERE room = ?1 AND origin = ?2 AND id <= ?3
+                 ORDER BY origin_id DESC LIMIT 1",
             )
             .map_err(|e| self.err(e))?;
         for (origin, &n) in seen {
@@ -360,6 +363,7 @@ impl Store {
             }
             let have: Option<i64> = if origins.binary_search(origin).is_ok() {
                 stmt.query_row(params![room, origin, upto], |r| r.get(0))
+                    .optional()
                     .map_err(|e| self.err(e))?
             } else {
                 None

@@ -1400,6 +1400,40 @@ mod tests {
         hub.shutdown();
     }
 
+    /// A relay store made before origin ids opens; its rows read as 0.
+    #[test]
+    fn old_relay_store_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("relay.sqlite3")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE relay_messages (origin TEXT NOT NULL, seq INTEGER NOT NULL,
+                     room TEXT NOT NULL, nick TEXT NOT NULL, text TEXT NOT NULL, kind TEXT NOT NULL,
+                     ts_ms INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 1,
+                     PRIMARY KEY (origin, seq)) WITHOUT ROWID;
+                 INSERT INTO relay_messages VALUES ('b/1', 1, 'r', 'bob', 'old', 'say', 5, 1);",
+            )
+            .unwrap();
+        }
+        let mut store = RelayStore::open_in(dir.path()).unwrap();
+        let old = store.after("b/1", 0, 10).unwrap();
+        assert_eq!((old[0].text.as_str(), old[0].origin_id), ("old", 0));
+        let new = RelayedMessage {
+            origin: "b/1".into(),
+            seq: 2,
+            room: "r".into(),
+            from: "bob".into(),
+            text: "new".into(),
+            kind: MessageKind::Say,
+            ts: 6,
+            origin_id: 4,
+        };
+        store.insert(std::slice::from_ref(&new), true).unwrap();
+        drop(store);
+        let store = RelayStore::open_in(dir.path()).unwrap();
+        assert_eq!(store.after("b/1", 1, 10).unwrap(), vec![new]);
+    }
+
     #[test]
     fn large_packets_are_split_and_reassembled() {
         let big = RelayPacket::Msg(RelayedMessage {
