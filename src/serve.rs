@@ -143,6 +143,8 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         // Rooms span the cluster: the relay carries messages between nodes.
         if let Some(membership) = &cluster_info.membership {
             let store = crate::cluster::relay::RelayStore::open_in(&args.data_dir)?;
+            // Before any client connects: local messages carry the origin.
+            hub.set_origin(store.origin(&membership.view().me.name)?);
             tracker.spawn(crate::cluster::relay::run(
                 hub.clone(),
                 membership.clone(),

@@ -416,6 +416,7 @@ async fn rate_limit_refills_with_time() {
     ann.handle(ClientMsg::Join {
         room: "r".into(),
         after: None,
+        since: None,
     })
     .await
     .unwrap();

@@ -12,7 +12,8 @@
     members: $("member-list"),
   };
 
-  // rooms: name -> { lastId, items: [entry], members: [], topic, unread, joined }
+  // rooms: name -> { lastId, since, items: [entry], members: [], topic, unread, joined }
+  // since: in a cluster, origin -> highest origin_id seen (resume on any node)
   // Direct conversations are kept as rooms named "@nick".
   const rooms = new Map();
   let current = null;
@@ -24,7 +25,7 @@
 
   function room(name) {
     if (!rooms.has(name)) {
-      rooms.set(name, { lastId: 0, items: [], members: [], topic: "", unread: 0, joined: false });
+      rooms.set(name, { lastId: 0, since: {}, items: [], members: [], topic: "", unread: 0, joined: false });
     }
     return rooms.get(name);
   }
@@ -181,7 +182,11 @@
       }
       case "message": {
         const r = room(m.room);
-        if (m.id <= r.lastId) break; // already seen (resume overlap)
+        if (m.origin) {
+          // In a cluster ids are per node: what was seen is the origin vector.
+          if ((r.since[m.origin] || 0) >= m.origin_id) break;
+          r.since[m.origin] = m.origin_id;
+        } else if (m.id <= r.lastId) break; // already seen (resume overlap)
         r.lastId = m.id;
         add(m.room, {
           cls: "msg" + (m.kind === "me" ? " me" : ""), id: m.id, ts: m.ts,
@@ -278,8 +283,13 @@
       for (const [name, lastId] of want) {
         const r = room(name);
         if (lastId > r.lastId) r.lastId = lastId;
-        send(r.lastId > 0 && r.items.length > 0 ? { type: "join", room: name, after: r.lastId } : { type: "join", room: name });
-        if (r.items.length === 0) r.lastId = 0;
+        const resume = r.lastId > 0 && r.items.length > 0;
+        const join = { type: "join", room: name };
+        if (resume) join.after = r.lastId;
+        // The vector resumes on whichever node answers; `after` is the fallback.
+        if (resume && Object.keys(r.since).length > 0) join.since = r.since;
+        send(join);
+        if (r.items.length === 0) { r.lastId = 0; r.since = {}; }
       }
     });
     ws.addEventListener("message", (ev) => {

@@ -114,6 +114,7 @@ async fn run_ws(args: &ChatArgs) -> anyhow::Result<()> {
         sink.send(send(&ClientMsg::Join {
             room: r.clone(),
             after: None,
+            since: None,
         }))
         .await?;
     }

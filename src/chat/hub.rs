@@ -14,7 +14,7 @@
 //!   queue is full is disconnected with [`DisconnectReason::Lagging`]; it is never
 //!   silently skipped and never slows the room.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -111,6 +111,9 @@ pub enum HubError {
     /// Storing the message failed; it was not sent to anyone.
     #[error("could not store the message, so it was not sent: {0}")]
     Store(String),
+    /// A `join` whose `since` vector is out of bounds.
+    #[error("bad 'since': {0}")]
+    BadSince(String),
 }
 
 impl HubError {
@@ -128,6 +131,7 @@ impl HubError {
             HubError::Full(_) => "server_full",
             HubError::ShuttingDown => "shutting_down",
             HubError::Store(_) => "store_failed",
+            HubError::BadSince(_) => "bad_message",
         }
     }
 
@@ -239,7 +243,16 @@ struct Room {
     members: BTreeSet<ClientId>,
     topic: String,
     last_id: u64,
+    /// Members who resumed by `since` from a node ahead of this one: per
+    /// origin, the origin id up to which they have already seen messages
+    /// this node has not applied yet; those are not delivered to them again.
+    floors: HashMap<ClientId, HashMap<String, u64>>,
 }
+
+/// Most entries in a `join`'s `since` vector.
+pub const MAX_SINCE_ORIGINS: usize = 256;
+/// Longest origin name in a `since` vector, in bytes.
+pub const MAX_ORIGIN_LEN: usize = 128;
 
 #[derive(Default)]
 struct State {
@@ -341,6 +354,9 @@ struct Shared {
     /// Direct messages to users of other nodes; the receiver is taken by the relay.
     directs: mpsc::Sender<OutgoingDirect>,
     directs_rx: Mutex<Option<mpsc::Receiver<OutgoingDirect>>>,
+    /// This node's cluster origin (`name/TAG`), set once when clustering is
+    /// on: local messages are stored and sent with it.
+    origin: OnceLock<String>,
 }
 
 enum WriteCmd {
@@ -353,11 +369,14 @@ enum WriteCmd {
         text: String,
         kind: MessageKind,
         ts: i64,
+        /// For [`REMOTE`] messages: origin and origin id, when known.
+        origin: Option<(String, u64)>,
     },
     Join {
         client: ClientId,
         room: String,
         after: Option<u64>,
+        since: Option<BTreeMap<String, u64>>,
     },
     Topic {
         client: ClientId,
@@ -426,6 +445,7 @@ impl Hub {
                     members: BTreeSet::new(),
                     topic: r.topic,
                     last_id: r.last_id,
+                    floors: HashMap::new(),
                 },
             );
         }
@@ -440,6 +460,7 @@ impl Hub {
             presence: tokio::sync::watch::channel(0).0,
             directs: directs_tx,
             directs_rx: Mutex::new(Some(directs_rx)),
+            origin: OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let s = shared.clone();
@@ -467,6 +488,20 @@ impl Hub {
             })
             .expect("cannot spawn the chat checkpoint thread");
         Ok((Hub { shared, writer: tx }, HubWriter(handle)))
+    }
+
+    /// Sets this node's cluster origin (once; later calls with another
+    /// value are ignored and return false). From then on, local messages are
+    /// stored and sent with `origin` and their room id as `origin_id`, and
+    /// `join` honours `since`. Call it before clients connect.
+    pub fn set_origin(&self, origin: String) -> bool {
+        let set = self.shared.origin.get_or_init(|| origin.clone());
+        *set == origin
+    }
+
+    /// This node's cluster origin, if clustering set one.
+    pub fn origin(&self) -> Option<&str> {
+        self.shared.origin.get().map(String::as_str)
     }
 
     /// The hub's limits.
@@ -579,6 +614,21 @@ impl Hub {
         kind: MessageKind,
         ts: i64,
     ) -> Result<(), HubError> {
+        self.apply_remote_from(room, from, text, kind, ts, None)
+            .await
+    }
+
+    /// [`Hub::apply_remote`] with the message's origin and its id there
+    /// (stored with it and sent to clients, for resume by `since`).
+    pub async fn apply_remote_from(
+        &self,
+        room: String,
+        from: String,
+        text: String,
+        kind: MessageKind,
+        ts: i64,
+        origin: Option<(String, u64)>,
+    ) -> Result<(), HubError> {
         if !valid_room(&room) {
             return Err(HubError::BadRoom(truncate(&room)));
         }
@@ -590,6 +640,7 @@ impl Hub {
                 text,
                 kind,
                 ts,
+                origin: origin.filter(|(o, n)| !o.is_empty() && *n > 0),
             })
             .await
             .map_err(|_| HubError::ShuttingDown)
@@ -929,6 +980,7 @@ impl Shared {
             let members: Vec<ClientId> = match st.rooms.get_mut(room) {
                 Some(r) => {
                     r.members.remove(&id);
+                    r.floors.remove(&id);
                     if r.members.len() + remote >= self.config.presence_limit {
                         continue;
                     }
@@ -1035,7 +1087,7 @@ impl Session {
     pub async fn handle(&mut self, msg: ClientMsg) -> Result<(), HubError> {
         self.take_token()?;
         match msg {
-            ClientMsg::Join { room, after } => self.join(&room, after).await,
+            ClientMsg::Join { room, after, since } => self.resume(&room, after, since).await,
             ClientMsg::Part { room } => self.part(&room),
             ClientMsg::Say { room, text } => self.say(&room, text, MessageKind::Say).await,
             ClientMsg::Me { room, text } => self.say(&room, text, MessageKind::Me).await,
@@ -1073,6 +1125,37 @@ impl Session {
     /// Joins `room`; `joined`, then history (the last N, or everything after
     /// `after`), then live messages follow in the inbox.
     pub async fn join(&self, room: &str, after: Option<u64>) -> Result<(), HubError> {
+        self.resume(room, after, None).await
+    }
+
+    /// Joins `room` resuming by origin vector when `since` is given and
+    /// clustering is on (else by `after`, as [`Session::join`]): history is
+    /// every message of the room the client has not seen according to
+    /// `since` (up to the resume limit), and later messages it has already
+    /// seen on another node are not delivered again. At most
+    /// [`MAX_SINCE_ORIGINS`] entries, names of at most [`MAX_ORIGIN_LEN`] bytes.
+    pub async fn resume(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        since: Option<BTreeMap<String, u64>>,
+    ) -> Result<(), HubError> {
+        if let Some(v) = &since {
+            if v.len() > MAX_SINCE_ORIGINS {
+                return Err(HubError::BadSince(format!(
+                    "{} origins; at most {MAX_SINCE_ORIGINS}",
+                    v.len()
+                )));
+            }
+            if let Some(o) = v.keys().find(|o| o.is_empty() || o.len() > MAX_ORIGIN_LEN) {
+                return Err(HubError::BadSince(format!(
+                    "origin '{}' must be 1 to {MAX_ORIGIN_LEN} bytes",
+                    truncate(o)
+                )));
+            }
+        }
+        // Without an origin (clustering off) no message has one: resume by id.
+        let since = since.filter(|_| self.hub.shared.origin.get().is_some());
         if !valid_room(room) {
             return Err(HubError::BadRoom(truncate(room)));
         }
@@ -1083,6 +1166,7 @@ impl Session {
             client: self.id,
             room: room.to_string(),
             after,
+            since,
         })
         .await
     }
@@ -1102,6 +1186,7 @@ impl Session {
         let members: Vec<ClientId> = match st.rooms.get_mut(room) {
             Some(r) => {
                 r.members.remove(&self.id);
+                r.floors.remove(&self.id);
                 if r.members.len() + remote < limit {
                     r.members.iter().copied().collect()
                 } else {
@@ -1153,6 +1238,7 @@ impl Session {
             text,
             kind,
             ts: now_ms(),
+            origin: None,
         })
         .await
     }
@@ -1415,6 +1501,8 @@ struct PreparedJoin {
     history: Vec<ChatMessage>,
     truncated: bool,
     last_id: u64,
+    /// `since` entries this node is behind on (see [`Room::floors`]).
+    behind: Vec<(String, u64)>,
 }
 
 /// The writer thread: takes commands in batches, assigns ids, commits the batch
@@ -1490,6 +1578,7 @@ fn process_batch(
                 text,
                 kind,
                 ts,
+                origin,
             } => {
                 if *client == REMOTE && !last_ids.contains_key(room) {
                     new_rooms.push(room);
@@ -1504,6 +1593,7 @@ fn process_batch(
                     text,
                     ts: *ts,
                     kind: *kind,
+                    origin: message_origin(shared, *client, origin, *id),
                 });
             }
             WriteCmd::Sync(_) => ids.push(0),
@@ -1539,7 +1629,10 @@ fn process_batch(
     let cfg = &shared.config;
     let mut joins: Vec<Option<PreparedJoin>> = Vec::with_capacity(batch.len());
     for (cmd, &upto) in batch.iter().zip(&ids) {
-        let WriteCmd::Join { room, after, .. } = cmd else {
+        let WriteCmd::Join {
+            room, after, since, ..
+        } = cmd
+        else {
             joins.push(None);
             continue;
         };
@@ -1549,6 +1642,21 @@ fn process_batch(
         } else {
             upto
         };
+        if let Some(seen) = since {
+            let found = store
+                .since(room, seen, upto, cfg.resume_max)
+                .unwrap_or_else(|e| {
+                    tracing::error!("chat: cannot read history of {room}: {e}");
+                    Default::default()
+                });
+            joins.push(Some(PreparedJoin {
+                history: found.messages,
+                truncated: found.truncated,
+                last_id: upto,
+                behind: found.behind,
+            }));
+            continue;
+        }
         let (since, limit) = match after {
             Some(a) => (*a, cfg.resume_max),
             None => (0, cfg.history_on_join),
@@ -1565,6 +1673,7 @@ fn process_batch(
             history,
             truncated,
             last_id: upto,
+            behind: Vec::new(),
         }));
     }
 
@@ -1589,6 +1698,7 @@ fn process_batch(
                 text,
                 kind,
                 ts,
+                origin,
             } => {
                 if let Some(err) = &failure {
                     let ev = Event::new(HubError::Store(err.clone()).to_msg());
@@ -1596,6 +1706,7 @@ fn process_batch(
                     continue;
                 }
                 stored += 1;
+                let origin = message_origin(shared, *client, origin, id);
                 let msg = ChatMessage {
                     room: room.clone(),
                     id,
@@ -1603,6 +1714,8 @@ fn process_batch(
                     text: text.clone(),
                     ts: *ts,
                     kind: *kind,
+                    origin: origin.map(|o| o.0.into()),
+                    origin_id: origin.map_or(0, |o| o.1),
                 };
                 if *client == REMOTE {
                     st.rooms.entry(room.clone()).or_default();
@@ -1613,7 +1726,11 @@ fn process_batch(
                 let members: Vec<ClientId> = match st.rooms.get_mut(room) {
                     Some(r) => {
                         r.last_id = id;
-                        r.members.iter().copied().collect()
+                        if r.floors.is_empty() {
+                            r.members.iter().copied().collect()
+                        } else {
+                            members_past_floors(r, origin)
+                        }
                     }
                     None => continue,
                 };
@@ -1656,6 +1773,48 @@ fn process_batch(
     metrics::counter!("netkit_chat_messages_total").increment(stored);
 }
 
+/// The origin a message is stored and sent with: for one applied from
+/// another node, what the relay gave; for a local one, this node's origin
+/// (if clustering is on) and its room id.
+fn message_origin<'a>(
+    shared: &'a Shared,
+    client: ClientId,
+    remote: &'a Option<(String, u64)>,
+    id: u64,
+) -> Option<(&'a str, u64)> {
+    if client == REMOTE {
+        remote.as_ref().map(|(o, n)| (o.as_str(), *n))
+    } else {
+        shared.origin.get().map(|o| (o.as_str(), id))
+    }
+}
+
+/// The members of `r` a message from `origin` goes to: all but those who
+/// already saw it on another node (see [`Room::floors`]). A floor is dropped
+/// once this node reaches it.
+fn members_past_floors(r: &mut Room, origin: Option<(&str, u64)>) -> Vec<ClientId> {
+    let Some((o, n)) = origin else {
+        return r.members.iter().copied().collect();
+    };
+    let mut skip = Vec::new();
+    r.floors.retain(|&client, floors| {
+        if let Some(&floor) = floors.get(o) {
+            if n <= floor {
+                skip.push(client);
+            }
+            if n >= floor {
+                floors.remove(o);
+            }
+        }
+        !floors.is_empty()
+    });
+    r.members
+        .iter()
+        .copied()
+        .filter(|c| !skip.contains(c))
+        .collect()
+}
+
 fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, join: PreparedJoin) {
     let nick = match st.clients.get_mut(&client) {
         Some(c) if !c.rooms.contains(room) => {
@@ -1673,6 +1832,11 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
         Vec::new()
     };
     r.members.insert(client);
+    if join.behind.is_empty() {
+        r.floors.remove(&client);
+    } else {
+        r.floors.insert(client, join.behind.into_iter().collect());
+    }
     let topic = r.topic.clone();
     let member_count = r.members.len() + remote;
     shared.presence_changed();

@@ -88,7 +88,11 @@ pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, Stri
                 ),
                 None => None,
             };
-            ClientMsg::Join { room, after }
+            ClientMsg::Join {
+                room,
+                after,
+                since: None,
+            }
         }
         "part" | "leave" => ClientMsg::Part {
             room: if rest.is_empty() {
@@ -574,7 +578,8 @@ mod tests {
             parse_line("/join #dev 42", None).unwrap(),
             LineCommand::Hub(ClientMsg::Join {
                 room: "dev".into(),
-                after: Some(42)
+                after: Some(42),
+                since: None
             })
         );
         assert_eq!(
@@ -599,6 +604,8 @@ mod tests {
             text: "hi\nERR fake".into(),
             ts: 3_661_000,
             kind: MessageKind::Say,
+            origin: None,
+            origin_id: 0,
         });
         assert_eq!(format_line(&m), "[01:01:01] #r <ann> hi ERR fake");
     }

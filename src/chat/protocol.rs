@@ -16,6 +16,11 @@ pub enum ClientMsg {
         /// Last message id the client saw in this room; it gets every later one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<u64>,
+        /// Cluster resume: for each origin, the highest `origin_id` the
+        /// client saw in this room (on any node); it gets every message it
+        /// has not seen. Takes precedence over `after` on a clustered node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<std::collections::BTreeMap<String, u64>>,
     },
     /// Leave a room.
     Part {
@@ -115,6 +120,16 @@ pub struct ChatMessage {
     /// `me` for actions; absent for plain messages.
     #[serde(default, skip_serializing_if = "MessageKind::is_say")]
     pub kind: MessageKind,
+    /// In a cluster: the origin (`node/TAG`) where it was posted; absent with
+    /// clustering off and for messages stored before origins were recorded.
+    /// (A `Box<str>` keeps [`ServerMsg`] from growing.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Box<str>>,
+    /// With `origin`: its `id` in the room on the origin node (increasing
+    /// in the origin's order; what `join` with `since` resumes by); 0 (and
+    /// absent from JSON) without an origin.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub origin_id: u64,
 }
 
 /// One room in a room list.
@@ -134,6 +149,10 @@ pub struct RoomInfo {
 }
 
 fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 
@@ -304,7 +323,8 @@ mod tests {
             m,
             ClientMsg::Join {
                 room: "r".into(),
-                after: None
+                after: None,
+                since: None
             }
         );
         let m: ClientMsg =
@@ -323,6 +343,8 @@ mod tests {
             text: "hi".into(),
             ts: 1000,
             kind: MessageKind::Say,
+            origin: None,
+            origin_id: 0,
         });
         assert_eq!(
             out.to_json(),

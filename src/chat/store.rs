@@ -45,7 +45,25 @@ pub struct NewMessage<'a> {
     pub ts: i64,
     /// Plain or action.
     pub kind: MessageKind,
+    /// The cluster origin that posted it and its id in the room there
+    /// (`None` with clustering off, and for rows older than the columns).
+    pub origin: Option<(&'a str, u64)>,
 }
+
+/// What a resume by origin vector ([`Store::since`]) finds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinceResume {
+    /// The newest `limit` messages the client has not seen, oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// True when more than `limit` were missed.
+    pub truncated: bool,
+    /// Entries of the vector this store is behind on: `(origin, n)` where
+    /// the room's newest message of `origin` here has an origin id below `n`.
+    pub behind: Vec<(String, u64)>,
+}
+
+/// Columns read for a [`ChatMessage`].
+const MSG_COLUMNS: &str = "id, nick, text, ts_ms, kind, origin, origin_id";
 
 /// A room as stored: name, topic and newest message id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +115,7 @@ impl Store {
              ) WITHOUT ROWID;",
         )
         .map_err(err)?;
+        migrate_origin(&conn).map_err(err)?;
         Ok(Store { conn, path })
     }
 
@@ -172,7 +191,8 @@ impl Store {
             }
             let mut msg_stmt = tx
                 .prepare_cached(
-                    "INSERT INTO messages (room, id, nick, text, ts_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO messages (room, id, nick, text, ts_ms, kind, origin, origin_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(err)?;
             for m in messages {
@@ -183,7 +203,9 @@ impl Store {
                         m.from,
                         m.text,
                         m.ts,
-                        m.kind.as_str()
+                        m.kind.as_str(),
+                        m.origin.map(|o| o.0),
+                        m.origin.map(|o| i64::try_from(o.1).unwrap_or(i64::MAX))
                     ])
                     .map_err(err)?;
             }
@@ -235,10 +257,10 @@ impl Store {
         newest: bool,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let sql = if newest {
-            "SELECT id, nick, text, ts_ms, kind FROM messages
+            "SELECT id, nick, text, ts_ms, kind, origin, origin_id FROM messages
              WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id DESC LIMIT ?4"
         } else {
-            "SELECT id, nick, text, ts_ms, kind FROM messages
+            "SELECT id, nick, text, ts_ms, kind, origin, origin_id FROM messages
              WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id ASC LIMIT ?4"
         };
         let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
@@ -261,18 +283,96 @@ impl Store {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map(params![room, after, upto, limit], |r| {
-                Ok(ChatMessage {
-                    room: room.to_string(),
-                    id: r.get::<_, i64>(0)? as u64,
-                    from: r.get(1)?,
-                    text: r.get(2)?,
-                    ts: r.get(3)?,
-                    kind: MessageKind::from_db(&r.get::<_, String>(4)?),
-                })
-            })
+            .query_map(params![room, after, upto, limit], |r| row_message(room, r))
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Resume by origin vector: the messages of `room` with `id <= upto`
+    /// that a client who has seen, for each origin `o`, every message of `o`
+    /// up to origin id `seen[o]` has not seen (the newest `limit`, oldest
+    /// first, in this store's order). Rows without an origin (clustering
+    /// off, or older than the columns) are never included. Cost: one index
+    /// seek per origin present in the room and per entry of `seen`, and at
+    /// most `limit + 1` rows read per origin.
+    pub fn since(
+        &self,
+        room: &str,
+        seen: &std::collections::BTreeMap<String, u64>,
+        upto: u64,
+        limit: usize,
+    ) -> Result<SinceResume, StoreError> {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let upto = clamp(upto);
+        let origins: Vec<String> = {
+            // A skip-scan over the (room, origin, origin_id) index.
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "WITH RECURSIVE o(origin) AS (
+                         SELECT MIN(origin) FROM messages WHERE room = ?1 AND origin IS NOT NULL
+                         UNION ALL
+                         SELECT (SELECT MIN(origin) FROM messages WHERE room = ?1 AND origin > o.origin)
+                         FROM o WHERE o.origin IS NOT NULL)
+                     SELECT origin FROM o WHERE origin IS NOT NULL",
+                )
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map([room], |r| r.get(0))
+                .map_err(|e| self.err(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?
+        };
+        let mut out = SinceResume::default();
+        {
+            let sql = format!(
+                "SELECT {MSG_COLUMNS} FROM messages
+                 WHERE room = ?1 AND origin = ?2 AND origin_id > ?3 AND id <= ?4
+                 ORDER BY origin_id DESC LIMIT ?5"
+            );
+            let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+            let per_origin = clamp(limit.saturating_add(1) as u64);
+            for origin in &origins {
+                let after = clamp(seen.get(origin).copied().unwrap_or(0));
+                let rows = stmt
+                    .query_map(params![room, origin, after, upto, per_origin], |r| {
+                        row_message(room, r)
+                    })
+                    .map_err(|e| self.err(e))?;
+                for m in rows {
+                    out.messages.push(m.map_err(|e| self.err(e))?);
+                }
+            }
+        }
+        out.messages.sort_by_key(|m| m.id);
+        if out.messages.len() > limit {
+            out.truncated = true;
+            out.messages.drain(..out.messages.len() - limit);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                // Newest first along the index: origin ids and ids grow together
+                // for one origin, so this stops at once.
+                "SELECT origin_id FROM messages WHERE room = ?1 AND origin = ?2 AND id <= ?3
+                 ORDER BY origin_id DESC LIMIT 1",
+            )
+            .map_err(|e| self.err(e))?;
+        for (origin, &n) in seen {
+            if n == 0 {
+                continue;
+            }
+            let have: Option<i64> = if origins.binary_search(origin).is_ok() {
+                stmt.query_row(params![room, origin, upto], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| self.err(e))?
+            } else {
+                None
+            };
+            if have.unwrap_or(0) < clamp(n) {
+                out.behind.push((origin.clone(), n));
+            }
+        }
+        Ok(out)
     }
 
     /// Number of messages stored in `room`.
@@ -289,6 +389,68 @@ impl Store {
     }
 }
 
+/// One row of [`MSG_COLUMNS`] as a message of `room`.
+fn row_message(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
+    let origin: Option<String> = r.get(5)?;
+    let origin = origin.map(String::into_boxed_str);
+    let origin_id: Option<i64> = r.get(6)?;
+    let (origin, origin_id) = match (origin, origin_id) {
+        (Some(o), Some(n)) if n > 0 => (Some(o), n as u64),
+        _ => (None, 0),
+    };
+    Ok(ChatMessage {
+        room: room.to_string(),
+        id: r.get::<_, i64>(0)? as u64,
+        from: r.get(1)?,
+        text: r.get(2)?,
+        ts: r.get(3)?,
+        kind: MessageKind::from_db(&r.get::<_, String>(4)?),
+        origin,
+        origin_id,
+    })
+}
+
+/// Adds the cluster origin columns to a database made before them (its rows
+/// keep `NULL`: no origin) and the index that resume by origin uses.
+fn migrate_origin(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'origin'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        // Several connections open the file; the first one migrates.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let done = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'origin'",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )
+            .and_then(|has| {
+                if has {
+                    Ok(())
+                } else {
+                    conn.execute_batch(
+                        "ALTER TABLE messages ADD COLUMN origin TEXT;
+                         ALTER TABLE messages ADD COLUMN origin_id INTEGER;",
+                    )
+                }
+            });
+        match done {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS messages_by_origin
+             ON messages (room, origin, origin_id) WHERE origin IS NOT NULL",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +463,7 @@ mod tests {
             text,
             ts: id as i64,
             kind: MessageKind::Say,
+            origin: None,
         }
     }
 

@@ -56,6 +56,11 @@ pub struct RelayedMessage {
     pub kind: MessageKind,
     /// Milliseconds since the Unix epoch, at the origin.
     pub ts: i64,
+    /// Its id in the room on the origin node (what clients resume by, with
+    /// `origin`); 0 if unknown (relayed before this field existed).
+    /// Appended last: nodes that predate it cannot decode messages from
+    /// nodes that have it, and the reverse; upgrade every node together.
+    pub origin_id: u64,
 }
 
 /// One relay datagram between two nodes.
@@ -275,6 +280,7 @@ impl Relay {
         text: String,
         kind: MessageKind,
         ts: i64,
+        origin_id: u64,
     ) -> RelayedMessage {
         let seq = self.have.entry(self.me.clone()).or_insert(0);
         *seq += 1;
@@ -286,6 +292,7 @@ impl Relay {
             text,
             kind,
             ts,
+            origin_id,
         }
     }
 
@@ -447,6 +454,20 @@ impl RelayStore {
                      );",
                 )
             })
+            .and_then(|_| {
+                // Stores made before origin ids: their rows keep 0 (unknown).
+                let has: i64 = store.conn.query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('relay_messages') WHERE name = 'origin_id'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if has == 0 {
+                    store.conn.execute_batch(
+                        "ALTER TABLE relay_messages ADD COLUMN origin_id INTEGER NOT NULL DEFAULT 0",
+                    )?;
+                }
+                Ok(())
+            })
             .map_err(|e| store.error(e))?;
         Ok(store)
     }
@@ -503,8 +524,8 @@ impl RelayStore {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO relay_messages (origin, seq, room, nick, text, kind, ts_ms, done)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT OR IGNORE INTO relay_messages (origin, seq, room, nick, text, kind, ts_ms, done, origin_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(err)?;
             for m in msgs {
@@ -516,7 +537,8 @@ impl RelayStore {
                     m.text,
                     m.kind.as_str(),
                     m.ts,
-                    done
+                    done,
+                    i64::try_from(m.origin_id).unwrap_or(i64::MAX)
                 ])
                 .map_err(err)?;
             }
@@ -547,7 +569,7 @@ impl RelayStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT origin, seq, room, nick, text, kind, ts_ms FROM relay_messages
+                "SELECT origin, seq, room, nick, text, kind, ts_ms, origin_id FROM relay_messages
                  WHERE done = 0 ORDER BY origin, seq",
             )
             .map_err(|e| self.error(e))?;
@@ -561,6 +583,7 @@ impl RelayStore {
                     text: r.get(4)?,
                     kind: MessageKind::from_db(&r.get::<_, String>(5)?),
                     ts: r.get(6)?,
+                    origin_id: r.get::<_, i64>(7)? as u64,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -578,7 +601,7 @@ impl RelayStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT seq, room, nick, text, kind, ts_ms FROM relay_messages
+                "SELECT seq, room, nick, text, kind, ts_ms, origin_id FROM relay_messages
                  WHERE origin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )
             .map_err(|e| self.error(e))?;
@@ -592,6 +615,7 @@ impl RelayStore {
                     text: r.get(3)?,
                     kind: MessageKind::from_db(&r.get::<_, String>(4)?),
                     ts: r.get(5)?,
+                    origin_id: r.get::<_, i64>(6)? as u64,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -627,6 +651,10 @@ pub async fn run(
             return;
         }
     };
+    // Normally set by `serve` before any client connects.
+    if !hub.set_origin(me.clone()) {
+        tracing::warn!(node = %me, hub = ?hub.origin(), "relay: the hub has another origin");
+    }
     if let Err(e) = reconcile(&hub, &mut store).await {
         tracing::error!("relay: not relaying: {e}");
         return;
@@ -651,7 +679,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             got = local.recv() => match got {
                 Ok(m) => {
-                    let m = relay.local(m.room, m.from, m.text, m.kind, m.ts);
+                    let m = relay.local(m.room, m.from, m.text, m.kind, m.ts, m.id);
                     if let Err(e) = store.insert(std::slice::from_ref(&m), true) {
                         tracing::error!("relay: {e}");
                     }
@@ -1000,7 +1028,14 @@ async fn carry_out(
         match action {
             RelayAction::Apply(m) => {
                 let queued = hub
-                    .apply_remote(m.room.clone(), m.from.clone(), m.text.clone(), m.kind, m.ts)
+                    .apply_remote_from(
+                        m.room.clone(),
+                        m.from.clone(),
+                        m.text.clone(),
+                        m.kind,
+                        m.ts,
+                        Some((m.origin.clone(), m.origin_id)),
+                    )
                     .await;
                 if let Err(e) = queued {
                     tracing::warn!(origin = %m.origin, seq = m.seq, "relay: hub refused a message: {e}");
@@ -1044,13 +1079,24 @@ async fn reconcile(hub: &crate::chat::hub::Hub, store: &mut RelayStore) -> anyho
         let recent = tokio::task::spawn_blocking(move || h.history(&room, None, None, 500))
             .await?
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let present = recent
-            .iter()
-            .any(|r| r.from == m.from && r.text == m.text && r.ts == m.ts && r.kind == m.kind);
+        let present = recent.iter().any(|r| {
+            if m.origin_id > 0 && r.origin.is_some() {
+                r.origin.as_deref() == Some(m.origin.as_str()) && r.origin_id == m.origin_id
+            } else {
+                r.from == m.from && r.text == m.text && r.ts == m.ts && r.kind == m.kind
+            }
+        });
         if !present {
-            hub.apply_remote(m.room.clone(), m.from.clone(), m.text.clone(), m.kind, m.ts)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            hub.apply_remote_from(
+                m.room.clone(),
+                m.from.clone(),
+                m.text.clone(),
+                m.kind,
+                m.ts,
+                Some((m.origin.clone(), m.origin_id)),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     hub.sync_writes()
@@ -1121,6 +1167,7 @@ mod tests {
                 text.into(),
                 MessageKind::Say,
                 0,
+                1,
             );
             self.nodes[node]
                 .store
@@ -1299,6 +1346,7 @@ mod tests {
             "after".into(),
             MessageKind::Say,
             0,
+            1,
         );
         assert_eq!(m.seq, counts["n2"] + 1);
     }
@@ -1320,6 +1368,7 @@ mod tests {
             text: text.into(),
             kind: MessageKind::Say,
             ts: 1000 + seq as i64,
+            origin_id: seq,
         };
         let (in_hub, lost) = (msg(1, "made it"), msg(2, "lost"));
         hub.apply_remote(
@@ -1351,6 +1400,40 @@ mod tests {
         hub.shutdown();
     }
 
+    /// A relay store made before origin ids opens; its rows read as 0.
+    #[test]
+    fn old_relay_store_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("relay.sqlite3")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE relay_messages (origin TEXT NOT NULL, seq INTEGER NOT NULL,
+                     room TEXT NOT NULL, nick TEXT NOT NULL, text TEXT NOT NULL, kind TEXT NOT NULL,
+                     ts_ms INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 1,
+                     PRIMARY KEY (origin, seq)) WITHOUT ROWID;
+                 INSERT INTO relay_messages VALUES ('b/1', 1, 'r', 'bob', 'old', 'say', 5, 1);",
+            )
+            .unwrap();
+        }
+        let mut store = RelayStore::open_in(dir.path()).unwrap();
+        let old = store.after("b/1", 0, 10).unwrap();
+        assert_eq!((old[0].text.as_str(), old[0].origin_id), ("old", 0));
+        let new = RelayedMessage {
+            origin: "b/1".into(),
+            seq: 2,
+            room: "r".into(),
+            from: "bob".into(),
+            text: "new".into(),
+            kind: MessageKind::Say,
+            ts: 6,
+            origin_id: 4,
+        };
+        store.insert(std::slice::from_ref(&new), true).unwrap();
+        drop(store);
+        let store = RelayStore::open_in(dir.path()).unwrap();
+        assert_eq!(store.after("b/1", 1, 10).unwrap(), vec![new]);
+    }
+
     #[test]
     fn large_packets_are_split_and_reassembled() {
         let big = RelayPacket::Msg(RelayedMessage {
@@ -1361,6 +1444,7 @@ mod tests {
             text: "é".repeat(4000),
             kind: MessageKind::Me,
             ts: 5,
+            origin_id: 9,
         });
         let mut pieces = split(&big, 42);
         assert!(pieces.len() >= 8, "{} pieces", pieces.len());
@@ -1404,6 +1488,7 @@ mod tests {
             text: "t".into(),
             kind: MessageKind::Say,
             ts: 0,
+            origin_id: seq,
         };
         let now = Duration::ZERO;
         assert_eq!(r.receive(1, RelayPacket::Msg(m("b", 1)), now).len(), 1);
