@@ -6,68 +6,24 @@
 
 mod proc_util;
 
-use proc_util::{Netkit, cluster_node_command};
-use std::io::{BufRead, BufReader, Read, Write};
+use proc_util::{ClusterNode, wait_until};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-struct Node {
-    p: Netkit,
-    http: SocketAddr,
-    chat: SocketAddr,
-    gossip: SocketAddr,
-}
-
-impl Node {
-    fn start(name: &str, data: &Path, join: &str) -> Node {
-        let mut cmd = cluster_node_command(name, data, "127.0.0.1:0", join, true);
-        cmd.args(["--chat-rate", "0"]);
-        let mut p = Netkit::from_command(cmd);
-        let http = p.addr_after("http: listening on http://");
-        let chat = p.addr_after("chat: listening on ");
-        let gossip = p.addr_after("gossip on udp ");
-        Node {
-            p,
-            http,
-            chat,
-            gossip,
-        }
-    }
-}
-
-fn get(http: SocketAddr, path: &str) -> Value {
-    let mut s = TcpStream::connect(http).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    serde_json::from_str(body).unwrap()
-}
-
 /// The members of `/api/cluster` other than the node itself.
-fn peers(node: &Node) -> Vec<Value> {
-    get(node.http, "/api/cluster")["members"]
+fn peers(node: &ClusterNode) -> Vec<Value> {
+    node.get("/api/cluster")["members"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|m| m["self"] == false)
         .cloned()
         .collect()
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
-        std::thread::sleep(Duration::from_millis(50)); // poll interval
-    }
 }
 
 /// A line-chat user; every line read is kept.
@@ -129,20 +85,26 @@ impl User {
 #[test]
 fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Node::start("a", dirs[0].path(), "");
-    let mut b = Node::start("b", dirs[1].path(), &a.gossip.to_string());
-    wait_until("a and b see each other", || {
+    let a = ClusterNode::start("a", dirs[0].path(), "127.0.0.1:0", "", true);
+    let mut b = ClusterNode::start(
+        "b",
+        dirs[1].path(),
+        "127.0.0.1:0",
+        &a.gossip.to_string(),
+        true,
+    );
+    wait_until("a and b see each other", DEADLINE, || {
         [&a, &b]
             .iter()
             .all(|n| peers(n).iter().any(|m| m["state"] == "alive"))
     });
 
     // ann joins on a; once b has heard of her, bob joins on b and sees her.
-    let mut ann = User::connect(a.chat, "ann");
+    let mut ann = User::connect(a.chat(), "ann");
     ann.send("/join lobby");
     ann.wait_for("-- joined #lobby");
-    wait_until("b hears of ann in lobby", || {
-        get(b.http, "/api/rooms")["rooms"]
+    wait_until("b hears of ann in lobby", DEADLINE, || {
+        b.get("/api/rooms")["rooms"]
             .as_array()
             .unwrap()
             .iter()
@@ -154,7 +116,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
             .as_array()
             .is_some_and(|u| u.contains(&"ann".into()))
     }));
-    let mut bob = User::connect(b.chat, "bob");
+    let mut bob = User::connect(b.chat(), "bob");
     bob.send("/join lobby");
     let joined = bob.wait_for("-- joined #lobby");
     assert!(joined.contains("members: ann@a, bob "), "{joined}");
@@ -165,7 +127,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     let who = ann.wait_for("-- members of #lobby:");
     assert_eq!(who, "-- members of #lobby: ann, bob@b");
     // The room list counts members on every node.
-    let rooms = get(a.http, "/api/rooms");
+    let rooms = a.get("/api/rooms");
     let lobby = rooms["rooms"]
         .as_array()
         .unwrap()
@@ -180,7 +142,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     bob.send("/nick bobby");
     bob.wait_for("-- bob is now known as bobby");
     ann.wait_for("-- bob@b is now known as bobby@b");
-    let mut cat = User::connect(a.chat, "cat");
+    let mut cat = User::connect(a.chat(), "cat");
     cat.send("/nick bobby");
     cat.wait_for("ERR nick_taken");
 
@@ -190,7 +152,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     bob.wait_for("*ann -> bobby* psst");
 
     // A second user on b joins and parts: ann sees both.
-    let mut dan = User::connect(b.chat, "dan");
+    let mut dan = User::connect(b.chat(), "dan");
     dan.send("/join lobby");
     ann.wait_for("-- dan@b joined #lobby");
     dan.send("/part lobby");
@@ -232,7 +194,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     cat.wait_for("-- cat is now known as bobby");
     // a still serves its history and its users.
     assert!(
-        get(a.http, "/api/rooms/lobby/messages")["messages"]
+        a.get("/api/rooms/lobby/messages")["messages"]
             .as_array()
             .is_some()
     );

@@ -5,65 +5,12 @@
 
 mod proc_util;
 
-use proc_util::{Netkit, cluster_node_command};
-use std::io::{BufRead, BufReader, Read, Write};
+use proc_util::{ClusterNode, wait_until};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A `netkit serve` cluster node with line chat, and its bound addresses.
-struct Node {
-    p: Netkit,
-    http: SocketAddr,
-    chat: SocketAddr,
-    gossip: SocketAddr,
-}
-
-impl Node {
-    fn start(name: &str, data: &Path, listen: &str, join: &str) -> Node {
-        let mut cmd = cluster_node_command(name, data, listen, join, true);
-        cmd.args(["--chat-rate", "0"]);
-        let mut p = Netkit::from_command(cmd);
-        let http = p.addr_after("http: listening on http://");
-        let chat = p.addr_after("chat: listening on ");
-        let gossip = p.addr_after("gossip on udp ");
-        Node {
-            p,
-            http,
-            chat,
-            gossip,
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.p.child.kill().unwrap(); // SIGKILL
-        self.p.child.wait().unwrap();
-    }
-}
-
-fn get(http: SocketAddr, path: &str) -> Value {
-    let mut s = TcpStream::connect(http).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    serde_json::from_str(body).unwrap()
-}
-
-fn alive_peers(node: &Node) -> usize {
-    get(node.http, "/api/cluster")["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["self"] == false && m["state"] == "alive")
-        .count()
-}
 
 /// A line-chat user.
 struct User {
@@ -115,8 +62,8 @@ impl User {
     }
 }
 
-fn history_texts(node: &Node) -> Vec<String> {
-    get(node.http, "/api/rooms/lobby/messages?limit=500")["messages"]
+fn history_texts(node: &ClusterNode) -> Vec<String> {
+    node.get("/api/rooms/lobby/messages?limit=500")["messages"]
         .as_array()
         .unwrap()
         .iter()
@@ -124,27 +71,19 @@ fn history_texts(node: &Node) -> Vec<String> {
         .collect()
 }
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
-        std::thread::sleep(Duration::from_millis(50)); // poll interval
-    }
-}
-
 #[test]
 fn messages_cross_nodes_and_histories_converge_after_kill_9() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Node::start("a", dirs[0].path(), "127.0.0.1:0", "");
+    let a = ClusterNode::start("a", dirs[0].path(), "127.0.0.1:0", "", true);
     let seed = a.gossip.to_string();
-    let b = Node::start("b", dirs[1].path(), "127.0.0.1:0", &seed);
-    let mut c = Node::start("c", dirs[2].path(), "127.0.0.1:0", &seed);
-    wait_until("three nodes see each other", || {
-        [&a, &b, &c].iter().all(|n| alive_peers(n) == 2)
+    let b = ClusterNode::start("b", dirs[1].path(), "127.0.0.1:0", &seed, true);
+    let mut c = ClusterNode::start("c", dirs[2].path(), "127.0.0.1:0", &seed, true);
+    wait_until("three nodes see each other", DEADLINE, || {
+        [&a, &b, &c].iter().all(|n| n.alive_peers() == 2)
     });
 
-    let mut ann = User::join(a.chat, "ann");
-    let mut bob = User::join(b.chat, "bob");
+    let mut ann = User::join(a.chat(), "ann");
+    let mut bob = User::join(b.chat(), "bob");
     let a_texts: Vec<String> = (0..20).map(|i| format!("from-a-{i}")).collect();
     let b_texts: Vec<String> = (0..5).map(|i| format!("from-b-{i}")).collect();
     for t in &a_texts {
@@ -168,14 +107,14 @@ fn messages_cross_nodes_and_histories_converge_after_kill_9() {
     // kill -9 of c; a message posted meanwhile still reaches b.
     let c_gossip = c.gossip;
     c.kill9();
-    wait_until("a and b count c out", || {
-        alive_peers(&a) == 1 && alive_peers(&b) == 1
+    wait_until("a and b count c out", DEADLINE, || {
+        a.alive_peers() == 1 && b.alive_peers() == 1
     });
     ann.send("while-c-was-down");
     bob.wait_for("<ann> while-c-was-down");
 
     // c restarts on its gossip address with its data dir; its history catches up.
-    let c = Node::start("c", dirs[2].path(), &c_gossip.to_string(), &seed);
+    let c = ClusterNode::start("c", dirs[2].path(), &c_gossip.to_string(), &seed, true);
     let mut want: Vec<String> = a_texts.clone();
     want.extend(b_sent.iter().cloned());
     want.push("while-c-was-down".into());
@@ -206,6 +145,6 @@ fn messages_cross_nodes_and_histories_converge_after_kill_9() {
         assert_eq!(from_a, a_texts.iter().collect::<Vec<_>>());
     }
     // And a user on the restarted node gets it all from its own history.
-    let mut cid = User::join(c.chat, "cid");
+    let mut cid = User::join(c.chat(), "cid");
     cid.wait_for("while-c-was-down");
 }

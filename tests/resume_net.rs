@@ -8,13 +8,10 @@
 mod proc_util;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use proc_util::{Netkit, cluster_node_command};
+use proc_util::{ClusterNode, wait_until};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -23,43 +20,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct Node {
-    _p: Netkit,
-    http: SocketAddr,
-}
-
-impl Node {
-    fn start(name: &str, data: &Path, join: &str) -> (Node, SocketAddr) {
-        let mut cmd = cluster_node_command(name, data, "127.0.0.1:0", join, false);
-        cmd.args(["--chat-rate", "0"]);
-        let mut p = Netkit::from_command(cmd);
-        let http = p.addr_after("http: listening on http://");
-        let gossip = p.addr_after("gossip on udp ");
-        (Node { _p: p, http }, gossip)
-    }
-}
-
-fn get(http: SocketAddr, path: &str) -> Value {
-    let mut s = TcpStream::connect(http).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    serde_json::from_str(body).unwrap()
-}
-
-fn alive_peers(node: &Node) -> usize {
-    get(node.http, "/api/cluster")["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["self"] == false && m["state"] == "alive")
-        .count()
-}
-
-async fn ws(node: &Node, nick: &str) -> Ws {
+async fn ws(node: &ClusterNode, nick: &str) -> Ws {
     let url = format!("ws://{}/ws?nick={nick}", node.http);
     let (mut ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
         .await
@@ -142,13 +103,17 @@ fn vector(seen: &[Value]) -> BTreeMap<String, u64> {
 #[tokio::test]
 async fn a_client_resumes_on_another_node_by_origin_vector() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (a, seed) = Node::start("a", dirs[0].path(), "");
-    let (b, _) = Node::start("b", dirs[1].path(), &seed.to_string());
-    let deadline = Instant::now() + DEADLINE;
-    while alive_peers(&a) != 1 || alive_peers(&b) != 1 {
-        assert!(Instant::now() < deadline, "a and b never saw each other");
-        std::thread::sleep(Duration::from_millis(50)); // poll interval
-    }
+    let a = ClusterNode::start("a", dirs[0].path(), "127.0.0.1:0", "", false);
+    let b = ClusterNode::start(
+        "b",
+        dirs[1].path(),
+        "127.0.0.1:0",
+        &a.gossip.to_string(),
+        false,
+    );
+    wait_until("a and b see each other", DEADLINE, || {
+        a.alive_peers() == 1 && b.alive_peers() == 1
+    });
 
     let mut ann = ws(&a, "ann").await; // posts on a
     let mut bob = ws(&b, "bob").await; // posts on b
@@ -280,5 +245,5 @@ async fn a_client_resumes_on_another_node_by_origin_vector() {
     // Still serving.
     say(&mut bob, "still-up").await;
     messages_until(&mut bad, "still-up").await;
-    assert!(alive_peers(&b) == 1);
+    assert!(b.alive_peers() == 1);
 }

@@ -224,3 +224,81 @@ pub fn cluster_node_command(
         .stderr(Stdio::piped());
     cmd
 }
+
+/// A `netkit serve` cluster node (see [`cluster_node_command`]) and its
+/// bound addresses.
+pub struct ClusterNode {
+    pub p: Netkit,
+    pub http: SocketAddr,
+    /// The line-chat address, when started with chat.
+    pub chat: Option<SocketAddr>,
+    pub gossip: SocketAddr,
+}
+
+impl ClusterNode {
+    /// Starts node `name` gossiping on `listen`, joining through `join`,
+    /// with line chat when `chat`, and no chat rate limit.
+    pub fn start(name: &str, data: &std::path::Path, listen: &str, join: &str, chat: bool) -> Self {
+        let mut cmd = cluster_node_command(name, data, listen, join, chat);
+        cmd.args(["--chat-rate", "0"]);
+        let mut p = Netkit::from_command(cmd);
+        let http = p.addr_after("http: listening on http://");
+        let chat = chat.then(|| p.addr_after("chat: listening on "));
+        let gossip = p.addr_after("gossip on udp ");
+        ClusterNode {
+            p,
+            http,
+            chat,
+            gossip,
+        }
+    }
+
+    /// The line-chat address (the node was started with chat).
+    pub fn chat(&self) -> SocketAddr {
+        self.chat.expect("started with line chat")
+    }
+
+    /// `kill -9`, and the exit collected.
+    pub fn kill9(&mut self) {
+        self.p.child.kill().unwrap();
+        self.p.child.wait().unwrap();
+    }
+
+    /// `GET path` on the node's HTTP server, as JSON.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        http_get_json(self.http, path)
+    }
+
+    /// How many other members `/api/cluster` lists as alive.
+    pub fn alive_peers(&self) -> usize {
+        self.get("/api/cluster")["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["self"] == false && m["state"] == "alive")
+            .count()
+    }
+}
+
+/// `GET path` over HTTP/1.0 with a 30 s read timeout; the body as JSON
+/// (the status must be 200).
+pub fn http_get_json(http: SocketAddr, path: &str) -> serde_json::Value {
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
+/// Polls `ok` every 50 ms until it holds; panics after `deadline`. For state
+/// that is only visible by asking (an HTTP API), not for anything awaitable.
+pub fn wait_until(what: &str, deadline: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !ok() {
+        assert!(Instant::now() < end, "{what}: not within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(50)); // poll interval
+    }
+}
