@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod ws_util;
+
 use futures_util::{SinkExt, StreamExt};
 use netkit::chat::hub::{Hub, HubConfig};
 use netkit::chat::{ConnConfig, line};
@@ -13,8 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+use ws_util::{Ws, recv, recv_type, send};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -98,34 +99,6 @@ async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u1
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(T, ws.next())
-            .await
-            .expect("timed out waiting for a frame")
-            .expect("stream ended")
-            .unwrap();
-        match m {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
-async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == ty {
-            return v;
-        }
-    }
 }
 
 struct LineClient {

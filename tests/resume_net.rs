@@ -6,19 +6,18 @@
 //! Every wait reads a socket or polls HTTP with a deadline.
 
 mod proc_util;
+mod ws_util;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use proc_util::{ClusterNode, wait_until};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+use ws_util::{Ws, recv, recv_type, send, send_raw};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(node: &ClusterNode, nick: &str) -> Ws {
     let url = format!("ws://{}/ws?nick={nick}", node.http);
@@ -28,38 +27,6 @@ async fn ws(node: &ClusterNode, nick: &str) -> Ws {
         .unwrap();
     assert_eq!(recv(&mut ws).await["type"], "welcome");
     ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-async fn send_raw(ws: &mut Ws, text: String) {
-    ws.send(Message::Text(text.into())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("timed out waiting for a frame")
-            .expect("stream ended")
-            .unwrap();
-        match m {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
-async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == ty {
-            return v;
-        }
-    }
 }
 
 /// Reads `message` events until one has text `text`; returns them all.
