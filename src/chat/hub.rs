@@ -219,6 +219,16 @@ struct Kick {
     reason: OnceLock<DisconnectReason>,
 }
 
+impl Kick {
+    /// True once the client is disconnected: the reason is set (under the
+    /// state lock) just before the token is cancelled. An atomic load, where
+    /// `token.is_cancelled()` takes the token's mutex, which the writer thread
+    /// and the client's task would contend for on every delivery.
+    fn is_kicked(&self) -> bool {
+        self.reason.get().is_some()
+    }
+}
+
 #[derive(Clone)]
 struct Outbox {
     tx: mpsc::Sender<Arc<Event>>,
@@ -599,7 +609,7 @@ impl Shared {
                 continue;
             };
             let ob = &c.outbox;
-            if ob.kick.token.is_cancelled() {
+            if ob.kick.is_kicked() {
                 continue;
             }
             let queued = ob.bytes.fetch_add(len, Ordering::Relaxed) + len;
@@ -715,7 +725,7 @@ impl Inbox {
 
     /// The next queued message, if one is ready and the client is not disconnected.
     pub fn try_recv(&mut self) -> Option<Arc<Event>> {
-        if self.kick.token.is_cancelled() {
+        if self.kick.is_kicked() {
             return None;
         }
         let ev = self.rx.try_recv().ok()?;
