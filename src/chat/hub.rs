@@ -50,6 +50,11 @@ pub struct HubConfig {
     /// this many members (the rest through `who`): keeps big rooms from
     /// quadratic presence traffic.
     pub presence_limit: usize,
+    /// Shortest time between two write batches while commands keep coming
+    /// (group commit): a busy room's messages share a transaction and reach
+    /// each client together. The first command after a quiet spell waits for
+    /// nothing.
+    pub batch_interval: std::time::Duration,
 }
 
 impl Default for HubConfig {
@@ -64,6 +69,7 @@ impl Default for HubConfig {
             rate: 20.0,
             burst: 40.0,
             presence_limit: 200,
+            batch_interval: std::time::Duration::from_millis(2),
         }
     }
 }
@@ -1080,7 +1086,20 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Wri
         .map(|(k, r)| (k.clone(), r.last_id))
         .collect();
     let mut batch: Vec<WriteCmd> = Vec::with_capacity(MAX_BATCH);
+    let interval = shared.config.batch_interval;
+    let mut last_batch: Option<std::time::Instant> = None;
     while let Some(first) = rx.blocking_recv() {
+        // Group commit: at most one batch per `interval` while commands keep
+        // coming, so that each client is woken, and written to, once per batch
+        // rather than once per message.
+        if let Some(at) = last_batch {
+            let due = at + interval;
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        last_batch = Some(std::time::Instant::now());
         batch.clear();
         batch.push(first);
         while batch.len() < MAX_BATCH {
