@@ -53,7 +53,7 @@ pub struct HubConfig {
     /// Shortest time between two write batches while commands keep coming
     /// (group commit): a busy room's messages share a transaction and reach
     /// each client together. The first command after a quiet spell waits for
-    /// nothing.
+    /// nothing. Zero (the default) starts each batch as soon as it can.
     pub batch_interval: std::time::Duration,
 }
 
@@ -69,7 +69,7 @@ impl Default for HubConfig {
             rate: 20.0,
             burst: 40.0,
             presence_limit: 200,
-            batch_interval: std::time::Duration::from_millis(2),
+            batch_interval: std::time::Duration::ZERO,
         }
     }
 }

@@ -54,9 +54,10 @@ pub struct ChatLimitArgs {
     pub chat_write_timeout: Duration,
     /// While messages keep coming, store (and send) them at most once per this
     /// interval, as one batch: a busy room's messages then share a transaction,
-    /// and each client gets them in one write (still one frame per message).
-    /// A message after a quiet spell is not delayed. 0 commits as fast as it can.
-    #[arg(long, default_value = "2ms", value_parser = parse_duration, env = "NETKIT_CHAT_BATCH_INTERVAL")]
+    /// and each client gets them in one write (still one frame per message),
+    /// at the cost of up to this much latency. A message after a quiet spell is
+    /// not delayed. 0 (the default) commits as fast as it can.
+    #[arg(long, default_value = "0", value_parser = parse_duration, env = "NETKIT_CHAT_BATCH_INTERVAL")]
     pub chat_batch_interval: Duration,
 }
 
