@@ -681,3 +681,32 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         "{nicks:?}"
     );
 }
+
+#[tokio::test]
+async fn busy_room_messages_share_a_batch_and_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = open(
+        dir.path(),
+        HubConfig {
+            batch_interval: Duration::from_millis(200),
+            ..unlimited()
+        },
+    );
+    let (a, mut ai) = connect(&hub, "ann").await;
+    let (b, mut bi) = connect(&hub, "bob").await;
+    join(&a, &mut ai, "r", None).await;
+    join(&b, &mut bi, "r", None).await;
+    hub.sync_writes().await.unwrap();
+    let before = hub.stats().batches.load(Ordering::Relaxed);
+    // Queued within the interval after the last batch: one transaction.
+    for n in 0..50 {
+        a.say("r", format!("m{n}"), MessageKind::Say).await.unwrap();
+    }
+    hub.sync_writes().await.unwrap();
+    let batches = hub.stats().batches.load(Ordering::Relaxed) - before;
+    assert!(batches <= 3, "50 messages took {batches} batches");
+    for n in 0..50 {
+        assert_eq!(message(&mut ai).await.text, format!("m{n}"));
+        assert_eq!(message(&mut bi).await.text, format!("m{n}"));
+    }
+}

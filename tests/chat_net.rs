@@ -371,6 +371,36 @@ async fn silent_websocket_client_is_dropped_after_the_ping_timeout() {
 }
 
 #[tokio::test]
+async fn messages_written_together_arrive_as_separate_frames_in_order() {
+    // A long batch interval: the 40 messages reach the reader in one or two
+    // batches, each fed as its own frame and flushed in one write.
+    let hub = HubConfig {
+        batch_interval: Duration::from_millis(300),
+        ..open_hub()
+    };
+    let srv = Server::start(hub, ConnConfig::default()).await;
+    let mut reader = srv.ws("reader").await;
+    let mut writer = srv.ws("writer").await;
+    send(&mut reader, json!({"type":"join","room":"r"})).await;
+    recv_type(&mut reader, "joined").await;
+    send(&mut writer, json!({"type":"join","room":"r"})).await;
+    recv_type(&mut writer, "joined").await;
+    for n in 0..40 {
+        send(
+            &mut writer,
+            json!({"type":"say","room":"r","text":format!("m{n}")}),
+        )
+        .await;
+    }
+    for n in 0..40 {
+        // `recv` parses each frame as one JSON value: two messages in a frame fail.
+        let m = recv_type(&mut reader, "message").await;
+        assert_eq!(m["text"], format!("m{n}"));
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn slow_websocket_reader_is_disconnected_with_a_reason() {
     let hub = HubConfig {
         queue_messages: 16,

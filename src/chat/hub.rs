@@ -52,6 +52,11 @@ pub struct HubConfig {
     /// this many members (the rest through `who`): keeps big rooms from
     /// quadratic presence traffic.
     pub presence_limit: usize,
+    /// Shortest time between two write batches while commands keep coming
+    /// (group commit): a busy room's messages share a transaction and reach
+    /// each client together. The first command after a quiet spell waits for
+    /// nothing. Zero (the default) starts each batch as soon as it can.
+    pub batch_interval: std::time::Duration,
 }
 
 impl Default for HubConfig {
@@ -66,6 +71,7 @@ impl Default for HubConfig {
             rate: 20.0,
             burst: 40.0,
             presence_limit: 200,
+            batch_interval: std::time::Duration::ZERO,
         }
     }
 }
@@ -223,6 +229,16 @@ const STORED_LOCAL_CAPACITY: usize = 8192;
 struct Kick {
     token: CancellationToken,
     reason: OnceLock<DisconnectReason>,
+}
+
+impl Kick {
+    /// True once the client is disconnected: the reason is set (under the
+    /// state lock) just before the token is cancelled. An atomic load, where
+    /// `token.is_cancelled()` takes the token's mutex, which the writer thread
+    /// and the client's task would contend for on every delivery.
+    fn is_kicked(&self) -> bool {
+        self.reason.get().is_some()
+    }
 }
 
 #[derive(Clone)]
@@ -925,7 +941,7 @@ impl Shared {
                 continue;
             };
             let ob = &c.outbox;
-            if ob.kick.token.is_cancelled() {
+            if ob.kick.is_kicked() {
                 continue;
             }
             let queued = ob.bytes.fetch_add(len, Ordering::Relaxed) + len;
@@ -1046,7 +1062,7 @@ impl Inbox {
 
     /// The next queued message, if one is ready and the client is not disconnected.
     pub fn try_recv(&mut self) -> Option<Arc<Event>> {
-        if self.kick.token.is_cancelled() {
+        if self.kick.is_kicked() {
             return None;
         }
         let ev = self.rx.try_recv().ok()?;
@@ -1515,7 +1531,20 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Wri
         .map(|(k, r)| (k.clone(), r.last_id))
         .collect();
     let mut batch: Vec<WriteCmd> = Vec::with_capacity(MAX_BATCH);
+    let interval = shared.config.batch_interval;
+    let mut last_batch: Option<std::time::Instant> = None;
     while let Some(first) = rx.blocking_recv() {
+        // Group commit: at most one batch per `interval` while commands keep
+        // coming, so that each client is woken, and written to, once per batch
+        // rather than once per message.
+        if let Some(at) = last_batch {
+            let due = at + interval;
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        last_batch = Some(std::time::Instant::now());
         batch.clear();
         batch.push(first);
         while batch.len() < MAX_BATCH {

@@ -52,6 +52,13 @@ pub struct ChatLimitArgs {
     /// Disconnect a client whose socket accepts no data for this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_CHAT_WRITE_TIMEOUT")]
     pub chat_write_timeout: Duration,
+    /// While messages keep coming, store (and send) them at most once per this
+    /// interval, as one batch: a busy room's messages then share a transaction,
+    /// and each client gets them in one write (still one frame per message),
+    /// at the cost of up to this much latency. A message after a quiet spell is
+    /// not delayed. 0 (the default) commits as fast as it can.
+    #[arg(long, default_value = "0", value_parser = parse_duration, env = "NETKIT_CHAT_BATCH_INTERVAL")]
+    pub chat_batch_interval: Duration,
 }
 
 impl ChatLimitArgs {
@@ -65,6 +72,7 @@ impl ChatLimitArgs {
             rate: self.chat_rate.max(0.0),
             burst: self.chat_burst.max(1.0),
             presence_limit: self.chat_presence_limit,
+            batch_interval: self.chat_batch_interval,
             ..HubConfig::default()
         }
     }

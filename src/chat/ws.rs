@@ -1,6 +1,8 @@
 //! The WebSocket adapter: JSON [`ClientMsg`]s in, [`ServerMsg`]s out, one text
 //! frame per message. One task reads and hands requests to the hub, a second
 //! writes the client's queue and pings; when either ends the other stops.
+//! The writer feeds every queued message as its own frame and flushes once, so
+//! the messages of one hub batch share a syscall.
 //!
 //! Close codes: 1000 normal, 1001 server shutting down, 1009 message too big
 //! (over the hard frame cap), 4000 lagging (the client read too slowly), 4001
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -192,6 +194,9 @@ fn close(code: u16, reason: String) -> CloseFrame {
     }
 }
 
+/// Most frames fed before one flush.
+const MAX_FRAMES_PER_WRITE: usize = 256;
+
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut inbox: Inbox,
@@ -204,12 +209,18 @@ async fn write_loop(
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
+    // Made once and polled on every wake-up: building them anew per message
+    // (each registering with its token) cost more than writing the frame.
+    let shutdown_wait = shutdown.cancelled();
+    tokio::pin!(shutdown_wait);
+    let done_wait = done.cancelled();
+    tokio::pin!(done_wait);
     let final_frame: Option<CloseFrame> = loop {
         let got = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Some(close(CLOSE_GOING_AWAY, "server shutting down".into())),
+            _ = &mut shutdown_wait => break Some(close(CLOSE_GOING_AWAY, "server shutting down".into())),
             r = &mut close_rx => break r.ok(),
-            _ = done.cancelled() => break None,
+            _ = &mut done_wait => break None,
             r = inbox.recv() => r,
             _ = ping.tick() => {
                 match tokio::time::timeout(wt, sink.send(Message::Ping(Default::default()))).await {
@@ -221,19 +232,23 @@ async fn write_loop(
         };
         match got {
             Received::Event(ev) => {
-                // Feed everything already queued, then flush once: one frame per
-                // message, one syscall per burst.
-                let result = tokio::time::timeout(wt, async {
+                let write = async {
                     sink.feed(text_frame(&ev.json)).await?;
                     let mut n = 1;
-                    while n < 256 {
+                    while n < MAX_FRAMES_PER_WRITE {
                         let Some(ev) = inbox.try_recv() else { break };
                         sink.feed(text_frame(&ev.json)).await?;
                         n += 1;
                     }
                     sink.flush().await
-                })
-                .await;
+                };
+                tokio::pin!(write);
+                // The socket nearly always takes the bytes at once: arm the
+                // write timeout only when it does not.
+                let result = match write.as_mut().now_or_never() {
+                    Some(r) => Ok(r),
+                    None => tokio::time::timeout(wt, write).await,
+                };
                 match result {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
