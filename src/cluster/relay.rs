@@ -574,18 +574,7 @@ impl RelayStore {
             )
             .map_err(|e| self.error(e))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(RelayedMessage {
-                    origin: r.get(0)?,
-                    seq: r.get::<_, i64>(1)? as u64,
-                    room: r.get(2)?,
-                    from: r.get(3)?,
-                    text: r.get(4)?,
-                    kind: MessageKind::from_db(&r.get::<_, String>(5)?),
-                    ts: r.get(6)?,
-                    origin_id: r.get::<_, i64>(7)? as u64,
-                })
-            })
+            .query_map([], message_row)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.error(e))?;
         Ok(rows)
@@ -601,27 +590,34 @@ impl RelayStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT seq, room, nick, text, kind, ts_ms, origin_id FROM relay_messages
+                "SELECT origin, seq, room, nick, text, kind, ts_ms, origin_id FROM relay_messages
                  WHERE origin = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )
             .map_err(|e| self.error(e))?;
         let rows = stmt
-            .query_map(rusqlite::params![origin, after as i64, limit as i64], |r| {
-                Ok(RelayedMessage {
-                    origin: origin.to_string(),
-                    seq: r.get::<_, i64>(0)? as u64,
-                    room: r.get(1)?,
-                    from: r.get(2)?,
-                    text: r.get(3)?,
-                    kind: MessageKind::from_db(&r.get::<_, String>(4)?),
-                    ts: r.get(5)?,
-                    origin_id: r.get::<_, i64>(6)? as u64,
-                })
-            })
+            .query_map(
+                rusqlite::params![origin, after as i64, limit as i64],
+                message_row,
+            )
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.error(e))?;
         Ok(rows)
     }
+}
+
+/// A `relay_messages` row selected as `origin, seq, room, nick, text, kind,
+/// ts_ms, origin_id`.
+fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RelayedMessage> {
+    Ok(RelayedMessage {
+        origin: r.get(0)?,
+        seq: r.get::<_, i64>(1)? as u64,
+        room: r.get(2)?,
+        from: r.get(3)?,
+        text: r.get(4)?,
+        kind: MessageKind::from_db(&r.get::<_, String>(5)?),
+        ts: r.get(6)?,
+        origin_id: r.get::<_, i64>(7)? as u64,
+    })
 }
 
 /// How often each node sends its summary to a random live member while
