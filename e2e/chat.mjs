@@ -3,118 +3,24 @@
 // room; one page reloads and gets its history; screenshots go to target/e2e/.
 //
 // usage: node e2e/chat.mjs [path/to/netkit]   (default: target/debug/netkit)
-import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { T, fail, lineClient, launchBrowser, openPage, say, seeMessage, startServer } from "./lib.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const bin = path.resolve(process.argv[2] || path.join(root, "target/debug/netkit"));
 const outDir = path.join(root, "target/e2e");
 mkdirSync(outDir, { recursive: true });
-const T = 15000;
-
-function fail(msg) {
-  throw new Error(msg);
-}
-
-// Start `netkit serve` on free ports; read the bound addresses from its log.
-function startServer(dataDir, http = "127.0.0.1:0") {
-  const child = spawn(
-    bin,
-    ["serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir],
-    { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" } },
-  );
-  return new Promise((resolve, reject) => {
-    let http = null, chat = null, buf = "";
-    const timer = setTimeout(() => reject(new Error("netkit serve did not log its addresses")), T);
-    child.on("exit", (code) => reject(new Error(`netkit serve exited early (${code})`)));
-    child.stderr.on("data", (d) => {
-      buf += d.toString();
-      const h = buf.match(/listening on http:\/\/(\S+)/);
-      const c = buf.match(/chat: listening on (\S+)/);
-      if (h) http = h[1];
-      if (c) chat = c[1];
-      if (http && chat) {
-        clearTimeout(timer);
-        resolve({ child, http, chat });
-      }
-    });
-  });
-}
-
-// A TCP line client with a "wait for a line containing X" helper.
-function lineClient(addr) {
-  const [host, port] = [addr.slice(0, addr.lastIndexOf(":")), Number(addr.slice(addr.lastIndexOf(":") + 1))];
-  const sock = net.connect(port, host);
-  const lines = [];
-  const waiters = [];
-  let buf = "";
-  sock.on("data", (d) => {
-    buf += d.toString();
-    let i;
-    while ((i = buf.indexOf("\n")) >= 0) {
-      const line = buf.slice(0, i);
-      buf = buf.slice(i + 1);
-      lines.push(line);
-      for (const w of [...waiters]) if (line.includes(w.pat)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(line); }
-    }
-  });
-  return {
-    send: (l) => sock.write(l + "\n"),
-    waitFor: (pat) => {
-      const seen = lines.find((l) => l.includes(pat));
-      if (seen) return Promise.resolve(seen);
-      return new Promise((resolve, reject) => {
-        const w = { pat, resolve };
-        waiters.push(w);
-        setTimeout(() => reject(new Error(`TCP client never got a line containing ${JSON.stringify(pat)}; got:\n${lines.join("\n")}`)), T);
-      });
-    },
-    close: () => sock.destroy(),
-  };
-}
-
-async function openPage(browser, url, nick) {
-  const ctx = await browser.newContext({ viewport: { width: 1100, height: 700 } });
-  const page = await ctx.newPage();
-  page.on("dialog", (d) => fail(`a dialog opened (${d.message()}): text was run as HTML`));
-  page.on("pageerror", (e) => fail(`page error: ${e.message}`));
-  await page.goto(url);
-  await page.locator("#status", { hasText: "online as" }).waitFor({ timeout: T });
-  await page.locator("#room-title", { hasText: "#lobby" }).waitFor({ timeout: T });
-  // Change nick with the keyboard only.
-  await page.locator("#nick-input").fill(nick);
-  await page.locator("#nick-input").press("Enter");
-  await page.locator("#status", { hasText: `online as ${nick}` }).waitFor({ timeout: T });
-  return page;
-}
-
-async function say(page, text) {
-  await page.locator("#say-input").fill(text);
-  await page.keyboard.press("Enter");
-}
-
-async function seeMessage(page, text) {
-  await page.locator("#messages li", { hasText: text }).first().waitFor({ timeout: T });
-}
 
 const dataDir = mkdtempSync(path.join(os.tmpdir(), "netkit-e2e-"));
-let srv = await startServer(dataDir);
+let srv = await startServer(bin, dataDir);
 const url = `http://${srv.http}/`;
 let browser;
 let ok = false;
 try {
-  browser = await chromium.launch({
-    executablePath: "/usr/bin/chromium",
-    headless: true,
-    // playwright gives the browser a fresh temporary profile (--user-data-dir).
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  browser = await launchBrowser();
   const alice = await openPage(browser, url, "alice");
   const bob = await openPage(browser, url, "bob");
   await alice.locator("#member-list li", { hasText: "bob" }).waitFor({ timeout: T });
@@ -169,7 +75,7 @@ try {
   srv.child.kill("SIGTERM");
   await exited;
   await alice.locator("#status", { hasText: "offline" }).waitFor({ timeout: T });
-  srv = await startServer(dataDir, srv.http);
+  srv = await startServer(bin, dataDir, srv.http);
   await alice.locator("#status", { hasText: "online as alice" }).waitFor({ timeout: 30000 });
   await bob.locator("#status", { hasText: "online as bob" }).waitFor({ timeout: 30000 });
   const dave = lineClient(srv.chat);

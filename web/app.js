@@ -409,7 +409,7 @@
       const users = document.createElement("span");
       users.className = "node-users";
       users.textContent = Array.isArray(m.users)
-        ? (m.users.length ? m.users.length + " users: " + m.users.join(", ") : "no users")
+        ? (m.users.length ? m.users.length + (m.users.length === 1 ? " user: " : " users: ") + m.users.join(", ") : "no users")
         : "";
       li.append(name, " ", state, " ", addr, " ", users);
       list.append(li);

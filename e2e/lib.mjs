@@ -1,0 +1,107 @@
+// Helpers shared by the browser tests: start `netkit serve`, a TCP line
+// client, a chat page in headless chromium.
+import { spawn } from "node:child_process";
+import net from "node:net";
+import { chromium } from "playwright-core";
+
+export const T = 15000;
+
+export function fail(msg) {
+  throw new Error(msg);
+}
+
+// Start `netkit serve` (chat and HTTP on free ports, other doors off, plus
+// `extra` flags); read the bound addresses from its log. `gossip` is set
+// when the node is in a cluster.
+export function startServer(bin, dataDir, http = "127.0.0.1:0", extra = []) {
+  const child = spawn(
+    bin,
+    ["serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir, ...extra],
+    { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" } },
+  );
+  const clustered = extra.includes("--cluster-listen");
+  return new Promise((resolve, reject) => {
+    let http = null, chat = null, gossip = null, buf = "";
+    const timer = setTimeout(() => reject(new Error("netkit serve did not log its addresses")), T);
+    child.on("exit", (code) => reject(new Error(`netkit serve exited early (${code})`)));
+    child.stderr.on("data", (d) => {
+      buf += d.toString();
+      const h = buf.match(/listening on http:\/\/(\S+)/);
+      const c = buf.match(/chat: listening on (\S+)/);
+      const g = buf.match(/gossip on udp (\S+)/);
+      if (h) http = h[1];
+      if (c) chat = c[1];
+      if (g) gossip = g[1];
+      if (http && chat && (gossip || !clustered)) {
+        clearTimeout(timer);
+        resolve({ child, http, chat, gossip });
+      }
+    });
+  });
+}
+
+// A TCP line client with a "wait for a line containing X" helper.
+export function lineClient(addr) {
+  const [host, port] = [addr.slice(0, addr.lastIndexOf(":")), Number(addr.slice(addr.lastIndexOf(":") + 1))];
+  const sock = net.connect(port, host);
+  const lines = [];
+  const waiters = [];
+  let buf = "";
+  sock.on("data", (d) => {
+    buf += d.toString();
+    let i;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      lines.push(line);
+      for (const w of [...waiters]) if (line.includes(w.pat)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(line); }
+    }
+  });
+  return {
+    send: (l) => sock.write(l + "\n"),
+    waitFor: (pat) => {
+      const seen = lines.find((l) => l.includes(pat));
+      if (seen) return Promise.resolve(seen);
+      return new Promise((resolve, reject) => {
+        const w = { pat, resolve };
+        waiters.push(w);
+        setTimeout(() => reject(new Error(`TCP client never got a line containing ${JSON.stringify(pat)}; got:\n${lines.join("\n")}`)), T);
+      });
+    },
+    close: () => sock.destroy(),
+  };
+}
+
+export async function openPage(browser, url, nick) {
+  const ctx = await browser.newContext({ viewport: { width: 1100, height: 700 } });
+  const page = await ctx.newPage();
+  page.on("dialog", (d) => fail(`a dialog opened (${d.message()}): text was run as HTML`));
+  page.on("pageerror", (e) => fail(`page error: ${e.message}`));
+  await page.goto(url);
+  await page.locator("#status", { hasText: "online as" }).waitFor({ timeout: T });
+  await page.locator("#room-title", { hasText: "#lobby" }).waitFor({ timeout: T });
+  // Change nick with the keyboard only.
+  await page.locator("#nick-input").fill(nick);
+  await page.locator("#nick-input").press("Enter");
+  await page.locator("#status", { hasText: `online as ${nick}` }).waitFor({ timeout: T });
+  return page;
+}
+
+export async function say(page, text) {
+  await page.locator("#say-input").fill(text);
+  await page.keyboard.press("Enter");
+}
+
+export async function seeMessage(page, text) {
+  await page.locator("#messages li", { hasText: text }).first().waitFor({ timeout: T });
+}
+
+// Debian's chromium, headless, with a fresh temporary profile.
+export function launchBrowser() {
+  return chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    headless: true,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+}
