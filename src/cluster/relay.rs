@@ -93,8 +93,8 @@ pub enum RelayPacket {
     /// The sender's whole presence (its users and their rooms), replacing
     /// what the receiver held for it ([`super::presence`]).
     Presence(super::presence::Snapshot),
-    /// A direct message from a user of the sender to a user of the receiver
-    /// (best effort: one datagram, no acknowledgement).
+    /// A direct message from a user of the sender to a user of the receiver,
+    /// resent until acknowledged ([`DirectLink`]).
     Direct {
         /// Sender nick.
         from: String,
@@ -104,7 +104,124 @@ pub enum RelayPacket {
         text: String,
         /// Milliseconds since the Unix epoch, at the sender.
         ts: i64,
+        /// The sender's number for it, echoed by [`RelayPacket::DirectAck`].
+        id: u64,
     },
+    /// "Your direct message `id` arrived" (delivered, or nobody by that
+    /// nick is here: either way, no resend would help).
+    DirectAck {
+        /// The sender's number for it.
+        id: u64,
+    },
+}
+
+/// How long an unacknowledged direct message waits before it is resent (the
+/// relay checks on its one-second tick).
+pub const DIRECT_RESEND: Duration = Duration::from_secs(1);
+/// Resends of one direct message before it is given up.
+pub const DIRECT_TRIES: u8 = 5;
+/// Direct messages remembered as seen (per receiving node), to drop resends.
+pub const DIRECT_SEEN: usize = 4096;
+
+/// Direct messages between nodes, sans-IO: each gets a number; the sender
+/// resends it every [`DIRECT_RESEND`] until acknowledged (at most
+/// [`DIRECT_TRIES`] times), and the receiver acknowledges every copy but
+/// shows only the first. So a lost datagram costs a resend, not the message,
+/// and a resend is never shown twice.
+#[derive(Debug)]
+pub struct DirectLink<P> {
+    next_id: u64,
+    /// id → (peer, packet, resends left, due).
+    pending: BTreeMap<u64, (P, RelayPacket, u8, Duration)>,
+    seen: std::collections::HashSet<(P, u64)>,
+    seen_order: std::collections::VecDeque<(P, u64)>,
+}
+
+impl<P> Default for DirectLink<P> {
+    fn default() -> Self {
+        DirectLink {
+            next_id: 0,
+            pending: BTreeMap::new(),
+            seen: std::collections::HashSet::new(),
+            seen_order: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<P: Clone + Eq + std::hash::Hash> DirectLink<P> {
+    /// The packet that carries a new direct message to `peer`; it is kept
+    /// for resending until [`DirectLink::acked`].
+    pub fn send(
+        &mut self,
+        peer: P,
+        from: String,
+        to: String,
+        text: String,
+        ts: i64,
+        now: Duration,
+    ) -> RelayPacket {
+        self.next_id += 1;
+        let packet = RelayPacket::Direct {
+            from,
+            to,
+            text,
+            ts,
+            id: self.next_id,
+        };
+        self.pending.insert(
+            self.next_id,
+            (peer, packet.clone(), DIRECT_TRIES, now + DIRECT_RESEND),
+        );
+        packet
+    }
+
+    /// `peer` acknowledged `id`.
+    pub fn acked(&mut self, peer: &P, id: u64) {
+        if self.pending.get(&id).is_some_and(|(p, ..)| p == peer) {
+            self.pending.remove(&id);
+        }
+    }
+
+    /// What is due for resending at `now`; messages out of tries are dropped
+    /// (and counted in the second value).
+    pub fn due(&mut self, now: Duration) -> (Vec<(P, RelayPacket)>, usize) {
+        let mut out = Vec::new();
+        let mut given_up = 0;
+        self.pending.retain(|_, (peer, packet, left, due)| {
+            if *due > now {
+                return true;
+            }
+            if *left == 0 {
+                given_up += 1;
+                return false;
+            }
+            *left -= 1;
+            *due = now + DIRECT_RESEND;
+            out.push((peer.clone(), packet.clone()));
+            true
+        });
+        (out, given_up)
+    }
+
+    /// A direct message `id` came from `peer`: whether it is new (to be
+    /// shown). Acknowledge it either way.
+    pub fn first_time(&mut self, peer: P, id: u64) -> bool {
+        if !self.seen.insert((peer.clone(), id)) {
+            return false;
+        }
+        self.seen_order.push_back((peer, id));
+        if self.seen_order.len() > DIRECT_SEEN
+            && let Some(old) = self.seen_order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        true
+    }
+
+    /// Messages waiting for an acknowledgement.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
 }
 
 /// Largest relay datagram sent (gossip payloads allow about 1250 bytes).
@@ -343,7 +460,8 @@ impl Relay {
             RelayPacket::Part { .. }
             | RelayPacket::Users(_)
             | RelayPacket::Presence(_)
-            | RelayPacket::Direct { .. } => {}
+            | RelayPacket::Direct { .. }
+            | RelayPacket::DirectAck { .. } => {}
         }
         out
     }
@@ -665,6 +783,8 @@ pub async fn run(
     let mut last_summary = tokio::time::Instant::now();
     let mut presence = PresenceLink::new(&hub, remote_users);
     let mut directs = hub.take_outgoing_directs();
+    let mut direct_link: DirectLink<std::net::SocketAddr> = DirectLink::default();
+    let mut direct_seen: DirectLink<super::id::NodeId> = DirectLink::default();
     let mut parts = Reassembly::default();
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
@@ -711,7 +831,11 @@ pub async fn run(
                             presence.remote_users.lock().unwrap_or_else(|e| e.into_inner()).insert(p.from.addr, users);
                         }
                         RelayPacket::Presence(snap) => presence.receive(&hub, &membership, &p.from, snap),
-                        RelayPacket::Direct { from, to, text, ts } => {
+                        RelayPacket::Direct { from, to, text, ts, id } => {
+                            send(&membership, p.from.addr, &RelayPacket::DirectAck { id }).await;
+                            if !direct_seen.first_time(p.from.clone(), id) {
+                                continue; // a resend of one already shown
+                            }
                             let ok = text.len() <= hub.config().max_text
                                 && hub.deliver_remote_direct(
                                     crate::chat::protocol::RemoteMember { nick: from, node: p.from.name.clone() },
@@ -723,6 +847,7 @@ pub async fn run(
                                 tracing::debug!(from = ?p.from, "relay: direct message for nobody here, or malformed; dropped");
                             }
                         }
+                        RelayPacket::DirectAck { id } => direct_link.acked(&p.from.addr, id),
                         packet => {
                             let actions = relay.receive(p.from.addr, packet, started.elapsed());
                             if !actions.is_empty() {
@@ -758,13 +883,20 @@ pub async fn run(
             Some(d) = recv_direct(&mut directs) => {
                 match presence.table.peer_named(&d.to.node) {
                     Some(peer) => {
-                        let packet = RelayPacket::Direct { from: d.from, to: d.to.nick, text: d.text, ts: d.ts };
+                        let packet = direct_link.send(peer, d.from, d.to.nick, d.text, d.ts, started.elapsed());
                         send(&membership, peer, &packet).await;
                     }
                     None => tracing::debug!(node = %d.to.node, "relay: direct message for a node no longer known; dropped"),
                 }
             }
             _ = tick.tick() => {
+                let (resend, given_up) = direct_link.due(started.elapsed());
+                for (peer, packet) in resend {
+                    send(&membership, peer, &packet).await;
+                }
+                if given_up > 0 {
+                    tracing::warn!(given_up, "relay: direct messages never acknowledged; dropped");
+                }
                 // Member events cover this; the view is the fallback.
                 presence.check_view(&hub, &membership);
                 let now = tokio::time::Instant::now();
@@ -1520,6 +1652,50 @@ mod tests {
     }
 
     #[test]
+    fn direct_messages_are_resent_until_acknowledged_and_shown_once() {
+        let ms = Duration::from_millis;
+        let mut a: DirectLink<u8> = DirectLink::default();
+        let p1 = a.send(2, "ann".into(), "bob".into(), "one".into(), 1, ms(0));
+        let p2 = a.send(3, "ann".into(), "cid".into(), "two".into(), 2, ms(0));
+        let (RelayPacket::Direct { id: id1, .. }, RelayPacket::Direct { id: id2, .. }) = (&p1, &p2)
+        else {
+            panic!("direct packets");
+        };
+        assert_ne!(id1, id2);
+        // Nothing is due before the resend interval.
+        assert_eq!(a.due(ms(999)), (vec![], 0));
+        // Unacknowledged: resent to the same peer, same packet.
+        let (resend, _) = a.due(DIRECT_RESEND);
+        assert_eq!(resend, vec![(2, p1.clone()), (3, p2.clone())]);
+        // An ack from the wrong peer does not count; from the right one it does.
+        a.acked(&3, *id1);
+        a.acked(&2, *id1);
+        assert_eq!(a.pending(), 1);
+        // The other is resent DIRECT_TRIES times in all, then given up.
+        let mut resends = 1;
+        let mut given_up = 0;
+        for k in 2..20u64 {
+            let (out, g) = a.due(DIRECT_RESEND * k as u32);
+            resends += out.len();
+            given_up += g;
+        }
+        assert_eq!((resends, given_up), (DIRECT_TRIES as usize, 1));
+        assert_eq!(a.pending(), 0);
+
+        // The receiver shows each (peer, id) once, resends and all.
+        let mut b: DirectLink<u8> = DirectLink::default();
+        assert!(b.first_time(1, 7));
+        assert!(!b.first_time(1, 7));
+        assert!(b.first_time(2, 7), "another sender's 7 is another message");
+        // The memory of what was seen is bounded.
+        for id in 100..100 + DIRECT_SEEN as u64 {
+            assert!(b.first_time(1, id));
+        }
+        assert!(b.seen.len() <= DIRECT_SEEN);
+        assert!(b.first_time(1, 7), "forgotten after DIRECT_SEEN newer ones");
+    }
+
+    #[test]
     fn presence_packets_roundtrip_and_garbage_is_dropped() {
         use super::super::presence::{Snapshot, SnapshotUser};
         let snap = RelayPacket::Presence(Snapshot {
@@ -1536,8 +1712,11 @@ mod tests {
             to: "bob".into(),
             text: "psst".into(),
             ts: 1,
+            id: 9,
         };
         assert_eq!(RelayPacket::decode(&direct.encode()), Some(direct));
+        let ack = RelayPacket::DirectAck { id: 9 };
+        assert_eq!(RelayPacket::decode(&ack.encode()), Some(ack));
         // Truncated or padded datagrams of a presence packet do not decode.
         let bytes = snap.encode();
         for cut in 1..bytes.len() {
