@@ -6,9 +6,8 @@
 
 mod proc_util;
 
-use proc_util::{ClusterNode, wait_until};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use proc_util::{ClusterNode, LineUser, wait_until};
+use std::net::UdpSocket;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -24,62 +23,6 @@ fn peers(node: &ClusterNode) -> Vec<Value> {
         .filter(|m| m["self"] == false)
         .cloned()
         .collect()
-}
-
-/// A line-chat user; every line read is kept.
-struct User {
-    out: TcpStream,
-    lines: BufReader<TcpStream>,
-    seen: Vec<String>,
-    /// Lines before this index were consumed by an earlier wait.
-    mark: usize,
-}
-
-impl User {
-    fn connect(chat: SocketAddr, nick: &str) -> User {
-        let out = TcpStream::connect(chat).unwrap();
-        out.set_read_timeout(Some(DEADLINE)).unwrap();
-        let lines = BufReader::new(out.try_clone().unwrap());
-        let mut u = User {
-            out,
-            lines,
-            seen: Vec::new(),
-            mark: 0,
-        };
-        u.send(&format!("/nick {nick}"));
-        u.wait_for(&format!("is now known as {nick}"));
-        u
-    }
-
-    fn send(&mut self, line: &str) {
-        self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
-    }
-
-    /// Waits for a line containing `needle` after the last one waited for;
-    /// returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            if let Some(i) = self.seen[self.mark..]
-                .iter()
-                .position(|l| l.contains(needle))
-            {
-                self.mark += i + 1;
-                return self.seen[self.mark - 1].clone();
-            }
-            let mut l = String::new();
-            match self.lines.read_line(&mut l) {
-                Ok(n) if n > 0 => self.seen.push(l.trim_end().to_string()),
-                other => panic!(
-                    "no line with {needle:?} ({other:?}); saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.seen.iter().filter(|l| l.contains(needle)).count()
-    }
 }
 
 #[test]
@@ -100,7 +43,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     });
 
     // ann joins on a; once b has heard of her, bob joins on b and sees her.
-    let mut ann = User::connect(a.chat(), "ann");
+    let mut ann = LineUser::connect(a.chat(), "ann");
     ann.send("/join lobby");
     ann.wait_for("-- joined #lobby");
     wait_until("b hears of ann in lobby", DEADLINE, || {
@@ -116,7 +59,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
             .as_array()
             .is_some_and(|u| u.contains(&"ann".into()))
     }));
-    let mut bob = User::connect(b.chat(), "bob");
+    let mut bob = LineUser::connect(b.chat(), "bob");
     bob.send("/join lobby");
     let joined = bob.wait_for("-- joined #lobby");
     assert!(joined.contains("members: ann@a, bob "), "{joined}");
@@ -142,7 +85,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     bob.send("/nick bobby");
     bob.wait_for("-- bob is now known as bobby");
     ann.wait_for("-- bob@b is now known as bobby@b");
-    let mut cat = User::connect(a.chat(), "cat");
+    let mut cat = LineUser::connect(a.chat(), "cat");
     cat.send("/nick bobby");
     cat.wait_for("ERR nick_taken");
 
@@ -152,7 +95,7 @@ fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     bob.wait_for("*ann -> bobby* psst");
 
     // A second user on b joins and parts: ann sees both.
-    let mut dan = User::connect(b.chat(), "dan");
+    let mut dan = LineUser::connect(b.chat(), "dan");
     dan.send("/join lobby");
     ann.wait_for("-- dan@b joined #lobby");
     dan.send("/part lobby");

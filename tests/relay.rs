@@ -5,61 +5,17 @@
 
 mod proc_util;
 
-use proc_util::{ClusterNode, wait_until};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use proc_util::{ClusterNode, LineUser, wait_until};
 use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A line-chat user.
-struct User {
-    out: TcpStream,
-    lines: BufReader<TcpStream>,
-    seen: Vec<String>,
-}
-
-impl User {
-    fn join(chat: SocketAddr, nick: &str) -> User {
-        let out = TcpStream::connect(chat).unwrap();
-        out.set_read_timeout(Some(DEADLINE)).unwrap();
-        let lines = BufReader::new(out.try_clone().unwrap());
-        let mut u = User {
-            out,
-            lines,
-            seen: Vec::new(),
-        };
-        u.send(&format!("/nick {nick}"));
-        u.send("/join lobby");
-        u.wait_for("-- joined #lobby");
-        u
-    }
-
-    fn send(&mut self, line: &str) {
-        self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
-    }
-
-    fn wait_for(&mut self, needle: &str) {
-        while !self.seen.iter().any(|l| l.contains(needle)) {
-            let mut l = String::new();
-            match self.lines.read_line(&mut l) {
-                Ok(n) if n > 0 => self.seen.push(l.trim_end().to_string()),
-                other => panic!(
-                    "no line with {needle:?} ({other:?}); saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// The texts of `<nick>` messages seen, in order.
-    fn texts_from(&self, nick: &str) -> Vec<String> {
-        let tag = format!(" <{nick}> ");
-        self.seen
-            .iter()
-            .filter_map(|l| l.split_once(&tag).map(|(_, t)| t.to_string()))
-            .collect()
-    }
+/// A line-chat user `nick` in #lobby.
+fn join_lobby(chat: std::net::SocketAddr, nick: &str) -> LineUser {
+    let mut u = LineUser::connect(chat, nick);
+    u.send("/join lobby");
+    u.wait_for("-- joined #lobby");
+    u
 }
 
 fn history_texts(node: &ClusterNode) -> Vec<String> {
@@ -82,8 +38,8 @@ fn messages_cross_nodes_and_histories_converge_after_kill_9() {
         [&a, &b, &c].iter().all(|n| n.alive_peers() == 2)
     });
 
-    let mut ann = User::join(a.chat(), "ann");
-    let mut bob = User::join(b.chat(), "bob");
+    let mut ann = join_lobby(a.chat(), "ann");
+    let mut bob = join_lobby(b.chat(), "bob");
     let a_texts: Vec<String> = (0..20).map(|i| format!("from-a-{i}")).collect();
     let b_texts: Vec<String> = (0..5).map(|i| format!("from-b-{i}")).collect();
     for t in &a_texts {
@@ -145,6 +101,6 @@ fn messages_cross_nodes_and_histories_converge_after_kill_9() {
         assert_eq!(from_a, a_texts.iter().collect::<Vec<_>>());
     }
     // And a user on the restarted node gets it all from its own history.
-    let mut cid = User::join(c.chat(), "cid");
+    let mut cid = join_lobby(c.chat(), "cid");
     cid.wait_for("while-c-was-down");
 }

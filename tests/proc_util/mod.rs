@@ -302,3 +302,72 @@ pub fn wait_until(what: &str, deadline: Duration, mut ok: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(50)); // poll interval
     }
 }
+
+/// A line-chat (TCP) user; every line read is kept.
+pub struct LineUser {
+    out: std::net::TcpStream,
+    lines: BufReader<std::net::TcpStream>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+    /// Lines before this index were consumed by an earlier wait.
+    mark: usize,
+}
+
+impl LineUser {
+    /// Connects to `chat` and takes the nick `nick` (waits for the answer).
+    pub fn connect(chat: SocketAddr, nick: &str) -> LineUser {
+        let out = std::net::TcpStream::connect(chat).unwrap();
+        out.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let lines = BufReader::new(out.try_clone().unwrap());
+        let mut u = LineUser {
+            out,
+            lines,
+            seen: Vec::new(),
+            mark: 0,
+        };
+        u.send(&format!("/nick {nick}"));
+        u.wait_for(&format!("is now known as {nick}"));
+        u
+    }
+
+    /// Sends one line.
+    pub fn send(&mut self, line: &str) {
+        self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    /// Waits for a line containing `needle` after the last one waited for;
+    /// returns it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            if let Some(i) = self.seen[self.mark..]
+                .iter()
+                .position(|l| l.contains(needle))
+            {
+                self.mark += i + 1;
+                return self.seen[self.mark - 1].clone();
+            }
+            let mut l = String::new();
+            match self.lines.read_line(&mut l) {
+                Ok(n) if n > 0 => self.seen.push(l.trim_end().to_string()),
+                other => panic!(
+                    "no line with {needle:?} ({other:?}); saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// How many lines seen so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.seen.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The texts of `<nick>` messages seen, in order.
+    pub fn texts_from(&self, nick: &str) -> Vec<String> {
+        let tag = format!(" <{nick}> ");
+        self.seen
+            .iter()
+            .filter_map(|l| l.split_once(&tag).map(|(_, t)| t.to_string()))
+            .collect()
+    }
+}
