@@ -420,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn with_icmp_every_killed_node_is_out_everywhere_within_five_seconds() {
+    fn with_icmp_killed_nodes_are_out_everywhere_in_a_median_under_three_seconds() {
         // A crashed process leaves its port unbound, so the first datagram
         // sent to it draws "port unreachable": its sender suspects it at
         // once instead of a probe period later.
@@ -440,14 +440,6 @@ mod tests {
             let took = sim
                 .run_until_true(Duration::from_secs(60), |s| s.all_count(50 - k - 1))
                 .expect("victim declared down everywhere");
-            let name = format!("n{victim}");
-            let about: Vec<(Duration, usize, MemberState)> = sim
-                .events
-                .iter()
-                .filter(|(t, _, e)| *t >= sim.now() - took && e.id.name == name)
-                .map(|(t, i, e)| (*t + took - sim.now(), *i, e.state))
-                .collect();
-            eprintln!("{name} {took:?} {:?}", &about[..about.len().min(6)]);
             tooks.push(took);
             sim.run_for(Duration::from_secs(10));
         }
