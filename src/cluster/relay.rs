@@ -1363,6 +1363,16 @@ mod tests {
             self.deliver();
         }
 
+        /// Summary rounds until every node has every message; panics after `max`.
+        fn round_until_converged(&mut self, max: usize) {
+            let mut rounds = 0;
+            while !self.converged() {
+                self.round();
+                rounds += 1;
+                assert!(rounds < max, "no convergence after {max} rounds");
+            }
+        }
+
         fn converged(&self) -> bool {
             let first = &self.nodes[0].store;
             self.nodes.iter().all(|n| n.store.len() == first.len())
@@ -1412,12 +1422,7 @@ mod tests {
             }
         }
         sim.deliver();
-        let mut rounds = 0;
-        while !sim.converged() {
-            sim.round();
-            rounds += 1;
-            assert!(rounds < 200, "no convergence after 200 rounds");
-        }
+        sim.round_until_converged(200);
         assert_eq!(sim.nodes[0].store.len(), 300);
         sim.check_exactly_once_in_order(&counts);
     }
@@ -1459,12 +1464,7 @@ mod tests {
         sim.nodes[2].up = true;
         // Heal.
         sim.cut = vec![vec![false; 3]; 3];
-        let mut rounds = 0;
-        while !sim.converged() {
-            sim.round();
-            rounds += 1;
-            assert!(rounds < 200, "no convergence after 200 rounds");
-        }
+        sim.round_until_converged(200);
         assert_eq!(sim.nodes[1].store.len(), 120);
         sim.check_exactly_once_in_order(&counts);
         // Restarted n2 keeps numbering after what it had assigned.
