@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -173,6 +174,14 @@ pub async fn run_with_cluster(
     };
     let sessions = state.sessions.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Nagle's algorithm would hold a small frame back until the client ACKs
+    // the previous one, and a chat client that only listens ACKs late (delayed
+    // ACK, up to 40 ms): every frame goes out as soon as it is written.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("http: cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
