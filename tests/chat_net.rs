@@ -657,3 +657,101 @@ async fn connection_cap_and_rate_limit_over_sockets() {
     assert_eq!(message.unwrap()["text"], "one");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn pings_are_answered_closes_are_acknowledged_and_bad_upgrades_explained() {
+    // A write interval: the pong and the close reply come through the same
+    // paced writer as the room's messages.
+    let conn = ConnConfig {
+        write_interval: Duration::from_millis(20),
+        ..ConnConfig::default()
+    };
+    let srv = Server::start(open_hub(), conn).await;
+    let mut ws = srv.ws("pia").await;
+    send(&mut ws, json!({"type":"join","room":"p"})).await;
+    recv_type(&mut ws, "joined").await;
+    // 30 messages said at once, with a ping among them: all arrive, in order,
+    // one frame each, and the ping is answered with its payload.
+    for i in 0..15 {
+        send(
+            &mut ws,
+            json!({"type":"say","room":"p","text":format!("m{i}")}),
+        )
+        .await;
+    }
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    for i in 15..30 {
+        send(
+            &mut ws,
+            json!({"type":"say","room":"p","text":format!("m{i}")}),
+        )
+        .await;
+    }
+    let mut texts = Vec::new();
+    let mut pong = None;
+    while texts.len() < 30 {
+        let m = tokio::time::timeout(T, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "message" {
+                    texts.push(v["text"].as_str().unwrap().to_string());
+                }
+            }
+            Message::Pong(p) => pong = Some(p),
+            Message::Ping(_) => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    let want: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want);
+    // The pong may trail the messages; wait for it if it has not come yet.
+    while pong.is_none() {
+        match tokio::time::timeout(T, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Pong(p) => pong = Some(p),
+            _ => continue,
+        }
+    }
+    assert_eq!(&pong.unwrap()[..], b"are you there");
+    // A close from the client is answered with a close, then the end.
+    ws.close(None).await.unwrap();
+    loop {
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("the close was not answered cleanly: {e}"),
+        }
+    }
+
+    // A WebSocket request without a key is refused with a reason, and the
+    // server keeps serving.
+    let mut s = TcpStream::connect(srv.http).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        srv.http
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(T, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("Sec-WebSocket-Key"), "{text}");
+    let mut again = srv.ws("pia2").await;
+    send(&mut again, json!({"type":"join","room":"p"})).await;
+    recv_type(&mut again, "joined").await;
+    srv.stop().await;
+}

@@ -15,14 +15,17 @@
 //!   silently skipped and never slows the room.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::protocol::{
     ChatMessage, ClientMsg, MessageKind, PresenceEvent, RemoteMember, RoomInfo, ServerMsg,
@@ -190,13 +193,17 @@ pub struct Event {
     pub msg: ServerMsg,
     /// Its JSON form (what WebSocket clients get).
     pub json: Bytes,
+    /// The JSON as a complete WebSocket text frame (server frames are not
+    /// masked, so every WebSocket client is sent these same bytes).
+    pub frame: Bytes,
 }
 
 impl Event {
     /// Wraps and serializes a message.
     pub fn new(msg: ServerMsg) -> Arc<Event> {
-        let json = Bytes::from(msg.to_json());
-        Arc::new(Event { msg, json })
+        let frame = super::ws::text_frame(msg.to_json().as_bytes());
+        let json = frame.slice(super::ws::frame_header_len(&frame)..);
+        Arc::new(Event { msg, json, frame })
     }
 }
 
@@ -613,6 +620,7 @@ impl Hub {
         let inbox = Inbox {
             rx,
             bytes: outbox.bytes,
+            kicked: Box::pin(kick.token.clone().cancelled_owned()),
             kick,
         };
         Ok((session, inbox))
@@ -1030,6 +1038,10 @@ pub struct Inbox {
     rx: mpsc::Receiver<Arc<Event>>,
     bytes: Arc<AtomicUsize>,
     kick: Arc<Kick>,
+    /// Wakes a waiting [`Inbox::recv`] when the client is disconnected. Made
+    /// once: a new `cancelled()` per wait took the token's lock three times
+    /// per message.
+    kicked: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 /// The next thing an [`Inbox`] yields.
@@ -1044,20 +1056,42 @@ pub enum Received {
 }
 
 impl Inbox {
-    /// Waits for the next message, or for the hub to disconnect the client.
+    fn disconnected(&self) -> Received {
+        Received::Disconnected(
+            self.kick
+                .reason
+                .get()
+                .cloned()
+                .unwrap_or(DisconnectReason::Shutdown),
+        )
+    }
+
+    /// Waits for the next message, or for the hub to disconnect the client
+    /// (which comes first, even with messages still queued).
     pub async fn recv(&mut self) -> Received {
-        tokio::select! {
-            biased;
-            _ = self.kick.token.cancelled() => Received::Disconnected(
-                self.kick.reason.get().cloned().unwrap_or(DisconnectReason::Shutdown)),
-            ev = self.rx.recv() => match ev {
-                Some(ev) => {
+        std::future::poll_fn(|cx| {
+            if self.kick.is_kicked() {
+                return Poll::Ready(self.disconnected());
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(ev)) => {
                     self.bytes.fetch_sub(ev.json.len(), Ordering::Relaxed);
-                    Received::Event(ev)
+                    return Poll::Ready(Received::Event(ev));
                 }
-                None => Received::Closed,
-            },
-        }
+                Poll::Ready(None) => return Poll::Ready(Received::Closed),
+                Poll::Pending => {}
+            }
+            match self.kicked.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(self.disconnected()),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Bytes (of JSON) queued for this client.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// The next queued message, if one is ready and the client is not disconnected.

@@ -59,6 +59,14 @@ pub struct ChatLimitArgs {
     /// not delayed. 0 (the default) commits as fast as it can.
     #[arg(long, default_value = "0", value_parser = parse_duration, env = "NETKIT_CHAT_BATCH_INTERVAL")]
     pub chat_batch_interval: Duration,
+    /// While messages keep coming, write to each WebSocket client at most
+    /// about once per this interval: what arrived meanwhile goes in one write
+    /// (still one frame per message). A message after a quiet spell goes out
+    /// at once. Each client's interval is drawn between 3/4 and 5/4 of this,
+    /// so that clients are not all written to at the same moment. 0 writes
+    /// as soon as anything is queued.
+    #[arg(long, default_value = "4ms", value_parser = parse_duration, env = "NETKIT_CHAT_WRITE_INTERVAL")]
+    pub chat_write_interval: Duration,
 }
 
 impl ChatLimitArgs {
@@ -87,6 +95,7 @@ impl ChatLimitArgs {
             ping_timeout: self.chat_ping_timeout,
             idle_timeout: self.chat_idle_timeout,
             write_timeout: self.chat_write_timeout,
+            write_interval: self.chat_write_interval,
         }
     }
 }
@@ -104,6 +113,9 @@ pub struct ConnConfig {
     pub idle_timeout: Duration,
     /// How long one write to a client may block.
     pub write_timeout: Duration,
+    /// Least time between two writes to a WebSocket client while messages
+    /// keep coming (see `--chat-write-interval`); zero writes at once.
+    pub write_interval: Duration,
 }
 
 impl Default for ConnConfig {
@@ -114,6 +126,7 @@ impl Default for ConnConfig {
             ping_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(1800),
             write_timeout: Duration::from_secs(10),
+            write_interval: Duration::ZERO,
         }
     }
 }

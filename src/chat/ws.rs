@@ -1,24 +1,45 @@
 //! The WebSocket adapter: JSON [`ClientMsg`]s in, [`ServerMsg`]s out, one text
-//! frame per message. One task reads and hands requests to the hub, a second
-//! writes the client's queue and pings; when either ends the other stops.
-//! The writer feeds every queued message as its own frame and flushes once, so
-//! the messages of one hub batch share a syscall.
+//! frame per message.
+//!
+//! The upgrade ([`WsUpgrade`]) is done here rather than by axum's extractor, so
+//! that the connection's socket is ours: one task reads it with tungstenite
+//! (unmasking, fragments, control frames, size limits), a second writes it.
+//! The writer does not go through tungstenite: every [`Event`] carries its
+//! message as a finished text frame, built once for all its recipients (server
+//! frames are not masked), and the writer hands everything queued for the
+//! client to one `writev`. The frames tungstenite itself wants to send (pong,
+//! the reply to a close) are handed to the writer, which puts them between two
+//! frames of its own.
 //!
 //! Close codes: 1000 normal, 1001 server shutting down, 1009 message too big
 //! (over the hard frame cap), 4000 lagging (the client read too slowly), 4001
 //! ping timeout, 4002 write timeout.
 
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::oneshot;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::{Notify, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::ConnConfig;
-use super::hub::{DisconnectReason, Inbox, Received, Session};
+use super::hub::{DisconnectReason, Event, Inbox, Received, Session};
 use super::protocol::{ClientMsg, ServerMsg};
 
 /// Close code for a client disconnected because it read too slowly.
@@ -39,25 +60,249 @@ pub fn hard_frame_cap(max_msg: usize) -> usize {
     max_msg.saturating_mul(4).max(64 * 1024)
 }
 
+/// `payload` as one final, unmasked WebSocket text frame (RFC 6455 §5.2).
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    let n = payload.len();
+    let mut out = Vec::with_capacity(n + 10);
+    out.push(0x81); // FIN, text
+    if n < 126 {
+        out.push(n as u8);
+    } else if let Ok(n16) = u16::try_from(n) {
+        out.push(126);
+        out.extend_from_slice(&n16.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// Length of the header of a frame made by [`text_frame`].
+pub fn frame_header_len(frame: &[u8]) -> usize {
+    match frame.get(1) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
+}
+
+/// An unmasked frame (control frames, as the server sends them), encoded by tungstenite.
+fn encode(frame: Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len());
+    // Formatting into a Vec cannot fail.
+    let _ = frame.format(&mut out);
+    out
+}
+
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    // A close reason must fit a control frame (125 bytes with the code).
+    let mut reason = reason.to_string();
+    while reason.len() > 120 {
+        reason.pop();
+    }
+    encode(Frame::close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    })))
+}
+
+// ---------------------------------------------------------------------------
+// The upgrade
+
+/// A request to open a WebSocket (`GET` with `Upgrade: websocket`, RFC 6455
+/// §4.2.1), checked; [`WsUpgrade::on_upgrade`] answers 101 and hands the
+/// connection over. A request that is not one gets 400 (or 426) saying what
+/// is wrong.
+pub struct WsUpgrade {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// The upgraded connection.
+pub type WsIo = TokioIo<hyper::upgrade::Upgraded>;
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Checks the handshake headers of a WebSocket request.
+pub fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<HeaderValue, String> {
+    if method != Method::GET {
+        return Err("a WebSocket is opened with GET".into());
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("a WebSocket request needs `Connection: Upgrade`".into());
+    }
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Err("a WebSocket request needs `Upgrade: websocket`".into());
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("a WebSocket request needs `Sec-WebSocket-Version: 13`".into());
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if !k.is_empty() && k.len() <= 64 => Ok(k.clone()),
+        _ => Err("a WebSocket request needs a `Sec-WebSocket-Key`".into()),
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let key = check_handshake(&parts.method, &parts.headers)
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response())?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| {
+                (
+                    StatusCode::UPGRADE_REQUIRED,
+                    "this connection cannot be upgraded to a WebSocket (HTTP/1.1 is needed)\n",
+                )
+                    .into_response()
+            })?;
+        Ok(WsUpgrade { key, on_upgrade })
+    }
+}
+
+impl WsUpgrade {
+    /// Answers `101 Switching Protocols`, and runs `serve` on the connection
+    /// once hyper has handed it over.
+    pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
+    where
+        F: FnOnce(WsIo) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => serve(TokioIo::new(upgraded)).await,
+                Err(e) => debug!("websocket upgrade failed: {e}"),
+            }
+        });
+        (
+            StatusCode::SWITCHING_PROTOCOLS,
+            [
+                (header::CONNECTION, HeaderValue::from_static("upgrade")),
+                (header::UPGRADE, HeaderValue::from_static("websocket")),
+                (
+                    header::SEC_WEBSOCKET_ACCEPT,
+                    HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+                ),
+            ],
+        )
+            .into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The connection
+
+/// Most bytes of control frames (pongs, a close reply) waiting for the
+/// writer; a client that pings faster than it reads is disconnected.
+const MAX_CONTROL_BYTES: usize = 64 * 1024;
+
+/// Frames tungstenite's reader wants sent, waiting for the writer.
+#[derive(Default)]
+struct Control {
+    bytes: Mutex<Vec<u8>>,
+    ready: Notify,
+}
+
+impl Control {
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The read half, as tungstenite sees it: reads come from the socket, writes
+/// (whole frames: it writes only control frames, and all of its buffer at
+/// once) go to the writer task.
+struct ReadSide {
+    rd: ReadHalf<WsIo>,
+    control: Arc<Control>,
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut pending = self.control.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() + buf.len() > MAX_CONTROL_BYTES {
+            return Poll::Ready(Err(io::Error::other(
+                "the client sends pings faster than it reads the replies",
+            )));
+        }
+        pending.extend_from_slice(buf);
+        drop(pending);
+        self.control.ready.notify_one();
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Serves one upgraded WebSocket for a client already registered with the hub.
 pub async fn serve_socket(
-    socket: WebSocket,
+    io: WsIo,
     mut session: Session,
     inbox: Inbox,
     config: ConnConfig,
     shutdown: CancellationToken,
 ) {
-    let (sink, mut stream) = socket.split();
+    let cap = hard_frame_cap(config.max_msg);
+    let (rd, wr) = tokio::io::split(io);
+    let control = Arc::new(Control::default());
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(cap))
+        .max_frame_size(Some(cap));
+    let mut stream = WebSocketStream::from_raw_socket(
+        ReadSide {
+            rd,
+            control: control.clone(),
+        },
+        Role::Server,
+        Some(ws_config),
+    )
+    .await;
     let done = CancellationToken::new();
-    let (close_tx, close_rx) = oneshot::channel::<CloseFrame>();
+    let (close_tx, close_rx) = oneshot::channel::<Vec<u8>>();
     let writer = tokio::spawn(write_loop(
-        sink,
+        wr,
         inbox,
+        control,
         config.clone(),
         close_rx,
         done.clone(),
-        // Its own child token: every socket polls it per message, and a shared
-        // token would put all of them on one lock.
+        // Its own child token: a shared token would put every socket on one lock.
         shutdown.child_token(),
     ));
     let close = read_loop(&mut stream, &mut session, &config, &done).await;
@@ -72,13 +317,13 @@ pub async fn serve_socket(
 }
 
 /// Reads frames until the peer leaves, the writer ends, or a close is due
-/// (returned, for the writer to send).
+/// (returned, encoded, for the writer to send).
 async fn read_loop(
-    stream: &mut SplitStream<WebSocket>,
+    stream: &mut WebSocketStream<ReadSide>,
     session: &mut Session,
     config: &ConnConfig,
     done: &CancellationToken,
-) -> Option<CloseFrame> {
+) -> Option<Vec<u8>> {
     let silent_for = config.ping_interval + config.ping_timeout;
     loop {
         let next = tokio::select! {
@@ -87,24 +332,24 @@ async fn read_loop(
         };
         let msg = match next {
             Err(_) => {
-                return Some(close(
+                return Some(close_frame(
                     CLOSE_PING_TIMEOUT,
-                    format!(
+                    &format!(
                         "ping timeout: nothing received for {}",
                         humantime::format_duration(silent_for)
                     ),
                 ));
             }
             Ok(None) => return None,
+            Ok(Some(Err(tungstenite::Error::Capacity(e)))) => {
+                debug!("websocket frame too big: {e}");
+                return Some(close_frame(
+                    CLOSE_TOO_BIG,
+                    &format!("message too big: the limit is {} bytes", config.max_msg),
+                ));
+            }
             Ok(Some(Err(e))) => {
                 debug!("websocket read failed: {e}");
-                let text = e.to_string();
-                if text.contains("Space limit exceeded") || text.contains("too long") {
-                    return Some(close(
-                        CLOSE_TOO_BIG,
-                        format!("message too big: the limit is {} bytes", config.max_msg),
-                    ));
-                }
                 return None;
             }
             Ok(Some(Ok(m))) => m,
@@ -135,8 +380,13 @@ async fn read_loop(
                 "binary_unsupported",
                 "binary frames are not part of the protocol; send JSON text frames",
             )),
-            Message::Ping(_) | Message::Pong(_) => {}
-            Message::Close(_) => return None,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Message::Close(_) => {
+                // tungstenite answers a close on its next write: have it
+                // hand the reply to the writer now.
+                let _ = stream.flush().await;
+                return None;
+            }
         }
     }
 }
@@ -182,26 +432,69 @@ pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ServerMsg> {
     }
 }
 
-fn close(code: u16, reason: String) -> CloseFrame {
-    // A close reason must fit a control frame (123 bytes).
-    let mut reason = reason;
-    while reason.len() > 120 {
-        reason.pop();
+/// Most frames handed to one `writev` (the kernel takes at most 1024 pieces).
+const MAX_FRAMES_PER_WRITE: usize = 256;
+/// Most bytes gathered for one `writev`.
+const MAX_BYTES_PER_WRITE: usize = 256 * 1024;
+
+/// With this much queued, a paced writer writes at once.
+const PACE_SKIP_BYTES: usize = 64 * 1024;
+
+/// This connection's write interval: `base` scaled by a random factor in
+/// [3/4, 5/4), so that connections which got the same messages at the same
+/// moment drift apart instead of all being written to at once (which makes
+/// a client with many connections read them in one long burst).
+fn paced_interval(base: Duration) -> Duration {
+    if base.is_zero() {
+        return base;
     }
-    CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }
+    base.mul_f64(0.75 + rand::random::<f64>() * 0.5)
 }
 
-/// Most frames fed before one flush.
-const MAX_FRAMES_PER_WRITE: usize = 256;
+/// Writes all of `bufs` (pieces of one byte stream, in order).
+async fn write_all_vectored(wr: &mut WriteHalf<WsIo>, bufs: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| IoSlice::new(b))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Writes `bufs`, allowing `wt` if the socket does not take them at once
+/// (the write timeout is armed only then: nearly every write completes in
+/// its first poll). `Err(None)` is a timeout.
+async fn write_timed(
+    wr: &mut WriteHalf<WsIo>,
+    bufs: &[&[u8]],
+    wt: Duration,
+) -> Result<(), Option<io::Error>> {
+    let write = write_all_vectored(wr, bufs);
+    tokio::pin!(write);
+    let result = match write.as_mut().now_or_never() {
+        Some(r) => r,
+        None => match tokio::time::timeout(wt, write).await {
+            Ok(r) => r,
+            Err(_) => return Err(None),
+        },
+    };
+    result.map_err(Some)
+}
 
 async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut wr: WriteHalf<WsIo>,
     mut inbox: Inbox,
+    control: Arc<Control>,
     config: ConnConfig,
-    mut close_rx: oneshot::Receiver<CloseFrame>,
+    mut close_rx: oneshot::Receiver<Vec<u8>>,
     done: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -215,78 +508,109 @@ async fn write_loop(
     tokio::pin!(shutdown_wait);
     let done_wait = done.cancelled();
     tokio::pin!(done_wait);
-    let final_frame: Option<CloseFrame> = loop {
-        let got = tokio::select! {
-            biased;
-            _ = &mut shutdown_wait => break Some(close(CLOSE_GOING_AWAY, "server shutting down".into())),
-            r = &mut close_rx => break r.ok(),
-            _ = &mut done_wait => break None,
-            r = inbox.recv() => r,
-            _ = ping.tick() => {
-                match tokio::time::timeout(wt, sink.send(Message::Ping(Default::default()))).await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(_)) => break None,
-                    Err(_) => break Some(close(CLOSE_WRITE_TIMEOUT, "write timeout".into())),
+    let mut events: Vec<Arc<Event>> = Vec::new();
+    let pace = paced_interval(config.write_interval);
+    // The last frames to send before closing, if any.
+    // When to write next while messages keep coming (see `--chat-write-interval`).
+    let mut rest: Option<tokio::time::Instant> = None;
+    let final_frames: Option<Vec<u8>> = loop {
+        let got = if let Some(until) = rest.take() {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown_wait => {
+                    break Some(close_frame(CLOSE_GOING_AWAY, "server shutting down"));
+                }
+                r = &mut close_rx => break r.ok(),
+                _ = &mut done_wait => break None,
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            match inbox.try_recv() {
+                Some(ev) => Some(Received::Event(ev)),
+                // Nothing came meanwhile (or the client was disconnected,
+                // which the wait below reports): wait for the next message.
+                None => continue,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown_wait => {
+                    break Some(close_frame(CLOSE_GOING_AWAY, "server shutting down"));
+                }
+                r = &mut close_rx => break r.ok(),
+                _ = &mut done_wait => break None,
+                _ = control.ready.notified() => None,
+                r = inbox.recv() => Some(r),
+                _ = ping.tick() => {
+                    let ping = encode(Frame::ping(Bytes::new()));
+                    match write_timed(&mut wr, &[&control.take(), &ping], wt).await {
+                        Ok(()) => continue,
+                        Err(Some(_)) => break None,
+                        Err(None) => break Some(close_frame(CLOSE_WRITE_TIMEOUT, "write timeout")),
+                    }
                 }
             }
         };
+        events.clear();
         match got {
-            Received::Event(ev) => {
-                let write = async {
-                    sink.feed(text_frame(&ev.json)).await?;
-                    let mut n = 1;
-                    while n < MAX_FRAMES_PER_WRITE {
-                        let Some(ev) = inbox.try_recv() else { break };
-                        sink.feed(text_frame(&ev.json)).await?;
-                        n += 1;
-                    }
-                    sink.flush().await
-                };
-                tokio::pin!(write);
-                // The socket nearly always takes the bytes at once: arm the
-                // write timeout only when it does not.
-                let result = match write.as_mut().now_or_never() {
-                    Some(r) => Ok(r),
-                    None => tokio::time::timeout(wt, write).await,
-                };
-                match result {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        debug!("websocket write failed: {e}");
-                        break None;
-                    }
-                    Err(_) => {
-                        debug!("websocket write timed out");
-                        break Some(close(CLOSE_WRITE_TIMEOUT, "write timeout".into()));
-                    }
+            None => {}
+            Some(Received::Event(ev)) => {
+                let mut bytes = ev.frame.len();
+                events.push(ev);
+                while events.len() < MAX_FRAMES_PER_WRITE && bytes < MAX_BYTES_PER_WRITE {
+                    let Some(ev) = inbox.try_recv() else { break };
+                    bytes += ev.frame.len();
+                    events.push(ev);
                 }
             }
-            Received::Disconnected(reason) => {
+            Some(Received::Disconnected(reason)) => {
                 let code = match reason {
                     DisconnectReason::Lagging { .. } => CLOSE_LAGGING,
                     DisconnectReason::Shutdown => CLOSE_GOING_AWAY,
                 };
-                let err = ServerMsg::error(reason.code(), reason.to_string());
-                let _ =
-                    tokio::time::timeout(wt, sink.send(Message::Text(err.to_json().into()))).await;
-                break Some(close(code, format!("{}: {reason}", reason.code())));
+                let err = text_frame(
+                    ServerMsg::error(reason.code(), reason.to_string())
+                        .to_json()
+                        .as_bytes(),
+                );
+                let mut last = err.to_vec();
+                last.extend_from_slice(&close_frame(code, &format!("{}: {reason}", reason.code())));
+                break Some(last);
             }
-            Received::Closed => break None,
+            Some(Received::Closed) => break None,
+        }
+        // Control frames first: they were due before these events were taken.
+        let ctl = control.take();
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(events.len() + 1);
+        bufs.push(&ctl);
+        bufs.extend(events.iter().map(|e| &e.frame[..]));
+        let result = write_timed(&mut wr, &bufs, wt).await;
+        // Pacing: after a write, whatever comes next waits for the next tick
+        // of `pace`, unless plenty is queued already; a message after a quiet
+        // spell (nothing queued at the tick) goes out at once.
+        if !pace.is_zero() && inbox.queued_bytes() < PACE_SKIP_BYTES {
+            rest = Some(tokio::time::Instant::now() + pace);
+        }
+        match result {
+            Ok(()) => {}
+            Err(Some(e)) => {
+                debug!("websocket write failed: {e}");
+                break None;
+            }
+            Err(None) => {
+                debug!("websocket write timed out");
+                break Some(close_frame(CLOSE_WRITE_TIMEOUT, "write timeout"));
+            }
         }
     };
-    if let Some(frame) = final_frame {
-        let _ = tokio::time::timeout(wt, sink.send(Message::Close(Some(frame)))).await;
+    events.clear();
+    // A close reply tungstenite queued, or our own last frames.
+    let ctl = control.take();
+    let last = final_frames.unwrap_or_default();
+    if !ctl.is_empty() || !last.is_empty() {
+        let _ = write_timed(&mut wr, &[&ctl, &last], wt).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     done.cancel();
-}
-
-fn text_frame(json: &bytes::Bytes) -> Message {
-    // The hub serialized this from a String, so it is valid UTF-8.
-    match Utf8Bytes::try_from(json.clone()) {
-        Ok(t) => Message::Text(t),
-        Err(_) => Message::Text(Utf8Bytes::from(String::from_utf8_lossy(json).into_owned())),
-    }
 }
 
 #[cfg(test)]
@@ -310,5 +634,61 @@ mod tests {
         assert_eq!(code(parse_client_msg(r#"{"type":"say"}"#)), "bad_message");
         assert_eq!(code(parse_client_msg(r#"[1,2]"#)), "bad_message");
         assert!(parse_client_msg(r#"{"type":"join","room":"a"}"#).is_ok());
+    }
+
+    #[test]
+    fn text_frames_match_tungstenite() {
+        use tungstenite::protocol::frame::coding::{Data, OpCode};
+        for n in [0usize, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let payload = vec![b'x'; n];
+            let ours = text_frame(&payload);
+            let theirs = encode(Frame::message(
+                payload.clone(),
+                OpCode::Data(Data::Text),
+                true,
+            ));
+            assert_eq!(&ours[..], &theirs[..], "length {n}");
+            assert_eq!(&ours[frame_header_len(&ours)..], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn handshake_checks() {
+        let mut h = HeaderMap::new();
+        let get = Method::GET;
+        assert!(
+            check_handshake(&get, &h)
+                .unwrap_err()
+                .contains("Connection")
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(
+            check_handshake(&get, &h)
+                .unwrap_err()
+                .contains("Upgrade: websocket")
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(check_handshake(&get, &h).unwrap_err().contains("Version"));
+        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("8"));
+        assert!(check_handshake(&get, &h).unwrap_err().contains("Version"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        assert!(check_handshake(&get, &h).unwrap_err().contains("Key"));
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        assert!(check_handshake(&get, &h).is_ok());
+        assert!(check_handshake(&Method::POST, &h).is_err());
+        // RFC 6455 §1.3's example.
+        assert_eq!(
+            tungstenite::handshake::derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 }

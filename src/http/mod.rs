@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Deserialize;
 use axum::serve::ListenerExt;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -247,7 +247,7 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<WsQuery>,
-    upgrade: WebSocketUpgrade,
+    upgrade: ws::WsUpgrade,
 ) -> Response {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
@@ -271,20 +271,14 @@ async fn ws_upgrade(
         }
     };
     let conn = app.config.conn.clone();
-    let cap = ws::hard_frame_cap(conn.max_msg);
     let shutdown = app.shutdown.clone();
     let sessions = app.sessions.clone();
-    upgrade
-        .read_buffer_size(1024)
-        .write_buffer_size(8 * 1024)
-        .max_message_size(cap)
-        .max_frame_size(cap)
-        .on_upgrade(move |socket| {
-            sessions.track_future(
-                ws::serve_socket(socket, session, inbox, conn, shutdown)
-                    .instrument(info_span!("chat-ws", %peer)),
-            )
-        })
+    upgrade.on_upgrade(move |socket| {
+        sessions.track_future(
+            ws::serve_socket(socket, session, inbox, conn, shutdown)
+                .instrument(info_span!("chat-ws", %peer)),
+        )
+    })
 }
 
 #[cfg(test)]
