@@ -293,7 +293,9 @@ pub async fn serve_socket(
         Some(ws_config),
     )
     .await;
-    let done = CancellationToken::new();
+    // Cancelled by server shutdown, or by either task when it ends. One token
+    // (a child of the shutdown token) so that a wake-up polls one lock, not two.
+    let stop = shutdown.child_token();
     let (close_tx, close_rx) = oneshot::channel::<Vec<u8>>();
     let writer = tokio::spawn(write_loop(
         wr,
@@ -301,17 +303,16 @@ pub async fn serve_socket(
         control,
         config.clone(),
         close_rx,
-        done.clone(),
-        // Its own child token: a shared token would put every socket on one lock.
-        shutdown.child_token(),
+        stop.clone(),
+        shutdown,
     ));
-    let close = read_loop(&mut stream, &mut session, &config, &done).await;
+    let close = read_loop(&mut stream, &mut session, &config, &stop).await;
     if let Some(frame) = close {
         let _ = close_tx.send(frame);
     } else {
         drop(close_tx);
     }
-    done.cancel();
+    stop.cancel();
     drop(session);
     let _ = writer.await;
 }
@@ -322,12 +323,15 @@ async fn read_loop(
     stream: &mut WebSocketStream<ReadSide>,
     session: &mut Session,
     config: &ConnConfig,
-    done: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Option<Vec<u8>> {
     let silent_for = config.ping_interval + config.ping_timeout;
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let next = tokio::select! {
-            _ = done.cancelled() => return None,
+            biased;
+            _ = &mut stopped => return None,
             r = tokio::time::timeout(silent_for, stream.next()) => r,
         };
         let msg = match next {
@@ -495,7 +499,7 @@ async fn write_loop(
     control: Arc<Control>,
     config: ConnConfig,
     mut close_rx: oneshot::Receiver<Vec<u8>>,
-    done: CancellationToken,
+    stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let wt = config.write_timeout;
@@ -504,10 +508,14 @@ async fn write_loop(
     ping.tick().await;
     // Made once and polled on every wake-up: building them anew per message
     // (each registering with its token) cost more than writing the frame.
-    let shutdown_wait = shutdown.cancelled();
-    tokio::pin!(shutdown_wait);
-    let done_wait = done.cancelled();
-    tokio::pin!(done_wait);
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    // Stopped by the server's shutdown (say so) or by the reader's end.
+    let stopped_frame = || {
+        shutdown
+            .is_cancelled()
+            .then(|| close_frame(CLOSE_GOING_AWAY, "server shutting down"))
+    };
     let mut events: Vec<Arc<Event>> = Vec::new();
     let pace = paced_interval(config.write_interval);
     // The last frames to send before closing, if any.
@@ -515,14 +523,13 @@ async fn write_loop(
     let mut rest: Option<tokio::time::Instant> = None;
     let final_frames: Option<Vec<u8>> = loop {
         let got = if let Some(until) = rest.take() {
+            // The timer first: when it fires, the other branches (each a
+            // lock) are not polled.
             tokio::select! {
                 biased;
-                _ = &mut shutdown_wait => {
-                    break Some(close_frame(CLOSE_GOING_AWAY, "server shutting down"));
-                }
-                r = &mut close_rx => break r.ok(),
-                _ = &mut done_wait => break None,
                 _ = tokio::time::sleep_until(until) => {}
+                r = &mut close_rx => break r.ok(),
+                _ = &mut stopped => break stopped_frame(),
             }
             match inbox.try_recv() {
                 Some(ev) => Some(Received::Event(ev)),
@@ -531,15 +538,15 @@ async fn write_loop(
                 None => continue,
             }
         } else {
+            // The queue first: while it has messages the tokens (each a
+            // lock) are not polled. A shutdown reaches the queue too: the
+            // hub disconnects every client with a reason.
             tokio::select! {
                 biased;
-                _ = &mut shutdown_wait => {
-                    break Some(close_frame(CLOSE_GOING_AWAY, "server shutting down"));
-                }
-                r = &mut close_rx => break r.ok(),
-                _ = &mut done_wait => break None,
-                _ = control.ready.notified() => None,
                 r = inbox.recv() => Some(r),
+                _ = control.ready.notified() => None,
+                r = &mut close_rx => break r.ok(),
+                _ = &mut stopped => break stopped_frame(),
                 _ = ping.tick() => {
                     let ping = encode(Frame::ping(Bytes::new()));
                     match write_timed(&mut wr, &[&control.take(), &ping], wt).await {
@@ -576,7 +583,9 @@ async fn write_loop(
                 last.extend_from_slice(&close_frame(code, &format!("{}: {reason}", reason.code())));
                 break Some(last);
             }
-            Some(Received::Closed) => break None,
+            // The session is gone because the reader ended: send the close
+            // it left, if any (the queue is polled before the tokens).
+            Some(Received::Closed) => break close_rx.try_recv().ok().or_else(stopped_frame),
         }
         // Control frames first: they were due before these events were taken.
         let ctl = control.take();
@@ -610,7 +619,7 @@ async fn write_loop(
         let _ = write_timed(&mut wr, &[&ctl, &last], wt).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    done.cancel();
+    stop.cancel();
 }
 
 #[cfg(test)]
