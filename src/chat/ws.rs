@@ -593,6 +593,10 @@ async fn write_loop(
         bufs.push(&ctl);
         bufs.extend(events.iter().map(|e| &e.frame[..]));
         let result = write_timed(&mut wr, &bufs, wt).await;
+        // Let go of the events now: an idle client would otherwise hold its
+        // last ones (a `joined` with its history and member list) for good.
+        drop(bufs);
+        events.clear();
         // Pacing: after a write, whatever comes next waits for the next tick
         // of `pace`, unless plenty is queued already; a message after a quiet
         // spell (nothing queued at the tick) goes out at once.
