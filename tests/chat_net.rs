@@ -755,3 +755,72 @@ async fn pings_are_answered_closes_are_acknowledged_and_bad_upgrades_explained()
     recv_type(&mut again, "joined").await;
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    // Queues large enough that the write timeout, not the lag limit, acts.
+    let hub = HubConfig {
+        queue_messages: 100_000,
+        queue_bytes: 256 * 1024 * 1024,
+        rate: 0.0,
+        max_text: 16 * 1024,
+        ..HubConfig::default()
+    };
+    let conn = ConnConfig {
+        max_msg: 16 * 1024,
+        write_timeout: Duration::from_millis(300),
+        ..ConnConfig::default()
+    };
+    let srv = Server::start(hub, conn).await;
+    let mut fast = srv.ws("fast").await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(srv.http).await.unwrap();
+    let url = format!("ws://{}/ws?nick=stuck", srv.http);
+    let (mut stuck, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    assert_eq!(recv(&mut stuck).await["type"], "welcome");
+    send(&mut fast, json!({"type":"join","room":"w"})).await;
+    recv_type(&mut fast, "joined").await;
+    send(&mut stuck, json!({"type":"join","room":"w"})).await;
+    recv_type(&mut stuck, "joined").await;
+    // `stuck` never reads again: its socket fills, a write blocks, and after
+    // 300 ms the server gives up on it; `fast` sees it leave.
+    // 800 messages of 8 KB: more than the two socket buffers hold (Linux
+    // grows a send buffer to 4 MiB at most), then wait for the leave.
+    let text = "w".repeat(8000);
+    let mut left = None;
+    for _ in 0..800 {
+        send(&mut fast, json!({"type":"say","room":"w","text":text})).await;
+        let v = recv(&mut fast).await;
+        if v["type"] == "presence" && v["event"] == "leave" {
+            left = Some(v);
+            break;
+        }
+    }
+    let left = match left {
+        Some(v) => v,
+        None => recv_type(&mut fast, "presence").await,
+    };
+    assert_eq!(left["nick"], "stuck");
+    // Dropped by the write timeout, not as lagging (its queue had room).
+    let (_, stats) = srv.get("/api/stats").await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["dropped_lagging"], 0);
+    // The server goes on serving the others.
+    send(
+        &mut fast,
+        json!({"type":"say","room":"w","text":"still here"}),
+    )
+    .await;
+    loop {
+        let v = recv_type(&mut fast, "message").await;
+        if v["text"] == "still here" {
+            break;
+        }
+    }
+    drop(stuck);
+    srv.stop().await;
+}
