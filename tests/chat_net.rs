@@ -29,6 +29,10 @@ struct Server {
 
 impl Server {
     async fn start(hub_cfg: HubConfig, conn: ConnConfig) -> Server {
+        Self::start_with(hub_cfg, conn, HttpConfig::default()).await
+    }
+
+    async fn start_with(hub_cfg: HubConfig, conn: ConnConfig, http_cfg: HttpConfig) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let (hub, _writer) = Hub::open(dir.path(), hub_cfg).unwrap();
         let hl = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -37,7 +41,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let cfg = HttpConfig {
             conn: conn.clone(),
-            ..HttpConfig::default()
+            ..http_cfg
         };
         let tasks = vec![
             tokio::spawn({
@@ -822,5 +826,37 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
         }
     }
     drop(stuck);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_sends_half_a_request_is_disconnected_after_the_header_timeout() {
+    let http = HttpConfig {
+        header_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    };
+    let srv = Server::start_with(open_hub(), ConnConfig::default(), http).await;
+    // Half a request line, then silence (slowloris): the server hangs up.
+    let mut slow = TcpStream::connect(srv.http).await.unwrap();
+    slow.write_all(b"GET /api/rooms HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        T,
+        tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut rest),
+    )
+    .await
+    .expect("the server kept a half-sent request open")
+    .ok();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Meanwhile, and after, whole requests are served.
+    let (status, body) = srv.get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // A WebSocket opened through the same front door works as before.
+    let mut ws = srv.ws("after").await;
+    send(&mut ws, json!({"type":"join","room":"h"})).await;
+    recv_type(&mut ws, "joined").await;
     srv.stop().await;
 }

@@ -953,12 +953,22 @@ impl Shared {
                 continue;
             }
             let queued = ob.bytes.fetch_add(len, Ordering::Relaxed) + len;
-            let ok = queued <= cfg.queue_bytes && ob.tx.try_send(ev.clone()).is_ok();
-            if ok {
-                delivered += 1;
-            } else {
+            if queued > cfg.queue_bytes {
                 ob.bytes.fetch_sub(len, Ordering::Relaxed);
                 laggards.push(*id);
+                continue;
+            }
+            match ob.tx.try_send(ev.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    ob.bytes.fetch_sub(len, Ordering::Relaxed);
+                    laggards.push(*id);
+                }
+                // Its writer has ended (write timeout, broken socket) and the
+                // session is on its way out: not a lagging client.
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    ob.bytes.fetch_sub(len, Ordering::Relaxed);
+                }
             }
         }
         self.stats

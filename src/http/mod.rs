@@ -15,11 +15,13 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 use tower::limit::ConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -30,6 +32,7 @@ use crate::chat::hub::Hub;
 use crate::chat::ws;
 use crate::cli::{parse_duration, parse_size};
 use crate::cluster::report::ClusterInfo;
+use crate::net::accept::Acceptor;
 
 /// HTTP limits of `netkit serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +40,10 @@ pub struct HttpArgs {
     /// Longest time an HTTP request may take (not counting WebSocket sessions).
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_HTTP_TIMEOUT")]
     pub http_timeout: Duration,
+    /// Longest time a client may take to send a request's headers (from its
+    /// first byte); a slower one is disconnected.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Duration,
     /// Largest HTTP request body accepted.
     #[arg(long, default_value = "64KiB", value_parser = parse_size, env = "NETKIT_HTTP_BODY_LIMIT")]
     pub http_body_limit: u64,
@@ -54,6 +61,8 @@ pub struct HttpArgs {
 pub struct HttpConfig {
     /// Request timeout.
     pub timeout: Duration,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
     /// Body size limit in bytes.
     pub body_limit: usize,
     /// Concurrent request limit.
@@ -69,6 +78,7 @@ impl HttpConfig {
     pub fn new(args: &HttpArgs, conn: ConnConfig) -> Self {
         HttpConfig {
             timeout: args.http_timeout,
+            header_timeout: args.http_header_timeout,
             body_limit: usize::try_from(args.http_body_limit).unwrap_or(usize::MAX),
             concurrency: args.http_concurrency.max(1),
             allow_origins: args
@@ -86,6 +96,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
             body_limit: 64 * 1024,
             concurrency: 1024,
             allow_origins: Vec::new(),
@@ -173,18 +184,51 @@ pub async fn run_with_cluster(
         cluster,
     };
     let sessions = state.sessions.clone();
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    // Nagle's algorithm would hold a small frame back until the client ACKs
-    // the previous one, and a chat client that only listens ACKs late (delayed
-    // ACK, up to 40 ms): every frame goes out as soon as it is written.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
+    let header_timeout = state.config.header_timeout;
+    let app = router(state);
+    // Our own accept loop rather than `axum::serve`, which sets neither
+    // TCP_NODELAY nor a header timeout: without one, a client that sends half
+    // a request line and waits holds its connection for ever.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let connections = TaskTracker::new();
+    let mut acceptor = Acceptor::new("http");
+    while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
+        // Nagle's algorithm would hold a small frame back until the client
+        // ACKs the previous one, and a chat client that only listens ACKs
+        // late (delayed ACK, up to 40 ms): every frame goes out at once.
+        if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!("http: cannot set TCP_NODELAY: {e}");
         }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let conn = http1
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    // Finish the request in progress (bounded by the request
+                    // timeout), then close; an idle connection closes at once.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, "http: connection ended: {e}");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
     sessions.close();
     sessions.wait().await;
     info!("http: stopped");
