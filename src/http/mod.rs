@@ -40,8 +40,9 @@ pub struct HttpArgs {
     /// Longest time an HTTP request may take (not counting WebSocket sessions).
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_HTTP_TIMEOUT")]
     pub http_timeout: Duration,
-    /// Longest time a client may take to send a request's headers (from its
-    /// first byte); a slower one is disconnected.
+    /// Longest time a connection may take to deliver a request's headers,
+    /// counted from its opening or from the previous response; a slower (or
+    /// idle keep-alive) one is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_HTTP_HEADER_TIMEOUT")]
     pub http_header_timeout: Duration,
     /// Largest HTTP request body accepted.
@@ -61,7 +62,7 @@ pub struct HttpArgs {
 pub struct HttpConfig {
     /// Request timeout.
     pub timeout: Duration,
-    /// How long a client may take to send a request's headers.
+    /// How long a connection may take to deliver a request's headers.
     pub header_timeout: Duration,
     /// Body size limit in bytes.
     pub body_limit: usize,
