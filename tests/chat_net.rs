@@ -71,6 +71,21 @@ impl Server {
         ws
     }
 
+    /// A WebSocket client whose socket has a 4 KiB receive buffer, so that
+    /// the server's writes block soon once it stops reading.
+    async fn ws_small_window(&self, nick: &str) -> Ws {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let stream = sock.connect(self.http).await.unwrap();
+        let url = format!("ws://{}/ws?nick={nick}", self.http);
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+                .await
+                .unwrap();
+        assert_eq!(recv(&mut ws).await["type"], "welcome");
+        ws
+    }
+
     async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path, &[]).await
     }
@@ -427,19 +442,11 @@ async fn slow_websocket_reader_is_disconnected_with_a_reason() {
     .await;
     let mut fast = srv.ws("fast").await;
     // The slow reader has a small receive buffer so that it falls behind sooner.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let stream = sock.connect(srv.http).await.unwrap();
-    let url = format!("ws://{}/ws?nick=slow", srv.http);
-    let (mut slow, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    assert_eq!(recv(&mut slow).await["type"], "welcome");
-    send(&mut fast, json!({"type":"join","room":"r"})).await;
-    recv_type(&mut fast, "joined").await;
-    send(&mut slow, json!({"type":"join","room":"r"})).await;
-    recv_type(&mut slow, "joined").await;
+    let mut slow = srv.ws_small_window("slow").await;
+    for ws in [&mut fast, &mut slow] {
+        send(ws, json!({"type":"join","room":"r"})).await;
+        recv_type(ws, "joined").await;
+    }
     // slow stops reading; fast sends until slow's socket buffers and queue overflow.
     let text = "z".repeat(8000);
     let mut n = 0u64;
@@ -777,19 +784,11 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     };
     let srv = Server::start(hub, conn).await;
     let mut fast = srv.ws("fast").await;
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let stream = sock.connect(srv.http).await.unwrap();
-    let url = format!("ws://{}/ws?nick=stuck", srv.http);
-    let (mut stuck, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    assert_eq!(recv(&mut stuck).await["type"], "welcome");
-    send(&mut fast, json!({"type":"join","room":"w"})).await;
-    recv_type(&mut fast, "joined").await;
-    send(&mut stuck, json!({"type":"join","room":"w"})).await;
-    recv_type(&mut stuck, "joined").await;
+    let mut stuck = srv.ws_small_window("stuck").await;
+    for ws in [&mut fast, &mut stuck] {
+        send(ws, json!({"type":"join","room":"w"})).await;
+        recv_type(ws, "joined").await;
+    }
     // `stuck` never reads again: its socket fills, a write blocks, and after
     // 300 ms the server gives up on it; `fast` sees it leave.
     // 800 messages of 8 KB: more than the two socket buffers hold (Linux
