@@ -18,20 +18,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "../c_listen.h"
+
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0, one = 1;
-    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t alen = sizeof a;
-    if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4096) ||
-        getsockname(l, (struct sockaddr *)&a, &alen)) {
-        perror("c_epoll");
-        return 1;
-    }
-    printf("127.0.0.1:%d\n", ntohs(a.sin_port));
-    fflush(stdout);
+    int l = listen_loopback(port, "c_epoll");
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = l}, evs[256];
     epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);

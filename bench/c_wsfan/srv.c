@@ -25,6 +25,8 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include "../c_listen.h"
+
 /* ---- SHA-1 (FIPS 180-4) and base64, for Sec-WebSocket-Accept ---- */
 static uint32_t rol(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
 
@@ -182,18 +184,7 @@ static int frames(struct conn *c) {
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 0, one = 1;
     interval_ms = argc > 2 ? atoi(argv[2]) : 0;
-    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t alen = sizeof a;
-    if (bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 4096) ||
-        getsockname(l, (struct sockaddr *)&a, &alen)) {
-        perror("c_wsfan");
-        return 1;
-    }
-    printf("127.0.0.1:%d\n", ntohs(a.sin_port));
-    fflush(stdout);
+    int l = listen_loopback(port, "c_wsfan");
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = l};
     epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
