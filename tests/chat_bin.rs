@@ -21,6 +21,14 @@ struct Serve {
 }
 
 /// Starts `netkit serve` on free ports and reads the bound addresses from its log.
+/// A failing test must not leave its server running.
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn serve(data_dir: &std::path::Path) -> Serve {
     let mut child = Command::new(env!("CARGO_BIN_EXE_netkit"))
         .args([
