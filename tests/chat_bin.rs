@@ -20,7 +20,6 @@ struct Serve {
     chat: String,
 }
 
-/// Starts `netkit serve` on free ports and reads the bound addresses from its log.
 /// A failing test must not leave its server running.
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -29,6 +28,7 @@ impl Drop for Serve {
     }
 }
 
+/// Starts `netkit serve` on free ports and reads the bound addresses from its log.
 fn serve(data_dir: &std::path::Path) -> Serve {
     let mut child = Command::new(env!("CARGO_BIN_EXE_netkit"))
         .args([
