@@ -1,6 +1,6 @@
 //! Resume by origin vector (`join` with `since`) without sockets: two hubs
 //! stand for two cluster nodes, with the relay's part played by hand
-//! (`stored_local` of one applied to the other with `apply_remote_from`).
+//! (`stored_local` of one applied to the other with `apply_remote`).
 
 use std::collections::BTreeMap;
 
@@ -36,15 +36,8 @@ fn node(origin: &str) -> Node {
 /// Applies every message posted on `from` so far (and not yet relayed) to
 /// `to`, as the relay does, and waits until `to` has stored them.
 async fn relay(from: &mut Node, to: &Node) {
-    from.hub.sync_writes().await.unwrap();
-    while let Ok(m) = from.local.try_recv() {
-        let origin = (m.origin.clone().unwrap().into_string(), m.origin_id);
-        to.hub
-            .apply_remote_from(m.room, m.from, m.text, m.kind, m.ts, Some(origin))
-            .await
-            .unwrap();
-    }
-    to.hub.sync_writes().await.unwrap();
+    let msgs = take(from).await;
+    apply(to, &msgs).await;
 }
 
 /// Takes the messages posted on `from` so far without applying them anywhere.
@@ -61,7 +54,7 @@ async fn apply(to: &Node, msgs: &[ChatMessage]) {
     for m in msgs.iter().cloned() {
         let origin = (m.origin.clone().unwrap().into_string(), m.origin_id);
         to.hub
-            .apply_remote_from(m.room, m.from, m.text, m.kind, m.ts, Some(origin))
+            .apply_remote(m.room, m.from, m.text, m.kind, m.ts, Some(origin))
             .await
             .unwrap();
     }

@@ -628,23 +628,11 @@ impl Hub {
 
     /// Queues a message posted on another node for storage in `room` (created
     /// if new) and delivery to the room's local members, in the order of the
-    /// calls; [`Hub::sync_writes`] waits for it to be committed.
+    /// calls; [`Hub::sync_writes`] waits for it to be committed. `origin` is
+    /// the node it was posted on and its id there, when known (stored with it
+    /// and sent to clients, for resume by `since`).
     /// For the cluster relay; such messages are not sent to [`Hub::stored_local`].
     pub async fn apply_remote(
-        &self,
-        room: String,
-        from: String,
-        text: String,
-        kind: MessageKind,
-        ts: i64,
-    ) -> Result<(), HubError> {
-        self.apply_remote_from(room, from, text, kind, ts, None)
-            .await
-    }
-
-    /// [`Hub::apply_remote`] with the message's origin and its id there
-    /// (stored with it and sent to clients, for resume by `since`).
-    pub async fn apply_remote_from(
         &self,
         room: String,
         from: String,

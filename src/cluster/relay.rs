@@ -1155,17 +1155,7 @@ async fn carry_out(
     for action in actions {
         match action {
             RelayAction::Apply(m) => {
-                let queued = hub
-                    .apply_remote_from(
-                        m.room.clone(),
-                        m.from.clone(),
-                        m.text.clone(),
-                        m.kind,
-                        m.ts,
-                        Some((m.origin.clone(), m.origin_id)),
-                    )
-                    .await;
-                if let Err(e) = queued {
+                if let Err(e) = apply(hub, &m).await {
                     tracing::warn!(origin = %m.origin, seq = m.seq, "relay: hub refused a message: {e}");
                 }
                 applied.push(m);
@@ -1194,6 +1184,22 @@ async fn carry_out(
     }
 }
 
+/// Hands a relayed message to the hub, with its origin.
+async fn apply(
+    hub: &crate::chat::hub::Hub,
+    m: &RelayedMessage,
+) -> Result<(), crate::chat::hub::HubError> {
+    hub.apply_remote(
+        m.room.clone(),
+        m.from.clone(),
+        m.text.clone(),
+        m.kind,
+        m.ts,
+        Some((m.origin.clone(), m.origin_id)),
+    )
+    .await
+}
+
 /// After a crash: a message stored by the relay but not marked done may or
 /// may not have reached the hub's history. It is applied again only if the
 /// room's recent history has no message with the same author, text and time.
@@ -1215,16 +1221,7 @@ async fn reconcile(hub: &crate::chat::hub::Hub, store: &mut RelayStore) -> anyho
             }
         });
         if !present {
-            hub.apply_remote_from(
-                m.room.clone(),
-                m.from.clone(),
-                m.text.clone(),
-                m.kind,
-                m.ts,
-                Some((m.origin.clone(), m.origin_id)),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            apply(hub, m).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     hub.sync_writes()
@@ -1505,6 +1502,7 @@ mod tests {
             "made it".into(),
             MessageKind::Say,
             1001,
+            None,
         )
         .await
         .unwrap();
