@@ -21,11 +21,11 @@
 #include "../c_listen.h"
 
 int main(int argc, char **argv) {
-    int port = argc > 1 ? atoi(argv[1]) : 0, one = 1;
+    int port = argc > 1 ? atoi(argv[1]) : 0;
     int l = listen_loopback(port, "c_epoll");
     int ep = epoll_create1(0);
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = l}, evs[256];
-    epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
+    struct epoll_event evs[256];
+    epoll_add(ep, l, EPOLLIN);
     char buf[4096], out[3 * sizeof buf];
     for (;;) {
         int n = epoll_wait(ep, evs, 256, -1);
@@ -33,11 +33,7 @@ int main(int argc, char **argv) {
             int fd = evs[i].data.fd;
             if (fd == l) {
                 int s;
-                while ((s = accept4(l, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
-                    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-                    struct epoll_event e = {.events = EPOLLIN | EPOLLET, .data.fd = s};
-                    epoll_ctl(ep, EPOLL_CTL_ADD, s, &e);
-                }
+                while ((s = accept_nodelay(l)) >= 0) epoll_add(ep, s, EPOLLIN | EPOLLET);
                 continue;
             }
             for (;;) {

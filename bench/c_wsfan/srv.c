@@ -76,14 +76,15 @@ static void base64(const uint8_t *in, size_t n, char *out) {
 /* ---- connections ---- */
 #define MAXC 65536
 struct conn {
-    int fd, open, upgraded, joined;
+    int fd, upgraded, joined, slot; /* slot: index in live[] once upgraded */
     uint8_t in[70000];
     size_t inlen;
     uint8_t *out;  /* bytes not yet written */
     size_t outlen, outcap;
 };
-static struct conn *conns[MAXC];
-static int interval_ms;
+static struct conn *conns[MAXC];  /* by fd */
+static struct conn *live[MAXC];   /* the upgraded ones, densely */
+static int nlive, interval_ms;
 
 static void out_append(struct conn *c, const uint8_t *p, size_t n) {
     if (c->outlen + n > c->outcap) {
@@ -104,6 +105,10 @@ static void flush(struct conn *c) {
 }
 
 static void drop(struct conn *c) {
+    if (c->upgraded) { /* move the last live connection into c's slot */
+        live[c->slot] = live[--nlive];
+        live[c->slot]->slot = c->slot;
+    }
     close(c->fd);
     conns[c->fd] = NULL;
     free(c->out);
@@ -116,9 +121,8 @@ static void broadcast(const uint8_t *payload, size_t n) {
     hdr[0] = 0x81;
     if (n < 126) hdr[1] = (uint8_t)n;
     else hdr[1] = 126, hdr[2] = (uint8_t)(n >> 8), hdr[3] = (uint8_t)n, hl = 4;
-    for (int fd = 0; fd < MAXC; fd++) {
-        struct conn *c = conns[fd];
-        if (!c || !c->upgraded) continue;
+    for (int i = 0; i < nlive; i++) {
+        struct conn *c = live[i];
         out_append(c, hdr, hl);
         out_append(c, payload, n);
         if (!interval_ms) flush(c);
@@ -151,6 +155,8 @@ static int handshake(struct conn *c) {
     memmove(c->in, c->in + used, c->inlen - used);
     c->inlen -= used;
     c->upgraded = 1;
+    c->slot = nlive;
+    live[nlive++] = c;
     return 1;
 }
 
@@ -182,19 +188,17 @@ static int frames(struct conn *c) {
 }
 
 int main(int argc, char **argv) {
-    int port = argc > 1 ? atoi(argv[1]) : 0, one = 1;
+    int port = argc > 1 ? atoi(argv[1]) : 0;
     interval_ms = argc > 2 ? atoi(argv[2]) : 0;
     int l = listen_loopback(port, "c_wsfan");
     int ep = epoll_create1(0);
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = l};
-    epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
+    epoll_add(ep, l, EPOLLIN);
     int tfd = -1;
     if (interval_ms > 0) {
         tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
         struct itimerspec its = {{0, interval_ms * 1000000L}, {0, interval_ms * 1000000L}};
         timerfd_settime(tfd, 0, &its, NULL);
-        ev.data.fd = tfd;
-        epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &ev);
+        epoll_add(ep, tfd, EPOLLIN);
     }
     struct epoll_event evs[256];
     for (;;) {
@@ -203,20 +207,18 @@ int main(int argc, char **argv) {
             int fd = evs[i].data.fd;
             if (fd == l) {
                 int s;
-                while ((s = accept4(l, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                while ((s = accept_nodelay(l)) >= 0) {
                     if (s >= MAXC) { close(s); continue; }
-                    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     struct conn *c = calloc(1, sizeof *c);
                     c->fd = s;
                     conns[s] = c;
-                    struct epoll_event ce = {.events = EPOLLIN, .data.fd = s};
-                    epoll_ctl(ep, EPOLL_CTL_ADD, s, &ce);
+                    epoll_add(ep, s, EPOLLIN);
                 }
             } else if (fd == tfd) {
                 uint64_t ticks;
                 if (read(tfd, &ticks, sizeof ticks) < 0) continue;
-                for (int k = 0; k < MAXC; k++)
-                    if (conns[k] && conns[k]->outlen) flush(conns[k]);
+                for (int k = 0; k < nlive; k++)
+                    if (live[k]->outlen) flush(live[k]);
             } else {
                 struct conn *c = conns[fd];
                 if (!c) continue;
