@@ -191,9 +191,7 @@ impl std::fmt::Display for DisconnectReason {
 pub struct Event {
     /// The message.
     pub msg: ServerMsg,
-    /// Its JSON form (what WebSocket clients get).
-    pub json: Bytes,
-    /// The JSON as a complete WebSocket text frame (server frames are not
+    /// Its JSON as a complete WebSocket text frame (server frames are not
     /// masked, so every WebSocket client is sent these same bytes).
     pub frame: Bytes,
 }
@@ -202,8 +200,13 @@ impl Event {
     /// Wraps and serializes a message.
     pub fn new(msg: ServerMsg) -> Arc<Event> {
         let frame = super::ws::text_frame(msg.to_json().as_bytes());
-        let json = frame.slice(super::ws::frame_header_len(&frame)..);
-        Arc::new(Event { msg, json, frame })
+        Arc::new(Event { msg, frame })
+    }
+
+    /// The JSON form (the frame's payload); its length is what a client's
+    /// queue is charged.
+    pub fn json(&self) -> &[u8] {
+        &self.frame[super::ws::frame_header_len(&self.frame)..]
     }
 }
 
@@ -929,7 +932,7 @@ impl Shared {
     /// disconnected as lagging (and its departure announced).
     fn deliver_locked(&self, st: &mut State, to: &[ClientId], ev: &Arc<Event>) {
         let mut laggards = Vec::new();
-        let len = ev.json.len();
+        let len = ev.json().len();
         let cfg = &self.config;
         let mut delivered = 0u64;
         for id in to {
@@ -1073,7 +1076,7 @@ impl Inbox {
             }
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(ev)) => {
-                    self.bytes.fetch_sub(ev.json.len(), Ordering::Relaxed);
+                    self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
                     return Poll::Ready(Received::Event(ev));
                 }
                 Poll::Ready(None) => return Poll::Ready(Received::Closed),
@@ -1098,7 +1101,7 @@ impl Inbox {
             return None;
         }
         let ev = self.rx.try_recv().ok()?;
-        self.bytes.fetch_sub(ev.json.len(), Ordering::Relaxed);
+        self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
         Some(ev)
     }
 }
