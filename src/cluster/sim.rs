@@ -316,8 +316,10 @@ mod tests {
     }
 
     /// Starts `n` nodes, one every `gap`, all joining through node 0, and
-    /// returns the time from the first joiner's start until all see all.
-    fn converge(sim: &mut Sim, n: usize, gap: Duration, limit: Duration) -> Duration {
+    /// returns the time from the first joiner's start until all see all
+    /// (panics after 10 simulated seconds).
+    fn converge(sim: &mut Sim, n: usize, gap: Duration) -> Duration {
+        let limit = Duration::from_secs(10);
         sim.start(0, &[], None);
         let t0 = sim.now();
         for i in 1..n {
@@ -334,12 +336,7 @@ mod tests {
     #[test]
     fn fifty_nodes_converge_and_learn_each_others_metadata() {
         let mut sim = Sim::new(seed(), tuning());
-        let took = converge(
-            &mut sim,
-            50,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        let took = converge(&mut sim, 50, Duration::from_millis(10));
         // 49 joiners over 0.49 s; everyone sees everyone within a second.
         assert!(took <= Duration::from_millis(1000), "took {took:?}");
         sim.run_for(Duration::from_secs(2));
@@ -360,12 +357,7 @@ mod tests {
     #[test]
     fn a_killed_node_is_declared_down_by_all_and_a_restart_rejoins() {
         let mut sim = Sim::new(seed(), tuning());
-        converge(
-            &mut sim,
-            50,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 50, Duration::from_millis(10));
         sim.run_for(Duration::from_secs(30));
         // Five victims one after another: the tail matters, not one lucky run.
         let victims = [17, 3, 42, 28, 9];
@@ -426,12 +418,7 @@ mod tests {
         // once instead of a probe period later.
         let mut sim = Sim::new(seed(), tuning());
         sim.icmp = true;
-        converge(
-            &mut sim,
-            50,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 50, Duration::from_millis(10));
         sim.run_for(Duration::from_secs(30));
         let victims = [17, 3, 42, 28, 9, 33, 21, 11, 46, 5];
         let mut tooks = Vec::new();
@@ -467,12 +454,7 @@ mod tests {
     fn a_false_unreachable_report_is_refuted_and_nobody_goes_down() {
         let mut sim = Sim::new(seed(), tuning());
         sim.icmp = true;
-        converge(
-            &mut sim,
-            5,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 5, Duration::from_millis(10));
         sim.run_for(Duration::from_secs(5));
         let t0 = sim.now();
         // Forged (or stale) reports about a live member, repeated.
@@ -501,12 +483,7 @@ mod tests {
     #[test]
     fn ten_minutes_at_ten_percent_loss_give_no_false_down() {
         let mut sim = Sim::new(seed(), tuning());
-        converge(
-            &mut sim,
-            50,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 50, Duration::from_millis(10));
         sim.loss = 0.10;
         sim.run_for(Duration::from_secs(600));
         let mut open: HashMap<(usize, String), Duration> = HashMap::new();
@@ -539,12 +516,7 @@ mod tests {
     #[test]
     fn a_partition_heals() {
         let mut sim = Sim::new(seed(), tuning());
-        converge(
-            &mut sim,
-            20,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 20, Duration::from_millis(10));
         sim.groups = Some((0..20).map(|i| (i % 2) as u8).collect());
         sim.run_until_true(Duration::from_secs(30), |s| s.all_count(10))
             .expect("each side declares the other down");
@@ -561,12 +533,7 @@ mod tests {
     #[test]
     fn a_leaving_node_is_seen_as_left_at_once() {
         let mut sim = Sim::new(seed(), tuning());
-        converge(
-            &mut sim,
-            10,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 10, Duration::from_millis(10));
         sim.run_for(Duration::from_secs(1));
         sim.leave(4);
         let took = sim
@@ -590,12 +557,7 @@ mod tests {
     #[test]
     fn payloads_reach_a_member_and_subscribers_see_events() {
         let mut sim = Sim::new(seed(), tuning());
-        converge(
-            &mut sim,
-            3,
-            Duration::from_millis(10),
-            Duration::from_secs(10),
-        );
+        converge(&mut sim, 3, Duration::from_millis(10));
         sim.send_payload(0, 2, b"hello n2");
         sim.run_for(Duration::from_millis(50));
         assert_eq!(sim.payloads.len(), 1);
@@ -627,12 +589,7 @@ mod tests {
     fn same_seed_same_run() {
         let run = |seed| {
             let mut sim = Sim::new(seed, tuning());
-            converge(
-                &mut sim,
-                8,
-                Duration::from_millis(5),
-                Duration::from_secs(10),
-            );
+            converge(&mut sim, 8, Duration::from_millis(5));
             sim.loss = 0.2;
             sim.kill(3);
             sim.run_for(Duration::from_secs(20));
