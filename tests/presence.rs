@@ -28,19 +28,7 @@ fn peers(node: &ClusterNode) -> Vec<Value> {
 #[test]
 fn presence_spans_nodes_and_a_killed_node_s_users_leave() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = ClusterNode::start("a", dirs[0].path(), "127.0.0.1:0", "", true);
-    let mut b = ClusterNode::start(
-        "b",
-        dirs[1].path(),
-        "127.0.0.1:0",
-        &a.gossip.to_string(),
-        true,
-    );
-    wait_until("a and b see each other", DEADLINE, || {
-        [&a, &b]
-            .iter()
-            .all(|n| peers(n).iter().any(|m| m["state"] == "alive"))
-    });
+    let (a, mut b) = ClusterNode::pair(&dirs, true);
 
     // ann joins on a; once b has heard of her, bob joins on b and sees her.
     let mut ann = LineUser::connect(a.chat(), "ann");

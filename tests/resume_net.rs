@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use proc_util::{ClusterNode, wait_until};
+use proc_util::ClusterNode;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use ws_util::{Ws, recv, recv_type, send, send_raw};
@@ -70,17 +70,7 @@ fn vector(seen: &[Value]) -> BTreeMap<String, u64> {
 #[tokio::test]
 async fn a_client_resumes_on_another_node_by_origin_vector() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = ClusterNode::start("a", dirs[0].path(), "127.0.0.1:0", "", false);
-    let b = ClusterNode::start(
-        "b",
-        dirs[1].path(),
-        "127.0.0.1:0",
-        &a.gossip.to_string(),
-        false,
-    );
-    wait_until("a and b see each other", DEADLINE, || {
-        a.alive_peers() == 1 && b.alive_peers() == 1
-    });
+    let (a, b) = ClusterNode::pair(&dirs, false);
 
     let mut ann = ws(&a, "ann").await; // posts on a
     let mut bob = ws(&b, "bob").await; // posts on b

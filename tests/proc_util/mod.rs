@@ -253,6 +253,23 @@ impl ClusterNode {
         }
     }
 
+    /// Nodes `a` (in `dirs[0]`) and `b` (in `dirs[1]`, joining through a),
+    /// gossiping on free ports, returned once each lists the other as alive.
+    pub fn pair(dirs: &[tempfile::TempDir], chat: bool) -> (Self, Self) {
+        let a = Self::start("a", dirs[0].path(), "127.0.0.1:0", "", chat);
+        let b = Self::start(
+            "b",
+            dirs[1].path(),
+            "127.0.0.1:0",
+            &a.gossip.to_string(),
+            chat,
+        );
+        wait_until("a and b see each other", Duration::from_secs(30), || {
+            a.alive_peers() == 1 && b.alive_peers() == 1
+        });
+        (a, b)
+    }
+
     /// The line-chat address (the node was started with chat).
     pub fn chat(&self) -> SocketAddr {
         self.chat.expect("started with line chat")
