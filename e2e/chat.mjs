@@ -7,7 +7,7 @@ import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { T, fail, lineClient, launchBrowser, openPage, say, seeMessage, startServer } from "./lib.mjs";
+import { T, fail, launchBrowser, lineUser, openPage, say, seeMessage, startServer } from "./lib.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const bin = path.resolve(process.argv[2] || path.join(root, "target/debug/netkit"));
@@ -27,11 +27,7 @@ try {
   // The cluster panel (GET /api/cluster, polled every 5 s) lists this node and its users.
   await alice.locator("#cluster-list li.self", { hasText: "bob" }).waitFor({ timeout: T });
 
-  const carol = lineClient(srv.chat);
-  await carol.waitFor("-- welcome");
-  carol.send("/nick carol");
-  carol.send("/join lobby");
-  await carol.waitFor("-- joined #lobby");
+  const carol = await lineUser(srv.chat, "lobby", "carol");
   await alice.locator("#messages li", { hasText: "carol joined" }).waitFor({ timeout: T });
 
   await say(alice, "hello from alice");
@@ -78,10 +74,7 @@ try {
   srv = await startServer(bin, dataDir, srv.http);
   await alice.locator("#status", { hasText: "online as alice" }).waitFor({ timeout: 30000 });
   await bob.locator("#status", { hasText: "online as bob" }).waitFor({ timeout: 30000 });
-  const dave = lineClient(srv.chat);
-  await dave.waitFor("-- welcome");
-  dave.send("/join lobby");
-  await dave.waitFor("-- joined #lobby");
+  const dave = await lineUser(srv.chat, "lobby");
   dave.send("after the restart");
   await seeMessage(alice, "after the restart");
   await seeMessage(bob, "after the restart");

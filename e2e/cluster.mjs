@@ -10,7 +10,7 @@ import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { T, fail, lineClient, launchBrowser, openPage, say, seeMessage, startServer } from "./lib.mjs";
+import { T, fail, launchBrowser, lineUser, openPage, say, seeMessage, startServer } from "./lib.mjs";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const bin = path.resolve(process.argv[2] || path.join(root, "target/debug/netkit"));
@@ -37,11 +37,7 @@ try {
   await nodeB.and(alice.locator("li.state-alive")).waitFor({ timeout: T });
 
   // A user of node b joins the room: the page shows them as carol@b.
-  const carol = lineClient(b.chat);
-  await carol.waitFor("-- welcome");
-  carol.send("/nick carol");
-  carol.send("/join lobby");
-  await carol.waitFor("-- joined #lobby");
+  const carol = await lineUser(b.chat, "lobby", "carol");
   await alice.locator("#messages li", { hasText: "carol@b joined" }).waitFor({ timeout: T });
   await alice.locator("#member-list li", { hasText: "carol@b" }).waitFor({ timeout: T });
   await carol.waitFor("alice"); // b's /who and notices know alice of node a

@@ -72,6 +72,16 @@ export function lineClient(addr) {
   };
 }
 
+// A line client that has been welcomed, taken `nick` (if given) and joined `room`.
+export async function lineUser(addr, room, nick) {
+  const c = lineClient(addr);
+  await c.waitFor("-- welcome");
+  if (nick) c.send(`/nick ${nick}`);
+  c.send(`/join ${room}`);
+  await c.waitFor(`-- joined #${room}`);
+  return c;
+}
+
 export async function openPage(browser, url, nick) {
   const ctx = await browser.newContext({ viewport: { width: 1100, height: 700 } });
   const page = await ctx.newPage();
