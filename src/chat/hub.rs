@@ -27,8 +27,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::frame::{frame_header_len, text_frame};
 use super::protocol::{
-    ChatMessage, ClientMsg, MessageKind, PresenceEvent, RemoteMember, RoomInfo, ServerMsg,
+    ChatMessage, ClientMsg, MessageKind, PresenceEvent, RemoteMember, RoomInfo, ServerMsg, now_ms,
+    valid_nick, valid_room,
 };
 use super::store::{NewMessage, Store, StoreError};
 
@@ -199,14 +201,14 @@ pub struct Event {
 impl Event {
     /// Wraps and serializes a message.
     pub fn new(msg: ServerMsg) -> Arc<Event> {
-        let frame = super::ws::text_frame(msg.to_json().as_bytes());
+        let frame = text_frame(msg.to_json().as_bytes());
         Arc::new(Event { msg, frame })
     }
 
     /// The JSON form (the frame's payload); its length is what a client's
     /// queue is charged.
     pub fn json(&self) -> &[u8] {
-        &self.frame[super::ws::frame_header_len(&self.frame)..]
+        &self.frame[frame_header_len(&self.frame)..]
     }
 }
 
@@ -427,30 +429,6 @@ impl HubWriter {
     pub fn join(self) {
         let _ = self.0.join();
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// True if `name` is a valid room name: 1–32 of `[A-Za-z0-9_-]`.
-pub fn valid_room(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// True if `nick` is a valid nickname: 1–24 of `[A-Za-z0-9_-]`.
-pub fn valid_nick(nick: &str) -> bool {
-    (1..=24).contains(&nick.len())
-        && nick
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 const WRITE_QUEUE: usize = 8192;

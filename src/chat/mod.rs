@@ -1,9 +1,10 @@
 //! The chat hub and its front doors: [`hub`] (rooms, members, fan-out),
-//! [`store`] (SQLite history), [`protocol`] (wire types), the adapters
-//! [`ws`] (WebSocket, JSON) and [`line`] (TCP, text lines), and [`client`]
-//! (`netkit chat`).
+//! [`store`] (SQLite history), [`protocol`] (wire types, name rules), [`frame`]
+//! (a message's WebSocket frame), the adapters [`ws`] (WebSocket, JSON) and
+//! [`line`] (TCP, text lines), and [`client`] (`netkit chat`).
 
 pub mod client;
+pub mod frame;
 pub mod hub;
 pub mod line;
 pub mod protocol;

@@ -1,7 +1,7 @@
 //! Wire types of the chat protocol: what a client sends ([`ClientMsg`]) and what
-//! the hub sends back ([`ServerMsg`]), as JSON objects tagged by `type`. The
-//! WebSocket adapter speaks them as-is; the line adapter translates. See
-//! `docs/chat-protocol.md`.
+//! the hub sends back ([`ServerMsg`]), as JSON objects tagged by `type`, and the
+//! name rules ([`valid_room`], [`valid_nick`]). The WebSocket adapter speaks them
+//! as-is; the line adapter translates. See `docs/chat-protocol.md`.
 
 use serde::{Deserialize, Serialize};
 
@@ -310,6 +310,30 @@ impl ServerMsg {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("server messages always serialize")
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// True if `name` is a valid room name: 1–32 of `[A-Za-z0-9_-]`.
+pub fn valid_room(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// True if `nick` is a valid nickname: 1–24 of `[A-Za-z0-9_-]`.
+pub fn valid_nick(nick: &str) -> bool {
+    (1..=24).contains(&nick.len())
+        && nick
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

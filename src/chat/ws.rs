@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::ConnConfig;
+use super::frame::text_frame;
 use super::hub::{DisconnectReason, Event, Inbox, Received, Session};
 use super::protocol::{ClientMsg, ServerMsg};
 
@@ -58,33 +59,6 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 /// stays open; beyond this one the connection is closed with 1009.
 pub fn hard_frame_cap(max_msg: usize) -> usize {
     max_msg.saturating_mul(4).max(64 * 1024)
-}
-
-/// `payload` as one final, unmasked WebSocket text frame (RFC 6455 §5.2).
-pub fn text_frame(payload: &[u8]) -> Bytes {
-    let n = payload.len();
-    let mut out = Vec::with_capacity(n + 10);
-    out.push(0x81); // FIN, text
-    if n < 126 {
-        out.push(n as u8);
-    } else if let Ok(n16) = u16::try_from(n) {
-        out.push(126);
-        out.extend_from_slice(&n16.to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    out.extend_from_slice(payload);
-    Bytes::from(out)
-}
-
-/// Length of the header of a frame made by [`text_frame`].
-pub fn frame_header_len(frame: &[u8]) -> usize {
-    match frame.get(1) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    }
 }
 
 /// An unmasked frame (control frames, as the server sends them), encoded by tungstenite.
@@ -647,22 +621,6 @@ mod tests {
         assert_eq!(code(parse_client_msg(r#"{"type":"say"}"#)), "bad_message");
         assert_eq!(code(parse_client_msg(r#"[1,2]"#)), "bad_message");
         assert!(parse_client_msg(r#"{"type":"join","room":"a"}"#).is_ok());
-    }
-
-    #[test]
-    fn text_frames_match_tungstenite() {
-        use tungstenite::protocol::frame::coding::{Data, OpCode};
-        for n in [0usize, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
-            let payload = vec![b'x'; n];
-            let ours = text_frame(&payload);
-            let theirs = encode(Frame::message(
-                payload.clone(),
-                OpCode::Data(Data::Text),
-                true,
-            ));
-            assert_eq!(&ours[..], &theirs[..], "length {n}");
-            assert_eq!(&ours[frame_header_len(&ours)..], &payload[..]);
-        }
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::hub::{LocalUser, RemotePresence, valid_nick, valid_room};
-use crate::chat::protocol::RemoteMember;
+use crate::chat::hub::{LocalUser, RemotePresence};
+use crate::chat::protocol::{RemoteMember, valid_nick, valid_room};
 
 /// Most users a snapshot may list.
 pub const MAX_USERS: usize = 50_000;

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use crate::chat::hub::valid_room;
+use crate::chat::protocol::valid_room;
 
 /// Query of `GET /api/rooms/{room}/messages`.
 #[derive(Debug, Deserialize)]
