@@ -1,0 +1,529 @@
+//! The chat hub: rooms, members, nicknames and fan-out, knowing nothing of
+//! WebSocket or TCP. An adapter calls [`Hub::connect`] and gets a [`Session`]
+//! (what the client does) and an [`Inbox`] (what the client is sent).
+//!
+//! Concurrency rules:
+//! - Room messages, joins and topic changes go through one writer thread that
+//!   batches them into a single SQLite transaction, commits, and only then fans
+//!   them out. So nobody sees a message a crash could lose, and a join sees
+//!   history and live messages with no gap and no duplicate (both are ordered by
+//!   the same thread).
+//! - Member state sits behind a std `Mutex`, held only for short, non-async
+//!   critical sections (never across `.await`).
+//! - Every client has a queue bounded in messages and bytes. A client whose
+//!   queue is full is disconnected with [`DisconnectReason::Lagging`]; it is never
+//!   silently skipped and never slows the room.
+//!
+//! Files: this one holds the [`Hub`] handle, its configuration, errors and
+//! queries; `session` what one client does, `deliver` the per-client queues
+//! and kicks, `writer` the writer thread, and `remote` what a cluster adds
+//! (members, messages and direct messages from other nodes).
+
+mod deliver;
+mod remote;
+mod session;
+mod writer;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::frame::{frame_header_len, text_frame};
+use super::protocol::{ChatMessage, RemoteMember, RoomInfo, ServerMsg, valid_nick};
+use super::store::{Store, StoreError};
+use deliver::Outbox;
+use remote::{OUTGOING_DIRECTS, Remote, STORED_LOCAL_CAPACITY};
+use writer::WriteCmd;
+
+pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
+pub use session::{Inbox, Received, Session};
+pub use writer::HubWriter;
+
+/// Limits and policies of a hub.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Most clients connected at once (all transports together).
+    pub max_clients: usize,
+    /// Most messages waiting in one client's outgoing queue.
+    pub queue_messages: usize,
+    /// Most bytes (of JSON) waiting in one client's outgoing queue.
+    pub queue_bytes: usize,
+    /// Longest message text in bytes.
+    pub max_text: usize,
+    /// Messages replayed to a client joining without a resume id.
+    pub history_on_join: usize,
+    /// Most messages replayed to a client resuming from an id.
+    pub resume_max: usize,
+    /// Commands per second per client (0 = unlimited).
+    pub rate: f64,
+    /// Commands a client may send in a burst above the rate.
+    pub burst: f64,
+    /// Rooms larger than this get no join/leave events and `joined` lists only
+    /// this many members (the rest through `who`): keeps big rooms from
+    /// quadratic presence traffic.
+    pub presence_limit: usize,
+    /// Shortest time between two write batches while commands keep coming
+    /// (group commit): a busy room's messages share a transaction and reach
+    /// each client together. The first command after a quiet spell waits for
+    /// nothing. Zero (the default) starts each batch as soon as it can.
+    pub batch_interval: std::time::Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_clients: 10_000,
+            queue_messages: 1024,
+            queue_bytes: 1 << 20,
+            max_text: 4096,
+            history_on_join: 50,
+            resume_max: 500,
+            rate: 20.0,
+            burst: 40.0,
+            presence_limit: 200,
+            batch_interval: std::time::Duration::ZERO,
+        }
+    }
+}
+
+/// A problem with a client's request; sent back as an `error` message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HubError {
+    /// Room name not allowed.
+    #[error("invalid room name '{0}': use 1–32 letters, digits, '-' or '_'")]
+    BadRoom(String),
+    /// Nickname not allowed.
+    #[error("invalid nickname '{0}': use 1–24 letters, digits, '-' or '_'")]
+    BadNick(String),
+    /// Nickname already in use.
+    #[error("nickname '{0}' is taken; pick another with /nick")]
+    NickTaken(String),
+    /// Client is not in the room.
+    #[error("you are not in room '{0}'; join it first")]
+    NotMember(String),
+    /// Client is already in the room.
+    #[error("you are already in room '{0}'")]
+    AlreadyJoined(String),
+    /// No such user for a direct message.
+    #[error("no user named '{0}' is connected; /who lists a room's members")]
+    NoSuchUser(String),
+    /// Text empty or too long.
+    #[error("message text must be 1 to {max} bytes (got {got})")]
+    BadText {
+        /// Length received.
+        got: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Sending too fast.
+    #[error("too many messages: the limit is {0} per second; slow down")]
+    RateLimited(f64),
+    /// The hub is at its connection cap.
+    #[error("server full: {0} clients already connected; try again later")]
+    Full(usize),
+    /// The hub is shutting down.
+    #[error("server shutting down")]
+    ShuttingDown,
+    /// Storing the message failed; it was not sent to anyone.
+    #[error("could not store the message, so it was not sent: {0}")]
+    Store(String),
+    /// A `join` whose `since` vector is out of bounds.
+    #[error("bad 'since': {0}")]
+    BadSince(String),
+}
+
+impl HubError {
+    /// The machine-readable `code` of the `error` message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HubError::BadRoom(_) => "bad_room",
+            HubError::BadNick(_) => "bad_nick",
+            HubError::NickTaken(_) => "nick_taken",
+            HubError::NotMember(_) => "not_member",
+            HubError::AlreadyJoined(_) => "already_joined",
+            HubError::NoSuchUser(_) => "no_such_user",
+            HubError::BadText { .. } => "bad_text",
+            HubError::RateLimited(_) => "rate_limited",
+            HubError::Full(_) => "server_full",
+            HubError::ShuttingDown => "shutting_down",
+            HubError::Store(_) => "store_failed",
+            HubError::BadSince(_) => "bad_message",
+        }
+    }
+
+    /// This error as a message for the client.
+    pub fn to_msg(&self) -> ServerMsg {
+        ServerMsg::error(self.code(), self.to_string())
+    }
+}
+
+/// Why the hub disconnected a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The outgoing queue overflowed: the client reads too slowly.
+    Lagging {
+        /// Queue limit in messages.
+        messages: usize,
+        /// Queue limit in bytes.
+        bytes: usize,
+    },
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl DisconnectReason {
+    /// Short machine-readable name (metrics label, error code).
+    pub fn code(&self) -> &'static str {
+        match self {
+            DisconnectReason::Lagging { .. } => "lagging",
+            DisconnectReason::Shutdown => "shutting_down",
+        }
+    }
+}
+
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DisconnectReason::Lagging { messages, bytes } => write!(
+                f,
+                "too slow: outgoing queue over {messages} messages or {bytes} bytes"
+            ),
+            DisconnectReason::Shutdown => f.write_str("server shutting down"),
+        }
+    }
+}
+
+/// One outgoing message, serialized once and shared by every recipient.
+#[derive(Debug)]
+pub struct Event {
+    /// The message.
+    pub msg: ServerMsg,
+    /// Its JSON as a complete WebSocket text frame (server frames are not
+    /// masked, so every WebSocket client is sent these same bytes).
+    pub frame: Bytes,
+}
+
+impl Event {
+    /// Wraps and serializes a message.
+    pub fn new(msg: ServerMsg) -> Arc<Event> {
+        let frame = text_frame(msg.to_json().as_bytes());
+        Arc::new(Event { msg, frame })
+    }
+
+    /// The JSON form (the frame's payload); its length is what a client's
+    /// queue is charged.
+    pub fn json(&self) -> &[u8] {
+        &self.frame[frame_header_len(&self.frame)..]
+    }
+}
+
+/// Counters of a hub, readable while it runs.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Clients connected now.
+    pub clients: AtomicUsize,
+    /// Clients connected since start.
+    pub connections: AtomicU64,
+    /// Room messages stored and broadcast.
+    pub messages: AtomicU64,
+    /// Messages put in client queues.
+    pub deliveries: AtomicU64,
+    /// Clients disconnected for lagging.
+    pub dropped_lagging: AtomicU64,
+    /// Write batches committed.
+    pub batches: AtomicU64,
+}
+
+type ClientId = u64;
+
+struct Client {
+    nick: String,
+    outbox: Outbox,
+    rooms: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct Room {
+    members: BTreeSet<ClientId>,
+    topic: String,
+    last_id: u64,
+    /// Members who resumed by `since` from a node ahead of this one: per
+    /// origin, the origin id up to which they have already seen messages
+    /// this node has not applied yet; those are not delivered to them again.
+    floors: HashMap<ClientId, HashMap<String, u64>>,
+}
+
+#[derive(Default)]
+struct State {
+    clients: HashMap<ClientId, Client>,
+    nicks: HashMap<String, ClientId>,
+    rooms: HashMap<String, Room>,
+    shutting_down: bool,
+    /// Users connected to other cluster nodes (fed by the cluster relay).
+    remote: Remote,
+}
+
+struct Shared {
+    config: HubConfig,
+    state: Mutex<State>,
+    stats: HubStats,
+    next_client: AtomicU64,
+    reader: Mutex<Store>,
+    /// Messages posted on this node, sent once stored (for the cluster relay).
+    stored_local: tokio::sync::broadcast::Sender<ChatMessage>,
+    /// Bumped whenever a local client connects, leaves, joins, parts or
+    /// renames (for the cluster presence snapshot).
+    presence: tokio::sync::watch::Sender<u64>,
+    /// Direct messages to users of other nodes; the receiver is taken by the relay.
+    directs: mpsc::Sender<OutgoingDirect>,
+    directs_rx: Mutex<Option<mpsc::Receiver<OutgoingDirect>>>,
+    /// This node's cluster origin (`name/TAG`), set once when clustering is
+    /// on: local messages are stored and sent with it.
+    origin: OnceLock<String>,
+}
+
+/// A cheap-to-clone handle to a running hub.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+    writer: mpsc::Sender<WriteCmd>,
+}
+
+impl Hub {
+    /// Opens the history in `data_dir` and starts the writer thread.
+    pub fn open(data_dir: &Path, config: HubConfig) -> Result<(Hub, HubWriter), StoreError> {
+        let writer_store = Store::open_in(data_dir)?;
+        writer_store.disable_autocheckpoint()?;
+        let reader = Store::open_in(data_dir)?;
+        let checkpointer = Store::open_in(data_dir)?;
+        let mut state = State::default();
+        for r in writer_store.rooms()? {
+            state.rooms.insert(
+                r.name,
+                Room {
+                    members: BTreeSet::new(),
+                    topic: r.topic,
+                    last_id: r.last_id,
+                    floors: HashMap::new(),
+                },
+            );
+        }
+        let (directs_tx, directs_rx) = mpsc::channel(OUTGOING_DIRECTS);
+        let shared = Arc::new(Shared {
+            config,
+            state: Mutex::new(state),
+            stats: HubStats::default(),
+            next_client: AtomicU64::new(1),
+            reader: Mutex::new(reader),
+            stored_local: tokio::sync::broadcast::channel(STORED_LOCAL_CAPACITY).0,
+            presence: tokio::sync::watch::channel(0).0,
+            directs: directs_tx,
+            directs_rx: Mutex::new(Some(directs_rx)),
+            origin: OnceLock::new(),
+        });
+        let (writer, handle) = writer::start(shared.clone(), writer_store, checkpointer);
+        Ok((Hub { shared, writer }, handle))
+    }
+
+    /// The hub's limits.
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    /// The hub's counters.
+    pub fn stats(&self) -> &HubStats {
+        &self.shared.stats
+    }
+
+    /// Registers a client, with the nickname it asks for if that is valid and
+    /// free, else a guest name (and an error saying why). It is sent `welcome` first.
+    pub fn connect(&self, wanted: Option<&str>) -> Result<(Session, Inbox), HubError> {
+        let cfg = &self.shared.config;
+        let (outbox, rx) = Outbox::new(cfg.queue_messages);
+        let id = {
+            let mut st = self.lock();
+            if st.shutting_down {
+                return Err(HubError::ShuttingDown);
+            }
+            if st.clients.len() >= cfg.max_clients {
+                return Err(HubError::Full(cfg.max_clients));
+            }
+            let id = self.shared.next_client.fetch_add(1, Ordering::Relaxed);
+            let (nick, refusal) = pick_nick(&st, id, wanted);
+            st.nicks.insert(nick.to_ascii_lowercase(), id);
+            st.clients.insert(
+                id,
+                Client {
+                    nick: nick.clone(),
+                    outbox: outbox.clone(),
+                    rooms: BTreeSet::new(),
+                },
+            );
+            let welcome = Event::new(ServerMsg::Welcome { nick });
+            self.deliver_locked(&mut st, id, &welcome);
+            if let Some(e) = &refusal {
+                self.deliver_locked(&mut st, id, &Event::new(e.to_msg()));
+            }
+            self.shared.presence_changed();
+            id
+        };
+        let stats = &self.shared.stats;
+        let now = stats.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("netkit_chat_clients").set(now as f64);
+        metrics::counter!("netkit_chat_connections_total").increment(1);
+        Ok((Session::new(self.clone(), id), Inbox::new(rx, outbox)))
+    }
+
+    /// Nicknames of every connected client, sorted.
+    pub fn users(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut v: Vec<String> = st.clients.values().map(|c| c.nick.clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// Every room with its member count, topic and newest id, sorted by name.
+    pub fn rooms(&self) -> Vec<RoomInfo> {
+        let st = self.lock();
+        let mut v: Vec<RoomInfo> = st
+            .rooms
+            .iter()
+            .map(|(name, r)| {
+                let remote = st.remote.count(name);
+                RoomInfo {
+                    name: name.clone(),
+                    members: r.members.len() + remote,
+                    topic: r.topic.clone(),
+                    last_id: r.last_id,
+                    remote,
+                }
+            })
+            .collect();
+        // Rooms that so far exist only on other nodes, with members there.
+        for (name, members) in &st.remote.rooms {
+            if !members.is_empty() && !st.rooms.contains_key(name) {
+                v.push(RoomInfo {
+                    name: name.clone(),
+                    members: members.len(),
+                    topic: String::new(),
+                    last_id: 0,
+                    remote: members.len(),
+                });
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Stored messages of `room`, oldest first. With `after` alone it pages
+    /// forward (the oldest `limit` after it); otherwise it returns the newest
+    /// `limit` below `before` (exclusive) and above `after`. Blocking: call it
+    /// from `spawn_blocking`.
+    pub fn history(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let store = self.shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let upto = before.map(|b| b.saturating_sub(1)).unwrap_or(u64::MAX);
+        match (after, before) {
+            (Some(a), None) => store.earliest(room, a, upto, limit),
+            (a, _) => store.latest(room, a.unwrap_or(0), upto, limit),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the cluster presence that the local clients changed.
+    fn presence_changed(&self) {
+        self.presence.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// The nick a connecting client gets: `wanted` if it is valid and free (on
+/// this node and, as far as it knows, on others), else a free guest name,
+/// with the reason `wanted` was refused.
+fn pick_nick(st: &State, id: ClientId, wanted: Option<&str>) -> (String, Option<HubError>) {
+    let refusal = match wanted {
+        Some(w) if !valid_nick(w) => Some(HubError::BadNick(truncate(w))),
+        Some(w) if st.nicks.contains_key(&w.to_ascii_lowercase()) || st.remote.has_nick(w) => {
+            Some(HubError::NickTaken(w.to_string()))
+        }
+        _ => None,
+    };
+    if let (Some(w), None) = (wanted, &refusal) {
+        return (w.to_string(), None);
+    }
+    let mut n = id;
+    loop {
+        let candidate = format!("guest-{n}");
+        if !st.nicks.contains_key(&candidate.to_ascii_lowercase())
+            && !st.remote.has_nick(&candidate)
+        {
+            return (candidate, refusal);
+        }
+        n += 1_000_000;
+    }
+}
+
+/// At most `max` member nicks of `room`, local ones first, sorted, and which
+/// of them are on other nodes.
+fn member_nicks_upto(st: &State, room: &str, max: usize) -> (Vec<String>, Vec<RemoteMember>) {
+    let mut v: Vec<String> = st
+        .rooms
+        .get(room)
+        .map(|r| {
+            r.members
+                .iter()
+                .filter_map(|id| st.clients.get(id).map(|c| c.nick.clone()))
+                .take(max)
+                .collect()
+        })
+        .unwrap_or_default();
+    let remote: Vec<RemoteMember> = st
+        .remote
+        .rooms
+        .get(room)
+        .map(|set| {
+            set.iter()
+                .take(max.saturating_sub(v.len()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    v.extend(remote.iter().map(|m| m.nick.clone()));
+    v.sort();
+    (v, remote)
+}
+
+/// Every member nick of `room` (on every node), sorted, and which are remote.
+fn member_nicks(st: &State, room: &str) -> (Vec<String>, Vec<RemoteMember>) {
+    member_nicks_upto(st, room, usize::MAX)
+}
+
+/// Cuts untrusted input echoed in an error to a readable length.
+fn truncate(s: &str) -> String {
+    if s.len() <= 40 {
+        return s.to_string();
+    }
+    let mut end = 40;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

@@ -1,0 +1,445 @@
+//! One client's side of the hub: its [`Session`] (the commands it sends,
+//! rate-limited) and its [`Inbox`] (what it is sent, in order).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::deliver::{Kick, Outbox};
+use super::remote::check_since;
+use super::writer::{Post, WriteCmd};
+use super::{ClientId, DisconnectReason, Event, Hub, HubError, member_nicks, truncate};
+use crate::chat::protocol::{
+    ClientMsg, MessageKind, PresenceEvent, ServerMsg, now_ms, valid_nick, valid_room,
+};
+
+/// What one client does: every request of a connection goes through its session.
+/// Dropping the session disconnects the client.
+pub struct Session {
+    pub(super) hub: Hub,
+    pub(super) id: ClientId,
+    tokens: f64,
+    last_refill: Instant,
+}
+
+/// What one client is sent, in order.
+pub struct Inbox {
+    rx: mpsc::Receiver<Arc<Event>>,
+    bytes: Arc<AtomicUsize>,
+    kick: Arc<Kick>,
+    /// Wakes a waiting [`Inbox::recv`] when the client is disconnected. Made
+    /// once: a new `cancelled()` per wait took the token's lock three times
+    /// per message.
+    kicked: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+/// The next thing an [`Inbox`] yields.
+#[derive(Debug)]
+pub enum Received {
+    /// A message to send to the client.
+    Event(Arc<Event>),
+    /// The hub disconnected the client; tell it why and close.
+    Disconnected(DisconnectReason),
+    /// The session is gone.
+    Closed,
+}
+
+impl Inbox {
+    /// The inbox reading `rx`, the queue of `outbox`.
+    pub(super) fn new(rx: mpsc::Receiver<Arc<Event>>, outbox: Outbox) -> Inbox {
+        Inbox {
+            rx,
+            bytes: outbox.bytes,
+            kicked: Box::pin(outbox.kick.token.clone().cancelled_owned()),
+            kick: outbox.kick,
+        }
+    }
+
+    fn disconnected(&self) -> Received {
+        Received::Disconnected(
+            self.kick
+                .reason
+                .get()
+                .cloned()
+                .unwrap_or(DisconnectReason::Shutdown),
+        )
+    }
+
+    /// Waits for the next message, or for the hub to disconnect the client
+    /// (which comes first, even with messages still queued).
+    pub async fn recv(&mut self) -> Received {
+        std::future::poll_fn(|cx| {
+            if self.kick.is_kicked() {
+                return Poll::Ready(self.disconnected());
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(ev)) => {
+                    self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
+                    return Poll::Ready(Received::Event(ev));
+                }
+                Poll::Ready(None) => return Poll::Ready(Received::Closed),
+                Poll::Pending => {}
+            }
+            match self.kicked.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(self.disconnected()),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Bytes (of JSON) queued for this client.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The next queued message, if one is ready and the client is not disconnected.
+    pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        if self.kick.is_kicked() {
+            return None;
+        }
+        let ev = self.rx.try_recv().ok()?;
+        self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
+        Some(ev)
+    }
+}
+
+impl Session {
+    /// The session of the newly registered client `id`, with a full burst of tokens.
+    pub(super) fn new(hub: Hub, id: ClientId) -> Session {
+        let tokens = hub.shared.config.burst.max(1.0);
+        Session {
+            hub,
+            id,
+            tokens,
+            last_refill: Instant::now(),
+        }
+    }
+
+    /// The client's current nickname.
+    pub fn nick(&self) -> String {
+        self.hub
+            .lock()
+            .clients
+            .get(&self.id)
+            .map(|c| c.nick.clone())
+            .unwrap_or_default()
+    }
+
+    /// The rooms the client is in, sorted.
+    pub fn rooms(&self) -> Vec<String> {
+        self.hub
+            .lock()
+            .clients
+            .get(&self.id)
+            .map(|c| c.rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends a message to this client only (e.g. an error about its input).
+    pub fn tell(&self, msg: ServerMsg) {
+        let ev = Event::new(msg);
+        let mut st = self.hub.lock();
+        self.hub.deliver_locked(&mut st, self.id, &ev);
+    }
+
+    /// Carries out one client request, applying the rate limit first.
+    pub async fn handle(&mut self, msg: ClientMsg) -> Result<(), HubError> {
+        self.take_token()?;
+        match msg {
+            ClientMsg::Join { room, after, since } => self.resume(&room, after, since).await,
+            ClientMsg::Part { room } => self.part(&room),
+            ClientMsg::Say { room, text } => self.say(&room, text, MessageKind::Say).await,
+            ClientMsg::Me { room, text } => self.say(&room, text, MessageKind::Me).await,
+            ClientMsg::Msg { to, text } => self.direct(&to, text),
+            ClientMsg::Nick { nick } => self.set_nick(&nick),
+            ClientMsg::Topic { room, topic } => self.topic(&room, topic).await,
+            ClientMsg::Rooms => {
+                let rooms = self.hub.rooms();
+                self.tell(ServerMsg::Rooms { rooms });
+                Ok(())
+            }
+            ClientMsg::Who { room } => self.who(&room),
+        }
+    }
+
+    fn take_token(&mut self) -> Result<(), HubError> {
+        let cfg = &self.hub.shared.config;
+        if cfg.rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let burst = cfg.burst.max(1.0);
+        let elapsed = now.duration_since(self.last_refill).as_secs_f64();
+        self.last_refill = now;
+        self.tokens = (self.tokens + elapsed * cfg.rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            metrics::counter!("netkit_chat_rate_limited_total").increment(1);
+            Err(HubError::RateLimited(cfg.rate))
+        }
+    }
+
+    /// Joins `room`; `joined`, then history (the last N, or everything after
+    /// `after`), then live messages follow in the inbox.
+    pub async fn join(&self, room: &str, after: Option<u64>) -> Result<(), HubError> {
+        self.resume(room, after, None).await
+    }
+
+    /// Joins `room` resuming by origin vector when `since` is given and
+    /// clustering is on (else by `after`, as [`Session::join`]): history is
+    /// every message of the room the client has not seen according to
+    /// `since` (up to the resume limit), and later messages it has already
+    /// seen on another node are not delivered again. At most
+    /// [`MAX_SINCE_ORIGINS`] entries, names of at most [`MAX_ORIGIN_LEN`] bytes.
+    pub async fn resume(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        since: Option<BTreeMap<String, u64>>,
+    ) -> Result<(), HubError> {
+        if let Some(v) = &since {
+            check_since(v)?;
+        }
+        // Without an origin (clustering off) no message has one: resume by id.
+        let since = since.filter(|_| self.hub.shared.origin.get().is_some());
+        if !valid_room(room) {
+            return Err(HubError::BadRoom(truncate(room)));
+        }
+        if self.in_room(room) {
+            return Err(HubError::AlreadyJoined(room.to_string()));
+        }
+        self.write(WriteCmd::Join {
+            client: self.id,
+            room: room.to_string(),
+            after,
+            since,
+        })
+        .await
+    }
+
+    /// Leaves `room`.
+    pub fn part(&self, room: &str) -> Result<(), HubError> {
+        let mut st = self.hub.lock();
+        let (nick, was_member) = match st.clients.get_mut(&self.id) {
+            Some(c) => (c.nick.clone(), c.rooms.remove(room)),
+            None => return Err(HubError::ShuttingDown),
+        };
+        if !was_member {
+            return Err(HubError::NotMember(truncate(room)));
+        }
+        let limit = self.hub.shared.config.presence_limit;
+        let remote = st.remote.count(room);
+        let members: Vec<ClientId> = match st.rooms.get_mut(room) {
+            Some(r) => {
+                r.members.remove(&self.id);
+                r.floors.remove(&self.id);
+                if r.members.len() + remote < limit {
+                    r.members.iter().copied().collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        };
+        let shared = &self.hub.shared;
+        shared.presence_changed();
+        let ev = Event::new(ServerMsg::Presence {
+            room: room.to_string(),
+            nick,
+            event: PresenceEvent::Leave,
+            node: None,
+            reason: None,
+        });
+        shared.deliver_locked(&mut st, &members, &ev);
+        let parted = Event::new(ServerMsg::Parted {
+            room: room.to_string(),
+        });
+        shared.deliver_locked(&mut st, &[self.id], &parted);
+        Ok(())
+    }
+
+    /// Says `text` (or acts it, for [`MessageKind::Me`]) in `room`. The message
+    /// is stored, then broadcast to every member, the sender included.
+    pub async fn say(&self, room: &str, text: String, kind: MessageKind) -> Result<(), HubError> {
+        self.check_text(&text)?;
+        // Membership is checked by the writer, in order with this client's
+        // earlier joins, so a `say` right after a `join` works.
+        let from = {
+            let st = self.hub.lock();
+            match st.clients.get(&self.id) {
+                Some(c) => c.nick.clone(),
+                None => return Err(HubError::ShuttingDown),
+            }
+        };
+        self.write(WriteCmd::Say(Post {
+            client: self.id,
+            room: room.to_string(),
+            from,
+            text,
+            kind,
+            ts: now_ms(),
+            origin: None,
+        }))
+        .await
+    }
+
+    /// Sends `text` to the user `to` only (and echoes it to the sender).
+    pub fn direct(&self, to: &str, text: String) -> Result<(), HubError> {
+        self.check_text(&text)?;
+        let mut st = self.hub.lock();
+        let Some(&target) = st.nicks.get(&to.to_ascii_lowercase()) else {
+            return self.direct_remote(&mut st, to, text);
+        };
+        let from = st
+            .clients
+            .get(&self.id)
+            .map(|c| c.nick.clone())
+            .unwrap_or_default();
+        let to = st
+            .clients
+            .get(&target)
+            .map(|c| c.nick.clone())
+            .unwrap_or_default();
+        let ev = Event::new(ServerMsg::Direct {
+            from,
+            to,
+            text,
+            ts: now_ms(),
+        });
+        let recipients: Vec<ClientId> = if target == self.id {
+            vec![self.id]
+        } else {
+            vec![target, self.id]
+        };
+        self.hub.shared.deliver_locked(&mut st, &recipients, &ev);
+        Ok(())
+    }
+
+    /// Changes the nickname (unique on the server, case-insensitively); everyone
+    /// sharing a room with the client, and the client, is told.
+    pub fn set_nick(&self, nick: &str) -> Result<(), HubError> {
+        if !valid_nick(nick) {
+            return Err(HubError::BadNick(truncate(nick)));
+        }
+        let key = nick.to_ascii_lowercase();
+        let mut st = self.hub.lock();
+        if let Some(&owner) = st.nicks.get(&key)
+            && owner != self.id
+        {
+            return Err(HubError::NickTaken(nick.to_string()));
+        }
+        // In use on another node (as far as this node knows).
+        if st.remote.has_nick(nick) && !st.nicks.contains_key(&key) {
+            return Err(HubError::NickTaken(nick.to_string()));
+        }
+        let Some(c) = st.clients.get_mut(&self.id) else {
+            return Err(HubError::ShuttingDown);
+        };
+        let old = std::mem::replace(&mut c.nick, nick.to_string());
+        let rooms = c.rooms.clone();
+        st.nicks.remove(&old.to_ascii_lowercase());
+        st.nicks.insert(key, self.id);
+        let mut recipients: BTreeSet<ClientId> = BTreeSet::from([self.id]);
+        for room in &rooms {
+            if let Some(r) = st.rooms.get(room) {
+                recipients.extend(r.members.iter().copied());
+            }
+        }
+        let recipients: Vec<ClientId> = recipients.into_iter().collect();
+        let ev = Event::new(ServerMsg::Nick {
+            old,
+            new: nick.to_string(),
+            node: None,
+        });
+        self.hub.shared.presence_changed();
+        self.hub.shared.deliver_locked(&mut st, &recipients, &ev);
+        Ok(())
+    }
+
+    /// Sets `room`'s topic (stored; announced to its members).
+    pub async fn topic(&self, room: &str, topic: String) -> Result<(), HubError> {
+        if topic.len() > 200 {
+            return Err(HubError::BadText {
+                got: topic.len(),
+                max: 200,
+            });
+        }
+        if !valid_room(room) {
+            return Err(HubError::BadRoom(truncate(room)));
+        }
+        self.write(WriteCmd::Topic {
+            client: self.id,
+            room: room.to_string(),
+            topic,
+        })
+        .await
+    }
+
+    /// Sends the client the member list of `room`.
+    pub fn who(&self, room: &str) -> Result<(), HubError> {
+        if !valid_room(room) {
+            return Err(HubError::BadRoom(truncate(room)));
+        }
+        let (members, remote) = {
+            let st = self.hub.lock();
+            member_nicks(&st, room)
+        };
+        self.tell(ServerMsg::Members {
+            room: room.to_string(),
+            members,
+            remote,
+        });
+        Ok(())
+    }
+
+    /// Refuses an empty text or one over the hub's limit.
+    fn check_text(&self, text: &str) -> Result<(), HubError> {
+        let max = self.hub.shared.config.max_text;
+        if text.is_empty() || text.len() > max {
+            return Err(HubError::BadText {
+                got: text.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn in_room(&self, room: &str) -> bool {
+        self.hub
+            .lock()
+            .clients
+            .get(&self.id)
+            .is_some_and(|c| c.rooms.contains(room))
+    }
+
+    async fn write(&self, cmd: WriteCmd) -> Result<(), HubError> {
+        self.hub
+            .writer
+            .send(cmd)
+            .await
+            .map_err(|_| HubError::ShuttingDown)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let shared = &self.hub.shared;
+        let mut st = shared.lock();
+        if st.clients.contains_key(&self.id) {
+            shared.remove_locked(&mut st, self.id);
+        }
+        drop(st);
+        let now = shared.stats.clients.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("netkit_chat_clients").set(now as f64);
+    }
+}
