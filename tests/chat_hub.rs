@@ -1,14 +1,37 @@
 //! Hub logic without sockets: rooms, nicks, direct messages, history paging,
-//! resume-from-id, rate limiting and the slow-client policy (paused clock).
+//! resume-from-id, rate limiting, the slow-client policy (paused clock) and
+//! presence from other cluster nodes. One behaviour per test.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use netkit::chat::hub::{DisconnectReason, Hub, HubConfig, HubError, Inbox, Received, Session};
-use netkit::chat::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, ServerMsg};
+use netkit::chat::hub::{
+    DisconnectReason, Hub, HubConfig, HubError, Inbox, Received, RemotePresence, Session,
+};
+use netkit::chat::protocol::{
+    ChatMessage, ClientMsg, MessageKind, PresenceEvent, RemoteMember, ServerMsg,
+};
 
-fn open(dir: &std::path::Path, cfg: HubConfig) -> Hub {
-    Hub::open(dir, cfg).unwrap().0
+/// A hub in a temporary directory of its own, removed when this is dropped.
+struct TestHub {
+    hub: Hub,
+    _dir: tempfile::TempDir,
+}
+
+impl TestHub {
+    fn new(cfg: HubConfig) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::open(dir.path(), cfg).unwrap().0;
+        TestHub { hub, _dir: dir }
+    }
+}
+
+impl std::ops::Deref for TestHub {
+    type Target = Hub;
+
+    fn deref(&self) -> &Hub {
+        &self.hub
+    }
 }
 
 fn unlimited() -> HubConfig {
@@ -63,6 +86,13 @@ async fn join(
     (n, hist)
 }
 
+/// Connects `nick` and joins it to `room`, its history read.
+async fn member(hub: &Hub, nick: &str, room: &str) -> (Session, Inbox) {
+    let (s, mut i) = connect(hub, nick).await;
+    join(&s, &mut i, room, None).await;
+    (s, i)
+}
+
 async fn message(i: &mut Inbox) -> ChatMessage {
     until(i, |m| match m {
         ServerMsg::Message(m) => Some(m.clone()),
@@ -71,14 +101,17 @@ async fn message(i: &mut Inbox) -> ChatMessage {
     .await
 }
 
+/// A hub with `ann` and `bob` in `lobby`.
+async fn lobby_pair() -> (TestHub, (Session, Inbox), (Session, Inbox)) {
+    let hub = TestHub::new(unlimited());
+    let ann = member(&hub, "ann", "lobby").await;
+    let bob = member(&hub, "bob", "lobby").await;
+    (hub, ann, bob)
+}
+
 #[tokio::test]
-async fn rooms_presence_and_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(dir.path(), unlimited());
-    let (ann, mut ai) = connect(&hub, "ann").await;
-    let (bob, mut bi) = connect(&hub, "bob").await;
-    join(&ann, &mut ai, "lobby", None).await;
-    join(&bob, &mut bi, "lobby", None).await;
+async fn joins_are_announced_and_messages_reach_every_member() {
+    let (_hub, (ann, mut ai), (bob, mut bi)) = lobby_pair().await;
     assert_eq!(
         next(&mut ai).await,
         ServerMsg::Presence {
@@ -104,6 +137,12 @@ async fn rooms_presence_and_messages() {
         );
         assert_eq!((m2.id, m2.kind), (2, MessageKind::Me));
     }
+}
+
+#[tokio::test]
+async fn non_members_cannot_say_and_bad_joins_are_refused() {
+    let hub = TestHub::new(unlimited());
+    let (ann, mut ai) = member(&hub, "ann", "lobby").await;
     // Not a member: refused, nothing stored.
     ann.say("other", "x".into(), MessageKind::Say)
         .await
@@ -114,6 +153,7 @@ async fn rooms_presence_and_messages() {
     })
     .await;
     assert_eq!(err, "not_member");
+    assert_eq!(hub.rooms().len(), 1);
     assert!(matches!(
         ann.join("bad room!", None).await,
         Err(HubError::BadRoom(_))
@@ -126,7 +166,11 @@ async fn rooms_presence_and_messages() {
         ann.join("lobby", None).await,
         Err(HubError::AlreadyJoined(_))
     ));
-    // Topic and who.
+}
+
+#[tokio::test]
+async fn topics_and_member_lists_reach_members() {
+    let (_hub, (ann, _ai), (bob, mut bi)) = lobby_pair().await;
     ann.topic("lobby", "rust".into()).await.unwrap();
     let t = until(&mut bi, |m| match m {
         ServerMsg::Topic { topic, by, .. } => Some((topic.clone(), by.clone())),
@@ -141,7 +185,19 @@ async fn rooms_presence_and_messages() {
     })
     .await;
     assert_eq!(who, vec!["ann".to_string(), "bob".to_string()]);
-    // Leaving is announced; a disconnect too.
+}
+
+#[tokio::test]
+async fn leaving_is_announced_and_the_room_list_counts_members() {
+    let (hub, (ann, mut ai), (bob, _bi)) = lobby_pair().await;
+    ann.say("lobby", "hello".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    bob.say("lobby", "waves".into(), MessageKind::Me)
+        .await
+        .unwrap();
+    ann.topic("lobby", "rust".into()).await.unwrap();
+    hub.sync_writes().await.unwrap();
     bob.part("lobby").unwrap();
     let left = until(&mut ai, |m| match m {
         ServerMsg::Presence {
@@ -160,12 +216,10 @@ async fn rooms_presence_and_messages() {
 }
 
 #[tokio::test]
-async fn nick_rules_and_direct_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(dir.path(), unlimited());
-    let (ann, mut ai) = connect(&hub, "ann").await;
-    let (bob, mut bi) = connect(&hub, "bob").await;
-    let (cat, mut ci) = connect(&hub, "cat").await;
+async fn nicks_are_unique_and_well_formed() {
+    let hub = TestHub::new(unlimited());
+    let (_ann, _ai) = connect(&hub, "ann").await;
+    let (bob, _bi) = connect(&hub, "bob").await;
     assert_eq!(bob.set_nick("ANN"), Err(HubError::NickTaken("ANN".into())));
     assert!(matches!(
         bob.set_nick("has space"),
@@ -176,6 +230,12 @@ async fn nick_rules_and_direct_messages() {
         bob.set_nick(&"b".repeat(25)),
         Err(HubError::BadNick(_))
     ));
+}
+
+#[tokio::test]
+async fn a_taken_nick_at_connect_gets_a_unique_guest_name() {
+    let hub = TestHub::new(unlimited());
+    let (_ann, _ai) = connect(&hub, "ann").await;
     // Asking for a taken nick at connect gives a guest name and says why.
     let (_dup, mut di) = hub.connect(Some("Ann")).unwrap();
     assert!(
@@ -189,7 +249,15 @@ async fn nick_rules_and_direct_messages() {
     };
     assert!(nick.starts_with("guest-"));
     assert_eq!(g.nick(), nick);
-    // Direct message: to the recipient and echoed to the sender, nobody else.
+}
+
+#[tokio::test]
+async fn direct_messages_reach_the_recipient_and_the_sender_only() {
+    let hub = TestHub::new(unlimited());
+    let (ann, mut ai) = connect(&hub, "ann").await;
+    let (_bob, mut bi) = connect(&hub, "bob").await;
+    let (cat, mut ci) = connect(&hub, "cat").await;
+    // To the recipient and echoed to the sender, nobody else.
     ann.direct("Bob", "psst".into()).unwrap();
     for inbox in [&mut ai, &mut bi] {
         let d = next(inbox).await;
@@ -202,6 +270,17 @@ async fn nick_rules_and_direct_messages() {
         ann.direct("nobody", "x".into()),
         Err(HubError::NoSuchUser("nobody".into()))
     );
+    // Nothing leaked to cat from the direct message.
+    cat.who("lobby").unwrap();
+    assert!(matches!(next(&mut ci).await, ServerMsg::Members { .. }));
+}
+
+#[tokio::test]
+async fn renames_and_disconnects_free_nicks() {
+    let hub = TestHub::new(unlimited());
+    let (ann, _ai) = connect(&hub, "ann").await;
+    let (bob, mut bi) = connect(&hub, "bob").await;
+    let (cat, mut ci) = connect(&hub, "cat").await;
     // A rename frees the old nick and is told to the renamer.
     bob.set_nick("robert").unwrap();
     assert_eq!(
@@ -214,9 +293,6 @@ async fn nick_rules_and_direct_messages() {
     );
     cat.set_nick("bob").unwrap();
     assert!(matches!(next(&mut ci).await, ServerMsg::Nick { .. }));
-    // Nothing leaked to cat from the direct message.
-    cat.who("lobby").unwrap();
-    assert!(matches!(next(&mut ci).await, ServerMsg::Members { .. }));
     // A disconnect frees the nick.
     drop(ann);
     cat.set_nick("ann").unwrap();
@@ -224,8 +300,7 @@ async fn nick_rules_and_direct_messages() {
 
 #[tokio::test]
 async fn history_on_join_paging_and_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(dir.path(), unlimited());
+    let hub = TestHub::new(unlimited());
     let (ann, mut ai) = connect(&hub, "ann").await;
     join(&ann, &mut ai, "r", None).await;
     for i in 1..=60 {
@@ -275,8 +350,7 @@ async fn history_on_join_paging_and_resume() {
 /// no duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_while_messages_flow_has_no_gap_or_duplicate() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(dir.path(), unlimited());
+    let hub = TestHub::new(unlimited());
     let (ann, mut ai) = connect(&hub, "ann").await;
     join(&ann, &mut ai, "r", None).await;
     for i in 0..20 {
@@ -309,13 +383,12 @@ async fn resume_while_messages_flow_has_no_gap_or_duplicate() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_client_is_disconnected_and_never_stalls_the_room() {
-    let dir = tempfile::tempdir().unwrap();
     let cfg = HubConfig {
         queue_messages: 8,
         rate: 0.0,
         ..HubConfig::default()
     };
-    let hub = open(dir.path(), cfg);
+    let hub = TestHub::new(cfg);
     let (ann, mut ai) = connect(&hub, "ann").await;
     let (slow, mut si) = connect(&hub, "slow").await;
     join(&ann, &mut ai, "r", None).await;
@@ -374,14 +447,13 @@ async fn slow_client_is_disconnected_and_never_stalls_the_room() {
 
 #[tokio::test(start_paused = true)]
 async fn byte_budget_also_bounds_the_queue() {
-    let dir = tempfile::tempdir().unwrap();
     let cfg = HubConfig {
         queue_messages: 1000,
         queue_bytes: 2000,
         rate: 0.0,
         ..HubConfig::default()
     };
-    let hub = open(dir.path(), cfg);
+    let hub = TestHub::new(cfg);
     let (ann, mut ai) = connect(&hub, "ann").await;
     let (slow, mut si) = connect(&hub, "slow").await;
     join(&ann, &mut ai, "r", None).await;
@@ -400,13 +472,12 @@ async fn byte_budget_also_bounds_the_queue() {
 
 #[tokio::test(start_paused = true)]
 async fn rate_limit_refills_with_time() {
-    let dir = tempfile::tempdir().unwrap();
     let cfg = HubConfig {
         rate: 2.0,
         burst: 3.0,
         ..HubConfig::default()
     };
-    let hub = open(dir.path(), cfg);
+    let hub = TestHub::new(cfg);
     let (mut ann, mut ai) = hub.connect(None).unwrap();
     next(&mut ai).await;
     let say = || ClientMsg::Say {
@@ -437,14 +508,13 @@ async fn rate_limit_refills_with_time() {
 
 #[tokio::test]
 async fn bad_text_and_connection_cap() {
-    let dir = tempfile::tempdir().unwrap();
     let cfg = HubConfig {
         max_clients: 2,
         max_text: 10,
         rate: 0.0,
         ..HubConfig::default()
     };
-    let hub = open(dir.path(), cfg);
+    let hub = TestHub::new(cfg);
     let (ann, mut ai) = connect(&hub, "ann").await;
     join(&ann, &mut ai, "r", None).await;
     assert!(matches!(
@@ -480,7 +550,7 @@ async fn history_survives_a_restart() {
             .await
             .unwrap();
     }
-    let hub = open(dir.path(), unlimited());
+    let hub = Hub::open(dir.path(), unlimited()).unwrap().0;
     let rooms = hub.rooms();
     assert_eq!(
         (
@@ -501,13 +571,12 @@ async fn history_survives_a_restart() {
 
 #[tokio::test]
 async fn big_rooms_skip_presence_events() {
-    let dir = tempfile::tempdir().unwrap();
     let cfg = HubConfig {
         presence_limit: 2,
         rate: 0.0,
         ..HubConfig::default()
     };
-    let hub = open(dir.path(), cfg);
+    let hub = TestHub::new(cfg);
     let (a, mut ai) = connect(&hub, "a").await;
     let (b, mut bi) = connect(&hub, "b").await;
     let (c, mut ci) = connect(&hub, "c").await;
@@ -531,52 +600,106 @@ async fn big_rooms_skip_presence_events() {
     assert!(matches!(next(&mut ai).await, ServerMsg::Message(m) if m.from == "c"));
 }
 
-/// Presence heard from other nodes (what the cluster relay feeds the hub):
-/// local members get the same events as for local users, with the node
-/// added, member lists and counts include remote members, their nicks are
-/// taken here, and direct messages go out to the relay and come in from it.
 #[tokio::test]
-async fn remote_presence_reaches_local_members_with_their_node() {
-    use netkit::chat::hub::RemotePresence;
-    use netkit::chat::protocol::RemoteMember;
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(dir.path(), unlimited());
-    let mut outgoing = hub.take_outgoing_directs().unwrap();
-    assert!(hub.take_outgoing_directs().is_none());
-    let (ann, mut ai) = connect(&hub, "ann").await;
-    join(&ann, &mut ai, "lobby", None).await;
-    let bob = RemoteMember {
-        nick: "bob".into(),
+async fn busy_room_messages_share_a_batch_and_keep_their_order() {
+    let hub = TestHub::new(HubConfig {
+        batch_interval: Duration::from_millis(200),
+        ..unlimited()
+    });
+    let (a, mut ai) = connect(&hub, "ann").await;
+    let (b, mut bi) = connect(&hub, "bob").await;
+    join(&a, &mut ai, "r", None).await;
+    join(&b, &mut bi, "r", None).await;
+    hub.sync_writes().await.unwrap();
+    let before = hub.stats().batches.load(Ordering::Relaxed);
+    // Queued within the interval after the last batch: one transaction.
+    for n in 0..50 {
+        a.say("r", format!("m{n}"), MessageKind::Say).await.unwrap();
+    }
+    hub.sync_writes().await.unwrap();
+    let batches = hub.stats().batches.load(Ordering::Relaxed) - before;
+    assert!(batches <= 3, "50 messages took {batches} batches");
+    for n in 0..50 {
+        assert_eq!(message(&mut ai).await.text, format!("m{n}"));
+        assert_eq!(message(&mut bi).await.text, format!("m{n}"));
+    }
+}
+
+// Presence heard from other nodes (what the cluster relay feeds the hub):
+// local members get the same events as for local users, with the node
+// added, member lists and counts include remote members, their nicks are
+// taken here, and direct messages go out to the relay and come in from it.
+
+/// `nick`, connected to node `b`.
+fn on_b(nick: &str) -> RemoteMember {
+    RemoteMember {
+        nick: nick.into(),
         node: "b".into(),
-    };
-    hub.apply_remote_presence(
-        vec![RemotePresence::Join {
-            room: "lobby".into(),
-            member: bob.clone(),
-        }],
-        vec![bob.clone()],
-    );
+    }
+}
+
+/// `member` of another node joining `lobby`, as the relay reports it.
+fn joins_lobby(member: &RemoteMember) -> RemotePresence {
+    RemotePresence::Join {
+        room: "lobby".into(),
+        member: member.clone(),
+    }
+}
+
+/// A hub with `ann` in `lobby`, and `remote` (of node `b`) in `lobby` too,
+/// its join read from ann's inbox.
+async fn lobby_with_remote(remote: &RemoteMember) -> (TestHub, Session, Inbox) {
+    let hub = TestHub::new(unlimited());
+    let (ann, mut ai) = member(&hub, "ann", "lobby").await;
+    hub.apply_remote_presence(vec![joins_lobby(remote)], vec![remote.clone()]);
+    assert!(matches!(
+        next(&mut ai).await,
+        ServerMsg::Presence {
+            event: PresenceEvent::Join,
+            ..
+        }
+    ));
+    (hub, ann, ai)
+}
+
+#[tokio::test]
+async fn outgoing_directs_are_taken_once() {
+    let hub = TestHub::new(unlimited());
+    assert!(hub.take_outgoing_directs().is_some());
+    assert!(hub.take_outgoing_directs().is_none());
+}
+
+#[tokio::test]
+async fn a_remote_join_is_announced_once_with_its_node() {
+    let hub = TestHub::new(unlimited());
+    let (ann, mut ai) = member(&hub, "ann", "lobby").await;
+    let bob = on_b("bob");
+    hub.apply_remote_presence(vec![joins_lobby(&bob)], vec![bob.clone()]);
     let ev = next(&mut ai).await;
     assert_eq!(
         ev.to_json(),
         r#"{"type":"presence","room":"lobby","nick":"bob","event":"join","node":"b"}"#
     );
     // The same join again (a resent snapshot) is not announced twice.
-    hub.apply_remote_presence(
-        vec![RemotePresence::Join {
-            room: "lobby".into(),
-            member: bob.clone(),
-        }],
-        vec![bob.clone()],
-    );
+    hub.apply_remote_presence(vec![joins_lobby(&bob)], vec![bob.clone()]);
     ann.who("lobby").unwrap();
     let who = next(&mut ai).await;
     assert_eq!(
         who.to_json(),
         r#"{"type":"members","room":"lobby","members":["ann","bob"],"remote":[{"nick":"bob","node":"b"}]}"#
     );
+}
+
+#[tokio::test]
+async fn the_room_list_counts_remote_members() {
+    let (hub, _ann, _ai) = lobby_with_remote(&on_b("bob")).await;
     let lobby = hub.rooms().into_iter().find(|r| r.name == "lobby").unwrap();
     assert_eq!((lobby.members, lobby.remote), (2, 1));
+}
+
+#[tokio::test]
+async fn remote_nicks_are_taken_here() {
+    let (hub, ann, _ai) = lobby_with_remote(&on_b("bob")).await;
     // bob's nick is taken here too (case-insensitively).
     assert_eq!(ann.set_nick("Bob"), Err(HubError::NickTaken("Bob".into())));
     let (_x, mut xi) = hub.connect(Some("BOB")).unwrap();
@@ -584,6 +707,12 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         matches!(next(&mut xi).await, ServerMsg::Welcome { nick } if nick.starts_with("guest-"))
     );
     assert!(matches!(next(&mut xi).await, ServerMsg::Error { code, .. } if code == "nick_taken"));
+}
+
+#[tokio::test]
+async fn a_local_join_lists_remote_members() {
+    let bob = on_b("bob");
+    let (hub, _ann, mut ai) = lobby_with_remote(&bob).await;
     // A local join lists the remote member; local events keep their old shape.
     let (cat, mut ci) = connect(&hub, "cat").await;
     cat.join("lobby", None).await.unwrap();
@@ -603,24 +732,32 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         next(&mut ai).await.to_json(),
         r#"{"type":"presence","room":"lobby","nick":"cat","event":"join"}"#
     );
-    // A remote rename, then a leave because the node went down.
-    let rob = RemoteMember {
-        nick: "rob".into(),
-        node: "b".into(),
-    };
+}
+
+#[tokio::test]
+async fn a_remote_rename_is_announced_with_its_node() {
+    let (hub, ann, mut ai) = lobby_with_remote(&on_b("bob")).await;
     hub.apply_remote_presence(
         vec![RemotePresence::Nick {
             node: "b".into(),
             old: "bob".into(),
             new: "rob".into(),
         }],
-        vec![rob.clone()],
+        vec![on_b("rob")],
     );
     assert_eq!(
         next(&mut ai).await.to_json(),
         r#"{"type":"nick","old":"bob","new":"rob","node":"b"}"#
     );
-    // Direct messages: out through the relay's queue, echoed to the sender.
+    // The old nick is free again.
+    ann.set_nick("bob").unwrap();
+}
+
+#[tokio::test]
+async fn directs_to_remote_users_go_to_the_relay_and_are_echoed() {
+    let rob = on_b("rob");
+    let (hub, ann, mut ai) = lobby_with_remote(&rob).await;
+    let mut outgoing = hub.take_outgoing_directs().unwrap();
     ann.direct("rob", "psst".into()).unwrap();
     let out = outgoing.recv().await.unwrap();
     assert_eq!(
@@ -635,19 +772,29 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         ann.direct("rob@c", "x".into()),
         Err(HubError::NoSuchUser("rob@c".into()))
     );
-    // ... and in from another node; a sender whose nick is in use here shows its node.
+}
+
+#[tokio::test]
+async fn directs_from_remote_users_reach_local_ones() {
+    let rob = on_b("rob");
+    let (hub, _ann, mut ai) = lobby_with_remote(&rob).await;
+    let (_cat, _ci) = connect(&hub, "cat").await;
     assert!(hub.deliver_remote_direct(rob.clone(), "ann", "hi".into(), 5));
     assert!(
         matches!(next(&mut ai).await, ServerMsg::Direct { from, to, .. } if from == "rob" && to == "ann")
     );
-    let cat_b = RemoteMember {
-        nick: "cat".into(),
-        node: "b".into(),
-    };
-    assert!(hub.deliver_remote_direct(cat_b, "ann", "hi".into(), 5));
+    // A sender whose nick is in use here shows its node.
+    assert!(hub.deliver_remote_direct(on_b("cat"), "ann", "hi".into(), 5));
     assert!(matches!(next(&mut ai).await, ServerMsg::Direct { from, .. } if from == "cat@b"));
     assert!(!hub.deliver_remote_direct(rob.clone(), "nobody", "hi".into(), 5));
     assert!(!hub.deliver_remote_direct(rob.clone(), "bad nick", "hi".into(), 5));
+}
+
+#[tokio::test]
+async fn a_remote_leave_is_announced_with_its_reason() {
+    let rob = on_b("rob");
+    let (hub, ann, mut ai) = lobby_with_remote(&rob).await;
+    let (_cat, _ci) = member(&hub, "cat", "lobby").await;
     hub.apply_remote_presence(
         vec![RemotePresence::Leave {
             room: "lobby".into(),
@@ -656,6 +803,11 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         }],
         vec![],
     );
+    until(&mut ai, |m| match m {
+        ServerMsg::Presence { nick, .. } if nick == "cat" => Some(()),
+        _ => None,
+    })
+    .await;
     assert_eq!(
         next(&mut ai).await.to_json(),
         r#"{"type":"presence","room":"lobby","nick":"rob","event":"leave","node":"b","reason":"node down"}"#
@@ -665,7 +817,14 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         matches!(next(&mut ai).await, ServerMsg::Members { members, remote, .. } if members == ["ann", "cat"] && remote.is_empty())
     );
     // The nick is free again.
-    ann.set_nick("bob").unwrap();
+    ann.set_nick("rob").unwrap();
+}
+
+#[tokio::test]
+async fn local_presence_lists_local_users_and_their_rooms() {
+    let (hub, _ann, _ai) = lobby_with_remote(&on_b("rob")).await;
+    let (_bob, _bi) = member(&hub, "bob", "lobby").await;
+    let (_cat, _ci) = member(&hub, "cat", "lobby").await;
     // The local presence the cluster is sent.
     let users = hub.local_presence();
     let nicks: Vec<(&str, Vec<String>)> = users
@@ -680,33 +839,5 @@ async fn remote_presence_reaches_local_members_with_their_node() {
         nicks.contains(&("cat", vec!["lobby".to_string()])),
         "{nicks:?}"
     );
-}
-
-#[tokio::test]
-async fn busy_room_messages_share_a_batch_and_keep_their_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = open(
-        dir.path(),
-        HubConfig {
-            batch_interval: Duration::from_millis(200),
-            ..unlimited()
-        },
-    );
-    let (a, mut ai) = connect(&hub, "ann").await;
-    let (b, mut bi) = connect(&hub, "bob").await;
-    join(&a, &mut ai, "r", None).await;
-    join(&b, &mut bi, "r", None).await;
-    hub.sync_writes().await.unwrap();
-    let before = hub.stats().batches.load(Ordering::Relaxed);
-    // Queued within the interval after the last batch: one transaction.
-    for n in 0..50 {
-        a.say("r", format!("m{n}"), MessageKind::Say).await.unwrap();
-    }
-    hub.sync_writes().await.unwrap();
-    let batches = hub.stats().batches.load(Ordering::Relaxed) - before;
-    assert!(batches <= 3, "50 messages took {batches} batches");
-    for n in 0..50 {
-        assert_eq!(message(&mut ai).await.text, format!("m{n}"));
-        assert_eq!(message(&mut bi).await.text, format!("m{n}"));
-    }
+    assert!(!nicks.iter().any(|(n, _)| *n == "rob"), "{nicks:?}");
 }
