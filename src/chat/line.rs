@@ -13,8 +13,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
 use super::ConnConfig;
+use super::hub::Session;
 use super::hub::{Hub, Inbox, Received};
-use super::protocol::{ClientMsg, MessageKind, PresenceEvent, RemoteMember, ServerMsg};
+use super::protocol::{
+    ChatMessage, ClientMsg, MessageKind, PresenceEvent, RemoteMember, RoomInfo, ServerMsg,
+};
 
 /// The help text of the line protocol.
 pub const HELP: &str = "\
@@ -50,20 +53,15 @@ pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, Stri
     if line.trim().is_empty() {
         return Ok(LineCommand::Nothing);
     }
-    let need_room = || {
-        current
-            .map(str::to_string)
-            .ok_or_else(|| "you are in no room; /join ROOM first".to_string())
-    };
     if let Some(rest) = line.strip_prefix("//") {
         return Ok(LineCommand::Hub(ClientMsg::Say {
-            room: need_room()?,
+            room: need_room(current)?,
             text: format!("/{rest}"),
         }));
     }
     let Some(cmdline) = line.strip_prefix('/') else {
         return Ok(LineCommand::Hub(ClientMsg::Say {
-            room: need_room()?,
+            room: need_room(current)?,
             text: line.to_string(),
         }));
     };
@@ -71,32 +69,21 @@ pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, Stri
         Some((c, r)) => (c, r.trim()),
         None => (cmdline, ""),
     };
-    let room_arg = |s: &str| s.trim_start_matches('#').to_string();
+    parse_command(cmd, rest, current)
+}
+
+/// Parses a `/command` with its argument `rest`; `current` as for [`parse_line`].
+fn parse_command(cmd: &str, rest: &str, current: Option<&str>) -> Result<LineCommand, String> {
     let msg = match cmd.to_ascii_lowercase().as_str() {
         "help" | "?" => return Ok(LineCommand::Help),
         "quit" | "exit" => return Ok(LineCommand::Quit),
         "nick" if !rest.is_empty() => ClientMsg::Nick {
             nick: rest.to_string(),
         },
-        "join" if !rest.is_empty() => {
-            let mut parts = rest.split_whitespace();
-            let room = room_arg(parts.next().unwrap_or_default());
-            let after = match parts.next() {
-                Some(id) => Some(
-                    id.parse::<u64>()
-                        .map_err(|_| format!("'{id}' is not a message id; /join ROOM [ID]"))?,
-                ),
-                None => None,
-            };
-            ClientMsg::Join {
-                room,
-                after,
-                since: None,
-            }
-        }
+        "join" if !rest.is_empty() => parse_join(rest)?,
         "part" | "leave" => ClientMsg::Part {
             room: if rest.is_empty() {
-                need_room()?
+                need_room(current)?
             } else {
                 room_arg(rest)
             },
@@ -104,7 +91,7 @@ pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, Stri
         "rooms" | "list" => ClientMsg::Rooms,
         "who" | "names" => ClientMsg::Who {
             room: if rest.is_empty() {
-                need_room()?
+                need_room(current)?
             } else {
                 room_arg(rest)
             },
@@ -117,20 +104,50 @@ pub fn parse_line(line: &str, current: Option<&str>) -> Result<LineCommand, Stri
             _ => return Err("usage: /msg NICK TEXT".into()),
         },
         "me" if !rest.is_empty() => ClientMsg::Me {
-            room: need_room()?,
+            room: need_room(current)?,
             text: rest.to_string(),
         },
         "topic" if rest.is_empty() => {
             return Err("usage: /topic TEXT (/rooms shows every topic)".into());
         }
         "topic" => ClientMsg::Topic {
-            room: need_room()?,
+            room: need_room(current)?,
             topic: rest.to_string(),
         },
         "nick" | "join" | "me" => return Err(format!("/{cmd} needs an argument; /help")),
         _ => return Err(format!("unknown command /{cmd}; /help lists them")),
     };
     Ok(LineCommand::Hub(msg))
+}
+
+/// The room plain text and room commands without a room go to.
+fn need_room(current: Option<&str>) -> Result<String, String> {
+    current
+        .map(str::to_string)
+        .ok_or_else(|| "you are in no room; /join ROOM first".to_string())
+}
+
+/// A room argument, with or without its `#`.
+fn room_arg(s: &str) -> String {
+    s.trim_start_matches('#').to_string()
+}
+
+/// `/join ROOM [ID]`'s argument.
+fn parse_join(rest: &str) -> Result<ClientMsg, String> {
+    let mut parts = rest.split_whitespace();
+    let room = room_arg(parts.next().unwrap_or_default());
+    let after = match parts.next() {
+        Some(id) => Some(
+            id.parse::<u64>()
+                .map_err(|_| format!("'{id}' is not a message id; /join ROOM [ID]"))?,
+        ),
+        None => None,
+    };
+    Ok(ClientMsg::Join {
+        room,
+        after,
+        since: None,
+    })
 }
 
 /// The outcome of [`read_line_limited`].
@@ -211,22 +228,7 @@ pub fn format_line(msg: &ServerMsg) -> String {
             "-- welcome to netkit chat, you are {}. /join ROOM to start, /help for commands",
             c(nick)
         ),
-        ServerMsg::Message(m) => match m.kind {
-            MessageKind::Say => format!(
-                "[{}] #{} <{}> {}",
-                clock(m.ts),
-                c(&m.room),
-                c(&m.from),
-                c(&m.text)
-            ),
-            MessageKind::Me => format!(
-                "[{}] #{} * {} {}",
-                clock(m.ts),
-                c(&m.room),
-                c(&m.from),
-                c(&m.text)
-            ),
-        },
+        ServerMsg::Message(m) => format_message(m),
         ServerMsg::Joined {
             room,
             topic,
@@ -275,16 +277,7 @@ pub fn format_line(msg: &ServerMsg) -> String {
         ServerMsg::Topic { room, topic, by } => {
             format!("-- {} set the topic of #{}: {}", c(by), c(room), c(topic))
         }
-        ServerMsg::Rooms { rooms } => {
-            if rooms.is_empty() {
-                return "-- no rooms yet; /join ROOM creates one".into();
-            }
-            let list: Vec<String> = rooms
-                .iter()
-                .map(|r| format!("#{} ({})", c(&r.name), r.members))
-                .collect();
-            format!("-- rooms: {}", list.join(", "))
-        }
+        ServerMsg::Rooms { rooms } => format_rooms(rooms),
         ServerMsg::Members {
             room,
             members,
@@ -297,6 +290,39 @@ pub fn format_line(msg: &ServerMsg) -> String {
         ServerMsg::Error { code, message } => format!("ERR {}: {}", c(code), c(message)),
         ServerMsg::Info { text } => format!("-- {}", c(text)),
     }
+}
+
+/// A room message: `[HH:MM:SS] #room <nick> text`, or `* nick text` for an action.
+fn format_message(m: &ChatMessage) -> String {
+    let c = clean;
+    match m.kind {
+        MessageKind::Say => format!(
+            "[{}] #{} <{}> {}",
+            clock(m.ts),
+            c(&m.room),
+            c(&m.from),
+            c(&m.text)
+        ),
+        MessageKind::Me => format!(
+            "[{}] #{} * {} {}",
+            clock(m.ts),
+            c(&m.room),
+            c(&m.from),
+            c(&m.text)
+        ),
+    }
+}
+
+/// The room list, each with its member count.
+fn format_rooms(rooms: &[RoomInfo]) -> String {
+    if rooms.is_empty() {
+        return "-- no rooms yet; /join ROOM creates one".into();
+    }
+    let list: Vec<String> = rooms
+        .iter()
+        .map(|r| format!("#{} ({})", clean(&r.name), r.members))
+        .collect();
+    format!("-- rooms: {}", list.join(", "))
 }
 
 /// `nick`, or `nick@node` for a user of another node.
@@ -416,34 +442,8 @@ pub async fn serve_conn(
             Ok(Ok(LineRead::Line)) => {}
         }
         let line = String::from_utf8_lossy(&bytes);
-        // Keep the current room in step with what the hub says we are in.
-        let rooms = session.rooms();
-        if current.as_ref().is_none_or(|c| !rooms.contains(c)) {
-            current = rooms.last().cloned();
-        }
-        match parse_line(&line, current.as_deref()) {
-            Ok(LineCommand::Nothing) => {}
-            Ok(LineCommand::Help) => {
-                for l in HELP.lines() {
-                    session.tell(ServerMsg::Info { text: l.into() });
-                }
-            }
-            Ok(LineCommand::Quit) => break,
-            Ok(LineCommand::Hub(msg)) => {
-                let joining = match &msg {
-                    ClientMsg::Join { room, .. } => Some(room.clone()),
-                    _ => None,
-                };
-                match session.handle(msg).await {
-                    Ok(()) => {
-                        if joining.is_some() {
-                            current = joining;
-                        }
-                    }
-                    Err(e) => session.tell(e.to_msg()),
-                }
-            }
-            Err(e) => session.tell(ServerMsg::error("bad_command", e)),
+        if !run_line(&mut session, &line, &mut current).await {
+            break;
         }
     }
     done.cancel();
@@ -452,6 +452,43 @@ pub async fn serve_conn(
     let _ = writer.await;
 }
 
+/// Carries out one typed line; `current` is the room plain text goes to,
+/// kept in step with the hub. False when the client quits.
+async fn run_line(session: &mut Session, line: &str, current: &mut Option<String>) -> bool {
+    // Keep the current room in step with what the hub says we are in.
+    let rooms = session.rooms();
+    if current.as_ref().is_none_or(|c| !rooms.contains(c)) {
+        *current = rooms.last().cloned();
+    }
+    match parse_line(line, current.as_deref()) {
+        Ok(LineCommand::Nothing) => {}
+        Ok(LineCommand::Help) => {
+            for l in HELP.lines() {
+                session.tell(ServerMsg::Info { text: l.into() });
+            }
+        }
+        Ok(LineCommand::Quit) => return false,
+        Ok(LineCommand::Hub(msg)) => {
+            let joining = match &msg {
+                ClientMsg::Join { room, .. } => Some(room.clone()),
+                _ => None,
+            };
+            match session.handle(msg).await {
+                Ok(()) => {
+                    if joining.is_some() {
+                        *current = joining;
+                    }
+                }
+                Err(e) => session.tell(e.to_msg()),
+            }
+        }
+        Err(e) => session.tell(ServerMsg::error("bad_command", e)),
+    }
+    true
+}
+
+/// Writes what the client is sent, as lines, until the reader ends, the
+/// client is disconnected (told why) or the server shuts down.
 async fn write_loop(
     mut wr: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
     mut inbox: Inbox,

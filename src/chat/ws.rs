@@ -467,6 +467,9 @@ async fn write_timed(
     result.map_err(Some)
 }
 
+/// Writes what the client is sent, control frames, and pings, until the
+/// client is disconnected, the reader ends or the server shuts down; then
+/// the last frames (an error and a close, or a close reply) and a shutdown.
 async fn write_loop(
     mut wr: WriteHalf<WsIo>,
     mut inbox: Inbox,
@@ -477,9 +480,7 @@ async fn write_loop(
     shutdown: CancellationToken,
 ) {
     let wt = config.write_timeout;
-    let mut ping = tokio::time::interval(config.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
+    let mut ping = ping_timer(config.ping_interval).await;
     // Made once and polled on every wake-up: building them anew per message
     // (each registering with its token) cost more than writing the frame.
     let stopped = stop.cancelled();
@@ -492,9 +493,9 @@ async fn write_loop(
     };
     let mut events: Vec<Arc<Event>> = Vec::new();
     let pace = paced_interval(config.write_interval);
-    // The last frames to send before closing, if any.
     // When to write next while messages keep coming (see `--chat-write-interval`).
     let mut rest: Option<tokio::time::Instant> = None;
+    // The last frames to send before closing, if any.
     let final_frames: Option<Vec<u8>> = loop {
         let got = if let Some(until) = rest.take() {
             // The timer first: when it fires, the other branches (each a
@@ -521,83 +522,134 @@ async fn write_loop(
                 _ = control.ready.notified() => None,
                 r = &mut close_rx => break r.ok(),
                 _ = &mut stopped => break stopped_frame(),
-                _ = ping.tick() => {
-                    let ping = encode(Frame::ping(Bytes::new()));
-                    match write_timed(&mut wr, &[&control.take(), &ping], wt).await {
-                        Ok(()) => continue,
-                        Err(Some(_)) => break None,
-                        Err(None) => break Some(close_frame(CLOSE_WRITE_TIMEOUT, "write timeout")),
-                    }
-                }
+                _ = ping.tick() => match send_ping(&mut wr, &control, wt).await {
+                    Ok(()) => continue,
+                    Err(last) => break last,
+                },
             }
         };
-        events.clear();
         match got {
             None => {}
-            Some(Received::Event(ev)) => {
-                let mut bytes = ev.frame.len();
-                events.push(ev);
-                while events.len() < MAX_FRAMES_PER_WRITE && bytes < MAX_BYTES_PER_WRITE {
-                    let Some(ev) = inbox.try_recv() else { break };
-                    bytes += ev.frame.len();
-                    events.push(ev);
-                }
-            }
-            Some(Received::Disconnected(reason)) => {
-                let code = match reason {
-                    DisconnectReason::Lagging { .. } => CLOSE_LAGGING,
-                    DisconnectReason::Shutdown => CLOSE_GOING_AWAY,
-                };
-                let err = text_frame(
-                    ServerMsg::error(reason.code(), reason.to_string())
-                        .to_json()
-                        .as_bytes(),
-                );
-                let mut last = err.to_vec();
-                last.extend_from_slice(&close_frame(code, &format!("{}: {reason}", reason.code())));
-                break Some(last);
-            }
+            Some(Received::Event(ev)) => gather(&mut inbox, ev, &mut events),
+            Some(Received::Disconnected(reason)) => break Some(disconnect_frames(&reason)),
             // The session is gone because the reader ended: send the close
             // it left, if any (the queue is polled before the tokens).
             Some(Received::Closed) => break close_rx.try_recv().ok().or_else(stopped_frame),
         }
-        // Control frames first: they were due before these events were taken.
-        let ctl = control.take();
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(events.len() + 1);
-        bufs.push(&ctl);
-        bufs.extend(events.iter().map(|e| &e.frame[..]));
-        let result = write_timed(&mut wr, &bufs, wt).await;
-        // Let go of the events now: an idle client would otherwise hold its
-        // last ones (a `joined` with its history and member list) for good.
-        drop(bufs);
-        events.clear();
+        let result = write_events(&mut wr, &control, &mut events, wt).await;
         // Pacing: after a write, whatever comes next waits for the next tick
         // of `pace`, unless plenty is queued already; a message after a quiet
         // spell (nothing queued at the tick) goes out at once.
         if !pace.is_zero() && inbox.queued_bytes() < PACE_SKIP_BYTES {
             rest = Some(tokio::time::Instant::now() + pace);
         }
-        match result {
-            Ok(()) => {}
-            Err(Some(e)) => {
-                debug!("websocket write failed: {e}");
-                break None;
-            }
-            Err(None) => {
-                debug!("websocket write timed out");
-                break Some(close_frame(CLOSE_WRITE_TIMEOUT, "write timeout"));
-            }
+        if let Err(e) = result {
+            break after_failed_write(e);
         }
     };
-    events.clear();
-    // A close reply tungstenite queued, or our own last frames.
+    finish(&mut wr, &control, final_frames, wt).await;
+    stop.cancel();
+}
+
+/// The ping timer of a connection, its first (immediate) tick taken.
+async fn ping_timer(period: Duration) -> tokio::time::Interval {
+    let mut ping = tokio::time::interval(period);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    ping
+}
+
+/// Sends a ping (after the pending control frames); on failure, the last
+/// frames to send: none if the socket broke, a close if it timed out.
+async fn send_ping(
+    wr: &mut WriteHalf<WsIo>,
+    control: &Control,
+    wt: Duration,
+) -> Result<(), Option<Vec<u8>>> {
+    let ping = encode(Frame::ping(Bytes::new()));
+    match write_timed(wr, &[&control.take(), &ping], wt).await {
+        Ok(()) => Ok(()),
+        Err(Some(_)) => Err(None),
+        Err(None) => Err(Some(close_frame(CLOSE_WRITE_TIMEOUT, "write timeout"))),
+    }
+}
+
+/// Sends a close reply tungstenite queued, or our own last frames, then
+/// shuts the socket down.
+async fn finish(
+    wr: &mut WriteHalf<WsIo>,
+    control: &Control,
+    final_frames: Option<Vec<u8>>,
+    wt: Duration,
+) {
     let ctl = control.take();
     let last = final_frames.unwrap_or_default();
     if !ctl.is_empty() || !last.is_empty() {
-        let _ = write_timed(&mut wr, &[&ctl, &last], wt).await;
+        let _ = write_timed(wr, &[&ctl, &last], wt).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    stop.cancel();
+}
+
+/// Adds `first` and whatever else is queued (up to one write's worth) to `events`.
+fn gather(inbox: &mut Inbox, first: Arc<Event>, events: &mut Vec<Arc<Event>>) {
+    let mut bytes = first.frame.len();
+    events.push(first);
+    while events.len() < MAX_FRAMES_PER_WRITE && bytes < MAX_BYTES_PER_WRITE {
+        let Some(ev) = inbox.try_recv() else { break };
+        bytes += ev.frame.len();
+        events.push(ev);
+    }
+}
+
+/// Writes the pending control frames, then `events` (emptied, write or not).
+async fn write_events(
+    wr: &mut WriteHalf<WsIo>,
+    control: &Control,
+    events: &mut Vec<Arc<Event>>,
+    wt: Duration,
+) -> Result<(), Option<io::Error>> {
+    // Control frames first: they were due before these events were taken.
+    let ctl = control.take();
+    let mut bufs: Vec<&[u8]> = Vec::with_capacity(events.len() + 1);
+    bufs.push(&ctl);
+    bufs.extend(events.iter().map(|e| &e.frame[..]));
+    let result = write_timed(wr, &bufs, wt).await;
+    // Let go of the events now: an idle client would otherwise hold its
+    // last ones (a `joined` with its history and member list) for good.
+    drop(bufs);
+    events.clear();
+    result
+}
+
+/// The last frames after a failed write: none if the socket broke, a close
+/// if it timed out.
+fn after_failed_write(error: Option<io::Error>) -> Option<Vec<u8>> {
+    match error {
+        Some(e) => {
+            debug!("websocket write failed: {e}");
+            None
+        }
+        None => {
+            debug!("websocket write timed out");
+            Some(close_frame(CLOSE_WRITE_TIMEOUT, "write timeout"))
+        }
+    }
+}
+
+/// The error message and close frame that tell a client why the hub disconnected it.
+fn disconnect_frames(reason: &DisconnectReason) -> Vec<u8> {
+    let code = match reason {
+        DisconnectReason::Lagging { .. } => CLOSE_LAGGING,
+        DisconnectReason::Shutdown => CLOSE_GOING_AWAY,
+    };
+    let mut last = text_frame(
+        ServerMsg::error(reason.code(), reason.to_string())
+            .to_json()
+            .as_bytes(),
+    )
+    .to_vec();
+    last.extend_from_slice(&close_frame(code, &format!("{}: {reason}", reason.code())));
+    last
 }
 
 #[cfg(test)]
