@@ -190,12 +190,11 @@ async fn topics_and_member_lists_reach_members() {
 #[tokio::test]
 async fn leaving_is_announced_and_the_room_list_counts_members() {
     let (hub, (ann, mut ai), (bob, _bi)) = lobby_pair().await;
-    ann.say("lobby", "hello".into(), MessageKind::Say)
-        .await
-        .unwrap();
-    bob.say("lobby", "waves".into(), MessageKind::Me)
-        .await
-        .unwrap();
+    for (who, text) in [(&ann, "hello"), (&bob, "hi")] {
+        who.say("lobby", text.into(), MessageKind::Say)
+            .await
+            .unwrap();
+    }
     ann.topic("lobby", "rust".into()).await.unwrap();
     hub.sync_writes().await.unwrap();
     bob.part("lobby").unwrap();

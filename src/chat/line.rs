@@ -295,22 +295,11 @@ pub fn format_line(msg: &ServerMsg) -> String {
 /// A room message: `[HH:MM:SS] #room <nick> text`, or `* nick text` for an action.
 fn format_message(m: &ChatMessage) -> String {
     let c = clean;
-    match m.kind {
-        MessageKind::Say => format!(
-            "[{}] #{} <{}> {}",
-            clock(m.ts),
-            c(&m.room),
-            c(&m.from),
-            c(&m.text)
-        ),
-        MessageKind::Me => format!(
-            "[{}] #{} * {} {}",
-            clock(m.ts),
-            c(&m.room),
-            c(&m.from),
-            c(&m.text)
-        ),
-    }
+    let who = match m.kind {
+        MessageKind::Say => format!("<{}>", c(&m.from)),
+        MessageKind::Me => format!("* {}", c(&m.from)),
+    };
+    format!("[{}] #{} {who} {}", clock(m.ts), c(&m.room), c(&m.text))
 }
 
 /// The room list, each with its member count.
