@@ -142,27 +142,29 @@ impl Shared {
         st.nicks.remove(&c.nick.to_ascii_lowercase());
         self.presence_changed();
         for room in &c.rooms {
-            let remote = st.remote.count(room);
-            let members: Vec<ClientId> = match st.rooms.get_mut(room) {
-                Some(r) => {
-                    r.members.remove(&id);
-                    r.floors.remove(&id);
-                    if r.members.len() + remote >= self.config.presence_limit {
-                        continue;
-                    }
-                    r.members.iter().copied().collect()
-                }
-                None => continue,
-            };
-            let ev = Event::new(ServerMsg::Presence {
-                room: room.clone(),
-                nick: c.nick.clone(),
-                event: PresenceEvent::Leave,
-                node: None,
-                reason: None,
-            });
-            self.deliver_locked(st, &members, &ev);
+            self.leave_locked(st, id, room, &c.nick);
         }
+    }
+
+    /// Takes client `id` (named `nick`) out of `room`, and tells the other
+    /// members, unless the room is at or over the presence limit.
+    pub(super) fn leave_locked(&self, st: &mut State, id: ClientId, room: &str, nick: &str) {
+        if let Some(r) = st.rooms.get_mut(room) {
+            r.members.remove(&id);
+            r.floors.remove(&id);
+        }
+        let members = local_members_below(st, room, self.config.presence_limit, 0);
+        if members.is_empty() {
+            return;
+        }
+        let ev = Event::new(ServerMsg::Presence {
+            room: room.to_string(),
+            nick: nick.to_string(),
+            event: PresenceEvent::Leave,
+            node: None,
+            reason: None,
+        });
+        self.deliver_locked(st, &members, &ev);
     }
 }
 

@@ -16,9 +16,7 @@ use super::deliver::{Kick, Outbox};
 use super::remote::check_since;
 use super::writer::{Post, WriteCmd};
 use super::{ClientId, DisconnectReason, Event, Hub, HubError, member_nicks, truncate};
-use crate::chat::protocol::{
-    ClientMsg, MessageKind, PresenceEvent, ServerMsg, now_ms, valid_nick, valid_room,
-};
+use crate::chat::protocol::{ClientMsg, MessageKind, ServerMsg, now_ms, valid_nick, valid_room};
 
 /// What one client does: every request of a connection goes through its session.
 /// Dropping the session disconnects the client.
@@ -237,30 +235,9 @@ impl Session {
         if !was_member {
             return Err(HubError::NotMember(truncate(room)));
         }
-        let limit = self.hub.shared.config.presence_limit;
-        let remote = st.remote.count(room);
-        let members: Vec<ClientId> = match st.rooms.get_mut(room) {
-            Some(r) => {
-                r.members.remove(&self.id);
-                r.floors.remove(&self.id);
-                if r.members.len() + remote < limit {
-                    r.members.iter().copied().collect()
-                } else {
-                    Vec::new()
-                }
-            }
-            None => Vec::new(),
-        };
         let shared = &self.hub.shared;
         shared.presence_changed();
-        let ev = Event::new(ServerMsg::Presence {
-            room: room.to_string(),
-            nick,
-            event: PresenceEvent::Leave,
-            node: None,
-            reason: None,
-        });
-        shared.deliver_locked(&mut st, &members, &ev);
+        shared.leave_locked(&mut st, self.id, room, &nick);
         let parted = Event::new(ServerMsg::Parted {
             room: room.to_string(),
         });
