@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ClientId, DisconnectReason, Event, Hub, Shared, State};
 use crate::chat::protocol::{PresenceEvent, ServerMsg};
 
+/// How the hub disconnects a client: the reason, then the token its tasks watch.
 pub(super) struct Kick {
     pub(super) token: CancellationToken,
     pub(super) reason: OnceLock<DisconnectReason>,

@@ -198,7 +198,8 @@ impl Session {
     /// every message of the room the client has not seen according to
     /// `since` (up to the resume limit), and later messages it has already
     /// seen on another node are not delivered again. At most
-    /// [`MAX_SINCE_ORIGINS`] entries, names of at most [`MAX_ORIGIN_LEN`] bytes.
+    /// [`MAX_SINCE_ORIGINS`](super::MAX_SINCE_ORIGINS) entries, names of at
+    /// most [`MAX_ORIGIN_LEN`](super::MAX_ORIGIN_LEN) bytes.
     pub async fn resume(
         &self,
         room: &str,

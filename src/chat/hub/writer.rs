@@ -50,7 +50,7 @@ pub(super) enum WriteCmd {
     },
 }
 
-/// The hub's writer thread; join it after the last [`Hub`] clone is dropped to
+/// The hub's writer thread; join it after the last [`Hub`](super::Hub) clone is dropped to
 /// be sure the last batch is committed.
 pub struct HubWriter(std::thread::JoinHandle<()>);
 
