@@ -51,6 +51,10 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--listen off leaves nothing to serve");
     };
     let socket = crate::cli::bind_udp(addr, "--listen").await?;
+    crate::ready::announce(&crate::ready::Ready {
+        udp: socket.local_addr().ok(),
+        ..Default::default()
+    });
     let max = buffer_size(args.max_datagram);
     run(
         socket,
