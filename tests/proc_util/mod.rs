@@ -101,11 +101,16 @@ impl Netkit {
     /// The next stdout line after the ready line, or `None` once stdout is
     /// closed; panics after `timeout`.
     pub fn stdout_line(&mut self, timeout: Duration) -> Option<String> {
-        match self.stdout.recv_timeout(timeout) {
+        match self.next_stdout(timeout) {
             Ok(l) => Some(l),
             Err(RecvTimeoutError::Disconnected) => None,
             Err(RecvTimeoutError::Timeout) => panic!("no stdout line within {timeout:?}"),
         }
+    }
+
+    /// The next stdout line after the ready line, or why there was none within `timeout`.
+    pub fn next_stdout(&mut self, timeout: Duration) -> Result<String, RecvTimeoutError> {
+        self.stdout.recv_timeout(timeout)
     }
 
     /// Everything left on stdout, up to its end (call once the process exits).
