@@ -51,6 +51,7 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--listen off leaves nothing to serve");
     };
     let socket = crate::cli::bind_udp(addr, "--listen").await?;
+    let shutdown = crate::shutdown::on_signal();
     crate::ready::announce(&crate::ready::Ready {
         udp: socket.local_addr().ok(),
         ..Default::default()
@@ -61,7 +62,7 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
         args.service,
         max,
         Arc::new(Stats::default()),
-        crate::shutdown::on_signal(),
+        shutdown,
     )
     .await;
     Ok(())
