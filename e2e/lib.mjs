@@ -11,31 +11,30 @@ export function fail(msg) {
 }
 
 // Start `netkit serve` (chat and HTTP on free ports, other doors off, plus
-// `extra` flags); read the bound addresses from its log. `gossip` is set
-// when the node is in a cluster.
+// `extra` flags) with --ready-json; the bound addresses come from the one
+// ready line it prints on stdout. `gossip` is set when the node is in a cluster.
 export function startServer(bin, dataDir, http = "127.0.0.1:0", extra = []) {
   const child = spawn(
     bin,
-    ["serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir, ...extra],
-    { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" } },
+    ["--ready-json", "serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir, ...extra],
+    { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" } },
   );
-  const clustered = extra.includes("--cluster-listen");
+  let log = "";
+  child.stderr.on("data", (d) => { log += d.toString(); });
   return new Promise((resolve, reject) => {
-    let http = null, chat = null, gossip = null, buf = "";
-    const timer = setTimeout(() => reject(new Error("netkit serve did not log its addresses")), T);
-    child.on("exit", (code) => reject(new Error(`netkit serve exited early (${code})`)));
-    child.stderr.on("data", (d) => {
-      buf += d.toString();
-      const h = buf.match(/listening on http:\/\/(\S+)/);
-      const c = buf.match(/chat: listening on (\S+)/);
-      const g = buf.match(/gossip on udp (\S+)/);
-      if (h) http = h[1];
-      if (c) chat = c[1];
-      if (g) gossip = g[1];
-      if (http && chat && (gossip || !clustered)) {
-        clearTimeout(timer);
-        resolve({ child, http, chat, gossip });
-      }
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`netkit serve printed no ready line; log:\n${log}`)), T);
+    child.on("exit", (code) => reject(new Error(`netkit serve exited early (${code}); log:\n${log}`)));
+    child.stdout.on("data", (d) => {
+      out += d.toString();
+      const end = out.indexOf("\n");
+      if (end < 0) return;
+      const ready = JSON.parse(out.slice(0, end));
+      if (ready.ready !== true) return reject(new Error(`not a ready line: ${out.slice(0, end)}`));
+      clearTimeout(timer);
+      child.stdout.removeAllListeners("data");
+      child.stdout.resume(); // keep draining anything printed later
+      resolve({ child, http: ready.http, chat: ready.chat, gossip: ready.cluster ?? null });
     });
   });
 }

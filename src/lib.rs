@@ -13,6 +13,7 @@
 //! - [`http`]: the HTTP front door: web app, `/ws`, JSON API, `/metrics`.
 //! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]), the chat relay between nodes ([`cluster::relay`]), presence across nodes ([`cluster::presence`]), the `/api/cluster` report ([`cluster::report`]) and `netkit members` ([`cluster::members`]).
 //! - [`serve`]: composes the services for `netkit serve`.
+//! - [`ready`]: the `--ready-json` line that tells scripts and tests the bound addresses.
 //! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).
 #![warn(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod cluster;
 pub mod http;
 pub mod net;
+pub mod ready;
 pub mod serve;
 pub mod shutdown;
 pub mod tcp;

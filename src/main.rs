@@ -18,6 +18,12 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// Once a long-running command (serve, tcp serve, udp serve, recv) has bound
+    /// its sockets, print one JSON line on stdout with their addresses, e.g.
+    /// {"ready":true,"http":"127.0.0.1:41234","tcp":"127.0.0.1:41235"}; doors
+    /// that are off are left out.
+    #[arg(long, global = true, env = "NETKIT_READY_JSON", value_parser = clap::builder::FalseyValueParser::new())]
+    ready_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +72,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
     raise_fd_limit();
+    if cli.ready_json {
+        netkit::ready::enable();
+    }
 
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

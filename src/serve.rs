@@ -92,11 +92,21 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         None => None,
     };
     let cluster = crate::cluster::bind(&args.cluster).await?;
+    let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    crate::ready::announce(&crate::ready::Ready {
+        http: local(&http_listener),
+        chat: local(&chat_listener),
+        drop: local(&drop_listener),
+        tcp: local(&tcp_listener),
+        udp: udp_socket.as_ref().and_then(|s| s.local_addr().ok()),
+        cluster: cluster.as_ref().map(|c| c.id.addr),
+        recv: None,
+    });
 
     // Gossiped to the other nodes, so they can point users at this one.
     let meta = crate::cluster::NodeMeta {
-        http: http_listener.as_ref().and_then(|l| l.local_addr().ok()),
-        chat: chat_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        http: local(&http_listener),
+        chat: local(&chat_listener),
     };
 
     // The handle is what /api/cluster and the chat relay read.

@@ -33,9 +33,28 @@ pub async fn signal() {
 }
 
 /// Returns a token that is cancelled when the process receives SIGINT or SIGTERM.
+/// The handlers are installed before it returns, so a signal sent right after
+/// (say, once the `--ready-json` line is out) is never the default, fatal one.
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+                    _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                }
+                t.cancel();
+            });
+            return token;
+        }
+    }
     tokio::spawn(async move {
         signal().await;
         t.cancel();

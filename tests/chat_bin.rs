@@ -9,83 +9,46 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use proc_util::Netkit;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 const T: Duration = Duration::from_secs(20);
 
+/// A running `netkit serve` and its HTTP and line-chat addresses.
 struct Serve {
-    child: Child,
+    p: Netkit,
     http: String,
     chat: String,
 }
 
-/// A failing test must not leave its server running.
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `netkit serve` on free ports and reads the bound addresses from its log.
+/// Starts `netkit serve` on free ports; the addresses come from its ready line.
 fn serve(data_dir: &std::path::Path) -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_netkit"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--chat",
-            "127.0.0.1:0",
-            "--tcp",
-            "off",
-            "--udp",
-            "off",
-            "--drop",
-            "off",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--chat-rate", "0"])
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut http, mut chat) = (None, None);
-    let deadline = Instant::now() + T;
-    while http.is_none() || chat.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("netkit serve did not log its addresses");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            http = Some(rest.split_whitespace().next().unwrap().to_string());
-        }
-        if let Some(rest) = line.split("chat: listening on ").nth(1) {
-            chat = Some(rest.split_whitespace().next().unwrap().to_string());
-        }
-    }
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
-    Serve {
-        child,
-        http: http.unwrap(),
-        chat: chat.unwrap(),
-    }
+    let p = Netkit::spawn(&[
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--chat",
+        "127.0.0.1:0",
+        "--tcp",
+        "off",
+        "--udp",
+        "off",
+        "--drop",
+        "off",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--chat-rate",
+        "0",
+    ]);
+    let http = p.ready.http.expect("http door").to_string();
+    let chat = p.ready.chat.expect("chat door").to_string();
+    Serve { p, http, chat }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_loses_nothing_that_was_broadcast_and_restart_keeps_history() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut srv = serve(dir.path());
+/// Writes into room `crash` as fast as it can and SIGKILLs the server once
+/// 150 messages are back; returns every (id, text) it received.
+async fn broadcast_until_kill_9(srv: &mut Serve) -> Vec<(u64, String)> {
     let url = format!("ws://{}/ws?nick=writer", srv.http);
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let (mut tx, mut rx) = ws.split();
@@ -120,31 +83,31 @@ async fn kill_9_loses_nothing_that_was_broadcast_and_restart_keeps_history() {
                 v["text"].as_str().unwrap().to_string(),
             ));
             if received.len() == 150 && !killed {
-                srv.child.kill().unwrap(); // SIGKILL
+                srv.p.child.kill().unwrap(); // SIGKILL
                 killed = true;
             }
         }
     }
-    srv.child.wait().unwrap();
+    srv.p.child.wait().unwrap();
     sender.abort();
     assert!(killed && received.len() >= 150);
-    let ids: Vec<u64> = received.iter().map(|m| m.0).collect();
-    assert_eq!(ids, (1..=received.len() as u64).collect::<Vec<_>>());
+    received
+}
 
-    // Restart on the same data dir: every message anyone received is there.
-    let mut srv = serve(dir.path());
+/// Every message of room `crash`, paged through the HTTP API.
+async fn stored_messages(http: &str) -> Vec<(u64, String)> {
     let mut stored: Vec<(u64, String)> = Vec::new();
     let mut after = 0;
     loop {
         let body = http_get(
-            &srv.http,
+            http,
             &format!("/api/rooms/crash/messages?after={after}&limit=500"),
         )
         .await;
         let v: Value = serde_json::from_str(&body).unwrap();
         let page = v["messages"].as_array().unwrap();
         if page.is_empty() {
-            break;
+            return stored;
         }
         for m in page {
             stored.push((
@@ -154,9 +117,28 @@ async fn kill_9_loses_nothing_that_was_broadcast_and_restart_keeps_history() {
         }
         after = stored.last().unwrap().0;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_nothing_that_was_broadcast() {
+    let dir = tempfile::tempdir().unwrap();
+    let received = broadcast_until_kill_9(&mut serve(dir.path())).await;
+    let ids: Vec<u64> = received.iter().map(|m| m.0).collect();
+    assert_eq!(ids, (1..=received.len() as u64).collect::<Vec<_>>());
+
+    // Restart on the same data dir: every message anyone received is there.
+    let srv = serve(dir.path());
+    let stored = stored_messages(&srv.http).await;
     assert!(stored.len() >= received.len());
     assert_eq!(&stored[..received.len()], &received[..]);
-    // And the room goes on from the next id.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_9_restart_the_room_goes_on_from_the_next_id() {
+    let dir = tempfile::tempdir().unwrap();
+    broadcast_until_kill_9(&mut serve(dir.path())).await;
+    let srv = serve(dir.path());
+    let after = stored_messages(&srv.http).await.last().unwrap().0;
     let url = format!("ws://{}/ws?nick=again", srv.http);
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     ws.send(Message::Text(
@@ -184,8 +166,6 @@ async fn kill_9_loses_nothing_that_was_broadcast_and_restart_keeps_history() {
             break;
         }
     }
-    srv.child.kill().unwrap();
-    srv.child.wait().unwrap();
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
@@ -234,39 +214,85 @@ fn chat_client(url: &str, nick: &str) -> (Child, mpsc::Receiver<String>) {
     (child, rx)
 }
 
-#[test]
-fn netkit_chat_over_websocket_and_tcp() {
+/// `netkit chat` over WebSocket (`wsuser`) and over TCP (`tcpuser`), both in
+/// room `term` of one server, each seeing the other arrive.
+struct TwoClients {
+    _srv: Serve,
+    _dir: tempfile::TempDir,
+    ws: (Child, mpsc::Receiver<String>),
+    tcp: (Child, mpsc::Receiver<String>),
+}
+
+/// A failing test must not leave its clients running.
+impl Drop for TwoClients {
+    fn drop(&mut self) {
+        for c in [&mut self.ws.0, &mut self.tcp.0] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn two_clients() -> TwoClients {
     let dir = tempfile::tempdir().unwrap();
-    let mut srv = serve(dir.path());
-    let (mut ws_client, ws_out) = chat_client(&format!("ws://{}/ws", srv.http), "wsuser");
-    wait_for_line(&ws_out, "-- joined #term");
-    let (mut tcp_client, tcp_out) = chat_client(&format!("tcp://{}", srv.chat), "tcpuser");
-    wait_for_line(&tcp_out, "-- joined #term");
-    wait_for_line(&ws_out, "-- tcpuser joined #term");
+    let srv = serve(dir.path());
+    let ws = chat_client(&format!("ws://{}/ws", srv.http), "wsuser");
+    wait_for_line(&ws.1, "-- joined #term");
+    let tcp = chat_client(&format!("tcp://{}", srv.chat), "tcpuser");
+    wait_for_line(&tcp.1, "-- joined #term");
+    wait_for_line(&ws.1, "-- tcpuser joined #term");
+    TwoClients {
+        _srv: srv,
+        _dir: dir,
+        ws,
+        tcp,
+    }
+}
 
-    let mut ws_in = ws_client.stdin.take().unwrap();
-    writeln!(ws_in, "hello from websocket").unwrap();
-    wait_for_line(&tcp_out, "<wsuser> hello from websocket");
-    let mut tcp_in = tcp_client.stdin.take().unwrap();
-    writeln!(tcp_in, "/me waves back").unwrap();
-    wait_for_line(&ws_out, "* tcpuser waves back");
-    writeln!(ws_in, "/msg tcpuser <b>not bold</b>").unwrap();
-    wait_for_line(&tcp_out, "*wsuser -> tcpuser* <b>not bold</b>");
+/// Writes one line to a client's stdin.
+fn type_line(c: &mut Child, line: &str) {
+    writeln!(c.stdin.as_mut().unwrap(), "{line}").unwrap();
+}
 
+#[test]
+fn netkit_chat_says_from_websocket_to_tcp() {
+    let mut t = two_clients();
+    type_line(&mut t.ws.0, "hello from websocket");
+    wait_for_line(&t.tcp.1, "<wsuser> hello from websocket");
+}
+
+#[test]
+fn netkit_chat_action_from_tcp_reaches_websocket() {
+    let mut t = two_clients();
+    type_line(&mut t.tcp.0, "/me waves back");
+    wait_for_line(&t.ws.1, "* tcpuser waves back");
+}
+
+#[test]
+fn netkit_chat_private_message_is_shown_as_plain_text() {
+    let mut t = two_clients();
+    type_line(&mut t.ws.0, "/msg tcpuser <b>not bold</b>");
+    wait_for_line(&t.tcp.1, "*wsuser -> tcpuser* <b>not bold</b>");
+}
+
+#[test]
+fn netkit_chat_ends_at_the_end_of_its_input() {
+    let mut t = two_clients();
     // End of input ends the clients.
-    drop(ws_in);
-    drop(tcp_in);
-    for c in [&mut ws_client, &mut tcp_client] {
+    drop(t.ws.0.stdin.take());
+    drop(t.tcp.0.stdin.take());
+    for c in [&mut t.ws.0, &mut t.tcp.0] {
         assert!(proc_util::exited_within(c, T), "netkit chat did not exit");
         assert!(c.wait().unwrap().success());
     }
-    // A bad URL is a clear error.
+}
+
+#[test]
+fn netkit_chat_rejects_a_bad_url_clearly() {
     let out = Command::new(env!("CARGO_BIN_EXE_netkit"))
         .args(["chat", "http://x"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ws://HOST:PORT/ws"));
-    srv.child.kill().unwrap();
-    srv.child.wait().unwrap();
 }

@@ -1,4 +1,4 @@
-//! The real binary: help, resolve, conns and serve.
+//! The real binary: help, resolve, conns and serve (started through its ready line).
 
 mod proc_util;
 
@@ -28,6 +28,20 @@ fn help_reads_for_every_command() {
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(text.contains("Usage: netkit"), "{args:?}: {text}");
     }
+}
+
+#[test]
+fn help_documents_the_ready_line() {
+    let out = bin().arg("--help").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("--ready-json") && text.contains("NETKIT_READY_JSON"),
+        "{text}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
     let out = bin()
         .args(["tcp", "serve", "--max-conns", "many"])
         .output()
@@ -36,21 +50,27 @@ fn help_reads_for_every_command() {
 }
 
 #[test]
-fn resolve_prints_addresses_and_json() {
+fn resolve_prints_the_address_and_its_family() {
     let (st, out, err) = run_with_stdin(&["resolve", "tcp", "127.0.0.1:80"], b"", T);
     assert!(st.success(), "{err}");
     assert!(
         out.contains("IPv4") && out.contains("127.0.0.1") && out.contains("80"),
         "{out}"
     );
+}
 
+#[test]
+fn resolve_json_keeps_an_ipv6_zone() {
     let (st, out, _) = run_with_stdin(&["resolve", "udp6", "[fe80::1%lo]:53", "--json"], b"", T);
     assert!(st.success());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["family"], "ipv6");
     assert_eq!(v[0]["zone"], "lo");
     assert_eq!(v[0]["address"], "[fe80::1%lo]:53");
+}
 
+#[test]
+fn resolve_json_resolves_localhost() {
     let (st, out, _) = run_with_stdin(&["resolve", "ip4", "localhost", "--json"], b"", T);
     assert!(st.success());
     assert!(out.contains("\"127.0.0.1\""), "{out}");
@@ -104,8 +124,29 @@ fn state_of(
         .map(|c| c.state)
 }
 
+/// A listener on port 0, a client connected to it, and the accepted end.
+struct Pair {
+    listener: TcpListener,
+    server: std::net::SocketAddr,
+    client: TcpStream,
+    accepted: TcpStream,
+}
+
+fn connected_pair() -> Pair {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    let client = TcpStream::connect(server).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    Pair {
+        listener,
+        server,
+        client,
+        accepted,
+    }
+}
+
 #[test]
-fn conns_shows_listen_established_and_closing_states() {
+fn conns_lists_a_listener_and_its_owner() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let server_addr = listener.local_addr().unwrap();
     let rows = filter(
@@ -119,10 +160,12 @@ fn conns_shows_listen_established_and_closing_states() {
         Some(std::process::id() as i32),
         "owner is this process"
     );
+}
 
-    let client = TcpStream::connect(server_addr).unwrap();
-    let (accepted, _) = listener.accept().unwrap();
-    let client_addr = client.local_addr().unwrap();
+#[test]
+fn conns_shows_both_ends_established() {
+    let p = connected_pair();
+    let (server_addr, client_addr) = (p.server, p.client.local_addr().unwrap());
     let rows = table().unwrap();
     assert_eq!(
         state_of(&rows, client_addr, server_addr),
@@ -151,9 +194,15 @@ fn conns_shows_listen_established_and_closing_states() {
         "{out}"
     );
     assert_eq!(states.iter().filter(|s| *s == "LISTEN").count(), 1, "{out}");
+    drop(p.listener);
+}
 
+#[test]
+fn conns_shows_the_closing_states() {
+    let p = connected_pair();
+    let (server_addr, client_addr) = (p.server, p.client.local_addr().unwrap());
     // The client closes: it goes to FIN_WAIT2 (or TIME_WAIT), the server to CLOSE_WAIT.
-    drop(client);
+    drop(p.client);
     let rows = wait_for_table("client FIN_WAIT2 and server CLOSE_WAIT", |rows| {
         matches!(
             state_of(rows, client_addr, server_addr),
@@ -164,7 +213,7 @@ fn conns_shows_listen_established_and_closing_states() {
     assert_eq!(text_rows.len(), 1);
 
     // The server closes too: the client side ends in TIME_WAIT.
-    drop(accepted);
+    drop(p.accepted);
     wait_for_table("client TIME_WAIT", |rows| {
         state_of(rows, client_addr, server_addr) == Some(TcpState::TimeWait)
     });
@@ -184,6 +233,7 @@ fn conns_shows_listen_established_and_closing_states() {
         out.contains("TIME_WAIT") && out.contains(&client_addr.to_string()),
         "{out}"
     );
+    drop(p.listener);
 }
 
 #[test]
@@ -203,23 +253,18 @@ fn conns_watch_marks_new_connections() {
             &port.to_string(),
             "--json",
         ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        .stdin(std::process::Stdio::null());
         c
     });
-    let mut out = std::io::BufReader::new(p.child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let line = p.stdout_line(T).expect("a first table");
     let first: Vec<serde_json::Value> = serde_json::from_str(&line).unwrap();
     assert_eq!(first.len(), 1, "only the listener at first: {line}");
     let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut saw_new = false;
     for _ in 0..29 {
-        line.clear();
-        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+        let Some(line) = p.stdout_line(T) else {
             break;
-        }
+        };
         let rows: Vec<serde_json::Value> = serde_json::from_str(&line).unwrap();
         if rows
             .iter()
@@ -233,11 +278,9 @@ fn conns_watch_marks_new_connections() {
     drop(p);
 }
 
-#[test]
-fn serve_runs_tcp_and_udp_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut p = Netkit::spawn(&[
+/// `netkit serve` with every door on port 0, its data dir under `dir`.
+fn serve_all(dir: &tempfile::TempDir) -> Netkit {
+    Netkit::spawn(&[
         "serve",
         "--tcp",
         "127.0.0.1:0",
@@ -250,11 +293,36 @@ fn serve_runs_tcp_and_udp_and_stops_on_sigterm() {
         "--chat",
         "127.0.0.1:0",
         "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    let tcp = p.addr("tcp:");
-    let udp = p.addr("udp:");
-    let mut c = TcpStream::connect(tcp).unwrap();
+        dir.path().join("data").to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn serve_ready_line_names_every_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = serve_all(&dir);
+    let r = &p.ready;
+    for (door, addr) in [
+        ("http", r.http),
+        ("chat", r.chat),
+        ("drop", r.drop),
+        ("tcp", r.tcp),
+        ("udp", r.udp),
+    ] {
+        let addr = addr.unwrap_or_else(|| panic!("{door} missing from {r:?}"));
+        assert!(
+            addr.ip().is_loopback() && addr.port() != 0,
+            "{door}: {addr}"
+        );
+    }
+    assert_eq!(r.cluster, None, "clustering is off");
+}
+
+#[test]
+fn serve_runs_the_tcp_rand_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = serve_all(&dir);
+    let mut c = TcpStream::connect(p.ready.tcp.unwrap()).unwrap();
     c.set_read_timeout(Some(T)).unwrap();
     c.write_all(b"hello\n").unwrap();
     let mut buf = [0u8; 8];
@@ -265,12 +333,25 @@ fn serve_runs_tcp_and_udp_and_stops_on_sigterm() {
         .parse()
         .unwrap();
     assert!(v < 100);
+}
+
+#[test]
+fn serve_runs_the_udp_echo_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = serve_all(&dir);
+    let mut buf = [0u8; 8];
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
     u.set_read_timeout(Some(T)).unwrap();
-    u.send_to(b"echo me", udp).unwrap();
+    u.send_to(b"echo me", p.ready.udp.unwrap()).unwrap();
     let n = u.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"echo me");
-    assert!(data.is_dir(), "data dir created");
+}
+
+#[test]
+fn serve_creates_its_data_dir_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = serve_all(&dir);
+    assert!(dir.path().join("data").is_dir(), "data dir created");
     assert!(p.terminate().success());
     p.wait_for("netkit serve: stopped", T);
 }

@@ -3,29 +3,26 @@
 //! Every wait reads the nodes' `--status-json` lines (or their logs) with a
 //! deadline; nothing sleeps for correctness.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+mod proc_util;
+
 use std::time::{Duration, Instant};
 
+use proc_util::{Netkit, bin};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// One running node, with its status lines and log lines arriving on channels.
+/// One running node; its status lines follow the ready line on stdout.
 struct Node {
     name: String,
-    child: Child,
-    status: Receiver<Value>,
-    log: Receiver<String>,
+    p: Netkit,
     last: Option<Value>,
-    logs: Vec<String>,
 }
 
 impl Node {
     fn start(name: &str, listen: &str, join: &str, key: Option<&str>) -> Node {
         let data = std::env::temp_dir().join("netkit-cluster-test");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netkit"));
+        let mut cmd = bin();
         cmd.args([
             "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--http", "off", "--chat",
             "off",
@@ -40,43 +37,15 @@ impl Node {
         .args(["--cluster-suspect-timeout", "600ms"])
         .args(["--cluster-gossip-interval", "50ms"])
         .args(["--cluster-push-pull-interval", "2s"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
         .env_remove("NETKIT_CLUSTER_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdin(std::process::Stdio::null());
         if let Some(k) = key {
             cmd.args(["--cluster-key", k]);
         }
-        let mut child = cmd.spawn().expect("spawn netkit");
-        let (stx, status) = channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && stx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let (ltx, log) = channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if ltx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         let mut node = Node {
             name: name.to_string(),
-            child,
-            status,
-            log,
+            p: Netkit::start(cmd),
             last: None,
-            logs: Vec::new(),
         };
         node.wait_status(|_| true, "a first status line");
         node
@@ -87,15 +56,18 @@ impl Node {
         let end = Instant::now() + DEADLINE;
         loop {
             let left = end.saturating_duration_since(Instant::now());
-            match self.status.recv_timeout(left) {
-                Ok(v) => {
+            match self.p.next_stdout(left) {
+                Ok(line) => {
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
                     self.last = Some(v.clone());
                     if pred(&v) {
                         return v;
                     }
                 }
                 Err(_) => {
-                    let log = self.drain_log();
+                    let log = self.p.drain_log().to_vec();
                     panic!(
                         "{}: no status line with {what} within {DEADLINE:?}; last: {:?}; log: {log:?}",
                         self.name, self.last
@@ -114,72 +86,34 @@ impl Node {
         self.wait_status(|_| true, "any content")
     }
 
-    fn drain_log(&mut self) -> Vec<String> {
-        while let Ok(l) = self.log.try_recv() {
-            self.logs.push(l);
-        }
-        self.logs.clone()
-    }
-
     /// Waits for a log line containing every one of `parts`.
     fn wait_log(&mut self, parts: &[&str]) -> String {
-        let matches = |l: &String| parts.iter().all(|p| l.contains(p));
-        if let Some(l) = self.logs.iter().find(|l| matches(l)) {
-            return l.clone();
-        }
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(l) => {
-                    self.logs.push(l.clone());
-                    if matches(&l) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!(
-                    "{}: no log line with {parts:?} within {DEADLINE:?}; log: {:?}",
-                    self.name, self.logs
-                ),
-            }
-        }
+        self.p.wait_log(parts, DEADLINE)
     }
 
+    /// The gossip address, from the ready line.
     fn addr(&self) -> String {
-        self.last.as_ref().unwrap()["addr"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    fn terminate(&mut self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        self.p.ready.cluster.expect("clustering is on").to_string()
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn three_nodes_detect_a_kill_and_the_restarted_node_rejoins() {
-    let mut a = Node::start("a", "127.0.0.1:0", "", None);
+/// Nodes a, b and c (joining through a), once each counts three members.
+fn three_nodes() -> (Node, Node, Node) {
+    let a = Node::start("a", "127.0.0.1:0", "", None);
     let seed = a.addr();
-    let mut b = Node::start("b", "127.0.0.1:0", &seed, None);
-    let mut c = Node::start("c", "127.0.0.1:0", &seed, None);
+    let b = Node::start("b", "127.0.0.1:0", &seed, None);
+    let c = Node::start("c", "127.0.0.1:0", &seed, None);
+    let (mut a, mut b, mut c) = (a, b, c);
     for n in [&mut a, &mut b, &mut c] {
         n.wait_members(3);
     }
-    let c_addr = c.addr();
+    (a, b, c)
+}
 
-    c.child.kill().unwrap(); // SIGKILL: no goodbye
-    c.child.wait().unwrap();
+#[test]
+fn a_killed_node_is_detected_down() {
+    let (mut a, mut b, mut c) = three_nodes();
+    c.p.kill9(); // SIGKILL: no goodbye
     for n in [&mut a, &mut b] {
         n.wait_members(2);
         n.wait_log(&["member is down", "c ("]);
@@ -187,34 +121,45 @@ fn three_nodes_detect_a_kill_and_the_restarted_node_rejoins() {
     // The first datagram sent to c's unbound port drew an ICMP "port
     // unreachable", which its sender took as an early failed probe.
     let early = [&mut a, &mut b].into_iter().any(|n| {
-        n.drain_log()
+        n.p.drain_log()
             .iter()
             .any(|l| l.contains("gossip port is unreachable") && l.contains("c ("))
     });
     assert!(
         early,
         "a or b suspected c from ICMP: {:?} {:?}",
-        a.logs, b.logs
+        a.p.seen, b.p.seen
     );
+}
 
+#[test]
+fn a_killed_node_restarted_on_its_address_rejoins() {
+    let (mut a, mut b, mut c) = three_nodes();
+    let c_addr = c.addr();
+    c.p.kill9();
+    for n in [&mut a, &mut b] {
+        n.wait_members(2);
+    }
     // Same name, same address: a new generation that wins over the down one.
     let b_addr = b.addr();
     let mut c = Node::start("c", &c_addr, &b_addr, None);
     for n in [&mut a, &mut b, &mut c] {
         n.wait_members(3);
     }
+}
 
+#[test]
+fn a_node_stopped_by_sigterm_leaves_and_is_not_detected_down() {
+    let (mut a, mut b, mut c) = three_nodes();
     // Graceful leave: the others log "left", not "down".
-    b.terminate();
-    let status = b.child.wait().unwrap();
+    let status = b.p.terminate();
     assert!(status.success(), "b exits cleanly on SIGTERM: {status:?}");
     for n in [&mut a, &mut c] {
         n.wait_members(2);
         n.wait_log(&["member left", "b ("]);
     }
-    a.drain_log();
     assert!(
-        !a.logs
+        !a.p.drain_log()
             .iter()
             .any(|l| l.contains("member is down") && l.contains("b (")),
         "b left; it was not detected as failed"
@@ -238,29 +183,35 @@ fn a_node_with_another_key_is_refused() {
     assert_eq!(a.current()["members"], 2);
 }
 
-#[test]
-fn cluster_flags_are_checked_before_serving() {
-    let out = Command::new(env!("CARGO_BIN_EXE_netkit"))
+/// `netkit serve` with every door off and `flags`; it must fail before serving.
+fn serve_refuses(flags: &[&str]) -> String {
+    let out = bin()
         .args([
             "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--http", "off", "--chat",
             "off",
         ])
-        .args(["--status-json", "1s"])
+        .args(flags)
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--join"));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
-    let out = Command::new(env!("CARGO_BIN_EXE_netkit"))
-        .args([
-            "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--http", "off", "--chat",
-            "off", "--join", "",
-        ])
-        .args(["--node-name", "a b", "--cluster-listen", "127.0.0.1:0"])
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-name"));
+#[test]
+fn status_json_without_clustering_names_join() {
+    assert!(serve_refuses(&["--status-json", "1s"]).contains("--join"));
+}
+
+#[test]
+fn a_bad_node_name_is_refused_before_serving() {
+    let err = serve_refuses(&[
+        "--join",
+        "",
+        "--node-name",
+        "a b",
+        "--cluster-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(err.contains("--node-name"));
 }

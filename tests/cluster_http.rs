@@ -178,14 +178,19 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let cmd = cluster_node_command(name, dir.path(), "127.0.0.1:0", join, chat);
         Node {
-            p: Netkit::from_command(cmd),
+            p: Netkit::start(cmd),
             _dir: dir,
         }
     }
 
-    /// The address logged after `needle`, waiting for the line with a deadline.
-    fn addr_after(&mut self, needle: &str) -> SocketAddr {
-        self.p.addr_after(needle)
+    /// The HTTP address from the ready line.
+    fn http(&self) -> SocketAddr {
+        self.p.ready.http.expect("http door")
+    }
+
+    /// The gossip address from the ready line.
+    fn gossip(&self) -> SocketAddr {
+        self.p.ready.cluster.expect("clustering is on")
     }
 }
 
@@ -203,13 +208,11 @@ fn fetch(http: SocketAddr) -> Value {
 
 #[test]
 fn two_real_nodes_report_each_other() {
-    let mut a = Node::start("a", "", true);
-    let a_http = a.addr_after("http: listening on http://");
-    let a_chat = a.addr_after("chat: listening on ");
-    let a_gossip = a.addr_after("gossip on udp ");
+    let a = Node::start("a", "", true);
+    let (a_http, a_gossip) = (a.http(), a.gossip());
+    let a_chat = a.p.ready.chat.expect("line chat door");
     let mut b = Node::start("b", &a_gossip.to_string(), false);
-    let b_http = b.addr_after("http: listening on http://");
-    let b_gossip = b.addr_after("gossip on udp ");
+    let (b_http, b_gossip) = (b.http(), b.gossip());
 
     // A line-chat user on a shows up among a's users.
     let mut user = TcpStream::connect(a_chat).unwrap();
@@ -263,8 +266,7 @@ fn two_real_nodes_report_each_other() {
     }
 
     // kill -9 of b: a reports it down.
-    b.p.child.kill().unwrap();
-    b.p.child.wait().unwrap();
+    b.p.kill9();
     let deadline = Instant::now() + DEADLINE;
     loop {
         let va = fetch(a_http);
@@ -279,11 +281,10 @@ fn two_real_nodes_report_each_other() {
 /// `netkit members URL [--json]`: the real binary against a real node.
 #[test]
 fn members_command_prints_the_table_and_json() {
-    let mut a = Node::start("a", "", false);
-    let a_http = a.addr_after("http: listening on http://");
-    let a_gossip = a.addr_after("gossip on udp ");
-    let mut b = Node::start("b", &a_gossip.to_string(), false);
-    let b_http = b.addr_after("http: listening on http://");
+    let a = Node::start("a", "", false);
+    let (a_http, a_gossip) = (a.http(), a.gossip());
+    let b = Node::start("b", &a_gossip.to_string(), false);
+    let b_http = b.http();
     let url = format!("http://{a_http}");
     let deadline = Instant::now() + DEADLINE;
     let table = loop {

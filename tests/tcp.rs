@@ -329,7 +329,7 @@ fn binary_tcp_serve_answers_and_exits_0_on_sigterm() {
         "--service",
         "rand",
     ]);
-    let addr = p.addr("tcp:");
+    let addr = p.ready.tcp.expect("tcp door");
     let (st, out, err) = run_with_stdin(
         &["tcp", "connect", &addr.to_string()],
         b"1\n2\n3\nSTOP\n",
@@ -442,8 +442,8 @@ fn binary_tcp_serve_shards_share_one_connection_cap() {
         "--max-conns",
         "3",
     ]);
-    let addr = p.addr("tcp:");
-    assert!(p.seen.last().unwrap().contains("threads=2"));
+    let addr = p.ready.tcp.expect("tcp door");
+    assert!(p.wait_for("tcp: listening on", T).contains("threads=2"));
     let mut held = Vec::new();
     for _ in 0..3 {
         let c = std::net::TcpStream::connect(addr).unwrap();

@@ -1,75 +1,55 @@
 //! `netkit send`, `netkit recv` and the file drop of `netkit serve`, driven
 //! through the real binary on port 0.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod proc_util;
+
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use proc_util::Netkit;
 
 const BIN: &str = env!("CARGO_BIN_EXE_netkit");
 
-/// A running receiver-side process, its bound address and its stderr so far.
+/// A running receiver-side process and the address senders connect to.
 struct Running {
-    child: Child,
+    p: Netkit,
     addr: String,
-    stderr: mpsc::Receiver<String>,
 }
 
-/// Spawns `netkit ARGS` and waits for the log line naming the transfer listener.
+/// Starts `netkit ARGS` (`recv --listen` or `serve --drop`); the address is
+/// the transfer listener from its ready line.
 fn spawn_listening(args: &[&str]) -> Running {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
-            let _ = child.kill();
-            let status = child.wait();
-            panic!("the process never logged its listening address ({status:?})");
-        };
-        if let Some(i) = line.find("recv: listening on ") {
-            let addr: String = line[i + "recv: listening on ".len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect();
-            return Running {
-                child,
-                addr,
-                stderr: rx,
-            };
-        }
+    let p = Netkit::spawn(args);
+    let addr = p.ready.recv.or(p.ready.drop).expect("a transfer listener");
+    Running {
+        addr: addr.to_string(),
+        p,
     }
 }
 
 impl Running {
+    /// Waits for the exit; the status, what followed the ready line on stdout, and the log.
     fn wait(mut self) -> (std::process::ExitStatus, String, String) {
-        let status = self.child.wait().unwrap();
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let err: Vec<String> = self.stderr.try_iter().collect();
-        (status, out, err.join("\n"))
+        let status = self.p.wait(Duration::from_secs(120));
+        let out = self.p.stdout_string();
+        (status, out, self.p.seen.join("\n"))
     }
+}
+
+/// `netkit recv --listen 127.0.0.1:0 --dir DIR` with more `flags`.
+fn recv_into(dir: &std::path::Path, flags: &[&str]) -> Running {
+    let mut args = vec![
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    spawn_listening(&args)
 }
 
 fn send(args: &[&str], stdin: Option<Stdio>) -> std::process::Output {
@@ -91,15 +71,7 @@ fn send_and_recv_once_with_json() {
     std::fs::write(tree.join("2024/été/a.jpg"), vec![9u8; 100_003]).unwrap();
     std::fs::write(tree.join("notes.txt"), "hello").unwrap();
 
-    let r = spawn_listening(&[
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        out.path().to_str().unwrap(),
-        "--once",
-        "--json",
-    ]);
+    let r = recv_into(out.path(), &["--once", "--json"]);
     let o = send(&["--to", &r.addr, "--json", tree.to_str().unwrap()], None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
@@ -130,16 +102,9 @@ fn send_and_recv_once_with_json() {
 }
 
 #[test]
-fn stdin_from_a_pipe_and_from_a_file() {
+fn stdin_from_a_pipe_of_unknown_size() {
     let out = tempfile::tempdir().unwrap();
-    let r = spawn_listening(&[
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        out.path().to_str().unwrap(),
-    ]);
-    // A pipe: size unknown in advance.
+    let r = recv_into(out.path(), &[]);
     let mut child = Command::new(BIN)
         .args(["send", "-", "--name", "piped.txt", "--to", &r.addr])
         .stdin(Stdio::piped())
@@ -156,8 +121,13 @@ fn stdin_from_a_pipe_and_from_a_file() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("stored"));
     assert_eq!(std::fs::read(out.path().join("piped.txt")).unwrap(), data);
+    stop(r);
+}
 
-    // A regular file on stdin: size known.
+#[test]
+fn stdin_from_a_regular_file_of_known_size() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recv_into(out.path(), &[]);
     let src = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(src.path(), b"from a file").unwrap();
     let o = send(
@@ -169,8 +139,13 @@ fn stdin_from_a_pipe_and_from_a_file() {
         std::fs::read_to_string(out.path().join("sub/redirected.txt")).unwrap(),
         "from a file"
     );
+    stop(r);
+}
 
-    // Usage errors are clear.
+#[test]
+fn stdin_without_a_name_is_a_clear_usage_error() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recv_into(out.path(), &[]);
     let o = send(&["-", "--to", &r.addr], None);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--name"));
@@ -178,9 +153,7 @@ fn stdin_from_a_pipe_and_from_a_file() {
 }
 
 fn stop(mut r: Running) {
-    // SAFETY: kill only sends a signal to our own child process.
-    unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
-    let status = r.child.wait().unwrap();
+    let status = r.p.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
 }
 
@@ -198,14 +171,7 @@ fn multi_gib_sparse_file_round_trip() {
     }
     drop(f);
 
-    let r = spawn_listening(&[
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        out.path().to_str().unwrap(),
-        "--once",
-    ]);
+    let r = recv_into(out.path(), &["--once"]);
     let o = send(&["--to", &r.addr, path.to_str().unwrap()], None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (status, _, _) = r.wait();
@@ -227,10 +193,9 @@ fn multi_gib_sparse_file_round_trip() {
     assert_eq!(b, [0; 4]);
 }
 
-#[test]
-fn serve_runs_the_file_drop() {
-    let data = tempfile::tempdir().unwrap();
-    let r = spawn_listening(&[
+/// `netkit serve` with only the file drop on, limited to 100-byte files.
+fn serve_drop(data: &tempfile::TempDir) -> Running {
+    spawn_listening(&[
         "serve",
         "--drop",
         "127.0.0.1:0",
@@ -246,14 +211,14 @@ fn serve_runs_the_file_drop() {
         "100",
         "--data-dir",
         data.path().to_str().unwrap(),
-    ]);
+    ])
+}
+
+#[test]
+fn serve_runs_the_file_drop() {
+    let data = tempfile::tempdir().unwrap();
+    let r = serve_drop(&data);
     let src = tempfile::tempdir().unwrap();
-    // The drop's limit flags reach its receiver.
-    let big = src.path().join("big.bin");
-    std::fs::write(&big, [7u8; 101]).unwrap();
-    let o = send(&["--to", &r.addr, big.to_str().unwrap()], None);
-    assert!(!o.status.success());
-    assert!(!data.path().join("files/big.bin").exists());
     let f = src.path().join("dropped.txt");
     std::fs::write(&f, "into the drop").unwrap();
     let o = send(&["--to", &r.addr, f.to_str().unwrap()], None);
@@ -266,7 +231,20 @@ fn serve_runs_the_file_drop() {
 }
 
 #[test]
-fn clear_errors_for_refused_connections_and_missing_files() {
+fn the_file_drop_applies_its_limit_flags() {
+    let data = tempfile::tempdir().unwrap();
+    let r = serve_drop(&data);
+    let src = tempfile::tempdir().unwrap();
+    let big = src.path().join("big.bin");
+    std::fs::write(&big, [7u8; 101]).unwrap();
+    let o = send(&["--to", &r.addr, big.to_str().unwrap()], None);
+    assert!(!o.status.success());
+    assert!(!data.path().join("files/big.bin").exists());
+    stop(r);
+}
+
+#[test]
+fn a_refused_connection_is_a_clear_error() {
     // A port with nothing listening: bind, note it, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -288,7 +266,10 @@ fn clear_errors_for_refused_connections_and_missing_files() {
         err.contains("connection refused") && err.contains("netkit recv"),
         "{err}"
     );
+}
 
+#[test]
+fn a_missing_file_is_a_clear_error() {
     let o = send(&["--to", "127.0.0.1:1", "/nonexistent/file"], None);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/file"));

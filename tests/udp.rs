@@ -231,7 +231,7 @@ fn binary_udp_serve_answers_and_exits_0_on_sigterm() {
         "--service",
         "rand",
     ]);
-    let addr = p.addr("udp:");
+    let addr = p.ready.udp.expect("udp door");
     let c = client();
     c.send_to(b"?", addr).unwrap();
     let mut buf = [0u8; 16];

@@ -65,9 +65,9 @@ pub struct ChatLimitArgs {
     /// (still one frame per message). A message after a quiet spell goes out
     /// at once. Each client's interval is drawn between 3/4 and 5/4 of this,
     /// so that clients are not all written to at the same moment. 0 (the
-    /// default) writes as soon as anything is queued; 4ms cut the server's
-    /// CPU by about 45 % in a busy room, at a few ms of latency
-    /// (bench/chat_fanout.md).
+    /// default) writes as soon as anything is queued; a few milliseconds
+    /// trade that much latency for less server CPU in a busy room (figures in
+    /// bench/README.md).
     #[arg(long, default_value = "0", value_parser = parse_duration, env = "NETKIT_CHAT_WRITE_INTERVAL")]
     pub chat_write_interval: Duration,
 }

@@ -126,15 +126,25 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
         .max(1);
     if threads == 1 {
         let listener = crate::cli::bind_tcp(addr, "--listen").await?;
+        announce_ready(listener.local_addr().ok());
         run(listener, config, Arc::new(Stats::default()), shutdown).await;
         return Ok(());
     }
     let listeners = bind_shards(addr, threads)?;
+    announce_ready(listeners.first().and_then(|l| l.local_addr().ok()));
     let stats = Arc::new(Stats::default());
     tokio::task::spawn_blocking(move || run_sharded(listeners, config, stats, shutdown))
         .await
         .map_err(|e| anyhow::anyhow!("tcp server thread failed: {e}"))??;
     Ok(())
+}
+
+/// The `--ready-json` line of `netkit tcp serve`.
+fn announce_ready(tcp: Option<std::net::SocketAddr>) {
+    crate::ready::announce(&crate::ready::Ready {
+        tcp,
+        ..Default::default()
+    });
 }
 
 /// Binds `n` listeners to one address with `SO_REUSEPORT`, so the kernel

@@ -149,6 +149,10 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
     prepare_dir(&config.dir)?;
     let listener = crate::cli::bind_tcp(addr, "--listen").await?;
     let shutdown = crate::shutdown::on_signal();
+    crate::ready::announce(&crate::ready::Ready {
+        recv: listener.local_addr().ok(),
+        ..Default::default()
+    });
     if !args.once {
         serve(listener, config, shutdown).await;
         return Ok(());

@@ -51,13 +51,18 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--listen off leaves nothing to serve");
     };
     let socket = crate::cli::bind_udp(addr, "--listen").await?;
+    let shutdown = crate::shutdown::on_signal();
+    crate::ready::announce(&crate::ready::Ready {
+        udp: socket.local_addr().ok(),
+        ..Default::default()
+    });
     let max = buffer_size(args.max_datagram);
     run(
         socket,
         args.service,
         max,
         Arc::new(Stats::default()),
-        crate::shutdown::on_signal(),
+        shutdown,
     )
     .await;
     Ok(())

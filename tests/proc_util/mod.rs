@@ -1,5 +1,6 @@
-//! Runs the real `netkit` binary for integration tests: waits for log lines
-//! (not sleeps) to learn bound addresses, signals it, and collects its exit.
+//! Runs the real `netkit` binary for integration tests: starts it with
+//! `--ready-json` and learns its bound addresses from that one stdout line,
+//! keeps its stderr log for assertions, signals it, and collects its exit.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -8,51 +9,137 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-/// A running netkit process whose stderr is read line by line.
+pub use netkit::ready::Ready;
+
+/// How long a start waits for the ready line.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// A running netkit process: its stdout and stderr lines arrive on channels.
 pub struct Netkit {
     pub child: Child,
     lines: Receiver<String>,
+    stdout: Receiver<String>,
+    /// Every stderr (log) line read so far.
     pub seen: Vec<String>,
+    /// The addresses from the ready line (all `None` until [`Netkit::wait_ready`]).
+    pub ready: Ready,
 }
 
+/// The binary, logging at `info`.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_netkit"));
     c.env("RUST_LOG", "info").env_remove("NO_COLOR");
     c
 }
 
+/// Sends each line of `from` on a channel, from a thread of its own.
+fn line_channel(from: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 impl Netkit {
+    /// Starts `netkit --ready-json ARGS` and returns once it has bound its
+    /// sockets (their addresses are in [`Netkit::ready`]).
     pub fn spawn(args: &[&str]) -> Netkit {
         let mut cmd = bin();
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        Self::from_command(cmd)
+        cmd.arg("--ready-json").args(args);
+        Self::start(cmd)
     }
 
+    /// Starts `cmd` with `NETKIT_READY_JSON=1` and returns once it has bound
+    /// its sockets (their addresses are in [`Netkit::ready`]).
+    pub fn start(mut cmd: Command) -> Netkit {
+        cmd.env("NETKIT_READY_JSON", "1");
+        let mut p = Self::from_command(cmd);
+        p.wait_ready();
+        p
+    }
+
+    /// Starts `cmd` with stdout and stderr piped, without waiting for anything.
     pub fn from_command(mut cmd: Command) -> Netkit {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn netkit");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(child.stderr.take().unwrap());
+        let stdout = line_channel(child.stdout.take().unwrap());
         Netkit {
             child,
-            lines: rx,
+            lines,
+            stdout,
             seen: Vec::new(),
+            ready: Ready::default(),
         }
+    }
+
+    /// Reads the ready line, which is the first line on stdout, into [`Netkit::ready`].
+    pub fn wait_ready(&mut self) -> &Ready {
+        let line = match self.stdout.recv_timeout(READY_WITHIN) {
+            Ok(line) => line,
+            Err(e) => {
+                self.drain_log();
+                panic!(
+                    "no ready line within {READY_WITHIN:?} ({e:?}); log:\n{}",
+                    self.seen.join("\n")
+                )
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("the first stdout line is not JSON ({e}): {line}"));
+        assert_eq!(v["ready"], true, "not a ready line: {line}");
+        self.ready = serde_json::from_value(v).unwrap();
+        &self.ready
+    }
+
+    /// The next stdout line after the ready line, or `None` once stdout is
+    /// closed; panics after `timeout`.
+    pub fn stdout_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.next_stdout(timeout) {
+            Ok(l) => Some(l),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => panic!("no stdout line within {timeout:?}"),
+        }
+    }
+
+    /// The next stdout line after the ready line, or why there was none within `timeout`.
+    pub fn next_stdout(&mut self, timeout: Duration) -> Result<String, RecvTimeoutError> {
+        self.stdout.recv_timeout(timeout)
+    }
+
+    /// Everything left on stdout, up to its end (call once the process exits).
+    pub fn stdout_string(&mut self) -> String {
+        let mut s = String::new();
+        while let Some(l) = self.stdout_line(Duration::from_secs(20)) {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Moves the stderr lines that have already arrived into [`Netkit::seen`].
+    pub fn drain_log(&mut self) -> &[String] {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        &self.seen
     }
 
     /// Waits for a stderr line containing `needle`, failing after `timeout`.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+        self.wait_log(&[needle], timeout)
+    }
+
+    /// Waits for a stderr line containing every one of `parts`, failing after `timeout`.
+    pub fn wait_log(&mut self, parts: &[&str], timeout: Duration) -> String {
+        let matches = |l: &String| parts.iter().all(|p| l.contains(p));
+        if let Some(l) = self.seen.iter().find(|l| matches(l)) {
             return l.clone();
         }
         let deadline = Instant::now() + timeout;
@@ -61,19 +148,19 @@ impl Netkit {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.contains(needle) {
+                    if matches(&line) {
                         return line;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     panic!(
-                        "no line with {needle:?} within {timeout:?}; saw:\n{}",
+                        "no line with {parts:?} within {timeout:?}; saw:\n{}",
                         self.seen.join("\n")
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     panic!(
-                        "netkit ended before logging {needle:?}; saw:\n{}",
+                        "netkit ended before logging {parts:?}; saw:\n{}",
                         self.seen.join("\n")
                     )
                 }
@@ -81,22 +168,7 @@ impl Netkit {
         }
     }
 
-    /// Waits for `<prefix> listening on ADDR` and returns ADDR.
-    pub fn addr(&mut self, prefix: &str) -> SocketAddr {
-        self.addr_after(&format!("{prefix} listening on "))
-    }
-
-    /// Waits for a stderr line containing `needle` and parses the address after it.
-    pub fn addr_after(&mut self, needle: &str) -> SocketAddr {
-        let line = self.wait_for(needle, Duration::from_secs(30));
-        let rest = &line[line.find(needle).unwrap() + needle.len()..];
-        rest.split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .expect("address in log line")
-    }
-
+    /// Sends signal `sig` to the process.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, sig) };
@@ -108,6 +180,13 @@ impl Netkit {
         self.wait(Duration::from_secs(20))
     }
 
+    /// `kill -9`, and the exit collected.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits (bounded) for the exit; the whole log is then in [`Netkit::seen`].
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         if !exited_within(&self.child, timeout) {
             let _ = self.child.kill();
@@ -122,14 +201,6 @@ impl Netkit {
             self.seen.push(l);
         }
         st
-    }
-
-    pub fn stdout_string(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            o.read_to_string(&mut s).unwrap();
-        }
-        s
     }
 }
 
@@ -198,7 +269,7 @@ pub fn exited_within(child: &Child, timeout: Duration) -> bool {
 
 /// `netkit serve` as a cluster node on 127.0.0.1 with fast failure detection:
 /// HTTP on port 0, line chat on port 0 when `chat`, every other door off.
-/// Callers may add flags before spawning it with [`Netkit::from_command`].
+/// Callers may add flags before starting it with [`Netkit::start`].
 pub fn cluster_node_command(
     name: &str,
     data: &std::path::Path,
@@ -219,9 +290,7 @@ pub fn cluster_node_command(
         .args(["--cluster-suspect-timeout", "600ms"])
         .args(["--cluster-gossip-interval", "50ms"])
         .env_remove("NETKIT_CLUSTER_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -238,13 +307,20 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// Starts node `name` gossiping on `listen`, joining through `join`,
     /// with line chat when `chat`, and no chat rate limit.
-    pub fn start(name: &str, data: &std::path::Path, listen: &str, join: &str, chat: bool) -> Self {
-        let mut cmd = cluster_node_command(name, data, listen, join, chat);
+    pub fn start(
+        name: &str,
+        data: &std::path::Path,
+        listen: &str,
+        join: &str,
+        chat_on: bool,
+    ) -> Self {
+        let mut cmd = cluster_node_command(name, data, listen, join, chat_on);
         cmd.args(["--chat-rate", "0"]);
-        let mut p = Netkit::from_command(cmd);
-        let http = p.addr_after("http: listening on http://");
-        let chat = chat.then(|| p.addr_after("chat: listening on "));
-        let gossip = p.addr_after("gossip on udp ");
+        let p = Netkit::start(cmd);
+        let http = p.ready.http.expect("http is on");
+        let chat = p.ready.chat;
+        assert_eq!(chat.is_some(), chat_on, "line chat is on only when asked");
+        let gossip = p.ready.cluster.expect("clustering is on");
         ClusterNode {
             p,
             http,
@@ -277,8 +353,7 @@ impl ClusterNode {
 
     /// `kill -9`, and the exit collected.
     pub fn kill9(&mut self) {
-        self.p.child.kill().unwrap();
-        self.p.child.wait().unwrap();
+        self.p.kill9();
     }
 
     /// `GET path` on the node's HTTP server, as JSON.

@@ -1,4 +1,4 @@
-/* bench/c_listen.h: what the C floors (bench/c_epoll, bench/c_wsfan) share:
+/* bench/floors/c_listen.h: what the C floors (bench/floors/c_epoll, bench/floors/c_wsfan) share:
  * the listening socket, accepting, and epoll registration. */
 #include <arpa/inet.h>
 #include <netinet/in.h>

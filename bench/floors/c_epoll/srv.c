@@ -1,4 +1,4 @@
-/* bench/c_epoll: the kernel floor for bench/tcp_rand. A single-threaded,
+/* bench/floors/c_epoll: the kernel floor for bench/tcp_rand. A single-threaded,
  * edge-triggered epoll loop that answers every '\n'-terminated line with
  * "42\n": one recv and one send per round trip and nothing else (no random
  * numbers, no limits, no timers, no logging). No server doing the same work

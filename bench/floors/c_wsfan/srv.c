@@ -1,4 +1,4 @@
-/* bench/c_wsfan: the kernel floor for bench/chat_fanout. A single-threaded
+/* bench/floors/c_wsfan: the kernel floor for bench/chat_fanout. A single-threaded
  * epoll loop that speaks just enough WebSocket (RFC 6455 handshake, masked
  * client frames in, unmasked text frames out) to fan every text frame a
  * client sends (after its first, the join) out to every connected client,
