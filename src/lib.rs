@@ -11,7 +11,7 @@
 //! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), [`transfer::send`] and [`transfer::recv`].
 //! - [`chat`]: the chat hub ([`chat::hub`]), its SQLite history ([`chat::store`]), wire types ([`chat::protocol`]), WebSocket and TCP line adapters ([`chat::ws`], [`chat::line`]) and `netkit chat` ([`chat::client`]).
 //! - [`http`]: the HTTP front door: web app, `/ws`, JSON API, `/metrics`.
-//! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]), the chat relay between nodes ([`cluster::relay`]), presence across nodes ([`cluster::presence`]), the `/api/cluster` report ([`cluster::report`]) and `netkit members` ([`cluster::members`]).
+//! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]), the chat relay between nodes ([`cluster::relay`]), presence across nodes ([`cluster::relay::presence`]), the `/api/cluster` report ([`cluster::report`]) and `netkit members` ([`cluster::members`]).
 //! - [`serve`]: composes the services for `netkit serve`.
 //! - [`ready`]: the `--ready-json` line that tells scripts and tests the bound addresses.
 //! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).

@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::BoundCluster;
 use super::id::{NodeId, NodeMeta};
 use super::node::{Counts, MemberEvent, MemberInfo, Node, Payload, SendError, Stats, Timer};
+use super::{BoundCluster, sleep_until};
 
 /// Capacity of the event and payload broadcast channels; a subscriber that
 /// falls further behind gets `RecvError::Lagged` and must re-read the view.
@@ -240,13 +240,6 @@ struct Driver {
     seq: u64,
     /// The node's view version last published on `view`.
     version: u64,
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 impl Driver {

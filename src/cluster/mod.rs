@@ -11,7 +11,6 @@ pub mod id;
 pub mod members;
 pub mod membership;
 pub mod node;
-pub mod presence;
 pub mod relay;
 pub mod report;
 #[cfg(test)]
@@ -178,6 +177,15 @@ pub async fn bind(args: &ClusterArgs) -> anyhow::Result<Option<BoundCluster>> {
             .map(wire::Sealer::from_passphrase),
         status_json: args.status_json,
     }))
+}
+
+/// Waits until `deadline`, or forever when there is none (a `select!` branch
+/// for a timer that may be unset).
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The machine's host name (`node` when unknown): a standalone node's name.

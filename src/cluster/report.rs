@@ -1,14 +1,13 @@
 //! The cluster as one node reports it: the JSON of `GET /api/cluster`, built
 //! from the membership view, and read back by `netkit members`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use super::id::NodeMeta;
 use super::membership::Membership;
+use super::relay::presence::{self, SharedPresence};
 
 /// What the HTTP server knows about the cluster: this node's name and
 /// addresses, and the membership handle when clustering is on.
@@ -20,12 +19,10 @@ pub struct ClusterInfo {
     pub meta: NodeMeta,
     /// The running membership; `None` when clustering is off.
     pub membership: Option<Membership>,
-    /// Users connected to other nodes, by gossip address, as the relay last heard.
-    pub remote_users: RemoteUsers,
+    /// Users connected to other nodes, by gossip address: the relay's
+    /// presence table, which the relay fills.
+    pub remote_users: SharedPresence,
 }
-
-/// Users connected to each other node, by its gossip address (filled by the relay).
-pub type RemoteUsers = Arc<Mutex<BTreeMap<SocketAddr, Vec<String>>>>;
 
 impl ClusterInfo {
     /// A node that is not part of a cluster.
@@ -34,7 +31,7 @@ impl ClusterInfo {
             name: name.into(),
             meta,
             membership: None,
-            remote_users: RemoteUsers::default(),
+            remote_users: SharedPresence::default(),
         }
     }
 
@@ -57,11 +54,7 @@ impl ClusterInfo {
             };
         };
         let view = membership.view();
-        let remote = self
-            .remote_users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let remote = presence::lock(&self.remote_users);
         me.name = view.me.name.clone();
         me.gossip = Some(view.me.addr);
         let mut members = vec![me];
@@ -73,7 +66,7 @@ impl ClusterInfo {
             http: m.meta.as_ref().and_then(|meta| meta.http),
             chat: m.meta.as_ref().and_then(|meta| meta.chat),
             users: if m.state.is_active() {
-                remote.get(&m.id.addr).cloned()
+                remote.nicks_of(&m.id.addr)
             } else {
                 None
             },

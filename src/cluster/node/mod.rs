@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{Foca, Identity, NoCustomBroadcast, OwnedNotification, PostcardCodec, Runtime, State};
@@ -17,101 +16,14 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+mod report;
+mod tuning;
+
+pub use report::{Counts, MemberEvent, MemberInfo, MemberState, Output, Payload, SendError, Stats};
+pub use tuning::Tuning;
+
 use super::id::{NodeId, NodeMeta};
 use super::wire::{self, AppFrame, AppMsg, Packet, Sealer};
-
-/// Protocol timings and sizes; the defaults meet netkit's targets at 50 nodes
-/// on a LAN (see docs/cluster.md for how they were chosen).
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// How often each node probes one member.
-    pub probe_period: Duration,
-    /// How long a direct probe waits before asking others to probe indirectly.
-    pub probe_rtt: Duration,
-    /// Members asked to probe indirectly when a direct probe gets no answer.
-    pub indirect_probes: usize,
-    /// How long a suspect member has to refute before it is declared down.
-    pub suspect_timeout: Duration,
-    /// How often pending updates are gossiped (only while there are some).
-    pub gossip_interval: Duration,
-    /// Members each gossip round goes to.
-    pub gossip_fanout: usize,
-    /// How often each node exchanges its full state with a random member.
-    pub push_pull_interval: Duration,
-    /// How often a node that has no live member announces itself to the seeds.
-    pub join_retry: Duration,
-    /// How often a node announces itself to a member it considers down, so
-    /// that a healed partition merges again.
-    pub down_announce_interval: Duration,
-    /// Expected cluster size; sets how many times each update is retransmitted.
-    pub cluster_size: u32,
-    /// Largest datagram sent or accepted, sealing included.
-    pub max_packet: usize,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Self {
-            probe_period: Duration::from_millis(1100),
-            probe_rtt: Duration::from_millis(400),
-            indirect_probes: 3,
-            suspect_timeout: Duration::from_millis(1500),
-            gossip_interval: Duration::from_millis(100),
-            gossip_fanout: 3,
-            push_pull_interval: Duration::from_secs(30),
-            join_retry: Duration::from_secs(1),
-            down_announce_interval: Duration::from_secs(10),
-            cluster_size: 64,
-            max_packet: 1400,
-        }
-    }
-}
-
-impl Tuning {
-    /// The foca configuration these settings stand for.
-    pub fn foca_config(&self) -> Result<foca::Config, String> {
-        if self.probe_rtt.is_zero() || self.probe_rtt >= self.probe_period {
-            return Err(format!(
-                "probe RTT ({:?}) must be above zero and below the probe period ({:?}); adjust --cluster-probe-rtt",
-                self.probe_rtt, self.probe_period
-            ));
-        }
-        if self.suspect_timeout.is_zero() || self.gossip_interval.is_zero() {
-            return Err("the suspect timeout and the gossip interval must be above zero".into());
-        }
-        if self.max_packet < 512 || self.max_packet > 65_000 {
-            return Err(format!(
-                "max packet size {} is out of range 512..=65000; adjust --cluster-max-packet",
-                self.max_packet
-            ));
-        }
-        let lan = foca::Config::new_lan(NonZeroU32::new(self.cluster_size.max(1)).expect("max(1)"));
-        let nz = |n: usize| NonZeroUsize::new(n.max(1)).expect("max(1)");
-        Ok(foca::Config {
-            probe_period: self.probe_period,
-            probe_rtt: self.probe_rtt,
-            num_indirect_probes: nz(self.indirect_probes),
-            // memberlist's 4·log10(N+1) (7 at 64) lets an update miss a node
-            // now and then (≈ e^-7 per node); at least 10 makes it rare.
-            // Costs bytes only while there is news to spread.
-            max_transmissions: lan.max_transmissions.max(NonZeroU8::new(10).expect("10")),
-            suspect_to_down_after: self.suspect_timeout,
-            remove_down_after: Some(Duration::from_secs(24 * 3600)),
-            // Room for the kind byte and the seal.
-            max_packet_size: nz(self.max_packet - 1 - wire::SEAL_OVERHEAD),
-            notify_down_members: true,
-            periodic_announce: None,
-            periodic_announce_to_down_members: Some(foca::PeriodicParams {
-                frequency: self.down_announce_interval,
-                num_members: nz(1),
-            }),
-            periodic_gossip: Some(foca::PeriodicParams {
-                frequency: self.gossip_interval,
-                num_members: nz(self.gossip_fanout),
-            }),
-        })
-    }
-}
 
 /// A timer the node asked for; hand it back to [`Node::handle_timer`] when due.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,124 +50,6 @@ pub enum Timer {
         id: NodeId,
         /// Its incarnation when suspected.
         incarnation: u16,
-    },
-}
-
-/// A member's state as netkit reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemberState {
-    /// Answers probes.
-    Alive,
-    /// Missed a probe; has until the suspect timeout to refute.
-    Suspect,
-    /// Declared failed by the cluster.
-    Down,
-    /// Left on purpose (graceful shutdown).
-    Left,
-}
-
-impl MemberState {
-    /// Whether the member counts as part of the cluster (alive or suspect).
-    pub fn is_active(self) -> bool {
-        matches!(self, MemberState::Alive | MemberState::Suspect)
-    }
-}
-
-impl std::fmt::Display for MemberState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MemberState::Alive => "alive",
-            MemberState::Suspect => "suspect",
-            MemberState::Down => "down",
-            MemberState::Left => "left",
-        })
-    }
-}
-
-/// One member as this node sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberInfo {
-    /// Its current identity.
-    pub id: NodeId,
-    /// Its state.
-    pub state: MemberState,
-    /// Its metadata, once received.
-    pub meta: Option<NodeMeta>,
-}
-
-/// A change of one member's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberEvent {
-    /// The member (its new identity when it rejoined).
-    pub id: NodeId,
-    /// The state it is in now.
-    pub state: MemberState,
-    /// The state before, `None` when the member is new to this node.
-    pub previous: Option<MemberState>,
-}
-
-/// Opaque application data received from a member.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Payload {
-    /// The sending member.
-    pub from: NodeId,
-    /// The bytes it sent.
-    pub data: Vec<u8>,
-}
-
-/// What the node wants done after a call: drain it every time.
-#[derive(Debug, Default)]
-pub struct Output {
-    /// Datagrams to send, already framed (and sealed).
-    pub sends: Vec<(SocketAddr, Vec<u8>)>,
-    /// Timers to arm: hand each back after its delay.
-    pub timers: Vec<(Duration, Timer)>,
-    /// Member state changes, in order.
-    pub events: Vec<MemberEvent>,
-    /// Application payloads received.
-    pub payloads: Vec<Payload>,
-}
-
-/// Traffic counters of one node.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Stats {
-    /// Datagram bytes sent (framing and sealing included).
-    pub tx_bytes: u64,
-    /// Datagrams sent.
-    pub tx_pkts: u64,
-    /// Datagram bytes received.
-    pub rx_bytes: u64,
-    /// Datagrams received.
-    pub rx_pkts: u64,
-    /// Datagrams refused (no or wrong key, malformed).
-    pub rejected: u64,
-}
-
-/// Member counts for the status line.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counts {
-    /// Members not down or left, this node included.
-    pub members: usize,
-    /// Alive members, this node included.
-    pub alive: usize,
-    /// Suspect members.
-    pub suspect: usize,
-}
-
-/// Why an application payload could not be sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// No live member has that gossip address.
-    #[error("no live member at {0}")]
-    NoSuchMember(SocketAddr),
-    /// The payload does not fit in one datagram.
-    #[error("payload of {len} bytes exceeds the limit of {max} bytes per datagram")]
-    TooBig {
-        /// Its size.
-        len: usize,
-        /// The limit.
-        max: usize,
     },
 }
 
@@ -710,96 +504,17 @@ impl Node {
             .is_some_and(|m| &m.id == id && m.state.is_active())
     }
 
+    /// An application frame from a member: a handler per message kind.
     fn handle_app(&mut self, frame: AppFrame) {
         let AppFrame { from, msg } = frame;
         if self.leaving || from.addr == self.id().addr {
             return;
         }
         match msg {
-            AppMsg::PushPull { reply, members } => {
-                // A member known to be down talks from stale knowledge.
-                if let Some(m) = self.view.get(&from.addr)
-                    && m.id == from
-                    && !m.state.is_active()
-                {
-                    debug!(from = ?from, "cluster: push-pull from a member known down; ignored");
-                    return;
-                }
-                let first_part = members.first().is_some_and(|m| m.id() == &from);
-                if let Err(e) = self
-                    .foca
-                    .apply_many(members.into_iter(), true, &mut self.io)
-                {
-                    debug!(from = ?from, "cluster: push-pull state: {e}");
-                }
-                self.after_foca();
-                if !reply && first_part {
-                    self.send_state(from.addr, true);
-                }
-            }
-            AppMsg::Meta { meta, want_reply } => {
-                // It may arrive before foca has told us about the sender; keep
-                // it for when it does, unless the sender is known to be gone.
-                if self
-                    .view
-                    .get(&from.addr)
-                    .is_some_and(|m| m.id == from && !m.state.is_active())
-                {
-                    return;
-                }
-                if self.metas.len() > 2 * self.view.len() + 64 {
-                    let view = &self.view;
-                    self.metas
-                        .retain(|id, _| view.get(&id.addr).is_some_and(|m| &m.id == id));
-                }
-                self.metas.insert(from.clone(), meta.clone());
-                if let Some(m) = self.view.get_mut(&from.addr)
-                    && m.meta.as_ref() != Some(&meta)
-                {
-                    m.meta = Some(meta);
-                    self.version += 1;
-                }
-                if want_reply {
-                    self.send_meta(from, false);
-                }
-            }
-            AppMsg::Suspected { incarnation } => {
-                if !self.is_active_member(&from) {
-                    return;
-                }
-                let me = self.id().clone();
-                let suspicion = foca::Member::new(me, incarnation, State::Suspect);
-                if let Err(e) = self
-                    .foca
-                    .apply_many(std::iter::once(suspicion), true, &mut self.io)
-                {
-                    debug!("cluster: applying a suspicion of this node: {e}");
-                }
-                // Any foca message carries the sender's incarnation; an
-                // announce takes the refutation straight to the suspecter.
-                if let Err(e) = self.foca.announce(from, &mut self.io) {
-                    debug!("cluster: refuting: {e}");
-                }
-                self.after_foca();
-            }
-            AppMsg::Leave => {
-                // Foca's own gossip of the departure may have come first:
-                // a member already down by that identity is relabelled "left".
-                if !self.view.get(&from.addr).is_some_and(|m| m.id == from) {
-                    return;
-                }
-                self.left.insert(from.clone());
-                // Force a full look: the member may already be down in foca.
-                self.snapshot.clear();
-                let down = foca::Member::new(from, 0, State::Down);
-                if let Err(e) = self
-                    .foca
-                    .apply_many(std::iter::once(down), true, &mut self.io)
-                {
-                    debug!("cluster: applying a leave: {e}");
-                }
-                self.after_foca();
-            }
+            AppMsg::PushPull { reply, members } => self.on_push_pull(from, reply, members),
+            AppMsg::Meta { meta, want_reply } => self.on_meta(from, meta, want_reply),
+            AppMsg::Suspected { incarnation } => self.on_suspected(from, incarnation),
+            AppMsg::Leave => self.on_leave(from),
             AppMsg::Payload(data) => {
                 if self.is_active_member(&from) {
                     self.io.out.payloads.push(Payload { from, data });
@@ -808,6 +523,98 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A part of a member's full state; answered with ours if it asks.
+    fn on_push_pull(&mut self, from: NodeId, reply: bool, members: Vec<foca::Member<NodeId>>) {
+        // A member known to be down talks from stale knowledge.
+        if let Some(m) = self.view.get(&from.addr)
+            && m.id == from
+            && !m.state.is_active()
+        {
+            debug!(from = ?from, "cluster: push-pull from a member known down; ignored");
+            return;
+        }
+        let first_part = members.first().is_some_and(|m| m.id() == &from);
+        if let Err(e) = self
+            .foca
+            .apply_many(members.into_iter(), true, &mut self.io)
+        {
+            debug!(from = ?from, "cluster: push-pull state: {e}");
+        }
+        self.after_foca();
+        if !reply && first_part {
+            self.send_state(from.addr, true);
+        }
+    }
+
+    /// A member's metadata.
+    fn on_meta(&mut self, from: NodeId, meta: NodeMeta, want_reply: bool) {
+        // It may arrive before foca has told us about the sender; keep
+        // it for when it does, unless the sender is known to be gone.
+        if self
+            .view
+            .get(&from.addr)
+            .is_some_and(|m| m.id == from && !m.state.is_active())
+        {
+            return;
+        }
+        if self.metas.len() > 2 * self.view.len() + 64 {
+            let view = &self.view;
+            self.metas
+                .retain(|id, _| view.get(&id.addr).is_some_and(|m| &m.id == id));
+        }
+        self.metas.insert(from.clone(), meta.clone());
+        if let Some(m) = self.view.get_mut(&from.addr)
+            && m.meta.as_ref() != Some(&meta)
+        {
+            m.meta = Some(meta);
+            self.version += 1;
+        }
+        if want_reply {
+            self.send_meta(from, false);
+        }
+    }
+
+    /// A member suspects this node: refute it straight to the suspecter.
+    fn on_suspected(&mut self, from: NodeId, incarnation: u16) {
+        if !self.is_active_member(&from) {
+            return;
+        }
+        let me = self.id().clone();
+        let suspicion = foca::Member::new(me, incarnation, State::Suspect);
+        if let Err(e) = self
+            .foca
+            .apply_many(std::iter::once(suspicion), true, &mut self.io)
+        {
+            debug!("cluster: applying a suspicion of this node: {e}");
+        }
+        // Any foca message carries the sender's incarnation; an
+        // announce takes the refutation straight to the suspecter.
+        if let Err(e) = self.foca.announce(from, &mut self.io) {
+            debug!("cluster: refuting: {e}");
+        }
+        self.after_foca();
+    }
+
+    /// A member leaves on purpose.
+    fn on_leave(&mut self, from: NodeId) {
+        // Foca's own gossip of the departure may have come first:
+        // a member already down by that identity is relabelled "left".
+        if !self.view.get(&from.addr).is_some_and(|m| m.id == from) {
+            return;
+        }
+        self.left.insert(from.clone());
+        // Force a full look: the member may already be down in foca.
+        self.snapshot.clear();
+        let down = foca::Member::new(from, 0, State::Down);
+        if let Err(e) = self
+            .foca
+            .apply_many(std::iter::once(down), true, &mut self.io)
+        {
+            debug!("cluster: applying a leave: {e}");
+        }
+        self.after_foca();
     }
 
     /// Tells a member this node suspects so, directly; a live one refutes

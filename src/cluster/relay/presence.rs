@@ -17,8 +17,13 @@
 //! drops its users and yields their leaves; the generation is remembered, so
 //! a snapshot of that life arriving late is refused. A node that comes back
 //! does so with a higher generation, and its next snapshot is taken as new.
+//!
+//! The one table is shared ([`SharedPresence`]): the relay's presence link
+//! writes it, and `GET /api/cluster` reads each node's users from it.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +133,8 @@ pub struct PresenceTable<P> {
     nodes: BTreeMap<P, Held>,
     /// Generation of each node whose presence was removed (down or left).
     ended: BTreeMap<P, u32>,
+    /// Nicknames sent by nodes that predate snapshots (`RelayPacket::Users`).
+    legacy: BTreeMap<P, Vec<String>>,
 }
 
 impl<P> Default for PresenceTable<P> {
@@ -135,8 +142,18 @@ impl<P> Default for PresenceTable<P> {
         PresenceTable {
             nodes: BTreeMap::new(),
             ended: BTreeMap::new(),
+            legacy: BTreeMap::new(),
         }
     }
+}
+
+/// The presence table of `netkit serve`, shared by the relay (which writes
+/// it) and the `/api/cluster` report (which reads it).
+pub type SharedPresence = Arc<Mutex<PresenceTable<SocketAddr>>>;
+
+/// Locks a shared table (a panic elsewhere while holding it leaves it usable).
+pub fn lock(table: &SharedPresence) -> std::sync::MutexGuard<'_, PresenceTable<SocketAddr>> {
+    table.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<P: Ord + Clone> PresenceTable<P> {
@@ -155,6 +172,7 @@ impl<P: Ord + Clone> PresenceTable<P> {
             return Err(Rejected::Stale);
         }
         let mut out = Vec::new();
+        self.legacy.remove(&from);
         let old = match self.nodes.remove(&from) {
             Some(h) if (h.generation, h.version) >= (generation, snap.version) => {
                 self.nodes.insert(from, h);
@@ -226,6 +244,7 @@ impl<P: Ord + Clone> PresenceTable<P> {
     /// generation arriving later is refused.
     pub fn remove_node(&mut self, from: &P, reason: &str) -> Vec<RemotePresence> {
         let mut out = Vec::new();
+        self.legacy.remove(from);
         if let Some(h) = self.nodes.remove(from) {
             leave_all(&h, Some(reason), &mut out);
             let g = self.ended.entry(from.clone()).or_insert(h.generation);
@@ -242,6 +261,7 @@ impl<P: Ord + Clone> PresenceTable<P> {
         generation: u32,
         reason: &str,
     ) -> Vec<RemotePresence> {
+        self.legacy.remove(from);
         let held = self.nodes.get(from).map(|h| h.generation);
         let out = match held {
             Some(g) if g <= generation => self.remove_node(from, reason),
@@ -289,13 +309,21 @@ impl<P: Ord + Clone> PresenceTable<P> {
         v
     }
 
-    /// The nicknames connected to node `from`, sorted (for `/api/cluster`).
+    /// The nicknames connected to node `from`, sorted (for `/api/cluster`);
+    /// for a node that predates snapshots, the list it sent.
     pub fn nicks_of(&self, from: &P) -> Option<Vec<String>> {
-        self.nodes.get(from).map(|h| {
-            let mut v: Vec<String> = h.users.values().map(|(n, _)| n.clone()).collect();
-            v.sort();
-            v
-        })
+        let Some(h) = self.nodes.get(from) else {
+            return self.legacy.get(from).cloned();
+        };
+        let mut v: Vec<String> = h.users.values().map(|(n, _)| n.clone()).collect();
+        v.sort();
+        Some(v)
+    }
+
+    /// Takes the nickname list of a node that predates snapshots
+    /// (`RelayPacket::Users`); shown by [`PresenceTable::nicks_of`] only.
+    pub fn set_legacy_nicks(&mut self, from: P, nicks: Vec<String>) {
+        self.legacy.insert(from, nicks);
     }
 }
 

@@ -1,0 +1,451 @@
+//! The chat relay between nodes. [`Relay`] is the sans-IO core: which room
+//! messages a node must apply, forward, ask for or serve, so that every node
+//! ends up with every message exactly once and in each origin's order, plus
+//! the direct messages, split packets and summary timing around them (no
+//! sockets, clocks or storage: [`Relay::handle`] takes an event and the time
+//! and returns actions). [`driver`] is the tokio task `netkit serve` runs when
+//! clustering and chat are both on; [`store`] keeps the messages by origin
+//! and sequence; [`presence`] holds who is connected to the other nodes.
+//!
+//! # Protocol
+//!
+//! Every message is identified by its origin (the node's name and a tag made
+//! once per data dir, `name/TAG`) and the origin's sequence number (1, 2, 3, … per origin, never reused). Each node keeps,
+//! per origin, the highest sequence it has applied *without a gap* (`have`).
+//!
+//! - [`RelayPacket::Msg`]: a message, pushed by its origin to every live
+//!   member, or served to a member that asked. Applied if it is the next one
+//!   of its origin; a duplicate is dropped; one that arrives early is held
+//!   (bounded) and the gap is asked for with a `Pull` to the sender.
+//! - [`RelayPacket::Summary`]: every node's `have` map, sent periodically to
+//!   a random live member (anti-entropy). The receiver pulls what the sender
+//!   has more of and serves what the sender lacks, so a lost datagram, a
+//!   restart or a healed partition converges within a few rounds.
+//! - [`RelayPacket::Pull`]: "send me `origin`'s messages after `after`". The
+//!   answer is a [`RelayAction::Serve`]: the driver reads them from storage
+//!   (any node may serve any origin's messages) and sends them as `Msg`s.
+
+pub mod direct;
+pub mod driver;
+pub mod packet;
+pub mod parts;
+pub mod presence;
+mod presence_link;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::chat::protocol::MessageKind;
+
+pub use direct::DirectLink;
+pub use driver::run;
+pub use packet::{MAGIC, RelayPacket, RelayedMessage};
+pub use parts::{MAX_DATAGRAM, Reassembly, split};
+pub use presence::SharedPresence;
+pub use store::{RelayStore, StoreError};
+
+/// Most messages held per origin while waiting for a gap to be filled.
+pub const MAX_EARLY: usize = 512;
+/// Most messages served for one `Pull` or summary difference; the rest follow
+/// on the next summary round.
+pub const SERVE_BATCH: usize = 64;
+/// Least time between two pulls for the same origin.
+pub const PULL_RETRY: Duration = Duration::from_millis(500);
+/// How often each node sends its summary to a random live member while
+/// there is activity (messages, catch-up, member changes): the tick.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long activity keeps summaries at [`SUMMARY_INTERVAL`].
+pub const BUSY_FOR: Duration = Duration::from_secs(10);
+/// How often a quiet node sends its summary.
+pub const QUIET_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A message posted on this node, as the hub stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalMessage {
+    /// Room name.
+    pub room: String,
+    /// Author nick.
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// Plain message or `/me` action.
+    pub kind: MessageKind,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// Its id in the room here.
+    pub id: u64,
+}
+
+/// What happened, for [`Relay::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEvent<P> {
+    /// A datagram's packet from peer `from`, a member in membership
+    /// generation `generation`.
+    Packet {
+        /// The sending peer.
+        from: P,
+        /// Its membership generation (tells its lives apart).
+        generation: u32,
+        /// What it sent.
+        packet: RelayPacket,
+    },
+    /// A message was posted (and stored) on this node.
+    Local(LocalMessage),
+    /// A user here sends a direct message to user `to` of node `peer`.
+    Direct {
+        /// The recipient's node.
+        peer: P,
+        /// Sender nick.
+        from: String,
+        /// Recipient nick.
+        to: String,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch.
+        ts: i64,
+    },
+    /// A member came, went or came back (or such events were missed).
+    MembersChanged,
+    /// The periodic tick ([`SUMMARY_INTERVAL`]); `peer` is a live member
+    /// picked at random, if there is one.
+    Tick {
+        /// Where a summary would go.
+        peer: Option<P>,
+    },
+}
+
+/// What the driver must do after a call, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayAction<P> {
+    /// Store this message and deliver it to the room's local members, then
+    /// record `(origin, seq)` as applied in the same transaction.
+    Apply(RelayedMessage),
+    /// Send a packet to a peer.
+    Send(P, RelayPacket),
+    /// Read `origin`'s stored messages with a sequence above `after` (at most
+    /// [`SERVE_BATCH`]) and send each to the peer as a [`RelayPacket::Msg`].
+    Serve {
+        /// Who asked.
+        to: P,
+        /// Whose messages.
+        origin: String,
+        /// Send those above this.
+        after: u64,
+    },
+    /// Store this message posted here (already in the hub's history).
+    Store(RelayedMessage),
+    /// Send a packet to every live member.
+    Broadcast(RelayPacket),
+    /// Show a direct message from user `from` of peer `peer` to user `to` here.
+    ShowDirect {
+        /// The sending node.
+        peer: P,
+        /// Sender nick.
+        from: String,
+        /// Recipient nick.
+        to: String,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch, at the sender.
+        ts: i64,
+    },
+    /// A presence snapshot from `peer`, for the presence table.
+    Presence(P, presence::Snapshot),
+    /// The nicknames of a node that predates presence snapshots.
+    LegacyUsers(P, Vec<String>),
+    /// Send this node's presence snapshot to `peer` (now and then, in case a
+    /// change was lost).
+    SendPresence(P),
+    /// This many direct messages were never acknowledged and are given up.
+    DirectsGivenUp(usize),
+}
+
+/// One node's relay state.
+#[derive(Debug, Clone)]
+pub struct Relay<P = std::net::SocketAddr> {
+    me: String,
+    have: BTreeMap<String, u64>,
+    early: BTreeMap<String, BTreeMap<u64, RelayedMessage>>,
+    last_pull: BTreeMap<String, Duration>,
+    /// Direct messages sent and not yet acknowledged.
+    directs: DirectLink<P>,
+    /// Direct messages received, by sender and its generation.
+    directs_seen: DirectLink<(P, u32)>,
+    parts: Reassembly<P>,
+    /// Summaries go every tick until then, and every
+    /// [`QUIET_SUMMARY_INTERVAL`] after.
+    busy_until: Duration,
+    last_summary: Duration,
+}
+
+impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
+    /// A relay for node `me`, resuming from the persisted `have` map (its own
+    /// entry is the last sequence it assigned). Its clock starts at zero.
+    pub fn new(me: impl Into<String>, have: BTreeMap<String, u64>) -> Self {
+        Relay {
+            me: me.into(),
+            have,
+            early: BTreeMap::new(),
+            last_pull: BTreeMap::new(),
+            directs: DirectLink::default(),
+            directs_seen: DirectLink::default(),
+            parts: Reassembly::default(),
+            busy_until: BUSY_FOR,
+            last_summary: Duration::ZERO,
+        }
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The highest gap-free sequence applied per origin (persist it with the messages).
+    pub fn have(&self) -> &BTreeMap<String, u64> {
+        &self.have
+    }
+
+    /// Direct messages waiting for an acknowledgement.
+    pub fn directs_pending(&self) -> usize {
+        self.directs.pending()
+    }
+
+    /// Handles one event at time `now` (any monotonic origin); returns what
+    /// the driver must do, in order.
+    pub fn handle(&mut self, event: RelayEvent<P>, now: Duration) -> Vec<RelayAction<P>> {
+        let mut out = Vec::new();
+        match event {
+            RelayEvent::Packet {
+                from,
+                generation,
+                packet,
+            } => self.on_packet(from, generation, packet, now, &mut out),
+            RelayEvent::Local(m) => {
+                self.busy_until = now + BUSY_FOR;
+                let m = self.local(m.room, m.from, m.text, m.kind, m.ts, m.id);
+                out.push(RelayAction::Store(m.clone()));
+                out.push(RelayAction::Broadcast(RelayPacket::Msg(m)));
+            }
+            RelayEvent::Direct {
+                peer,
+                from,
+                to,
+                text,
+                ts,
+            } => {
+                let packet = self.directs.send(peer.clone(), from, to, text, ts, now);
+                out.push(RelayAction::Send(peer, packet));
+            }
+            RelayEvent::MembersChanged => self.busy_until = now + BUSY_FOR,
+            RelayEvent::Tick { peer } => self.on_tick(peer, now, &mut out),
+        }
+        out
+    }
+
+    /// Gives a message posted on this node its `(origin, seq)`; the driver
+    /// stores it, then sends `RelayPacket::Msg` of it to every live member.
+    pub fn local(
+        &mut self,
+        room: String,
+        from: String,
+        text: String,
+        kind: MessageKind,
+        ts: i64,
+        origin_id: u64,
+    ) -> RelayedMessage {
+        let seq = self.have.entry(self.me.clone()).or_insert(0);
+        *seq += 1;
+        RelayedMessage {
+            origin: self.me.clone(),
+            seq: *seq,
+            room,
+            from,
+            text,
+            kind,
+            ts,
+            origin_id,
+        }
+    }
+
+    /// The anti-entropy summary to send to a random live member.
+    pub fn summary(&self) -> RelayPacket {
+        RelayPacket::Summary(self.have.iter().map(|(o, s)| (o.clone(), *s)).collect())
+    }
+
+    /// One packet from `from`: a handler per kind.
+    fn on_packet(
+        &mut self,
+        from: P,
+        generation: u32,
+        packet: RelayPacket,
+        now: Duration,
+        out: &mut Vec<RelayAction<P>>,
+    ) {
+        let before = out.len();
+        match packet {
+            RelayPacket::Msg(m) => self.on_msg(from, m, now, out),
+            RelayPacket::Summary(theirs) => self.on_summary(from, theirs, now, out),
+            RelayPacket::Pull { origin, after } => {
+                if self.have_of(&origin) > after {
+                    out.push(RelayAction::Serve {
+                        to: from,
+                        origin,
+                        after,
+                    });
+                }
+            }
+            RelayPacket::Part {
+                id,
+                index,
+                count,
+                data,
+            } => {
+                if let Some(whole) = self.parts.add(from.clone(), id, index, count, data, now) {
+                    self.on_packet(from, generation, whole, now, out);
+                }
+                return;
+            }
+            RelayPacket::Users(nicks) => return out.push(RelayAction::LegacyUsers(from, nicks)),
+            RelayPacket::Presence(snap) => return out.push(RelayAction::Presence(from, snap)),
+            RelayPacket::Direct {
+                from: nick,
+                to,
+                text,
+                ts,
+                id,
+            } => {
+                out.push(RelayAction::Send(
+                    from.clone(),
+                    RelayPacket::DirectAck { id },
+                ));
+                // A resend of one already shown is acknowledged, not shown.
+                if self.directs_seen.first_time((from.clone(), generation), id) {
+                    out.push(RelayAction::ShowDirect {
+                        peer: from,
+                        from: nick,
+                        to,
+                        text,
+                        ts,
+                    });
+                }
+                return;
+            }
+            RelayPacket::DirectAck { id } => return self.directs.acked(&from, id),
+        }
+        // Relay traffic means catching up: summaries go often for a while.
+        if out.len() > before {
+            self.busy_until = now + BUSY_FOR;
+        }
+    }
+
+    /// A summary: pull what the sender has more of, serve what it lacks.
+    fn on_summary(
+        &mut self,
+        from: P,
+        theirs: Vec<(String, u64)>,
+        now: Duration,
+        out: &mut Vec<RelayAction<P>>,
+    ) {
+        let theirs: BTreeMap<String, u64> = theirs.into_iter().collect();
+        for (origin, &their) in &theirs {
+            let mine = self.have_of(origin);
+            if their > mine {
+                self.pull(from.clone(), origin, now, out);
+            }
+        }
+        for (origin, &mine) in &self.have {
+            let their = theirs.get(origin).copied().unwrap_or(0);
+            if mine > their {
+                out.push(RelayAction::Serve {
+                    to: from.clone(),
+                    origin: origin.clone(),
+                    after: their,
+                });
+            }
+        }
+    }
+
+    /// The tick: resend unacknowledged direct messages, and send a summary
+    /// while busy or when a quiet interval is over.
+    fn on_tick(&mut self, peer: Option<P>, now: Duration, out: &mut Vec<RelayAction<P>>) {
+        let (resend, given_up) = self.directs.due(now);
+        out.extend(
+            resend
+                .into_iter()
+                .map(|(p, packet)| RelayAction::Send(p, packet)),
+        );
+        if given_up > 0 {
+            out.push(RelayAction::DirectsGivenUp(given_up));
+        }
+        let quiet_due = now >= self.last_summary + QUIET_SUMMARY_INTERVAL;
+        if let Some(peer) = peer
+            && (now < self.busy_until || quiet_due)
+        {
+            self.last_summary = now;
+            out.push(RelayAction::Send(peer.clone(), self.summary()));
+            if quiet_due {
+                out.push(RelayAction::SendPresence(peer));
+            }
+        }
+    }
+
+    fn have_of(&self, origin: &str) -> u64 {
+        self.have.get(origin).copied().unwrap_or(0)
+    }
+
+    fn on_msg(&mut self, from: P, m: RelayedMessage, now: Duration, out: &mut Vec<RelayAction<P>>) {
+        if m.origin == self.me || m.seq == 0 {
+            return;
+        }
+        let have = self.have_of(&m.origin);
+        if m.seq <= have {
+            return; // a duplicate
+        }
+        if m.seq > have + 1 {
+            let origin = m.origin.clone();
+            let early = self.early.entry(origin.clone()).or_default();
+            if early.len() < MAX_EARLY || early.keys().next_back().is_some_and(|&k| m.seq < k) {
+                early.insert(m.seq, m);
+                if early.len() > MAX_EARLY {
+                    early.pop_last();
+                }
+            }
+            self.pull(from, &origin, now, out);
+            return;
+        }
+        let origin = m.origin.clone();
+        let mut next = m.seq;
+        out.push(RelayAction::Apply(m));
+        if let Some(early) = self.early.get_mut(&origin) {
+            while let Some(m) = early.remove(&(next + 1)) {
+                next += 1;
+                out.push(RelayAction::Apply(m));
+            }
+            early.retain(|&seq, _| seq > next);
+            if early.is_empty() {
+                self.early.remove(&origin);
+            }
+        }
+        self.have.insert(origin, next);
+    }
+
+    fn pull(&mut self, from: P, origin: &str, now: Duration, out: &mut Vec<RelayAction<P>>) {
+        let due = self
+            .last_pull
+            .get(origin)
+            .is_none_or(|&at| now >= at + PULL_RETRY);
+        if due {
+            self.last_pull.insert(origin.to_string(), now);
+            out.push(RelayAction::Send(
+                from,
+                RelayPacket::Pull {
+                    origin: origin.to_string(),
+                    after: self.have_of(origin),
+                },
+            ));
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The relay's datagrams: [`RelayPacket`] and the [`RelayedMessage`] it
+//! carries, encoded as [`MAGIC`] then postcard so the gossip payload
+//! channel can be shared.
+
+use serde::{Deserialize, Serialize};
+
+use super::presence::Snapshot;
+use crate::chat::protocol::MessageKind;
+
+/// First byte of every relay datagram, so the gossip payload channel can be shared.
+pub const MAGIC: u8 = 0xC7;
+
+/// A room message as it travels between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedMessage {
+    /// Name of the node where it was posted.
+    pub origin: String,
+    /// Its sequence number at the origin, from 1.
+    pub seq: u64,
+    /// Room name.
+    pub room: String,
+    /// Author nick.
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// Plain message or `/me` action.
+    pub kind: MessageKind,
+    /// Milliseconds since the Unix epoch, at the origin.
+    pub ts: i64,
+    /// Its id in the room on the origin node (what clients resume by, with
+    /// `origin`); 0 if unknown (relayed before this field existed).
+    /// Appended last: nodes that predate it cannot decode messages from
+    /// nodes that have it, and the reverse; upgrade every node together.
+    pub origin_id: u64,
+}
+
+/// One relay datagram between two nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayPacket {
+    /// A message, new or served on request.
+    Msg(RelayedMessage),
+    /// The sender's highest gap-free sequence per origin.
+    Summary(Vec<(String, u64)>),
+    /// Asks for `origin`'s messages with a sequence above `after`.
+    Pull {
+        /// Whose messages.
+        origin: String,
+        /// The highest one the asker has without a gap.
+        after: u64,
+    },
+    /// The nicknames connected to the sender (for `/api/cluster`).
+    Users(Vec<String>),
+    /// One piece of a packet too large for one datagram ([`super::parts::split`]).
+    Part {
+        /// Random id shared by the pieces of one packet.
+        id: u64,
+        /// This piece's place, from 0.
+        index: u16,
+        /// How many pieces.
+        count: u16,
+        /// Its bytes of the encoded packet.
+        data: Vec<u8>,
+    },
+    /// The sender's whole presence (its users and their rooms), replacing
+    /// what the receiver held for it ([`super::presence`]).
+    Presence(Snapshot),
+    /// A direct message from a user of the sender to a user of the receiver,
+    /// resent until acknowledged ([`super::direct::DirectLink`]).
+    Direct {
+        /// Sender nick.
+        from: String,
+        /// Recipient nick.
+        to: String,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch, at the sender.
+        ts: i64,
+        /// The sender's number for it, echoed by [`RelayPacket::DirectAck`].
+        id: u64,
+    },
+    /// "Your direct message `id` arrived" (delivered, or nobody by that
+    /// nick is here: either way, no resend would help).
+    DirectAck {
+        /// The sender's number for it.
+        id: u64,
+    },
+}
+
+impl RelayPacket {
+    /// The datagram: [`MAGIC`] then the packet in postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![MAGIC];
+        out.extend(postcard::to_allocvec(self).expect("relay packets always serialize"));
+        out
+    }
+
+    /// Parses a datagram; `None` if it is not a relay packet or is malformed.
+    pub fn decode(data: &[u8]) -> Option<RelayPacket> {
+        match data.split_first() {
+            Some((&MAGIC, rest)) => postcard::from_bytes(rest).ok(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::relay::presence::SnapshotUser;
+
+    #[test]
+    fn presence_packets_roundtrip_and_garbage_is_dropped() {
+        let snap = RelayPacket::Presence(Snapshot {
+            version: 3,
+            users: vec![SnapshotUser {
+                id: 7,
+                nick: "bob".into(),
+                rooms: vec!["lobby".into()],
+            }],
+        });
+        assert_eq!(RelayPacket::decode(&snap.encode()), Some(snap.clone()));
+        let direct = RelayPacket::Direct {
+            from: "ann".into(),
+            to: "bob".into(),
+            text: "psst".into(),
+            ts: 1,
+            id: 9,
+        };
+        assert_eq!(RelayPacket::decode(&direct.encode()), Some(direct));
+        let ack = RelayPacket::DirectAck { id: 9 };
+        assert_eq!(RelayPacket::decode(&ack.encode()), Some(ack));
+        // Truncated or padded datagrams of a presence packet do not decode.
+        let bytes = snap.encode();
+        for cut in 1..bytes.len() {
+            assert_eq!(RelayPacket::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        // A claimed length far beyond the datagram.
+        let mut huge = vec![MAGIC, 6, 3, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        huge.extend([0u8; 16]);
+        assert_eq!(RelayPacket::decode(&huge), None);
+    }
+}
