@@ -6,7 +6,8 @@
 //!
 //! - [`shutdown`]: signal handling and the cancellation/tracking helpers every server uses.
 //! - [`net`]: address resolution ([`net::addr`]) and the TCP connection table ([`net::conns`]).
-//! - [`tcp`]: the concurrent line server ([`tcp::server`]), its services ([`tcp::service`]) and the nc-like client ([`tcp::client`]).
+//! - [`service`]: the services (rand, echo, daytime, discard) the TCP and UDP servers share, sans-IO.
+//! - [`tcp`]: the concurrent line server ([`tcp::server`]) and the nc-like client ([`tcp::client`]).
 //! - [`udp`]: the datagram server ([`udp::server`]) and the retransmitting client ([`udp::client`]).
 //! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), [`transfer::send`] and [`transfer::recv`].
 //! - [`chat`]: the chat hub ([`chat::hub`]), its SQLite history ([`chat::store`]), wire types ([`chat::protocol`]), WebSocket and TCP line adapters ([`chat::ws`], [`chat::line`]) and `netkit chat` ([`chat::client`]).
@@ -22,6 +23,7 @@ pub mod cluster;
 pub mod http;
 pub mod net;
 pub mod serve;
+pub mod service;
 pub mod shutdown;
 pub mod tcp;
 pub mod transfer;

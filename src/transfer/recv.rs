@@ -150,7 +150,7 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
     let listener = crate::cli::bind_tcp(addr, "--listen").await?;
     let shutdown = crate::shutdown::on_signal();
     if !args.once {
-        serve(listener, config, shutdown).await;
+        run(listener, config, shutdown).await;
         return Ok(());
     }
     let local = listener.local_addr()?;
@@ -241,7 +241,7 @@ impl Drop for BusyGuard {
 /// Accepts senders on `listener` until `shutdown` is cancelled; one task per
 /// connection, at most `config.max_conns` at once. On shutdown, connections in
 /// progress are closed and their partial files kept for a later resume.
-pub async fn serve(listener: TcpListener, config: Config, shutdown: CancellationToken) {
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) {
     let local = listener.local_addr().ok();
     info!(
         addr = ?local,
