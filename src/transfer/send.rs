@@ -19,9 +19,12 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::conn::Frame;
+use super::disk::hash_prefix;
 use super::progress::{Mode, Progress};
 use super::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
-use super::{CHUNK, Conn, FileReport, TransferError, Verdict, describe_receiver, names, rate};
+use super::report::{kind_name, rate};
+use super::{CHUNK, Conn, FileReport, TransferError, Verdict, names};
 use crate::cli::parse_duration;
 
 /// Command-line options of `netkit send`.
@@ -312,7 +315,7 @@ pub async fn send(
             on_report(&r);
             reports.push(r);
         }
-        conn.send_sender(&SenderFrame::Bye).await?;
+        conn.send(&SenderFrame::Bye).await?;
         Ok(reports)
     }
     .await;
@@ -324,7 +327,7 @@ pub async fn send(
         | Ok(_) => {}
         Err(e) => {
             let _ = conn
-                .send_sender(&SenderFrame::Error {
+                .send(&SenderFrame::Error {
                     reason: e.to_string(),
                 })
                 .await;
@@ -341,14 +344,11 @@ async fn send_entry(
 ) -> Result<FileReport, TransferError> {
     let started = Instant::now();
     let offer = entry.offer.clone();
-    conn.send_sender(&SenderFrame::Offer(offer.clone())).await?;
+    conn.send(&SenderFrame::Offer(offer.clone())).await?;
     let mut report = FileReport {
         name: offer.path.clone(),
         stored_as: None,
-        kind: match offer.kind {
-            EntryKind::File => "file",
-            EntryKind::Dir => "dir",
-        },
+        kind: kind_name(offer.kind),
         size: offer.size.unwrap_or(0),
         transferred: 0,
         resumed_from: 0,
@@ -357,12 +357,10 @@ async fn send_entry(
         seconds: 0.0,
         mb_per_s: 0.0,
     };
+    // The receiver may hash a partial or existing file of up to this size first.
+    conn.allow_hashing(offer.size.unwrap_or(0));
     let answer = conn
-        // The receiver may hash a partial or existing file of up to this size first.
-        .read_receiver_after_hashing(
-            "waiting for the answer to an offer",
-            offer.size.unwrap_or(0),
-        )
+        .read::<ReceiverFrame>("waiting for the answer to an offer")
         .await?;
     let confirmation = match (answer, &entry.source) {
         (ReceiverFrame::Reject { reason }, _) => {
@@ -383,13 +381,16 @@ async fn send_entry(
             let size = offer.size.expect("checked");
             let ours = hash_source(src, size).await?;
             if ours.as_bytes() == &hash {
-                conn.send_sender(&SenderFrame::Same).await?;
+                conn.send(&SenderFrame::Same).await?;
             } else {
-                conn.send_sender(&SenderFrame::Start { offset: 0 }).await?;
+                conn.send(&SenderFrame::Start { offset: 0 }).await?;
                 report.transferred =
                     stream_content(conn, &entry, 0, blake3::Hasher::new(), progress).await?;
             }
-            Some(conn.read_receiver("waiting for confirmation").await?)
+            Some(
+                conn.read::<ReceiverFrame>("waiting for confirmation")
+                    .await?,
+            )
         }
         (
             ReceiverFrame::Accept {
@@ -399,45 +400,54 @@ async fn send_entry(
             src,
         ) if offer.kind == EntryKind::File => {
             let (start, hasher) = resume_point(src, offer.size, offset, prefix_hash).await?;
-            conn.send_sender(&SenderFrame::Start { offset: start })
-                .await?;
+            conn.send(&SenderFrame::Start { offset: start }).await?;
             report.resumed_from = start;
             report.transferred = stream_content(conn, &entry, start, hasher, progress).await?;
-            Some(conn.read_receiver("waiting for confirmation").await?)
+            Some(
+                conn.read::<ReceiverFrame>("waiting for confirmation")
+                    .await?,
+            )
         }
         (other, _) => {
             return Err(TransferError::Unexpected {
                 expected: "Accept, Check or Reject",
-                got: describe_receiver(&other),
+                got: other.describe(),
             });
         }
     };
-    match confirmation {
-        None => {}
-        Some(ReceiverFrame::Stored { name, size }) => {
-            report.verdict = Verdict::Stored;
-            report.stored_as = Some(name);
-            report.size = size;
-        }
-        Some(ReceiverFrame::Skipped { name }) => {
-            report.verdict = Verdict::Skipped;
-            report.stored_as = Some(name);
-        }
-        Some(ReceiverFrame::Failed { reason }) => {
-            report.verdict = Verdict::Failed;
-            report.reason = Some(reason);
-        }
-        Some(ReceiverFrame::Error { reason }) => return Err(TransferError::Peer(reason)),
-        Some(other) => {
-            return Err(TransferError::Unexpected {
-                expected: "Stored, Skipped or Failed",
-                got: describe_receiver(&other),
-            });
-        }
+    if let Some(frame) = confirmation {
+        confirm(&mut report, frame)?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.mb_per_s = rate(report.transferred, report.seconds);
     Ok(report)
+}
+
+/// Records the receiver's verdict on an entry in its report.
+fn confirm(report: &mut FileReport, frame: ReceiverFrame) -> Result<(), TransferError> {
+    match frame {
+        ReceiverFrame::Stored { name, size } => {
+            report.verdict = Verdict::Stored;
+            report.stored_as = Some(name);
+            report.size = size;
+        }
+        ReceiverFrame::Skipped { name } => {
+            report.verdict = Verdict::Skipped;
+            report.stored_as = Some(name);
+        }
+        ReceiverFrame::Failed { reason } => {
+            report.verdict = Verdict::Failed;
+            report.reason = Some(reason);
+        }
+        ReceiverFrame::Error { reason } => return Err(TransferError::Peer(reason)),
+        other => {
+            return Err(TransferError::Unexpected {
+                expected: "Stored, Skipped or Failed",
+                got: other.describe(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn open_source(src: &Source) -> io::Result<File> {
@@ -457,7 +467,7 @@ async fn hash_source(src: &Source, size: u64) -> Result<blake3::Hash, TransferEr
         what: "hashing the source".into(),
         source: e,
     })?;
-    tokio::task::spawn_blocking(move || super::hash_prefix(&f, size).map(|h| h.finalize()))
+    tokio::task::spawn_blocking(move || hash_prefix(&f, size).map(|h| h.finalize()))
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)))
         .map_err(|e| TransferError::Io {
@@ -484,7 +494,7 @@ async fn resume_point(
         what: "reading the source".into(),
         source: e,
     })?;
-    let h = tokio::task::spawn_blocking(move || super::hash_prefix(&f, offset))
+    let h = tokio::task::spawn_blocking(move || hash_prefix(&f, offset))
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)))
         .map_err(|e| TransferError::Io {
@@ -554,7 +564,7 @@ async fn stream_content(
         }
         _ => stream_pipe(conn, entry, start, hasher, progress).await?,
     };
-    conn.send_sender(&SenderFrame::Done {
+    conn.send(&SenderFrame::Done {
         hash: *hash.as_bytes(),
     })
     .await?;
