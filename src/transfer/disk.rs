@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -366,16 +367,32 @@ fn commit(t: &Target, overwrite: bool) -> io::Result<String> {
 
 /// Hashes the first `len` bytes of `file` with BLAKE3 (blocking; run it off the runtime).
 pub(crate) fn hash_prefix(file: &File, len: u64) -> io::Result<blake3::Hasher> {
-    let mut h = blake3::Hasher::new();
+    hash_range(file, blake3::Hasher::new(), 0..len, None)
+}
+
+/// Feeds the bytes of `file` in `range` to `h` (blocking), reading CHUNK at
+/// a time; gives up with `Interrupted` once `stop` is set.
+pub(crate) fn hash_range(
+    file: &File,
+    mut h: blake3::Hasher,
+    range: std::ops::Range<u64>,
+    stop: Option<&AtomicBool>,
+) -> io::Result<blake3::Hasher> {
     let mut buf = vec![0u8; CHUNK];
-    let mut pos = 0u64;
-    while pos < len {
-        let want = (len - pos).min(CHUNK as u64) as usize;
+    let mut pos = range.start;
+    while pos < range.end {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "sending stopped",
+            ));
+        }
+        let want = (range.end - pos).min(CHUNK as u64) as usize;
         let n = file.read_at(&mut buf[..want], pos)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("file ended at {pos} bytes, expected {len}"),
+                format!("file ended at {pos} bytes, expected {}", range.end),
             ));
         }
         h.update(&buf[..n]);

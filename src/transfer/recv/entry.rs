@@ -192,22 +192,13 @@ where
         _ => (offer.size.unwrap_or(0), 0),
     };
     conn.allow_hashing(to_hash);
-    let start = match conn.read::<SenderFrame>("waiting for Start").await? {
-        SenderFrame::Same if matches!(found, Found::Same(_)) => {
-            let name = target.stored_name(&target.file_name);
-            conn.send(&ReceiverFrame::Skipped { name: name.clone() })
-                .await?;
-            let size = offer.size.unwrap_or(0);
-            return Ok(Outcome::without_content(Verdict::Skipped, name, size));
-        }
-        SenderFrame::Start { offset } if offset == 0 || offset == partial_len => offset,
-        SenderFrame::Error { reason } => return Err(TransferError::Peer(reason)),
-        other => {
-            return Err(TransferError::Unexpected {
-                expected: "Start(0), Start(partial length) or Same",
-                got: other.describe(),
-            });
-        }
+    let same_allowed = matches!(found, Found::Same(_));
+    let Some(start) = read_start(conn, partial_len, same_allowed).await? else {
+        let name = target.stored_name(&target.file_name);
+        conn.send(&ReceiverFrame::Skipped { name: name.clone() })
+            .await?;
+        let size = offer.size.unwrap_or(0);
+        return Ok(Outcome::without_content(Verdict::Skipped, name, size));
     };
     let hasher = match found {
         Found::Partial(len, h) if start == len => *h,
@@ -221,6 +212,27 @@ where
         guard,
     };
     receive_content(conn, incoming, shared).await
+}
+
+/// Reads the sender's choice after our answer: `Some(offset)` for `Start`
+/// (0, or `partial_len` to resume), `None` for `Same` (only when allowed).
+async fn read_start<S>(
+    conn: &mut Conn<S>,
+    partial_len: u64,
+    same_allowed: bool,
+) -> Result<Option<u64>, TransferError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    match conn.read::<SenderFrame>("waiting for Start").await? {
+        SenderFrame::Same if same_allowed => Ok(None),
+        SenderFrame::Start { offset } if offset == 0 || offset == partial_len => Ok(Some(offset)),
+        SenderFrame::Error { reason } => Err(TransferError::Peer(reason)),
+        other => Err(TransferError::Unexpected {
+            expected: "Start(0), Start(partial length) or Same",
+            got: other.describe(),
+        }),
+    }
 }
 
 /// The answer to a file offer: resume a partial file, check an identical
