@@ -6,9 +6,10 @@
 //!
 //! - [`shutdown`]: signal handling and the cancellation/tracking helpers every server uses.
 //! - [`net`]: address resolution ([`net::addr`]) and the TCP connection table ([`net::conns`]).
-//! - [`tcp`]: the concurrent line server ([`tcp::server`]), its services ([`tcp::service`]) and the nc-like client ([`tcp::client`]).
+//! - [`service`]: the services (rand, echo, daytime, discard) the TCP and UDP servers share, sans-IO.
+//! - [`tcp`]: the concurrent line server ([`tcp::server`]) and the nc-like client ([`tcp::client`]).
 //! - [`udp`]: the datagram server ([`udp::server`]) and the retransmitting client ([`udp::client`]).
-//! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), [`transfer::send`] and [`transfer::recv`].
+//! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), the two ends ([`transfer::send`], [`transfer::recv`]) over a framed connection and the receiver's disk side, and the outcome of each entry ([`transfer::report`]).
 //! - [`chat`]: the chat hub ([`chat::hub`]), its SQLite history ([`chat::store`]), wire types ([`chat::protocol`]), WebSocket and TCP line adapters ([`chat::ws`], [`chat::line`]) and `netkit chat` ([`chat::client`]).
 //! - [`http`]: the HTTP front door: web app, `/ws`, JSON API, `/metrics`.
 //! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]), the chat relay between nodes ([`cluster::relay`]), presence across nodes ([`cluster::relay::presence`]), the `/api/cluster` report ([`cluster::report`]) and `netkit members` ([`cluster::members`]).
@@ -24,6 +25,7 @@ pub mod http;
 pub mod net;
 pub mod ready;
 pub mod serve;
+pub mod service;
 pub mod shutdown;
 pub mod tcp;
 pub mod transfer;

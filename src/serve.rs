@@ -9,8 +9,8 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::cli::Listen;
+use crate::service::Service;
 use crate::tcp;
-use crate::tcp::service::Service;
 use crate::udp;
 
 /// Command-line options of `netkit serve`: one flag per front door, each an address or `off`.
@@ -133,7 +133,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     if let Some(listener) = drop_listener {
         let files = args.data_dir.join("files");
         crate::transfer::recv::prepare_dir(&files)?;
-        tracker.spawn(crate::transfer::recv::serve(
+        tracker.spawn(crate::transfer::recv::run(
             listener,
             args.drop_limits.config(files),
             shutdown.clone(),
@@ -170,7 +170,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             let cluster = cluster_info.clone();
             tracker.spawn(async move {
                 if let Err(e) =
-                    crate::http::run_with_cluster(listener, hub, config, cluster, shutdown).await
+                    crate::http::run(listener, hub, config, Some(cluster), shutdown).await
                 {
                     tracing::error!("http: server failed: {e}");
                 }

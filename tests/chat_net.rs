@@ -46,7 +46,7 @@ impl Server {
         let tasks = vec![
             tokio::spawn({
                 let (hub, s) = (hub.clone(), shutdown.clone());
-                async move { http::run(hl, hub, cfg, s).await.unwrap() }
+                async move { http::run(hl, hub, cfg, None, s).await.unwrap() }
             }),
             tokio::spawn(line::run(cl, hub, conn, shutdown.clone())),
         ];

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use netkit::net::addr::{Network, split};
-use netkit::tcp::service::{Control, Service};
+use netkit::service::{Control, Service};
 use proptest::prelude::*;
 
 const NETS: [&str; 9] = [

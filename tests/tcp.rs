@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use netkit::service::Service;
 use netkit::tcp::server::{Config, Stats, run};
-use netkit::tcp::service::Service;
 use proc_util::{Netkit, run_with_stdin};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

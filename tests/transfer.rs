@@ -28,7 +28,7 @@ async fn start_receiver(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Receiver
     config.timeout = Duration::from_secs(5);
     tweak(&mut config);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(recv::serve(listener, config, stop.clone()));
+    let task = tokio::spawn(recv::run(listener, config, stop.clone()));
     Receiver { addr, stop, task }
 }
 

@@ -32,7 +32,7 @@ impl Setup {
         let mut c = Config::new(&inbox);
         c.timeout = timeout;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(recv::serve(listener, c, stop.clone()));
+        let task = tokio::spawn(recv::run(listener, c, stop.clone()));
         Setup {
             root,
             addr,

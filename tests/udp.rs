@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use netkit::tcp::service::Service;
+use netkit::service::Service;
 use netkit::udp::server::{Stats, run};
 use proc_util::{Netkit, run_with_stdin};
 use tokio::net::UdpSocket;

@@ -149,32 +149,28 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then closes every
-/// WebSocket (1001) and waits for the sessions to end. `/api/cluster`
-/// reports a standalone node named after the host.
+/// WebSocket (1001) and waits for the sessions to end. `cluster` tells
+/// `/api/cluster` about this node and its membership; `None` reports a
+/// standalone node named after the host.
 pub async fn run(
     listener: TcpListener,
     hub: Hub,
     config: HttpConfig,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let meta = crate::cluster::NodeMeta {
-        http: Some(listener.local_addr()?),
-        chat: None,
-    };
-    let cluster = ClusterInfo::standalone(crate::cluster::host_name(), meta);
-    run_with_cluster(listener, hub, config, cluster, shutdown).await
-}
-
-/// [`run`], with `cluster` telling `/api/cluster` about this node and its membership.
-pub async fn run_with_cluster(
-    listener: TcpListener,
-    hub: Hub,
-    config: HttpConfig,
-    cluster: ClusterInfo,
+    cluster: Option<ClusterInfo>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let _ = metrics::handle();
     let local = listener.local_addr()?;
+    let cluster = match cluster {
+        Some(c) => c,
+        None => {
+            let meta = crate::cluster::NodeMeta {
+                http: Some(local),
+                chat: None,
+            };
+            ClusterInfo::standalone(crate::cluster::host_name(), meta)
+        }
+    };
     info!("http: listening on http://{local}");
     let state = AppState {
         hub,

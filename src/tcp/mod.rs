@@ -1,5 +1,4 @@
-//! TCP: a concurrent line server, its services, and an nc-like client.
+//! TCP: a concurrent line server (running a [`crate::service`]) and an nc-like client.
 
 pub mod client;
 pub mod server;
-pub mod service;

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
-use super::service::{Control, Service};
 use crate::cli::{Listen, parse_duration, parse_size};
+use crate::service::{Control, Service};
 
 /// Command-line options of `netkit tcp serve`.
 #[derive(Debug, Clone, clap::Args)]

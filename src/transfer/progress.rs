@@ -149,7 +149,7 @@ impl FileProgress {
                 "sending {}: {} bytes{of}, {:.1} MB/s",
                 self.name,
                 self.done,
-                super::rate(self.done - self.base, secs)
+                super::report::rate(self.done - self.base, secs)
             );
         }
     }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cli::{Listen, parse_size};
-use crate::tcp::service::Service;
+use crate::service::Service;
 
 /// Command-line options of `netkit udp serve`.
 #[derive(Debug, Clone, clap::Args)]

@@ -4,24 +4,28 @@
 //! contents, so their mode and mtime stick); each is offered in turn. Content
 //! is read by one thread and hashed by another while the socket task sends
 //! it, so hashing never delays the first byte. The command succeeds only when
-//! the receiver confirmed every entry.
+//! the receiver confirmed every entry. Reading, hashing and streaming a
+//! source's content is in `content`.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+mod content;
+
+use content::{hash_source, resume_point, stream_content};
+
+use super::conn::Frame;
 use super::progress::{Mode, Progress};
 use super::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
-use super::{CHUNK, Conn, FileReport, TransferError, Verdict, describe_receiver, names, rate};
+use super::report::{kind_name, rate};
+use super::{Conn, FileReport, TransferError, Verdict, names};
 use crate::cli::parse_duration;
 
 /// Command-line options of `netkit send`.
@@ -312,7 +316,7 @@ pub async fn send(
             on_report(&r);
             reports.push(r);
         }
-        conn.send_sender(&SenderFrame::Bye).await?;
+        conn.send(&SenderFrame::Bye).await?;
         Ok(reports)
     }
     .await;
@@ -324,7 +328,7 @@ pub async fn send(
         | Ok(_) => {}
         Err(e) => {
             let _ = conn
-                .send_sender(&SenderFrame::Error {
+                .send(&SenderFrame::Error {
                     reason: e.to_string(),
                 })
                 .await;
@@ -341,28 +345,12 @@ async fn send_entry(
 ) -> Result<FileReport, TransferError> {
     let started = Instant::now();
     let offer = entry.offer.clone();
-    conn.send_sender(&SenderFrame::Offer(offer.clone())).await?;
-    let mut report = FileReport {
-        name: offer.path.clone(),
-        stored_as: None,
-        kind: match offer.kind {
-            EntryKind::File => "file",
-            EntryKind::Dir => "dir",
-        },
-        size: offer.size.unwrap_or(0),
-        transferred: 0,
-        resumed_from: 0,
-        verdict: Verdict::Failed,
-        reason: None,
-        seconds: 0.0,
-        mb_per_s: 0.0,
-    };
+    conn.send(&SenderFrame::Offer(offer.clone())).await?;
+    let mut report = unconfirmed(&offer);
+    // The receiver may hash a partial or existing file of up to this size first.
+    conn.allow_hashing(offer.size.unwrap_or(0));
     let answer = conn
-        // The receiver may hash a partial or existing file of up to this size first.
-        .read_receiver_after_hashing(
-            "waiting for the answer to an offer",
-            offer.size.unwrap_or(0),
-        )
+        .read::<ReceiverFrame>("waiting for the answer to an offer")
         .await?;
     let confirmation = match (answer, &entry.source) {
         (ReceiverFrame::Reject { reason }, _) => {
@@ -382,14 +370,12 @@ async fn send_entry(
         (ReceiverFrame::Check { hash }, src) if offer.size.is_some() => {
             let size = offer.size.expect("checked");
             let ours = hash_source(src, size).await?;
-            if ours.as_bytes() == &hash {
-                conn.send_sender(&SenderFrame::Same).await?;
+            let plan = if ours.as_bytes() == &hash {
+                Plan::Same
             } else {
-                conn.send_sender(&SenderFrame::Start { offset: 0 }).await?;
-                report.transferred =
-                    stream_content(conn, &entry, 0, blake3::Hasher::new(), progress).await?;
-            }
-            Some(conn.read_receiver("waiting for confirmation").await?)
+                Plan::From(0, Box::new(blake3::Hasher::new()))
+            };
+            Some(carry_out(conn, &entry, plan, &mut report, progress).await?)
         }
         (
             ReceiverFrame::Accept {
@@ -399,313 +385,90 @@ async fn send_entry(
             src,
         ) if offer.kind == EntryKind::File => {
             let (start, hasher) = resume_point(src, offer.size, offset, prefix_hash).await?;
-            conn.send_sender(&SenderFrame::Start { offset: start })
-                .await?;
-            report.resumed_from = start;
-            report.transferred = stream_content(conn, &entry, start, hasher, progress).await?;
-            Some(conn.read_receiver("waiting for confirmation").await?)
+            let plan = Plan::From(start, Box::new(hasher));
+            Some(carry_out(conn, &entry, plan, &mut report, progress).await?)
         }
         (other, _) => {
             return Err(TransferError::Unexpected {
                 expected: "Accept, Check or Reject",
-                got: describe_receiver(&other),
+                got: other.describe(),
             });
         }
     };
-    match confirmation {
-        None => {}
-        Some(ReceiverFrame::Stored { name, size }) => {
-            report.verdict = Verdict::Stored;
-            report.stored_as = Some(name);
-            report.size = size;
-        }
-        Some(ReceiverFrame::Skipped { name }) => {
-            report.verdict = Verdict::Skipped;
-            report.stored_as = Some(name);
-        }
-        Some(ReceiverFrame::Failed { reason }) => {
-            report.verdict = Verdict::Failed;
-            report.reason = Some(reason);
-        }
-        Some(ReceiverFrame::Error { reason }) => return Err(TransferError::Peer(reason)),
-        Some(other) => {
-            return Err(TransferError::Unexpected {
-                expected: "Stored, Skipped or Failed",
-                got: describe_receiver(&other),
-            });
-        }
+    if let Some(frame) = confirmation {
+        confirm(&mut report, frame)?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.mb_per_s = rate(report.transferred, report.seconds);
     Ok(report)
 }
 
-fn open_source(src: &Source) -> io::Result<File> {
-    match src {
-        Source::Path(p) => File::open(p)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", p.display()))),
-        Source::StdinFile(f) => f.try_clone(),
-        Source::StdinPipe | Source::Dir => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "source cannot be re-read",
-        )),
+/// A report for `offer` before the receiver confirmed anything.
+fn unconfirmed(offer: &Offer) -> FileReport {
+    FileReport {
+        name: offer.path.clone(),
+        stored_as: None,
+        kind: kind_name(offer.kind),
+        size: offer.size.unwrap_or(0),
+        transferred: 0,
+        resumed_from: 0,
+        verdict: Verdict::Failed,
+        reason: None,
+        seconds: 0.0,
+        mb_per_s: 0.0,
     }
 }
 
-async fn hash_source(src: &Source, size: u64) -> Result<blake3::Hash, TransferError> {
-    let f = open_source(src).map_err(|e| TransferError::Io {
-        what: "hashing the source".into(),
-        source: e,
-    })?;
-    tokio::task::spawn_blocking(move || super::hash_prefix(&f, size).map(|h| h.finalize()))
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
-        .map_err(|e| TransferError::Io {
-            what: "hashing the source".into(),
-            source: e,
-        })
+/// How the sender goes on once it has the receiver's answer to a file.
+enum Plan {
+    /// The receiver holds an identical file: say so, send nothing.
+    Same,
+    /// Send the content from this offset, with the hasher over what is before it.
+    From(u64, Box<blake3::Hasher>),
 }
 
-/// Decides where to start: at the receiver's partial length if its prefix
-/// hash matches ours, else at 0. Returns the start and the hasher over the prefix.
-async fn resume_point(
-    src: &Source,
-    size: Option<u64>,
-    offset: u64,
-    prefix_hash: [u8; 32],
-) -> Result<(u64, blake3::Hasher), TransferError> {
-    let Some(size) = size else {
-        return Ok((0, blake3::Hasher::new()));
-    };
-    if offset == 0 || offset > size {
-        return Ok((0, blake3::Hasher::new()));
-    }
-    let f = open_source(src).map_err(|e| TransferError::Io {
-        what: "reading the source".into(),
-        source: e,
-    })?;
-    let h = tokio::task::spawn_blocking(move || super::hash_prefix(&f, offset))
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
-        .map_err(|e| TransferError::Io {
-            what: "hashing the source prefix".into(),
-            source: e,
-        })?;
-    if h.finalize().as_bytes() == &prefix_hash {
-        Ok((offset, h))
-    } else {
-        info!("the receiver's partial file differs from the source; sending from the start");
-        Ok((0, blake3::Hasher::new()))
-    }
-}
-
-/// Reads up to `want` bytes at `pos` (or sequentially for a pipe) into a fresh chunk.
-fn read_chunk(src: &mut ChunkSource, pos: u64, want: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(want);
-    let n = match src {
-        ChunkSource::File(f) => {
-            use std::os::fd::AsRawFd;
-            // SAFETY: pread writes at most `want` bytes into the spare capacity
-            // we own; we only mark as initialised the bytes it reports.
-            let n = unsafe {
-                libc::pread(
-                    f.as_raw_fd(),
-                    buf.spare_capacity_mut().as_mut_ptr().cast(),
-                    want,
-                    pos as libc::off_t,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            n as usize
-        }
-        ChunkSource::Pipe(r) => {
-            buf.resize(want, 0);
-            let n = r.read(&mut buf[..])?;
-            buf.truncate(n);
-            return Ok(buf.freeze());
-        }
-    };
-    // SAFETY: pread initialised the first `n` bytes.
-    unsafe { buf.set_len(n) };
-    Ok(buf.freeze())
-}
-
-enum ChunkSource {
-    File(File),
-    Pipe(io::Stdin),
-}
-
-/// Streams the content from `start`, then sends `Done` with the hash of the
-/// whole file. Returns the bytes sent. A file goes out with sendfile(2) while
-/// another thread hashes it from the page cache; a pipe goes through a
-/// reader thread and a hasher thread.
-async fn stream_content(
+/// Carries out `plan` for `entry` and returns the receiver's confirmation.
+async fn carry_out(
     conn: &mut Conn<TcpStream>,
     entry: &Entry,
-    start: u64,
-    hasher: blake3::Hasher,
+    plan: Plan,
+    report: &mut FileReport,
     progress: &Progress,
-) -> Result<u64, TransferError> {
-    let (sent, hash) = match (&entry.source, entry.offer.size) {
-        (Source::Path(_) | Source::StdinFile(_), Some(size)) => {
-            stream_file(conn, entry, start, size, hasher, progress).await?
+) -> Result<ReceiverFrame, TransferError> {
+    match plan {
+        Plan::Same => conn.send(&SenderFrame::Same).await?,
+        Plan::From(start, hasher) => {
+            conn.send(&SenderFrame::Start { offset: start }).await?;
+            report.resumed_from = start;
+            report.transferred = stream_content(conn, entry, start, *hasher, progress).await?;
         }
-        _ => stream_pipe(conn, entry, start, hasher, progress).await?,
-    };
-    conn.send_sender(&SenderFrame::Done {
-        hash: *hash.as_bytes(),
-    })
-    .await?;
-    Ok(sent)
+    }
+    conn.read::<ReceiverFrame>("waiting for confirmation").await
 }
 
-/// Sends `[start, size)` of a regular file with sendfile(2) in CHUNK-aligned
-/// frames; hashes the same range on a blocking thread meanwhile.
-async fn stream_file(
-    conn: &mut Conn<TcpStream>,
-    entry: &Entry,
-    start: u64,
-    size: u64,
-    hasher: blake3::Hasher,
-    progress: &Progress,
-) -> Result<(u64, blake3::Hash), TransferError> {
-    use std::os::unix::fs::FileExt;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let read_err = |e| TransferError::Io {
-        what: format!("reading {}", entry.offer.path),
-        source: e,
-    };
-    let file = open_source(&entry.source).map_err(read_err)?;
-    let hfile = file.try_clone().map_err(read_err)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let hstop = stop.clone();
-    let hash_task = tokio::task::spawn_blocking(move || -> io::Result<blake3::Hash> {
-        let mut h = hasher;
-        let mut buf = vec![0u8; CHUNK];
-        let mut pos = start;
-        while pos < size {
-            if hstop.load(Ordering::Relaxed) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "sending stopped",
-                ));
-            }
-            let want = (size - pos).min(CHUNK as u64) as usize;
-            let n = hfile.read_at(&mut buf[..want], pos)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the file shrank while it was being sent: ended at {pos} of {size} bytes"
-                    ),
-                ));
-            }
-            h.update(&buf[..n]);
-            pos += n as u64;
+/// Records the receiver's verdict on an entry in its report.
+fn confirm(report: &mut FileReport, frame: ReceiverFrame) -> Result<(), TransferError> {
+    match frame {
+        ReceiverFrame::Stored { name, size } => {
+            report.verdict = Verdict::Stored;
+            report.stored_as = Some(name);
+            report.size = size;
         }
-        Ok(h.finalize())
-    });
-    let mut bar = progress.file(&entry.offer.path, Some(size), start);
-    let mut pos = start;
-    let sent = async {
-        while pos < size {
-            // Frames end on CHUNK boundaries so a resumed file lines up again.
-            let n = (size - pos).min(CHUNK as u64 - pos % CHUNK as u64) as usize;
-            conn.send_file_frame(&file, pos, n).await?;
-            pos += n as u64;
-            bar.inc(n as u64);
+        ReceiverFrame::Skipped { name } => {
+            report.verdict = Verdict::Skipped;
+            report.stored_as = Some(name);
         }
-        Ok::<_, TransferError>(())
+        ReceiverFrame::Failed { reason } => {
+            report.verdict = Verdict::Failed;
+            report.reason = Some(reason);
+        }
+        ReceiverFrame::Error { reason } => return Err(TransferError::Peer(reason)),
+        other => {
+            return Err(TransferError::Unexpected {
+                expected: "Stored, Skipped or Failed",
+                got: other.describe(),
+            });
+        }
     }
-    .await;
-    bar.finish();
-    if sent.is_err() {
-        stop.store(true, Ordering::Relaxed);
-    }
-    let hash = hash_task.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    sent?;
-    Ok((pos - start, hash.map_err(read_err)?))
-}
-
-/// Streams a pipe (or any source read once) as `Data` frames with the reader
-/// and the hasher on their own threads.
-async fn stream_pipe(
-    conn: &mut Conn<TcpStream>,
-    entry: &Entry,
-    start: u64,
-    hasher: blake3::Hasher,
-    progress: &Progress,
-) -> Result<(u64, blake3::Hash), TransferError> {
-    let size = entry.offer.size;
-    let mut src = match &entry.source {
-        Source::StdinPipe => ChunkSource::Pipe(io::stdin()),
-        other => ChunkSource::File(open_source(other).map_err(|e| TransferError::Io {
-            what: "reading the source".into(),
-            source: e,
-        })?),
-    };
-    let name: Arc<str> = entry.offer.path.as_str().into();
-    let (dtx, mut drx) = mpsc::channel::<Bytes>(4);
-    let (htx, mut hrx) = mpsc::channel::<Bytes>(8);
-    let rname = name.clone();
-    let reader = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-        let mut pos = start;
-        loop {
-            let want = match size {
-                Some(s) if pos >= s => break,
-                // Chunks end on CHUNK boundaries so a resumed file lines up again.
-                Some(s) => ((s - pos).min(CHUNK as u64 - pos % CHUNK as u64)) as usize,
-                None => CHUNK,
-            };
-            let chunk = read_chunk(&mut src, pos, want)?;
-            if chunk.is_empty() {
-                if let Some(s) = size {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("{rname} shrank while sending: ended at {pos} of {s} bytes"),
-                    ));
-                }
-                break;
-            }
-            pos += chunk.len() as u64;
-            if htx.blocking_send(chunk.clone()).is_err() || dtx.blocking_send(chunk).is_err() {
-                break;
-            }
-        }
-        Ok(pos - start)
-    });
-    let hash_task = tokio::task::spawn_blocking(move || {
-        let mut h = hasher;
-        while let Some(c) = hrx.blocking_recv() {
-            h.update(&c);
-        }
-        h.finalize()
-    });
-    let mut bar = progress.file(&name, size, start);
-    let mut sent = 0u64;
-    let send_result = async {
-        while let Some(chunk) = drx.recv().await {
-            conn.send_data(&chunk).await?;
-            sent += chunk.len() as u64;
-            bar.inc(chunk.len() as u64);
-        }
-        Ok::<_, TransferError>(())
-    }
-    .await;
-    drop(drx);
-    bar.finish();
-    let read = reader.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    let hash = hash_task.await.map_err(|e| TransferError::Io {
-        what: "hashing".into(),
-        source: io::Error::other(e),
-    })?;
-    send_result?;
-    let read = read.map_err(|e| TransferError::Io {
-        what: format!("reading {name}"),
-        source: e,
-    })?;
-    debug_assert_eq!(read, sent);
-    Ok((sent, hash))
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! The line services, free of sockets: given what a client sent, what goes back.
+//! The small services both the TCP and the UDP server run, free of sockets:
+//! given what a client sent (a line, bytes or a datagram), what goes back.
 //!
 //! `rand` is the classic: every line gets a random integer 0–99 and a newline,
 //! and the line `STOP` ends the connection. `echo` (RFC 862) returns every byte,
@@ -7,7 +8,7 @@
 
 use rand::RngExt;
 
-/// Which service a TCP server runs.
+/// Which service a TCP or UDP server runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Service {
     /// A random integer 0–99 per line; `STOP` closes.

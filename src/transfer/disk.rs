@@ -1,0 +1,402 @@
+//! The receiver's side of the disk, all blocking (run it off the runtime):
+//! what is already there for an offer, the partial file and its write loop,
+//! the commit under the final name with metadata, free space, and hashing
+//! a file's prefix (which the sender uses too).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::CHUNK;
+use super::names;
+use super::proto::Offer;
+
+/// Permission bits and modification time an offer carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta {
+    /// Permission bits (masked to 0o7777 when applied).
+    pub(crate) mode: u32,
+    /// Seconds and nanoseconds since the epoch, if the sender knew them.
+    pub(crate) mtime: Option<(i64, u32)>,
+}
+
+impl Meta {
+    /// The metadata of `offer`.
+    pub(crate) fn of(offer: &Offer) -> Meta {
+        Meta {
+            mode: offer.mode,
+            mtime: offer.mtime,
+        }
+    }
+}
+
+/// Sets permission bits and modification time through an open descriptor.
+fn apply_meta(f: &File, Meta { mode, mtime }: Meta) -> io::Result<()> {
+    f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+    if let Some((s, ns)) = mtime {
+        let t = if s >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::new(s as u64, ns)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(s.unsigned_abs())
+                + Duration::from_nanos(ns as u64)
+        };
+        f.set_modified(t)?;
+    }
+    Ok(())
+}
+
+/// What the receiver found on disk for an offered file.
+pub(crate) enum Found {
+    /// A partial file of this length, and the hasher over it.
+    Partial(u64, Box<blake3::Hasher>),
+    /// A complete file of the offered size under the final name, with its hash.
+    Same(blake3::Hash),
+    /// Nothing usable: start from 0.
+    Nothing,
+}
+
+/// Paths of one file being received.
+pub(crate) struct Target {
+    /// The folder the file goes into (created, never through a symlink).
+    pub(crate) parent: PathBuf,
+    /// The offered file name (last component).
+    pub(crate) file_name: String,
+    /// The partial file: `NAME.netkit-part` in `parent`.
+    pub(crate) part: PathBuf,
+    /// Offered relative path of the parent folder ("" at the top).
+    rel_parent: String,
+}
+
+impl Target {
+    /// Creates the parent folders of the validated components `comps` under
+    /// `root` (blocking) and names the partial file.
+    pub(crate) fn prepare(root: &Path, comps: &[&str]) -> io::Result<Target> {
+        let file_name = comps[comps.len() - 1].to_string();
+        let rel_parent = comps[..comps.len() - 1].join("/");
+        let parent = names::ensure_parents(root, comps)?;
+        let part = parent.join(names::part_name(&file_name));
+        Ok(Target {
+            parent,
+            file_name,
+            part,
+            rel_parent,
+        })
+    }
+
+    /// The relative path reported for `name` stored in this target's folder.
+    pub(crate) fn stored_name(&self, name: &str) -> String {
+        if self.rel_parent.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{name}", self.rel_parent)
+        }
+    }
+}
+
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Looks for a partial or an identical file (blocking).
+pub(crate) fn inspect(t: &Target, size: Option<u64>) -> io::Result<Found> {
+    match std::fs::symlink_metadata(&t.part) {
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a regular file; remove it",
+                    names::part_name(&t.file_name)
+                ),
+            ));
+        }
+        Ok(m) => {
+            if let Some(size) = size
+                && m.len() <= size
+                && m.len() > 0
+            {
+                let f = open_nofollow(&t.part)?;
+                let h = hash_prefix(&f, m.len())?;
+                return Ok(Found::Partial(m.len(), Box::new(h)));
+            }
+            return Ok(Found::Nothing);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let fin = t.parent.join(&t.file_name);
+    match (std::fs::symlink_metadata(&fin), size) {
+        (Ok(m), Some(size)) if m.file_type().is_file() && m.len() == size => {
+            let f = open_nofollow(&fin)?;
+            Ok(Found::Same(hash_prefix(&f, size)?.finalize()))
+        }
+        _ => Ok(Found::Nothing),
+    }
+}
+
+/// Free bytes for unprivileged users on the filesystem holding `dir`.
+pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in folder path"))?;
+    // SAFETY: statvfs writes only into the struct we pass; `c` is a valid C string.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+    }
+}
+
+/// Hashes each chunk and writes it at its offset (while the chunk is still
+/// in this core's cache), leaving holes for all-zero chunks. With `sync_every`, a second thread makes the data durable (fdatasync)
+/// each time that many more bytes are written, overlapping the disk flush
+/// with the transfer instead of stalling it. Returns the end offset.
+fn write_loop(
+    file: &File,
+    mut pos: u64,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut hasher: blake3::Hasher,
+    sync_every: Option<u64>,
+) -> io::Result<(u64, blake3::Hasher)> {
+    std::thread::scope(|scope| {
+        let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
+        let syncer = sync_every.map(|_| {
+            scope.spawn(move || -> io::Result<()> {
+                while kicked.recv().is_ok() {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+        });
+        let every = sync_every.unwrap_or(u64::MAX);
+        let mut unsynced = 0u64;
+        let mut kicked_at = pos;
+        let mut result = Ok(());
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+            if !is_zero(&chunk)
+                && let Err(e) = file.write_all_at(&chunk, pos)
+            {
+                result = Err(e);
+                break;
+            }
+            pos += chunk.len() as u64;
+            unsynced += chunk.len() as u64;
+            if pos - kicked_at >= WRITEBACK_STEP {
+                start_writeback(file, kicked_at, pos - kicked_at);
+                kicked_at = pos;
+            }
+            if unsynced >= every {
+                // A flush still running covers less, but the next one (or the
+                // final fdatasync before the rename) covers the rest.
+                let _ = kick.try_send(());
+                unsynced = 0;
+            }
+        }
+        drop(kick);
+        if let Some(s) = syncer {
+            let synced = s
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("fdatasync thread panicked")));
+            result = result.and(synced);
+        }
+        result.map(|()| (pos, hasher))
+    })
+}
+
+/// How often the disk thread asks the kernel to start writing back what it wrote.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writeback of `len` bytes at `off` without waiting for it, so dirty
+/// pages never pile up to the kernel's throttling threshold and the periodic
+/// fdatasync finds little left to do. Best effort: errors surface at fdatasync.
+fn start_writeback(file: &File, off: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range only reads its integer arguments.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                off as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, off, len);
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128, so reinterpreting aligned bytes is sound.
+    let (pre, mid, post) = unsafe { b.align_to::<u128>() };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// Opens (creating if needed) `part` cut to `start` bytes, then writes the
+/// chunks from `rx` after it (see [`write_loop`]) until the queue closes.
+/// Returns the file, the end offset and the hasher over everything written.
+pub(crate) fn write_part(
+    part: &Path,
+    start: u64,
+    rx: mpsc::Receiver<Bytes>,
+    hasher: blake3::Hasher,
+    sync_every: Option<u64>,
+) -> io::Result<(File, u64, blake3::Hasher)> {
+    let file = open_part(part, start)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", part.display())))?;
+    let (end, hasher) = write_loop(&file, start, rx, hasher, sync_every)?;
+    Ok((file, end, hasher))
+}
+
+/// How a verified file is stored.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StoreRules {
+    /// Replace an existing different file.
+    pub(crate) overwrite: bool,
+    /// Make the data and the rename durable (fdatasync, fsync of the folder).
+    pub(crate) durable: bool,
+}
+
+/// Stores the verified partial `file` of `len` bytes under its final name
+/// (blocking): cut to length, durable, metadata, rename, folder durable.
+/// Returns the name it was stored under.
+pub(crate) fn store(
+    file: File,
+    len: u64,
+    t: &Target,
+    meta: Meta,
+    rules: StoreRules,
+) -> io::Result<String> {
+    file.set_len(len)?;
+    if rules.durable {
+        file.sync_data()?;
+    }
+    apply_meta(&file, meta)?;
+    let name = commit(t, rules.overwrite)?;
+    if rules.durable {
+        File::open(&t.parent)?.sync_all()?;
+    }
+    Ok(name)
+}
+
+/// Creates the folder named by the validated components `comps` under
+/// `root` (blocking), never through a symlink, and applies `meta` to it.
+pub(crate) fn make_dir(root: &Path, comps: &[String], meta: Meta) -> io::Result<()> {
+    let c: Vec<&str> = comps.iter().map(|s| s.as_str()).collect();
+    let parent = names::ensure_parents(root, &c)?;
+    let dir = parent.join(c[c.len() - 1]);
+    names::ensure_real_dir(&dir, c[c.len() - 1])?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(&dir)?;
+    apply_meta(&f, meta)
+}
+
+/// Opens (creating if needed) the partial file without following a symlink,
+/// cut to `start` bytes.
+fn open_part(path: &Path, start: u64) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_len(start)?;
+    Ok(f)
+}
+
+/// Moves the verified partial file to its final name: the offered one if
+/// free (or with `overwrite`), else `name (n).ext`. Never replaces a file
+/// without `overwrite`: the new name is claimed with a hard link, which fails
+/// if the name exists.
+fn commit(t: &Target, overwrite: bool) -> io::Result<String> {
+    let fin = t.parent.join(&t.file_name);
+    if overwrite {
+        if let Ok(m) = std::fs::symlink_metadata(&fin)
+            && m.is_dir()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} is a folder; not replacing it", t.file_name),
+            ));
+        }
+        std::fs::rename(&t.part, &fin)?;
+        return Ok(t.file_name.clone());
+    }
+    for n in 0..10_000u32 {
+        let name = if n == 0 {
+            t.file_name.clone()
+        } else {
+            names::numbered(&t.file_name, n)
+        };
+        if name.len() > names::MAX_COMPONENT {
+            break;
+        }
+        match std::fs::hard_link(&t.part, t.parent.join(&name)) {
+            Ok(()) => {
+                std::fs::remove_file(&t.part)?;
+                return Ok(name);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "no free name for {} — pass --overwrite or clear the folder",
+            t.file_name
+        ),
+    ))
+}
+
+/// Hashes the first `len` bytes of `file` with BLAKE3 (blocking; run it off the runtime).
+pub(crate) fn hash_prefix(file: &File, len: u64) -> io::Result<blake3::Hasher> {
+    hash_range(file, blake3::Hasher::new(), 0..len, None)
+}
+
+/// Feeds the bytes of `file` in `range` to `h` (blocking), reading CHUNK at
+/// a time; gives up with `Interrupted` once `stop` is set.
+pub(crate) fn hash_range(
+    file: &File,
+    mut h: blake3::Hasher,
+    range: std::ops::Range<u64>,
+    stop: Option<&AtomicBool>,
+) -> io::Result<blake3::Hasher> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = range.start;
+    while pos < range.end {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "sending stopped",
+            ));
+        }
+        let want = (range.end - pos).min(CHUNK as u64) as usize;
+        let n = file.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("file ended at {pos} bytes, expected {}", range.end),
+            ));
+        }
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(h)
+}

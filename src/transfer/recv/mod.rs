@@ -1,0 +1,363 @@
+//! The receiving end: `netkit recv` and the file drop of `netkit serve`.
+//!
+//! One task per connection; per file, the socket task feeds a disk thread
+//! (BLAKE3, then write) through a bounded queue, and fdatasync runs on a
+//! thread of its own. A file is written as
+//! `NAME.netkit-part` and renamed to its final name only after its hash
+//! matched and its data is durable, so a partial file never appears under the
+//! final name and a later `send` of the same file resumes from it.
+//! This file holds the flags, the accept loop and the session; `entry` one
+//! offered entry, and `disk` the disk side.
+
+mod entry;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::conn::Frame;
+use super::proto::{ReceiverFrame, SenderFrame};
+use super::{Conn, FileReport, TransferError};
+use crate::cli::{Listen, parse_duration, parse_size};
+
+/// Command-line options of `netkit recv`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecvArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8331", env = "NETKIT_RECV_LISTEN")]
+    pub listen: Listen,
+    /// Folder to store received files in.
+    #[arg(long, default_value = ".", env = "NETKIT_RECV_DIR")]
+    pub dir: PathBuf,
+    /// Replace an existing different file instead of saving the new one as `name (1).ext`.
+    #[arg(long, env = "NETKIT_RECV_OVERWRITE")]
+    pub overwrite: bool,
+    /// Refuse files larger than this (e.g. 10GiB).
+    #[arg(long, value_parser = parse_size, env = "NETKIT_RECV_MAX_SIZE")]
+    pub max_size: Option<u64>,
+    /// Serve one sender, then exit (exit code 1 unless every file was stored).
+    #[arg(long)]
+    pub once: bool,
+    /// Give up on a sender that sends nothing for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_RECV_TIMEOUT")]
+    pub timeout: Duration,
+    /// Most senders served at once; more wait for a free slot.
+    #[arg(long, default_value_t = 64, env = "NETKIT_RECV_MAX_CONNS")]
+    pub max_conns: usize,
+    /// Print one JSON object per received file on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip fdatasync: faster on slow disks, but a crash or power loss can
+    /// lose files the sender was told are stored.
+    #[arg(long, env = "NETKIT_RECV_NO_SYNC")]
+    pub no_sync: bool,
+}
+
+/// Limits of the file drop in `netkit serve` (the receiver's flags, named `--drop-…`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DropArgs {
+    /// Refuse dropped files larger than this (e.g. 10GiB).
+    #[arg(long, value_parser = parse_size, env = "NETKIT_DROP_MAX_SIZE")]
+    pub drop_max_size: Option<u64>,
+    /// Give up on a sender to the drop that sends nothing for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_DROP_TIMEOUT")]
+    pub drop_timeout: Duration,
+    /// Most senders the drop serves at once; more wait for a free slot.
+    #[arg(long, default_value_t = 64, env = "NETKIT_DROP_MAX_CONNS")]
+    pub drop_max_conns: usize,
+    /// Replace an existing different file in the drop instead of saving it as `name (1).ext`.
+    #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
+    pub drop_overwrite: bool,
+}
+
+impl DropArgs {
+    /// The receiver configuration for the drop folder `dir`.
+    pub fn config(&self, dir: impl Into<PathBuf>) -> Config {
+        Config {
+            overwrite: self.drop_overwrite,
+            max_size: self.drop_max_size,
+            timeout: self.drop_timeout,
+            max_conns: self.drop_max_conns.max(1),
+            ..Config::new(dir)
+        }
+    }
+}
+
+/// How a receiver behaves; built from [`RecvArgs`] or by hand.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Folder files are stored in (must exist).
+    pub dir: PathBuf,
+    /// Replace existing different files.
+    pub overwrite: bool,
+    /// Largest file accepted.
+    pub max_size: Option<u64>,
+    /// Timeout for every read and write on a connection.
+    pub timeout: Duration,
+    /// Most connections served at once.
+    pub max_conns: usize,
+    /// Make the data durable (fdatasync) every this many bytes, and at the end.
+    pub sync_every: u64,
+    /// Call fdatasync at all (off: faster, but a crash can lose confirmed files).
+    pub durable: bool,
+    /// Print one JSON object per file on stdout.
+    pub json: bool,
+}
+
+impl Config {
+    /// A configuration storing into `dir`, with the default limits.
+    pub fn new(dir: impl Into<PathBuf>) -> Config {
+        Config {
+            dir: dir.into(),
+            overwrite: false,
+            max_size: None,
+            timeout: Duration::from_secs(30),
+            max_conns: 64,
+            sync_every: 128 << 20,
+            durable: true,
+            json: false,
+        }
+    }
+}
+
+/// Runs `netkit recv`: serves until SIGINT/SIGTERM, or one sender with `--once`.
+pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
+    crate::transfer::tune_allocator();
+    let Some(addr) = args.listen.addr() else {
+        anyhow::bail!("--listen off leaves nothing to receive on; give HOST:PORT");
+    };
+    let config = Config {
+        overwrite: args.overwrite,
+        max_size: args.max_size,
+        timeout: args.timeout,
+        max_conns: args.max_conns.max(1),
+        json: args.json,
+        durable: !args.no_sync,
+        ..Config::new(&args.dir)
+    };
+    prepare_dir(&config.dir)?;
+    let listener = crate::cli::bind_tcp(addr, "--listen").await?;
+    let shutdown = crate::shutdown::on_signal();
+    crate::ready::announce(&crate::ready::Ready {
+        recv: listener.local_addr().ok(),
+        ..Default::default()
+    });
+    if !args.once {
+        run(listener, config, shutdown).await;
+        return Ok(());
+    }
+    let local = listener.local_addr()?;
+    info!(addr = %local, dir = %config.dir.display(), "recv: listening on {local} (one sender)");
+    let (stream, peer) = tokio::select! {
+        r = listener.accept() => r.map_err(|e| anyhow::anyhow!("accepting on {local}: {e}"))?,
+        _ = shutdown.cancelled() => anyhow::bail!("interrupted before a sender connected"),
+    };
+    drop(listener);
+    let shared = Arc::new(Shared::new(config));
+    let reports = tokio::select! {
+        r = receive(stream, peer.to_string(), &shared) => r,
+        _ = shutdown.cancelled() => {
+            shared.drain_writers().await;
+            anyhow::bail!("interrupted; partial files are kept for resume")
+        }
+    };
+    shared.drain_writers().await;
+    let reports = reports.map_err(|e| anyhow::anyhow!("sender {peer}: {e}"))?;
+    let bad: Vec<_> = reports.iter().filter(|r| !r.verdict.confirmed()).collect();
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "{} of {} entries from {peer} were not stored",
+            bad.len(),
+            reports.len()
+        );
+    }
+    Ok(())
+}
+
+/// Creates the receiving folder if needed and checks it is a folder.
+pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create receiving folder {}: {e} — pass --dir DIR",
+            dir.display()
+        )
+    })?;
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a folder — pass --dir DIR", dir.display());
+    }
+    Ok(())
+}
+
+/// State shared by every connection of one receiver.
+struct Shared {
+    config: Config,
+    /// Partial files being written right now; a second sender of the same name is refused.
+    busy: Mutex<HashSet<PathBuf>>,
+    /// Signalled whenever a name leaves `busy`.
+    freed: tokio::sync::Notify,
+    /// Disk writers; waited for on shutdown so every received byte is written.
+    writers: TaskTracker,
+}
+
+impl Shared {
+    fn new(config: Config) -> Shared {
+        Shared {
+            config,
+            busy: Mutex::new(HashSet::new()),
+            freed: tokio::sync::Notify::new(),
+            writers: TaskTracker::new(),
+        }
+    }
+
+    /// Waits until every disk writer has finished.
+    async fn drain_writers(&self) {
+        self.writers.close();
+        self.writers.wait().await;
+    }
+}
+
+/// Holds a name in [`Shared::busy`] until dropped.
+struct BusyGuard {
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.shared.busy.lock() {
+            b.remove(&self.path);
+        }
+        self.shared.freed.notify_waiters();
+    }
+}
+
+/// Accepts senders on `listener` until `shutdown` is cancelled; one task per
+/// connection, at most `config.max_conns` at once. On shutdown, connections in
+/// progress are closed and their partial files kept for a later resume.
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) {
+    let local = listener.local_addr().ok();
+    info!(
+        addr = ?local,
+        dir = %config.dir.display(),
+        "recv: listening on {}",
+        local.map(|a| a.to_string()).unwrap_or_default()
+    );
+    let permits = Arc::new(Semaphore::new(config.max_conns.max(1)));
+    let shared = Arc::new(Shared::new(config));
+    let tracker = TaskTracker::new();
+    let mut acceptor = crate::net::accept::Acceptor::new("recv");
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await else {
+            break;
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let span = info_span!("recv", %peer);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                tokio::select! {
+                    r = receive(stream, peer.to_string(), &shared) => {
+                        if let Err(e) = r {
+                            warn!("sender {peer}: {e}");
+                        }
+                    }
+                    _ = shutdown.cancelled() => info!("closing on shutdown; partial files are kept for resume"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+    shared.drain_writers().await;
+    info!("recv: stopped");
+}
+
+/// Serves one sender on `stream` until it says goodbye; returns a report per
+/// offered entry. A connection-level error ends the session (an `Error`
+/// frame tells the sender why); partial files stay for resume.
+async fn receive<S>(
+    stream: S,
+    peer: String,
+    shared: &Arc<Shared>,
+) -> Result<Vec<FileReport>, TransferError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut conn = Conn::new(stream, shared.config.timeout);
+    let result = session(&mut conn, &peer, shared).await;
+    if let Err(e) = &result {
+        // Tell the sender why, unless the connection itself is gone.
+        if !matches!(e, TransferError::Closed(_) | TransferError::Peer(_)) {
+            let _ = conn
+                .send(&ReceiverFrame::Error {
+                    reason: e.to_string(),
+                })
+                .await;
+        }
+    }
+    conn.shutdown().await;
+    result
+}
+
+async fn session<S>(
+    conn: &mut Conn<S>,
+    peer: &str,
+    shared: &Arc<Shared>,
+) -> Result<Vec<FileReport>, TransferError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    conn.write_preamble().await?;
+    conn.read_preamble().await?;
+    debug!("handshake done");
+    let mut reports = Vec::new();
+    loop {
+        match conn
+            .read::<SenderFrame>("waiting for the next offer")
+            .await?
+        {
+            SenderFrame::Offer(offer) => {
+                let report = entry::handle_offer(conn, offer, shared).await?;
+                info!(
+                    peer,
+                    name = %report.name,
+                    size = report.size,
+                    mb_per_s = format!("{:.1}", report.mb_per_s),
+                    verdict = %report.verdict,
+                    "{}",
+                    report.line()
+                );
+                if shared.config.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).expect("report serializes")
+                    );
+                }
+                reports.push(report);
+            }
+            SenderFrame::Bye => return Ok(reports),
+            SenderFrame::Error { reason } => return Err(TransferError::Peer(reason)),
+            other => {
+                return Err(TransferError::Unexpected {
+                    expected: "Offer or Bye",
+                    got: other.describe(),
+                });
+            }
+        }
+    }
+}
