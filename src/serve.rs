@@ -215,7 +215,10 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         });
     }
     if let Some(listener) = tcp_listener {
-        let config = tcp::server::Config::new(Service::Rand, &args.tcp_limits);
+        let config = tcp::server::Config {
+            door: crate::net::door::Door::new("tcp", None, per_ip),
+            ..tcp::server::Config::new(Service::Rand, &args.tcp_limits)
+        };
         tracker.spawn(tcp::server::run(
             listener,
             config,

@@ -512,6 +512,20 @@ impl ClientTlsArgs {
         Ok(Arc::new(config))
     }
 
+    /// The TLS client handshake over `tcp` with the server at `addr`
+    /// (`host:port`, the host checked against the certificate), offering `alpn`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        addr: &str,
+        alpn: &[&[u8]],
+        timeout: Duration,
+    ) -> anyhow::Result<ClientStream> {
+        let mut config = Arc::unwrap_or_clone(self.config()?);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        connect(tcp, host_of(addr), Arc::new(config), timeout).await
+    }
+
     fn roots(&self) -> anyhow::Result<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &self.tls_ca {

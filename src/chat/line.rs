@@ -588,6 +588,8 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
             }
         }
     }
+    // A clean end: FIN, and over TLS the close_notify the client waits for.
+    let _ = tokio::time::timeout(write_timeout.min(Duration::from_secs(1)), wr.shutdown()).await;
     done.cancel();
 }
 
