@@ -264,14 +264,34 @@ impl TlsAcceptor {
 
     /// Reloads when the files' modification times change (checked every
     /// `interval`) or on SIGHUP, until `shutdown`.
-    pub async fn watch(self, files: CertFiles, interval: Duration, shutdown: CancellationToken) {
+    /// The SIGHUP handler is installed before this returns (so a SIGHUP right
+    /// after start reloads rather than ends the process); call it in a runtime.
+    pub fn watch(
+        self,
+        files: CertFiles,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        #[cfg(unix)]
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        #[cfg(not(unix))]
+        let hup = None::<()>;
+        self.watch_with(files, interval, hup, shutdown)
+    }
+
+    async fn watch_with(
+        self,
+        files: CertFiles,
+        interval: Duration,
+        #[cfg(unix)] mut hup: Option<tokio::signal::unix::Signal>,
+        #[cfg(not(unix))] _hup: Option<()>,
+        shutdown: CancellationToken,
+    ) {
         let stamp = |f: &CertFiles| -> Option<(SystemTime, SystemTime)> {
             let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
             Some((m(&f.cert)?, m(&f.key)?))
         };
         let mut seen = stamp(&files);
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -179,6 +179,20 @@ async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, needle: &str) 
     }
 }
 
+/// Joins `room` on a line-chat connection, says `text` there and waits until it comes back.
+async fn say_in_room<R, W>(rd: &mut R, wr: &mut W, room: &str, text: &str)
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(format!("/join {room}\n").as_bytes())
+        .await
+        .unwrap();
+    line_with(rd, "joined").await;
+    wr.write_all(format!("{text}\n").as_bytes()).await.unwrap();
+    line_with(rd, text).await;
+}
+
 #[tokio::test]
 async fn https_answers_with_security_headers_and_hsts() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,21 +269,7 @@ async fn line_chat_over_tls_and_a_pinned_client() {
     let (rd, mut wr) = tokio::io::split(s);
     let mut rd = BufReader::new(rd);
     line_with(&mut rd, "welcome").await;
-    wr.write_all(
-        b"/nick pinned
-/join lobby
-",
-    )
-    .await
-    .unwrap();
-    line_with(&mut rd, "joined").await;
-    wr.write_all(
-        b"hello tls
-",
-    )
-    .await
-    .unwrap();
-    line_with(&mut rd, "hello tls").await;
+    say_in_room(&mut rd, &mut wr, "lobby", "hello tls").await;
     // Another fingerprint is refused, and the error says so.
     let other = cert(dir.path(), "o", &["chat.example"], -1, 30);
     let e = tls_to(doors.chat, &pinned(&fingerprint_of(&other)))
@@ -427,21 +427,7 @@ async fn a_reloaded_certificate_reaches_new_clients_and_old_ones_go_on() {
     let e = tls_to(doors.chat, &pinned(&old_pin)).await.unwrap_err();
     assert!(e.to_string().contains("pin mismatch"), "{e}");
     // …and the one connected before goes on.
-    wr.write_all(
-        b"/nick stays
-/join r
-",
-    )
-    .await
-    .unwrap();
-    line_with(&mut rd, "joined").await;
-    wr.write_all(
-        b"still here
-",
-    )
-    .await
-    .unwrap();
-    line_with(&mut rd, "still here").await;
+    say_in_room(&mut rd, &mut wr, "r", "still here").await;
     shutdown.cancel();
 }
 

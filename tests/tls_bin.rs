@@ -18,6 +18,8 @@ const T: Duration = Duration::from_secs(30);
 fn serve(data: &Path) -> (Netkit, SocketAddr, SocketAddr, String) {
     let mut n = Netkit::spawn(&[
         "serve",
+        "--tls-reload-interval",
+        "1h",
         "--http",
         "127.0.0.1:0",
         "--chat",
@@ -44,6 +46,41 @@ fn serve(data: &Path) -> (Netkit, SocketAddr, SocketAddr, String) {
     n.wait_for("http: listening on https://", T);
     let (http, chat) = (n.ready.http.unwrap(), n.ready.chat.unwrap());
     (n, http, chat, fp)
+}
+
+/// Runs `netkit chat ARGS`, joins #tls, and returns once it printed the join
+/// (stdin stays open until then, so the server answers before the client ends).
+fn chat_joins(args: &[&str]) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = proc_util::bin()
+        .arg("chat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    stdin.write_all(b"/join tls\n").unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(c.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("joined #tls");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("joined #tls")),
+        "netkit chat {args:?} never joined; printed {seen:?}"
+    );
+    drop(stdin);
+    let status = c.wait().unwrap();
+    assert!(
+        status.success(),
+        "netkit chat {args:?} failed; printed {seen:?}"
+    );
 }
 
 #[test]
@@ -102,13 +139,7 @@ fn self_signed_serve_works_with_curl_openssl_and_netkit_clients() {
 
     // netkit chat over TLS, pinned to the logged fingerprint.
     let url = format!("tls://{chat}");
-    let (status, stdout, stderr) = run_with_stdin(
-        &["chat", &url, "--tls-pin", &fp, "--nick", "pinned"],
-        b"/join tls\n",
-        T,
-    );
-    assert!(status.success(), "{stderr}");
-    assert!(stdout.contains("joined #tls"), "{stdout}");
+    chat_joins(&[&url, "--tls-pin", &fp, "--nick", "pinned"]);
 
     // netkit members over HTTPS, trusting the certificate.
     let base = format!("https://{http}");
@@ -138,6 +169,18 @@ fn self_signed_serve_works_with_curl_openssl_and_netkit_clients() {
 
     // A restart keeps the certificate (clients' pins stay valid).
     n.terminate();
-    let (_n, _, _, again) = serve(dir.path());
+    let (mut n, _, chat, again) = serve(dir.path());
     assert_eq!(again, fp);
+
+    // Replaced files plus SIGHUP (the file poll is an hour here): new clients
+    // get the new certificate without a restart.
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let fresh = params.self_signed(&key_pair).unwrap();
+    std::fs::write(&key, key_pair.serialize_pem()).unwrap();
+    std::fs::write(&cert, fresh.pem()).unwrap();
+    n.signal(libc::SIGHUP);
+    n.wait_for("certificate reloaded", T);
+    let new_fp = netkit::tls::fingerprint(fresh.der());
+    chat_joins(&[&format!("tls://{chat}"), "--tls-pin", &new_fp]);
 }
