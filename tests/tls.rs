@@ -258,6 +258,31 @@ async fn websocket_over_tls_chats() {
 }
 
 #[tokio::test]
+async fn the_origin_allow_list_applies_to_wss() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let files = cert(dir.path(), "s", &["127.0.0.1"], -1, 30);
+    let doors = Doors::start(Some(acceptor(&files)), PerIpLimit::unlimited("chat")).await;
+    let open = |origin: String| {
+        let files = files.clone();
+        let http = doors.http;
+        async move {
+            let tcp = TcpStream::connect(http).await.unwrap();
+            let tls = trusting(&files)
+                .connect(tcp, &http.to_string(), &[b"http/1.1"], T)
+                .await
+                .unwrap();
+            let mut req = format!("wss://{http}/ws").into_client_request().unwrap();
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+            tokio_tungstenite::client_async(req, tls).await.map(|_| ())
+        }
+    };
+    assert!(open(format!("https://{}", doors.http)).await.is_ok());
+    let refused = open("https://evil.example".into()).await.unwrap_err();
+    assert!(refused.to_string().contains("403"), "{refused}");
+}
+
+#[tokio::test]
 async fn line_chat_over_tls_and_a_pinned_client() {
     let dir = tempfile::tempdir().unwrap();
     let files = cert(dir.path(), "s", &["chat.example"], -1, 30);

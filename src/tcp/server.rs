@@ -286,6 +286,10 @@ async fn serve_listener(
             stats.refused.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, max_conns = config.max_conns, "tcp: connection cap reached, refusing client");
             let max = config.max_conns;
+            if config.door.is_tls() {
+                // No plaintext line on a TLS door: the close says it.
+                continue;
+            }
             tracker.spawn(async move {
                 let mut stream = stream;
                 let msg = format!(
