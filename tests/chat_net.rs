@@ -193,6 +193,16 @@ async fn websocket_and_tcp_clients_share_a_room_in_order() {
         .await;
         nc.send(&format!("t{i}")).await;
     }
+    // The two clients' connections are independent: "/me waves" is sent only
+    // once the terminal has seen all 40 messages (the last WebSocket one
+    // included), so it is the last.
+    let mut nc_seen = Vec::new();
+    while nc_seen.len() < 40 {
+        let l = nc.line().await;
+        if l.contains("#lobby <") {
+            nc_seen.push(l);
+        }
+    }
     nc.send("/me waves").await;
     // Both see the same 41 messages, ids 1..=41 in order, each once.
     let mut web_seen = Vec::new();
@@ -210,7 +220,6 @@ async fn websocket_and_tcp_clients_share_a_room_in_order() {
     );
     assert_eq!(web_seen.iter().filter(|m| m.1 == "web").count(), 20);
     assert_eq!(web_seen.last().unwrap().2, "waves");
-    let mut nc_seen = Vec::new();
     while nc_seen.len() < 41 {
         let l = nc.line().await;
         if l.contains("#lobby <") || l.contains("#lobby * ") {

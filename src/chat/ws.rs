@@ -281,6 +281,9 @@ pub async fn serve_socket(
         shutdown,
     ));
     let close = read_loop(&mut stream, &mut session, &config, &stop).await;
+    // Every request read has taken effect and its replies are queued before
+    // the writer is told to finish.
+    session.settle().await;
     if let Some(frame) = close {
         let _ = close_tx.send(frame);
     } else {
@@ -303,10 +306,17 @@ async fn read_loop(
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
+        // The next frame is read only once the replies to the last ones fit
+        // the client's queue (backpressure on a client that sends faster
+        // than it reads).
+        let read = async {
+            session.room_for_replies().await;
+            tokio::time::timeout(silent_for, stream.next()).await
+        };
         let next = tokio::select! {
             biased;
             _ = &mut stopped => return None,
-            r = tokio::time::timeout(silent_for, stream.next()) => r,
+            r = read => r,
         };
         let msg = match next {
             Err(_) => {
@@ -348,7 +358,7 @@ async fn read_loop(
                 match parse_client_msg(text.as_str()) {
                     Ok(req) => {
                         if let Err(e) = session.handle(req).await {
-                            session.tell(e.to_msg());
+                            session.report(e);
                         }
                     }
                     Err(err) => session.tell(err),

@@ -4,15 +4,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::deliver::{Kick, Outbox};
+use super::deliver::{Drained, Kick, Outbox};
 use super::remote::check_since;
 use super::writer::{Post, WriteCmd};
 use super::{ClientId, DisconnectReason, Event, Hub, HubError, member_nicks, truncate};
@@ -20,18 +20,41 @@ use crate::chat::protocol::{ClientMsg, MessageKind, ServerMsg, now_ms, valid_nic
 
 /// What one client does: every request of a connection goes through its session.
 /// Dropping the session disconnects the client.
+///
+/// Requests take effect in the order they are handed in: those the writer
+/// thread carries out (join, say, topic) are queued in order, and any other
+/// request first waits for them ([`Session::settle`]), so a `who` or a
+/// `part` right after a `join` sees the join.
 pub struct Session {
     pub(super) hub: Hub,
     pub(super) id: ClientId,
+    outbox: Outbox,
     tokens: f64,
     last_refill: Instant,
+    /// Completes once the client's last command queued for the writer has taken effect.
+    pending: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The current spell of rate-limited requests, if one is on.
+    limited: Option<RateSpell>,
 }
+
+/// A run of refused requests: the first is answered at once, the rest are
+/// counted and reported together (at most one error a second, and once more
+/// when a request is accepted again), so a flood of refused requests cannot
+/// fill the client's own queue.
+struct RateSpell {
+    reported: Instant,
+    unreported: u64,
+}
+
+/// How often a spell of refused requests is reported at most.
+const RATE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one client is sent, in order.
 pub struct Inbox {
     rx: mpsc::Receiver<Arc<Event>>,
     bytes: Arc<AtomicUsize>,
     kick: Arc<Kick>,
+    drained: Arc<Drained>,
     /// Wakes a waiting [`Inbox::recv`] when the client is disconnected. Made
     /// once: a new `cancelled()` per wait took the token's lock three times
     /// per message.
@@ -57,7 +80,15 @@ impl Inbox {
             bytes: outbox.bytes,
             kicked: Box::pin(outbox.kick.token.clone().cancelled_owned()),
             kick: outbox.kick,
+            drained: outbox.drained,
         }
+    }
+
+    /// Accounts for `ev` leaving the queue (and wakes a reader waiting for room).
+    fn took(&self, ev: &Event) {
+        let len = ev.json().len();
+        let left = self.bytes.fetch_sub(len, Ordering::Relaxed) - len;
+        self.drained.taken(self.rx.len(), left);
     }
 
     fn disconnected(&self) -> Received {
@@ -79,7 +110,7 @@ impl Inbox {
             }
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(ev)) => {
-                    self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
+                    self.took(&ev);
                     return Poll::Ready(Received::Event(ev));
                 }
                 Poll::Ready(None) => return Poll::Ready(Received::Closed),
@@ -104,21 +135,93 @@ impl Inbox {
             return None;
         }
         let ev = self.rx.try_recv().ok()?;
-        self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
+        self.took(&ev);
         Some(ev)
     }
 }
 
 impl Session {
     /// The session of the newly registered client `id`, with a full burst of tokens.
-    pub(super) fn new(hub: Hub, id: ClientId) -> Session {
+    pub(super) fn new(hub: Hub, id: ClientId, outbox: Outbox) -> Session {
         let tokens = hub.shared.config.burst.max(1.0);
         Session {
             hub,
             id,
+            outbox,
             tokens,
             last_refill: Instant::now(),
+            pending: Mutex::new(None),
+            limited: None,
         }
+    }
+
+    /// Waits until every request handed in so far has taken effect (and its
+    /// replies are queued): call it before closing, so that no reply that was
+    /// due is lost.
+    pub async fn settle(&self) {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(done) = pending {
+            // An error only means the writer has gone (shutdown): nothing to wait for.
+            let _ = done.await;
+        }
+    }
+
+    /// Waits until the client's queue has room for the replies to another
+    /// request: an adapter reads the client's next request only then, so a
+    /// client that sends faster than it reads is slowed down instead of
+    /// being disconnected as lagging.
+    pub async fn room_for_replies(&self) {
+        self.outbox.room_for_replies().await;
+    }
+
+    /// The room the client joined last and is still in, once every request
+    /// handed in so far has taken effect.
+    pub async fn current_room(&self) -> Option<String> {
+        self.settle().await;
+        self.hub
+            .lock()
+            .clients
+            .get(&self.id)
+            .and_then(|c| c.current.clone())
+    }
+
+    /// Answers a refused request: a rate-limit refusal is coalesced with the
+    /// others of its spell (see [`RateSpell`]); any other error is sent as is.
+    pub fn report(&mut self, e: HubError) {
+        if !matches!(e, HubError::RateLimited(_)) {
+            self.tell(e.to_msg());
+            return;
+        }
+        let now = Instant::now();
+        match &mut self.limited {
+            None => {
+                self.limited = Some(RateSpell {
+                    reported: now,
+                    unreported: 0,
+                });
+                self.tell(e.to_msg());
+            }
+            Some(spell) if now.duration_since(spell.reported) >= RATE_REPORT_EVERY => {
+                let refused = spell.unreported + 1;
+                spell.reported = now;
+                spell.unreported = 0;
+                self.tell_refused(refused);
+            }
+            Some(spell) => spell.unreported += 1,
+        }
+    }
+
+    /// One `rate_limited` error for `refused` requests refused together.
+    fn tell_refused(&self, refused: u64) {
+        let rate = self.hub.shared.config.rate;
+        self.tell(ServerMsg::error(
+            "rate_limited",
+            format!("{refused} more message(s) refused: the limit is {rate} per second; slow down"),
+        ));
     }
 
     /// The client's current nickname.
@@ -151,6 +254,19 @@ impl Session {
     /// Carries out one client request, applying the rate limit first.
     pub async fn handle(&mut self, msg: ClientMsg) -> Result<(), HubError> {
         self.take_token()?;
+        if let Some(spell) = self.limited.take()
+            && spell.unreported > 0
+        {
+            self.tell_refused(spell.unreported);
+        }
+        // Messages and topics are checked by the writer, in order with this
+        // client's earlier joins; anything else needs them applied first.
+        if !matches!(
+            msg,
+            ClientMsg::Say { .. } | ClientMsg::Me { .. } | ClientMsg::Topic { .. }
+        ) {
+            self.settle().await;
+        }
         match msg {
             ClientMsg::Join { room, after, since } => self.resume(&room, after, since).await,
             ClientMsg::Part { room } => self.part(&room),
@@ -230,7 +346,13 @@ impl Session {
     pub fn part(&self, room: &str) -> Result<(), HubError> {
         let mut st = self.hub.lock();
         let (nick, was_member) = match st.clients.get_mut(&self.id) {
-            Some(c) => (c.nick.clone(), c.rooms.remove(room)),
+            Some(c) => {
+                let was_member = c.rooms.remove(room);
+                if c.current.as_deref() == Some(room) {
+                    c.current = c.rooms.last().cloned();
+                }
+                (c.nick.clone(), was_member)
+            }
             None => return Err(HubError::ShuttingDown),
         };
         if !was_member {
@@ -400,12 +522,17 @@ impl Session {
             .is_some_and(|c| c.rooms.contains(room))
     }
 
+    /// Queues `cmd` for the writer; [`Session::settle`] then waits for it.
     async fn write(&self, cmd: WriteCmd) -> Result<(), HubError> {
+        let (done, applied) = oneshot::channel();
         self.hub
             .writer
-            .send(cmd)
+            .send((cmd, Some(done)))
             .await
-            .map_err(|_| HubError::ShuttingDown)
+            .map_err(|_| HubError::ShuttingDown)?;
+        // The writer applies in order: the last command's completion covers the earlier ones.
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(applied);
+        Ok(())
     }
 }
 
