@@ -370,8 +370,10 @@ async fn read_loop(
             )),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             Message::Close(_) => {
-                // tungstenite answers a close on its next write: have it
-                // hand the reply to the writer now.
+                // The replies to what came before the close go out before
+                // the close's reply, which tungstenite makes on its next
+                // write: have it hand the reply to the writer now.
+                session.settle().await;
                 let _ = stream.flush().await;
                 return None;
             }

@@ -190,7 +190,7 @@ impl Session {
     }
 
     /// Answers a refused request: a rate-limit refusal is coalesced with the
-    /// others of its spell (see [`RateSpell`]); any other error is sent as is.
+    /// others of its spell (the first at once, then at most one a second with a count, and the rest when a request is accepted again); any other error is sent as is.
     pub fn report(&mut self, e: HubError) {
         if !matches!(e, HubError::RateLimited(_)) {
             self.tell(e.to_msg());
