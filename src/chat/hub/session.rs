@@ -33,17 +33,28 @@ pub struct Session {
     last_refill: Instant,
     /// Completes once the client's last command queued for the writer has taken effect.
     pending: Mutex<Option<oneshot::Receiver<()>>>,
-    /// The current spell of rate-limited requests, if one is on.
-    limited: Option<RateSpell>,
+    /// Rate-limit refusals and how they were reported.
+    refusals: Refusals,
 }
 
-/// A run of refused requests: the first is answered at once, the rest are
-/// counted and reported together (at most one error a second, and once more
-/// when a request is accepted again), so a flood of refused requests cannot
-/// fill the client's own queue.
-struct RateSpell {
-    reported: Instant,
+/// A client's rate-limit refusals: at most one `rate_limited` error a
+/// second, the first at once, later ones with the count of refusals since
+/// the last error; so a flood of refused requests cannot fill the client's
+/// own queue.
+#[derive(Default)]
+struct Refusals {
+    /// When the last `rate_limited` error was sent.
+    reported: Option<Instant>,
+    /// Refusals since then not yet told.
     unreported: u64,
+}
+
+impl Refusals {
+    /// True if an error may be sent at `now`.
+    fn may_report(&self, now: Instant) -> bool {
+        self.reported
+            .is_none_or(|at| now.duration_since(at) >= RATE_REPORT_EVERY)
+    }
 }
 
 /// How often a spell of refused requests is reported at most.
@@ -151,7 +162,7 @@ impl Session {
             tokens,
             last_refill: Instant::now(),
             pending: Mutex::new(None),
-            limited: None,
+            refusals: Refusals::default(),
         }
     }
 
@@ -189,29 +200,35 @@ impl Session {
             .and_then(|c| c.current.clone())
     }
 
-    /// Answers a refused request: a rate-limit refusal is coalesced with the
-    /// others of its spell (the first at once, then at most one a second with a count, and the rest when a request is accepted again); any other error is sent as is.
+    /// Answers a refused request: rate-limit refusals get at most one error
+    /// a second (see [`Session::handle`]), the first at once and later ones
+    /// with a count; any other error is sent as is.
     pub fn report(&mut self, e: HubError) {
         if !matches!(e, HubError::RateLimited(_)) {
             self.tell(e.to_msg());
             return;
         }
         let now = Instant::now();
-        match &mut self.limited {
-            None => {
-                self.limited = Some(RateSpell {
-                    reported: now,
-                    unreported: 0,
-                });
-                self.tell(e.to_msg());
-            }
-            Some(spell) if now.duration_since(spell.reported) >= RATE_REPORT_EVERY => {
-                let refused = spell.unreported + 1;
-                spell.reported = now;
-                spell.unreported = 0;
-                self.tell_refused(refused);
-            }
-            Some(spell) => spell.unreported += 1,
+        let r = &mut self.refusals;
+        if !r.may_report(now) {
+            r.unreported += 1;
+            return;
+        }
+        r.reported = Some(now);
+        match std::mem::take(&mut r.unreported) {
+            0 => self.tell(e.to_msg()),
+            earlier => self.tell_refused(earlier + 1),
+        }
+    }
+
+    /// Tells the refusals not yet reported, if an error may be sent now.
+    fn report_earlier_refusals(&mut self) {
+        let now = Instant::now();
+        let r = &mut self.refusals;
+        if r.unreported > 0 && r.may_report(now) {
+            r.reported = Some(now);
+            let refused = std::mem::take(&mut r.unreported);
+            self.tell_refused(refused);
         }
     }
 
@@ -251,14 +268,12 @@ impl Session {
         self.hub.deliver_locked(&mut st, self.id, &ev);
     }
 
-    /// Carries out one client request, applying the rate limit first.
+    /// Carries out one client request, applying the rate limit first. A
+    /// refusal is returned; an adapter answers it with [`Session::report`],
+    /// which limits the errors a flood of them brings.
     pub async fn handle(&mut self, msg: ClientMsg) -> Result<(), HubError> {
         self.take_token()?;
-        if let Some(spell) = self.limited.take()
-            && spell.unreported > 0
-        {
-            self.tell_refused(spell.unreported);
-        }
+        self.report_earlier_refusals();
         // Messages and topics are checked by the writer, in order with this
         // client's earlier joins; anything else needs them applied first.
         if !matches!(
