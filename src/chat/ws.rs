@@ -26,7 +26,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, oneshot};
@@ -369,13 +369,19 @@ async fn read_loop(
                 "binary frames are not part of the protocol; send JSON text frames",
             )),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            Message::Close(_) => {
-                // The replies to what came before the close go out before
-                // the close's reply, which tungstenite makes on its next
-                // write: have it hand the reply to the writer now.
-                session.settle().await;
-                let _ = stream.flush().await;
-                return None;
+            Message::Close(frame) => {
+                // The reply goes out as the last frame, after the replies to
+                // what came before the close (tungstenite's own reply would
+                // reach the writer as a control frame, ahead of them).
+                let frame = frame.map(|f| CloseFrame {
+                    code: if f.code.is_allowed() {
+                        f.code
+                    } else {
+                        CloseCode::Protocol
+                    },
+                    reason: f.reason,
+                });
+                return Some(encode(Frame::close(frame)));
             }
         }
     }

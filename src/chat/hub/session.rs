@@ -31,8 +31,8 @@ pub struct Session {
     outbox: Outbox,
     tokens: f64,
     last_refill: Instant,
-    /// Completes once the client's last command queued for the writer has taken effect.
-    pending: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The client's commands queued for the writer and not yet waited for.
+    pending: Mutex<Pending>,
     /// Rate-limit refusals and how they were reported.
     refusals: Refusals,
 }
@@ -55,6 +55,15 @@ impl Refusals {
         self.reported
             .is_none_or(|at| now.duration_since(at) >= RATE_REPORT_EVERY)
     }
+}
+
+/// What a session has queued for the writer since it last waited for it.
+#[derive(Default)]
+struct Pending {
+    /// Completes once the last of them has taken effect (the writer applies in order).
+    applied: Option<oneshot::Receiver<()>>,
+    /// Whether one is a join (which changes the current room).
+    joining: bool,
 }
 
 /// How often a spell of refused requests is reported at most.
@@ -161,7 +170,7 @@ impl Session {
             outbox,
             tokens,
             last_refill: Instant::now(),
-            pending: Mutex::new(None),
+            pending: Mutex::default(),
             refusals: Refusals::default(),
         }
     }
@@ -170,12 +179,8 @@ impl Session {
     /// replies are queued): call it before closing, so that no reply that was
     /// due is lost.
     pub async fn settle(&self) {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(done) = pending {
+        let pending = std::mem::take(&mut *self.pending());
+        if let Some(done) = pending.applied {
             // An error only means the writer has gone (shutdown): nothing to wait for.
             let _ = done.await;
         }
@@ -189,10 +194,13 @@ impl Session {
         self.outbox.room_for_replies().await;
     }
 
-    /// The room the client joined last and is still in, once every request
-    /// handed in so far has taken effect.
+    /// The room the client joined last and is still in, once every join
+    /// handed in so far has taken effect (messages queued after one need not
+    /// wait: they do not change it).
     pub async fn current_room(&self) -> Option<String> {
-        self.settle().await;
+        if self.pending().joining {
+            self.settle().await;
+        }
         self.hub
             .lock()
             .clients
@@ -537,8 +545,13 @@ impl Session {
             .is_some_and(|c| c.rooms.contains(room))
     }
 
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Queues `cmd` for the writer; [`Session::settle`] then waits for it.
     async fn write(&self, cmd: WriteCmd) -> Result<(), HubError> {
+        let joining = matches!(cmd, WriteCmd::Join { .. });
         let (done, applied) = oneshot::channel();
         self.hub
             .writer
@@ -546,7 +559,9 @@ impl Session {
             .await
             .map_err(|_| HubError::ShuttingDown)?;
         // The writer applies in order: the last command's completion covers the earlier ones.
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(applied);
+        let mut pending = self.pending();
+        pending.applied = Some(applied);
+        pending.joining |= joining;
         Ok(())
     }
 }
