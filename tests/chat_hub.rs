@@ -840,3 +840,43 @@ async fn local_presence_lists_local_users_and_their_rooms() {
     );
     assert!(!nicks.iter().any(|(n, _)| *n == "rob"), "{nicks:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn refusals_of_one_spell_are_reported_together_with_their_count() {
+    let cfg = HubConfig {
+        rate: 0.5,
+        burst: 1.0,
+        ..HubConfig::default()
+    };
+    let hub = TestHub::new(cfg);
+    let (mut ann, mut ai) = connect(&hub, "ann").await;
+    // Nothing here awaits the writer thread, so the paused clock stands still.
+    ann.handle(ClientMsg::Rooms).await.unwrap();
+    let refuse = async |ann: &mut Session, n: usize| {
+        for _ in 0..n {
+            let e = ann.handle(ClientMsg::Rooms).await.unwrap_err();
+            ann.report(e);
+        }
+    };
+    // That took the only token: five refused, one error at once.
+    refuse(&mut ann, 5).await;
+    // Over a second later (still no token) a refusal reports itself and the
+    // four before it; the next is counted.
+    tokio::time::advance(Duration::from_millis(1200)).await;
+    refuse(&mut ann, 2).await;
+    // Accepted again: the unreported refusal is told first.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    ann.handle(ClientMsg::Rooms).await.unwrap();
+    let mut errors = Vec::new();
+    while let Some(ev) = ai.try_recv() {
+        if let ServerMsg::Error { message, .. } = &ev.msg {
+            errors.push(message.clone());
+        }
+    }
+    let more =
+        |n: u32| format!("{n} more message(s) refused: the limit is 0.5 per second; slow down");
+    assert_eq!(
+        errors,
+        [HubError::RateLimited(0.5).to_string(), more(5), more(1)]
+    );
+}

@@ -1,169 +1,21 @@
 //! Real sockets on 127.0.0.1 port 0: WebSocket and TCP line clients in one
 //! room, bad frames, size limits, silent and slow clients, the HTTP API.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+mod chat_util;
 mod ws_util;
 
+use chat_util::{LineClient, Server, T};
 use futures_util::{SinkExt, StreamExt};
-use netkit::chat::hub::{Hub, HubConfig};
-use netkit::chat::{ConnConfig, line};
-use netkit::http::{self, HttpConfig};
+use netkit::chat::ConnConfig;
+use netkit::chat::hub::HubConfig;
+use netkit::http::HttpConfig;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
-use ws_util::{Ws, recv, recv_type, send};
-
-const T: Duration = Duration::from_secs(10);
-
-struct Server {
-    http: SocketAddr,
-    chat: SocketAddr,
-    shutdown: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start(hub_cfg: HubConfig, conn: ConnConfig) -> Server {
-        Self::start_with(hub_cfg, conn, HttpConfig::default()).await
-    }
-
-    async fn start_with(hub_cfg: HubConfig, conn: ConnConfig, http_cfg: HttpConfig) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let (hub, _writer) = Hub::open(dir.path(), hub_cfg).unwrap();
-        let hl = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cl = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (http, chat) = (hl.local_addr().unwrap(), cl.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let cfg = HttpConfig {
-            conn: conn.clone(),
-            ..http_cfg
-        };
-        let tasks = vec![
-            tokio::spawn({
-                let (hub, s) = (hub.clone(), shutdown.clone());
-                async move { http::run(hl, hub, cfg, None, s).await.unwrap() }
-            }),
-            tokio::spawn(line::run(
-                cl,
-                hub,
-                conn,
-                netkit::net::door::Door::plain("chat"),
-                shutdown.clone(),
-            )),
-        ];
-        Server {
-            http,
-            chat,
-            shutdown,
-            tasks,
-            _dir: dir,
-        }
-    }
-
-    async fn ws(&self, nick: &str) -> Ws {
-        let url = format!("ws://{}/ws?nick={nick}", self.http);
-        let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))
-            .await
-            .unwrap()
-            .unwrap();
-        let welcome = recv(&mut ws).await;
-        assert_eq!(welcome["type"], "welcome");
-        assert_eq!(welcome["nick"], nick);
-        ws
-    }
-
-    /// A WebSocket client whose socket has a 4 KiB receive buffer, so that
-    /// the server's writes block soon once it stops reading.
-    async fn ws_small_window(&self, nick: &str) -> Ws {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        let stream = sock.connect(self.http).await.unwrap();
-        let url = format!("ws://{}/ws?nick={nick}", self.http);
-        let (mut ws, _) =
-            tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-                .await
-                .unwrap();
-        assert_eq!(recv(&mut ws).await["type"], "welcome");
-        ws
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.http, path, &[]).await
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        for t in self.tasks {
-            tokio::time::timeout(T, t).await.unwrap().unwrap();
-        }
-    }
-}
-
-async fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(T, tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-struct LineClient {
-    rd: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
-    wr: tokio::net::tcp::OwnedWriteHalf,
-}
-
-impl LineClient {
-    async fn connect(addr: SocketAddr) -> LineClient {
-        let s = TcpStream::connect(addr).await.unwrap();
-        let (rd, wr) = s.into_split();
-        let mut c = LineClient {
-            rd: BufReader::new(rd).lines(),
-            wr,
-        };
-        assert!(c.line().await.starts_with("-- welcome"));
-        c
-    }
-    async fn send(&mut self, l: &str) {
-        self.wr
-            .write_all(format!("{l}\n").as_bytes())
-            .await
-            .unwrap();
-    }
-    async fn line(&mut self) -> String {
-        tokio::time::timeout(T, self.rd.next_line())
-            .await
-            .expect("timed out waiting for a line")
-            .unwrap()
-            .expect("connection closed")
-    }
-    async fn until(&mut self, pat: &str) -> String {
-        loop {
-            let l = self.line().await;
-            if l.contains(pat) {
-                return l;
-            }
-        }
-    }
-}
+use ws_util::{recv, recv_type, send};
 
 fn open_hub() -> HubConfig {
     HubConfig {
@@ -199,6 +51,16 @@ async fn websocket_and_tcp_clients_share_a_room_in_order() {
         .await;
         nc.send(&format!("t{i}")).await;
     }
+    // The two clients' connections are independent: "/me waves" is sent only
+    // once the terminal has seen all 40 messages (the last WebSocket one
+    // included), so it is the last.
+    let mut nc_seen = Vec::new();
+    while nc_seen.len() < 40 {
+        let l = nc.line().await;
+        if l.contains("#lobby <") {
+            nc_seen.push(l);
+        }
+    }
     nc.send("/me waves").await;
     // Both see the same 41 messages, ids 1..=41 in order, each once.
     let mut web_seen = Vec::new();
@@ -216,7 +78,6 @@ async fn websocket_and_tcp_clients_share_a_room_in_order() {
     );
     assert_eq!(web_seen.iter().filter(|m| m.1 == "web").count(), 20);
     assert_eq!(web_seen.last().unwrap().2, "waves");
-    let mut nc_seen = Vec::new();
     while nc_seen.len() < 41 {
         let l = nc.line().await;
         if l.contains("#lobby <") || l.contains("#lobby * ") {

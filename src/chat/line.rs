@@ -436,12 +436,22 @@ pub async fn serve_halves<R, W>(
     ));
     let mut rd = tokio::io::BufReader::new(rd);
     let mut bytes = Vec::new();
-    let mut current: Option<String> = None;
     loop {
+        // The next line is read only once the replies to the last ones fit
+        // the client's queue (backpressure on a client that sends faster
+        // than it reads).
+        let read = async {
+            session.room_for_replies().await;
+            tokio::time::timeout(
+                config.idle_timeout,
+                read_line_limited(&mut rd, &mut bytes, config.max_msg),
+            )
+            .await
+        };
         let next = tokio::select! {
             _ = done.cancelled() => break,
             _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(config.idle_timeout, read_line_limited(&mut rd, &mut bytes, config.max_msg)) => r,
+            r = read => r,
         };
         match next {
             Err(_) => {
@@ -469,24 +479,24 @@ pub async fn serve_halves<R, W>(
             Ok(Ok(LineRead::Line)) => {}
         }
         let line = String::from_utf8_lossy(&bytes);
-        if !run_line(&mut session, &line, &mut current).await {
+        if !run_line(&mut session, &line).await {
             break;
         }
     }
+    // Every line read has taken effect and its replies are queued before the
+    // writer is told to flush and stop.
+    session.settle().await;
     done.cancel();
     // Let the writer flush what is queued (bounded by its write timeout).
     drop(session);
     let _ = writer.await;
 }
 
-/// Carries out one typed line; `current` is the room plain text goes to,
-/// kept in step with the hub. False when the client quits.
-async fn run_line(session: &mut Session, line: &str, current: &mut Option<String>) -> bool {
-    // Keep the current room in step with what the hub says we are in.
-    let rooms = session.rooms();
-    if current.as_ref().is_none_or(|c| !rooms.contains(c)) {
-        *current = rooms.last().cloned();
-    }
+/// Carries out one typed line, after the earlier ones have taken effect:
+/// plain text goes to the hub's current room for the client. False when the
+/// client quits.
+async fn run_line(session: &mut Session, line: &str) -> bool {
+    let current = session.current_room().await;
     match parse_line(line, current.as_deref()) {
         Ok(LineCommand::Nothing) => {}
         Ok(LineCommand::Help) => {
@@ -496,17 +506,8 @@ async fn run_line(session: &mut Session, line: &str, current: &mut Option<String
         }
         Ok(LineCommand::Quit) => return false,
         Ok(LineCommand::Hub(msg)) => {
-            let joining = match &msg {
-                ClientMsg::Join { room, .. } => Some(room.clone()),
-                _ => None,
-            };
-            match session.handle(msg).await {
-                Ok(()) => {
-                    if joining.is_some() {
-                        *current = joining;
-                    }
-                }
-                Err(e) => session.tell(e.to_msg()),
+            if let Err(e) = session.handle(msg).await {
+                session.report(e);
             }
         }
         Err(e) => session.tell(ServerMsg::error("bad_command", e)),

@@ -26,7 +26,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, oneshot};
@@ -281,6 +281,9 @@ pub async fn serve_socket(
         shutdown,
     ));
     let close = read_loop(&mut stream, &mut session, &config, &stop).await;
+    // Every request read has taken effect and its replies are queued before
+    // the writer is told to finish.
+    session.settle().await;
     if let Some(frame) = close {
         let _ = close_tx.send(frame);
     } else {
@@ -303,10 +306,17 @@ async fn read_loop(
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
+        // The next frame is read only once the replies to the last ones fit
+        // the client's queue (backpressure on a client that sends faster
+        // than it reads).
+        let read = async {
+            session.room_for_replies().await;
+            tokio::time::timeout(silent_for, stream.next()).await
+        };
         let next = tokio::select! {
             biased;
             _ = &mut stopped => return None,
-            r = tokio::time::timeout(silent_for, stream.next()) => r,
+            r = read => r,
         };
         let msg = match next {
             Err(_) => {
@@ -348,7 +358,7 @@ async fn read_loop(
                 match parse_client_msg(text.as_str()) {
                     Ok(req) => {
                         if let Err(e) = session.handle(req).await {
-                            session.tell(e.to_msg());
+                            session.report(e);
                         }
                     }
                     Err(err) => session.tell(err),
@@ -359,11 +369,19 @@ async fn read_loop(
                 "binary frames are not part of the protocol; send JSON text frames",
             )),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            Message::Close(_) => {
-                // tungstenite answers a close on its next write: have it
-                // hand the reply to the writer now.
-                let _ = stream.flush().await;
-                return None;
+            Message::Close(frame) => {
+                // The reply goes out as the last frame, after the replies to
+                // what came before the close (tungstenite's own reply would
+                // reach the writer as a control frame, ahead of them).
+                let frame = frame.map(|f| CloseFrame {
+                    code: if f.code.is_allowed() {
+                        f.code
+                    } else {
+                        CloseCode::Protocol
+                    },
+                    reason: f.reason,
+                });
+                return Some(encode(Frame::close(frame)));
             }
         }
     }

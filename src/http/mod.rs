@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod assets;
+pub mod host;
 pub mod metrics;
 pub mod security;
 
@@ -56,6 +57,12 @@ pub struct HttpArgs {
     /// comma-separated; `*` allows any. The server's own host is always allowed.
     #[arg(long, value_delimiter = ',', env = "NETKIT_ALLOW_ORIGIN")]
     pub allow_origin: Vec<String>,
+    /// Public names the server answers to (NAME for any port, or NAME:PORT),
+    /// repeatable or comma-separated. The bound address, any IP address with
+    /// the bound port, and localhost (when bound to loopback or any address)
+    /// always work; other Host values get 421 (DNS rebinding defence).
+    #[arg(long, value_delimiter = ',', env = "NETKIT_HTTP_HOST")]
+    pub http_host: Vec<String>,
 }
 
 /// How the HTTP front door behaves.
@@ -71,6 +78,10 @@ pub struct HttpConfig {
     pub concurrency: usize,
     /// Extra allowed origins (`*` = any).
     pub allow_origins: Vec<String>,
+    /// Public names the server answers to besides its own addresses (see [`host`]).
+    pub hosts: Vec<String>,
+    /// The bound address (set by [`run`]): with it, Host values must carry its port.
+    pub bound: Option<SocketAddr>,
     /// Per-connection WebSocket settings.
     pub conn: ConnConfig,
     /// TLS (HTTPS and WSS) and the per-address limit of this door.
@@ -91,9 +102,18 @@ impl HttpConfig {
                 .map(|o| o.trim().trim_end_matches('/').to_string())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            hosts: args.http_host.clone(),
+            bound: None,
             conn,
             door: crate::net::door::Door::plain("http"),
         }
+    }
+}
+
+impl HttpConfig {
+    /// The Host values (and WebSocket origins) this server answers to.
+    pub fn allowed_hosts(&self) -> host::AllowedHosts {
+        host::AllowedHosts::new(&self.hosts, self.bound)
     }
 }
 
@@ -105,6 +125,8 @@ impl Default for HttpConfig {
             body_limit: 64 * 1024,
             concurrency: 1024,
             allow_origins: Vec::new(),
+            hosts: Vec::new(),
+            bound: None,
             conn: ConnConfig::default(),
             door: crate::net::door::Door::plain("http"),
         }
@@ -131,6 +153,7 @@ pub struct AppState {
 /// The router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let cfg = state.config.clone();
+    let hosts = Arc::new(cfg.allowed_hosts());
     Router::new()
         .route("/", get(assets::index))
         .route("/app.js", get(assets::app_js))
@@ -147,6 +170,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             cfg.door.is_tls(),
             security::add_headers,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            host::check_host,
         ))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(RequestBodyLimitLayer::new(cfg.body_limit))
@@ -183,6 +210,10 @@ pub async fn run(
     let door = config.door.clone();
     let scheme = if door.is_tls() { "https" } else { "http" };
     info!("http: listening on {scheme}://{local}");
+    let config = HttpConfig {
+        bound: config.bound.or(Some(local)),
+        ..config
+    };
     let state = AppState {
         hub,
         config: Arc::new(config),
@@ -313,7 +344,10 @@ async fn ws_upgrade(
 ) -> Response {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    if !origin_allowed(origin, host, &app.config.allow_origins) {
+    // The Host was checked already (see `host`): an Origin equal to it, or
+    // naming another of the server's own hosts, is the server's own page.
+    let own = origin.is_some_and(|o| app.config.allowed_hosts().allows_origin(o));
+    if !own && !origin_allowed(origin, host, &app.config.allow_origins) {
         tracing::info!(%peer, origin, "ws: origin refused");
         return (
             StatusCode::FORBIDDEN,

@@ -2,10 +2,10 @@
 //! queue is full is disconnected, never silently skipped), kicks, and the
 //! leave announced when a client goes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientId, DisconnectReason, Event, Hub, Shared, State};
@@ -27,6 +27,38 @@ impl Kick {
     }
 }
 
+/// Backpressure on a client's own requests: its reader waits while the
+/// client's queue is over half full (in messages or bytes), and the inbox
+/// wakes it once the queue is back under half. So a client that sends faster
+/// than it reads its replies is slowed down, never called lagging.
+pub(super) struct Drained {
+    /// Set by a waiting reader; the inbox checks it (one atomic load) per message.
+    wanted: AtomicBool,
+    notify: Notify,
+    /// Half the queue's limits: the reader goes on when the queue is under both.
+    messages: usize,
+    bytes: usize,
+}
+
+impl Drained {
+    /// True if a queue holding `messages` messages and `bytes` bytes leaves
+    /// room for the replies to another request.
+    pub(super) fn fits(&self, messages: usize, bytes: usize) -> bool {
+        messages <= self.messages && bytes <= self.bytes
+    }
+
+    /// Called by the inbox after taking a message: wakes a waiting reader if
+    /// the queue now fits.
+    pub(super) fn taken(&self, messages: usize, bytes: usize) {
+        if self.wanted.load(Ordering::Relaxed)
+            && self.fits(messages, bytes)
+            && self.wanted.swap(false, Ordering::AcqRel)
+        {
+            self.notify.notify_one();
+        }
+    }
+}
+
 /// The sending side of a client's queue, kept by the hub.
 #[derive(Clone)]
 pub(super) struct Outbox {
@@ -34,22 +66,60 @@ pub(super) struct Outbox {
     /// Bytes (of JSON) queued; shared with the client's inbox.
     pub(super) bytes: Arc<AtomicUsize>,
     pub(super) kick: Arc<Kick>,
+    pub(super) drained: Arc<Drained>,
 }
 
 impl Outbox {
-    /// A new outbox of at most `messages` messages, and the receiver of its queue.
-    pub(super) fn new(messages: usize) -> (Outbox, mpsc::Receiver<Arc<Event>>) {
-        let (tx, rx) = mpsc::channel(messages.max(1));
+    /// A new outbox of at most `messages` messages and `bytes` bytes, and the
+    /// receiver of its queue.
+    pub(super) fn new(messages: usize, bytes: usize) -> (Outbox, mpsc::Receiver<Arc<Event>>) {
+        let messages = messages.max(1);
+        let (tx, rx) = mpsc::channel(messages);
         let kick = Arc::new(Kick {
             token: CancellationToken::new(),
             reason: OnceLock::new(),
+        });
+        let drained = Arc::new(Drained {
+            wanted: AtomicBool::new(false),
+            notify: Notify::new(),
+            messages: messages / 2,
+            bytes: bytes / 2,
         });
         let outbox = Outbox {
             tx,
             bytes: Arc::new(AtomicUsize::new(0)),
             kick,
+            drained,
         };
         (outbox, rx)
+    }
+
+    /// Waits until this queue has room for the replies to another request
+    /// (see [`Drained`]), or the client is disconnected.
+    pub(super) async fn room_for_replies(&self) {
+        let d = &self.drained;
+        loop {
+            if self.fits() || self.kick.is_kicked() {
+                return;
+            }
+            let woken = d.notify.notified();
+            d.wanted.store(true, Ordering::Release);
+            // Checked again after asking: the inbox may have drained meanwhile.
+            if self.fits() || self.kick.is_kicked() {
+                d.wanted.store(false, Ordering::Relaxed);
+                return;
+            }
+            tokio::select! {
+                () = woken => {}
+                () = self.kick.token.cancelled() => return,
+            }
+        }
+    }
+
+    fn fits(&self) -> bool {
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        self.drained
+            .fits(queued, self.bytes.load(Ordering::Relaxed))
     }
 }
 

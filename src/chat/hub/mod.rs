@@ -12,7 +12,11 @@
 //!   critical sections (never across `.await`).
 //! - Every client has a queue bounded in messages and bytes. A client whose
 //!   queue is full is disconnected with [`DisconnectReason::Lagging`]; it is never
-//!   silently skipped and never slows the room.
+//!   silently skipped and never slows the room. A client's own requests are
+//!   held back instead ([`Session::room_for_replies`]): a client that sends
+//!   faster than it reads is slowed, not called lagging.
+//! - A client's requests take effect in the order it sent them
+//!   ([`Session::settle`]); the hub keeps its current room.
 //!
 //! Files: this one holds the [`Hub`] handle, its configuration, errors and
 //! queries; `session` what one client does, `deliver` the per-client queues
@@ -37,7 +41,7 @@ use super::protocol::{ChatMessage, RemoteMember, RoomInfo, ServerMsg, valid_nick
 use super::store::{Store, StoreError};
 use deliver::Outbox;
 use remote::{OUTGOING_DIRECTS, Remote, STORED_LOCAL_CAPACITY};
-use writer::WriteCmd;
+use writer::Queued;
 
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
 pub use session::{Inbox, Received, Session};
@@ -244,6 +248,10 @@ struct Client {
     nick: String,
     outbox: Outbox,
     rooms: BTreeSet<String>,
+    /// The room joined last that the client is still in (where the line
+    /// protocol's plain text goes): kept here, applied in order with the
+    /// joins, so no adapter keeps a copy that could disagree.
+    current: Option<String>,
 }
 
 #[derive(Default)]
@@ -290,7 +298,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Hub {
     shared: Arc<Shared>,
-    writer: mpsc::Sender<WriteCmd>,
+    writer: mpsc::Sender<Queued>,
 }
 
 impl Hub {
@@ -343,7 +351,7 @@ impl Hub {
     /// free, else a guest name (and an error saying why). It is sent `welcome` first.
     pub fn connect(&self, wanted: Option<&str>) -> Result<(Session, Inbox), HubError> {
         let cfg = &self.shared.config;
-        let (outbox, rx) = Outbox::new(cfg.queue_messages);
+        let (outbox, rx) = Outbox::new(cfg.queue_messages, cfg.queue_bytes);
         let id = {
             let mut st = self.lock();
             if st.shutting_down {
@@ -361,6 +369,7 @@ impl Hub {
                     nick: nick.clone(),
                     outbox: outbox.clone(),
                     rooms: BTreeSet::new(),
+                    current: None,
                 },
             );
             let welcome = Event::new(ServerMsg::Welcome { nick });
@@ -376,7 +385,10 @@ impl Hub {
         stats.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("netkit_chat_clients").set(now as f64);
         metrics::counter!("netkit_chat_connections_total").increment(1);
-        Ok((Session::new(self.clone(), id), Inbox::new(rx, outbox)))
+        Ok((
+            Session::new(self.clone(), id, outbox.clone()),
+            Inbox::new(rx, outbox),
+        ))
     }
 
     /// Nicknames of every connected client, sorted.

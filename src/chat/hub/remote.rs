@@ -140,15 +140,18 @@ impl Hub {
             return Err(HubError::BadRoom(truncate(&room)));
         }
         self.writer
-            .send(WriteCmd::Say(Post {
-                client: REMOTE,
-                room,
-                from,
-                text,
-                kind,
-                ts,
-                origin: origin.filter(|(o, n)| !o.is_empty() && *n > 0),
-            }))
+            .send((
+                WriteCmd::Say(Post {
+                    client: REMOTE,
+                    room,
+                    from,
+                    text,
+                    kind,
+                    ts,
+                    origin: origin.filter(|(o, n)| !o.is_empty() && *n > 0),
+                }),
+                None,
+            ))
             .await
             .map_err(|_| HubError::ShuttingDown)
     }
@@ -158,7 +161,7 @@ impl Hub {
     pub async fn sync_writes(&self) -> Result<(), HubError> {
         let done = Arc::new(tokio::sync::Notify::new());
         self.writer
-            .send(WriteCmd::Sync(done.clone()))
+            .send((WriteCmd::Sync(done.clone()), None))
             .await
             .map_err(|_| HubError::ShuttingDown)?;
         done.notified().await;

@@ -4,15 +4,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::deliver::{Kick, Outbox};
+use super::deliver::{Drained, Kick, Outbox};
 use super::remote::check_since;
 use super::writer::{Post, WriteCmd};
 use super::{ClientId, DisconnectReason, Event, Hub, HubError, member_nicks, truncate};
@@ -20,18 +20,61 @@ use crate::chat::protocol::{ClientMsg, MessageKind, ServerMsg, now_ms, valid_nic
 
 /// What one client does: every request of a connection goes through its session.
 /// Dropping the session disconnects the client.
+///
+/// Requests take effect in the order they are handed in: those the writer
+/// thread carries out (join, say, topic) are queued in order, and any other
+/// request first waits for them ([`Session::settle`]), so a `who` or a
+/// `part` right after a `join` sees the join.
 pub struct Session {
     pub(super) hub: Hub,
     pub(super) id: ClientId,
+    outbox: Outbox,
     tokens: f64,
     last_refill: Instant,
+    /// The client's commands queued for the writer and not yet waited for.
+    pending: Mutex<Pending>,
+    /// Rate-limit refusals and how they were reported.
+    refusals: Refusals,
 }
+
+/// A client's rate-limit refusals: at most one `rate_limited` error a
+/// second, the first at once, later ones with the count of refusals since
+/// the last error; so a flood of refused requests cannot fill the client's
+/// own queue.
+#[derive(Default)]
+struct Refusals {
+    /// When the last `rate_limited` error was sent.
+    reported: Option<Instant>,
+    /// Refusals since then not yet told.
+    unreported: u64,
+}
+
+impl Refusals {
+    /// True if an error may be sent at `now`.
+    fn may_report(&self, now: Instant) -> bool {
+        self.reported
+            .is_none_or(|at| now.duration_since(at) >= RATE_REPORT_EVERY)
+    }
+}
+
+/// What a session has queued for the writer since it last waited for it.
+#[derive(Default)]
+struct Pending {
+    /// Completes once the last of them has taken effect (the writer applies in order).
+    applied: Option<oneshot::Receiver<()>>,
+    /// Whether one is a join (which changes the current room).
+    joining: bool,
+}
+
+/// How often a spell of refused requests is reported at most.
+const RATE_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one client is sent, in order.
 pub struct Inbox {
     rx: mpsc::Receiver<Arc<Event>>,
     bytes: Arc<AtomicUsize>,
     kick: Arc<Kick>,
+    drained: Arc<Drained>,
     /// Wakes a waiting [`Inbox::recv`] when the client is disconnected. Made
     /// once: a new `cancelled()` per wait took the token's lock three times
     /// per message.
@@ -57,7 +100,15 @@ impl Inbox {
             bytes: outbox.bytes,
             kicked: Box::pin(outbox.kick.token.clone().cancelled_owned()),
             kick: outbox.kick,
+            drained: outbox.drained,
         }
+    }
+
+    /// Accounts for `ev` leaving the queue (and wakes a reader waiting for room).
+    fn took(&self, ev: &Event) {
+        let len = ev.json().len();
+        let left = self.bytes.fetch_sub(len, Ordering::Relaxed) - len;
+        self.drained.taken(self.rx.len(), left);
     }
 
     fn disconnected(&self) -> Received {
@@ -79,7 +130,7 @@ impl Inbox {
             }
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(ev)) => {
-                    self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
+                    self.took(&ev);
                     return Poll::Ready(Received::Event(ev));
                 }
                 Poll::Ready(None) => return Poll::Ready(Received::Closed),
@@ -104,21 +155,98 @@ impl Inbox {
             return None;
         }
         let ev = self.rx.try_recv().ok()?;
-        self.bytes.fetch_sub(ev.json().len(), Ordering::Relaxed);
+        self.took(&ev);
         Some(ev)
     }
 }
 
 impl Session {
     /// The session of the newly registered client `id`, with a full burst of tokens.
-    pub(super) fn new(hub: Hub, id: ClientId) -> Session {
+    pub(super) fn new(hub: Hub, id: ClientId, outbox: Outbox) -> Session {
         let tokens = hub.shared.config.burst.max(1.0);
         Session {
             hub,
             id,
+            outbox,
             tokens,
             last_refill: Instant::now(),
+            pending: Mutex::default(),
+            refusals: Refusals::default(),
         }
+    }
+
+    /// Waits until every request handed in so far has taken effect (and its
+    /// replies are queued): call it before closing, so that no reply that was
+    /// due is lost.
+    pub async fn settle(&self) {
+        let pending = std::mem::take(&mut *self.pending());
+        if let Some(done) = pending.applied {
+            // An error only means the writer has gone (shutdown): nothing to wait for.
+            let _ = done.await;
+        }
+    }
+
+    /// Waits until the client's queue has room for the replies to another
+    /// request: an adapter reads the client's next request only then, so a
+    /// client that sends faster than it reads is slowed down instead of
+    /// being disconnected as lagging.
+    pub async fn room_for_replies(&self) {
+        self.outbox.room_for_replies().await;
+    }
+
+    /// The room the client joined last and is still in, once every join
+    /// handed in so far has taken effect (messages queued after one need not
+    /// wait: they do not change it).
+    pub async fn current_room(&self) -> Option<String> {
+        if self.pending().joining {
+            self.settle().await;
+        }
+        self.hub
+            .lock()
+            .clients
+            .get(&self.id)
+            .and_then(|c| c.current.clone())
+    }
+
+    /// Answers a refused request: rate-limit refusals get at most one error
+    /// a second (see [`Session::handle`]), the first at once and later ones
+    /// with a count; any other error is sent as is.
+    pub fn report(&mut self, e: HubError) {
+        if !matches!(e, HubError::RateLimited(_)) {
+            self.tell(e.to_msg());
+            return;
+        }
+        let now = Instant::now();
+        let r = &mut self.refusals;
+        if !r.may_report(now) {
+            r.unreported += 1;
+            return;
+        }
+        r.reported = Some(now);
+        match std::mem::take(&mut r.unreported) {
+            0 => self.tell(e.to_msg()),
+            earlier => self.tell_refused(earlier + 1),
+        }
+    }
+
+    /// Tells the refusals not yet reported, if an error may be sent now.
+    fn report_earlier_refusals(&mut self) {
+        let now = Instant::now();
+        let r = &mut self.refusals;
+        if r.unreported > 0 && r.may_report(now) {
+            r.reported = Some(now);
+            let refused = std::mem::take(&mut r.unreported);
+            self.tell_refused(refused);
+        }
+    }
+
+    /// One `rate_limited` error for `refused` requests refused together.
+    fn tell_refused(&self, refused: u64) {
+        let rate = self.hub.shared.config.rate;
+        self.tell(ServerMsg::error(
+            "rate_limited",
+            format!("{refused} more message(s) refused: the limit is {rate} per second; slow down"),
+        ));
     }
 
     /// The client's current nickname.
@@ -148,9 +276,20 @@ impl Session {
         self.hub.deliver_locked(&mut st, self.id, &ev);
     }
 
-    /// Carries out one client request, applying the rate limit first.
+    /// Carries out one client request, applying the rate limit first. A
+    /// refusal is returned; an adapter answers it with [`Session::report`],
+    /// which limits the errors a flood of them brings.
     pub async fn handle(&mut self, msg: ClientMsg) -> Result<(), HubError> {
         self.take_token()?;
+        self.report_earlier_refusals();
+        // Messages and topics are checked by the writer, in order with this
+        // client's earlier joins; anything else needs them applied first.
+        if !matches!(
+            msg,
+            ClientMsg::Say { .. } | ClientMsg::Me { .. } | ClientMsg::Topic { .. }
+        ) {
+            self.settle().await;
+        }
         match msg {
             ClientMsg::Join { room, after, since } => self.resume(&room, after, since).await,
             ClientMsg::Part { room } => self.part(&room),
@@ -230,7 +369,13 @@ impl Session {
     pub fn part(&self, room: &str) -> Result<(), HubError> {
         let mut st = self.hub.lock();
         let (nick, was_member) = match st.clients.get_mut(&self.id) {
-            Some(c) => (c.nick.clone(), c.rooms.remove(room)),
+            Some(c) => {
+                let was_member = c.rooms.remove(room);
+                if c.current.as_deref() == Some(room) {
+                    c.current = c.rooms.last().cloned();
+                }
+                (c.nick.clone(), was_member)
+            }
             None => return Err(HubError::ShuttingDown),
         };
         if !was_member {
@@ -400,12 +545,24 @@ impl Session {
             .is_some_and(|c| c.rooms.contains(room))
     }
 
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `cmd` for the writer; [`Session::settle`] then waits for it.
     async fn write(&self, cmd: WriteCmd) -> Result<(), HubError> {
+        let joining = matches!(cmd, WriteCmd::Join { .. });
+        let (done, applied) = oneshot::channel();
         self.hub
             .writer
-            .send(cmd)
+            .send((cmd, Some(done)))
             .await
-            .map_err(|_| HubError::ShuttingDown)
+            .map_err(|_| HubError::ShuttingDown)?;
+        // The writer applies in order: the last command's completion covers the earlier ones.
+        let mut pending = self.pending();
+        pending.applied = Some(applied);
+        pending.joining |= joining;
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::remote::{REMOTE, members_past_floors, message_origin};
 use super::{ClientId, Event, HubConfig, HubError, Shared, State, member_nicks_upto, truncate};
@@ -50,6 +50,11 @@ pub(super) enum WriteCmd {
     },
 }
 
+/// A command as queued for the writer, with (for a local client's command)
+/// the sender whose drop, once the command's batch is applied, tells the
+/// client that the command has taken effect ([`super::Session::settle`]).
+pub(super) type Queued = (WriteCmd, Option<oneshot::Sender<()>>);
+
 /// The hub's writer thread; join it after the last [`Hub`](super::Hub) clone is dropped to
 /// be sure the last batch is committed.
 pub struct HubWriter(std::thread::JoinHandle<()>);
@@ -67,7 +72,7 @@ pub(super) fn start(
     shared: Arc<Shared>,
     store: Store,
     checkpointer: Store,
-) -> (mpsc::Sender<WriteCmd>, HubWriter) {
+) -> (mpsc::Sender<Queued>, HubWriter) {
     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
@@ -127,7 +132,7 @@ struct Outcome {
 
 /// The writer thread: takes commands in batches, assigns ids, commits the batch
 /// in one transaction, then applies it (fan-out, joins, topics) in order.
-fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<WriteCmd>) {
+fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Queued>) {
     let mut last_ids: HashMap<String, u64> = shared
         .lock()
         .rooms
@@ -135,6 +140,7 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Wri
         .map(|(k, r)| (k.clone(), r.last_id))
         .collect();
     let mut batch: Vec<WriteCmd> = Vec::with_capacity(MAX_BATCH);
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let interval = shared.config.batch_interval;
     let mut last_batch: Option<std::time::Instant> = None;
     while let Some(first) = rx.blocking_recv() {
@@ -149,15 +155,20 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Wri
             }
         }
         last_batch = Some(std::time::Instant::now());
-        batch.clear();
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(cmd) => batch.push(cmd),
-                Err(_) => break,
-            }
+        let mut next = Some(first);
+        while let Some((cmd, done)) = next {
+            batch.push(cmd);
+            waiting.extend(done);
+            next = if batch.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         process_batch(&shared, &mut store, &mut last_ids, &batch);
+        batch.clear();
+        // Dropping the senders tells each waiting client its command took effect.
+        waiting.clear();
     }
     tracing::debug!("chat: writer thread stopped");
 }
@@ -478,6 +489,7 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
     let nick = match st.clients.get_mut(&client) {
         Some(c) if !c.rooms.contains(room) => {
             c.rooms.insert(room.to_string());
+            c.current = Some(room.to_string());
             c.nick.clone()
         }
         _ => return, // gone, or a duplicate join in the same batch
