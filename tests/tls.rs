@@ -148,8 +148,19 @@ async fn tls_to(
 }
 
 /// `GET path` over HTTP/1.0 on `s`; the whole answer.
-async fn get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, path: &str) -> String {
-    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+async fn get<S: AsyncRead + AsyncWrite + Unpin>(s: S, path: &str) -> String {
+    // HTTP/1.0 without a Host header: served (only a wrong Host is refused).
+    get_as(s, path, None).await
+}
+
+/// `GET path` over HTTP/1.0 on `s` with `Host: host` when given; the whole answer.
+async fn get_as<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    path: &str,
+    host: Option<SocketAddr>,
+) -> String {
+    let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.0\r\n{host}\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(T, s.read_to_end(&mut out))
@@ -199,7 +210,7 @@ async fn https_answers_with_security_headers_and_hsts() {
     let files = cert(dir.path(), "s", &["localhost", "127.0.0.1"], -1, 30);
     let doors = Doors::start(Some(acceptor(&files)), PerIpLimit::unlimited("chat")).await;
     let s = tls_to(doors.http, &trusting(&files)).await.unwrap();
-    let answer = get(s, "/").await;
+    let answer = get_as(s, "/", Some(doors.http)).await;
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
     let lower = answer.to_ascii_lowercase();
     for h in [
