@@ -24,6 +24,7 @@
 //! (members, messages and direct messages from other nodes).
 
 mod deliver;
+mod origin;
 mod remote;
 mod session;
 mod writer;

@@ -10,16 +10,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::deliver::local_members_below;
+use super::origin::REMOTE;
 use super::writer::{Post, WriteCmd};
-use super::{ClientId, Event, Hub, HubError, Room, Session, Shared, State, truncate};
+use super::{ClientId, Event, Hub, HubError, Session, Shared, State, truncate};
 use crate::chat::protocol::{
     ChatMessage, MessageKind, PresenceEvent, RemoteMember, ServerMsg, now_ms, valid_nick,
     valid_room,
 };
-
-/// The author of messages applied from another node ([`Hub::apply_remote`]);
-/// no client has this id (they count from 1).
-pub(super) const REMOTE: ClientId = 0;
 
 /// Capacity of the [`Hub::stored_local`] broadcast.
 pub(super) const STORED_LOCAL_CAPACITY: usize = 8192;
@@ -428,46 +425,4 @@ pub(super) fn check_since(since: &BTreeMap<String, u64>) -> Result<(), HubError>
         )));
     }
     Ok(())
-}
-
-/// The origin a message is stored and sent with: for one applied from
-/// another node, what the relay gave; for a local one, this node's origin
-/// (if clustering is on) and its room id.
-pub(super) fn message_origin<'a>(
-    shared: &'a Shared,
-    client: ClientId,
-    remote: &'a Option<(String, u64)>,
-    id: u64,
-) -> Option<(&'a str, u64)> {
-    if client == REMOTE {
-        remote.as_ref().map(|(o, n)| (o.as_str(), *n))
-    } else {
-        shared.origin.get().map(|o| (o.as_str(), id))
-    }
-}
-
-/// The members of `r` a message from `origin` goes to: all but those who
-/// already saw it on another node (see [`Room::floors`]). A floor is dropped
-/// once this node reaches it.
-pub(super) fn members_past_floors(r: &mut Room, origin: Option<(&str, u64)>) -> Vec<ClientId> {
-    let Some((o, n)) = origin else {
-        return r.members.iter().copied().collect();
-    };
-    let mut skip = Vec::new();
-    r.floors.retain(|&client, floors| {
-        if let Some(&floor) = floors.get(o) {
-            if n <= floor {
-                skip.push(client);
-            }
-            if n >= floor {
-                floors.remove(o);
-            }
-        }
-        !floors.is_empty()
-    });
-    r.members
-        .iter()
-        .copied()
-        .filter(|c| !skip.contains(c))
-        .collect()
 }

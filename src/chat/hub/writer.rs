@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::remote::{REMOTE, members_past_floors, message_origin};
+use super::origin::{REMOTE, members_past_floors, message_origin};
 use super::{ClientId, Event, HubConfig, HubError, Shared, State, member_nicks_upto, truncate};
 use crate::chat::protocol::{ChatMessage, MessageKind, PresenceEvent, ServerMsg, now_ms};
 use crate::chat::store::{NewMessage, Store};

@@ -11,10 +11,10 @@ use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
 use super::packet::{RelayPacket, RelayedMessage};
-use super::parts::split;
 use super::presence::SharedPresence;
 use super::presence_link::PresenceLink;
 use super::store::{RelayStore, StoreError};
+use super::transport::{live_peers, send};
 use super::{LocalMessage, Relay, RelayAction, RelayEvent, SERVE_BATCH, SUMMARY_INTERVAL};
 use crate::chat::hub::{Hub, HubError, OutgoingDirect};
 use crate::chat::protocol::{ChatMessage, RemoteMember};
@@ -345,27 +345,6 @@ async fn recv_direct(rx: &mut Option<mpsc::Receiver<OutgoingDirect>>) -> Option<
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// The gossip addresses of the live members.
-pub(super) fn live_peers(membership: &Membership) -> Vec<SocketAddr> {
-    membership
-        .view()
-        .members
-        .iter()
-        .filter(|m| m.state.is_active())
-        .map(|m| m.id.addr)
-        .collect()
-}
-
-/// Sends `packet` to `to`, split into pieces if it needs more than one datagram.
-pub(super) async fn send(membership: &Membership, to: SocketAddr, packet: &RelayPacket) {
-    for data in split(packet, rand::random()) {
-        if let Err(e) = membership.send(to, data).await {
-            tracing::debug!("relay: send to {to}: {e}");
-            return;
-        }
     }
 }
 

@@ -34,6 +34,7 @@ mod presence_link;
 pub mod store;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::driver::{live_peers, send};
 use super::packet::RelayPacket;
 use super::parts::MAX_DATAGRAM;
 use super::presence::{self, Rejected, SharedPresence, Snapshot};
+use super::transport::{live_peers, send};
 use crate::chat::hub::{Hub, RemotePresence};
 use crate::cluster::{MemberEvent, MemberState, Membership, NodeId};
 
