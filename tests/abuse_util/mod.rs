@@ -14,7 +14,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 #[path = "../proc_util/mod.rs"]
 mod proc_util;
 #[allow(unused_imports)]
-pub use proc_util::{LineUser, Netkit, http_get_json, wait_until};
+pub use proc_util::{LineUser, Netkit, cluster_node_command, http_get_json, wait_until};
 
 /// The longest any single read in these suites waits.
 pub const T: Duration = Duration::from_secs(20);
