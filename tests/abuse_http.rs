@@ -32,32 +32,10 @@ async fn healthy(s: &Serve) {
     );
 }
 
-/// Every file under the data folder but the chat database's own (SQLite
-/// creates its journal files on its own schedule; the history is compared
-/// through the API instead).
-fn data_files(s: &Serve) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut dirs = vec![s.dir.path().to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p.clone());
-            }
-            let name = p.strip_prefix(s.dir.path()).unwrap().display().to_string();
-            if !name.starts_with("chat.sqlite3") {
-                out.push(name);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_kilobytes_of_headers_get_431() {
     let s = server();
-    let files = data_files(&s);
+    let files = s.files();
     let stored = s.stored("lobby");
     let mut one = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     one.extend(vec![b'a'; 100 * 1024]);
@@ -75,7 +53,7 @@ async fn a_hundred_kilobytes_of_headers_get_431() {
         );
     }
     healthy(&s).await;
-    assert_eq!(data_files(&s), files);
+    assert_eq!(s.files(), files);
     assert_eq!(s.stored("lobby"), stored);
 }
 
@@ -116,7 +94,7 @@ async fn a_request_line_at_a_byte_a_second_is_cut_by_the_header_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_limit_gets_413() {
     let s = Serve::start(&["--http", "127.0.0.1:0", "--http-body-limit", "16KiB"]);
-    let files = data_files(&s);
+    let files = s.files();
     let stored = s.stored("lobby");
     let body = vec![b'x'; 200 * 1024];
     for path in ["/api/rooms", "/api/rooms/lobby/messages", "/healthz"] {
@@ -133,14 +111,14 @@ async fn a_body_over_the_limit_gets_413() {
         );
     }
     healthy(&s).await;
-    assert_eq!(data_files(&s), files);
+    assert_eq!(s.files(), files);
     assert_eq!(s.stored("lobby"), stored);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_traversal_in_names_is_refused() {
     let s = server();
-    let files = data_files(&s);
+    let files = s.files();
     let stored = s.stored("lobby");
     let get = |path: String| {
         let addr = s.http();
@@ -188,6 +166,6 @@ async fn path_traversal_in_names_is_refused() {
     let e = ws.recv_type("error").await;
     assert_eq!(e["code"], "bad_nick", "{e}");
     healthy(&s).await;
-    assert_eq!(data_files(&s), files);
+    assert_eq!(s.files(), files);
     assert_eq!(s.stored("lobby"), stored);
 }

@@ -87,7 +87,7 @@ async fn bad_room_names_are_refused_and_create_nothing() {
     let s = server();
     let mut good = user_in(&s, "good", "lobby").await;
     let mut bad = RawWs::connect(s.http(), "bad").await;
-    let files_before = data_files(&s);
+    let files_before = s.files();
     let before = s.stored("lobby");
     let long = "x".repeat(10 * 1024);
     let names = [
@@ -118,30 +118,13 @@ async fn bad_room_names_are_refused_and_create_nothing() {
         }
     }
     assert_eq!(s.stored("lobby"), before);
-    assert_eq!(data_files(&s), files_before, "no file was created");
+    assert_eq!(s.files(), files_before, "no file was created");
     say_and_see(&mut good, &mut good_echo(&s).await, "lobby", "still fine").await;
 }
 
 /// A second well-behaved user in `lobby`.
 async fn good_echo(s: &Serve) -> RawWs {
     user_in(s, "echo", "lobby").await
-}
-
-/// Every path under the data folder.
-fn data_files(s: &Serve) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut dirs = vec![s.dir.path().to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p.clone());
-            }
-            out.push(p.strip_prefix(s.dir.path()).unwrap().display().to_string());
-        }
-    }
-    out.sort();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

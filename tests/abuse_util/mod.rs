@@ -72,6 +72,32 @@ impl Serve {
         (msgs["messages"].clone(), rooms)
     }
 
+    /// Every path under the data folder but the chat database's own files
+    /// (SQLite creates its journals on its own schedule; compare the history
+    /// through [`Serve::stored`] instead).
+    pub fn files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.dir.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p.clone());
+                }
+                let name = p
+                    .strip_prefix(self.dir.path())
+                    .unwrap()
+                    .display()
+                    .to_string();
+                if !name.starts_with("chat.sqlite3") {
+                    out.push(name);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// True while the process has not exited.
     pub fn alive(&mut self) -> bool {
         matches!(self.p.child.try_wait(), Ok(None))
