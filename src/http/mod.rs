@@ -231,7 +231,8 @@ pub async fn run(
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD);
     let connections = TaskTracker::new();
     let mut acceptor = Acceptor::new("http");
     while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
@@ -314,6 +315,11 @@ pub struct WsQuery {
     /// Nickname to ask for.
     pub nick: Option<String>,
 }
+
+/// The largest request head (request line and headers) read; a larger one
+/// gets `431 Request Header Fields Too Large`. hyper's own default is about
+/// 400 KiB, which let one client make the server buffer 100 KB of headers.
+pub const MAX_HEAD: usize = 32 * 1024;
 
 /// True if a browser page from `origin` may open the WebSocket: it is the
 /// server's own `host`, or in the allow-list. Requests without an Origin are

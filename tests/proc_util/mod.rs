@@ -427,6 +427,11 @@ impl LineUser {
         self.out.write_all(format!("{line}\n").as_bytes()).unwrap();
     }
 
+    /// Sends raw bytes as they are (no newline added).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.out.write_all(bytes).unwrap();
+    }
+
     /// Waits for a line containing `needle` after the last one waited for;
     /// returns it.
     pub fn wait_for(&mut self, needle: &str) -> String {
