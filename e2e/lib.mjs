@@ -12,7 +12,8 @@ export function fail(msg) {
 
 // Start `netkit serve` (chat and HTTP on free ports, other doors off, plus
 // `extra` flags) with --ready-json; the bound addresses come from the one
-// ready line it prints on stdout. `gossip` is set when the node is in a cluster.
+// ready line it prints on stdout. `gossip` is set when the node is in a cluster;
+// `log()` returns what the server has written to stderr so far.
 export function startServer(bin, dataDir, http = "127.0.0.1:0", extra = []) {
   const child = spawn(
     bin,
@@ -34,7 +35,7 @@ export function startServer(bin, dataDir, http = "127.0.0.1:0", extra = []) {
       clearTimeout(timer);
       child.stdout.removeAllListeners("data");
       child.stdout.resume(); // keep draining anything printed later
-      resolve({ child, http: ready.http, chat: ready.chat, gossip: ready.cluster ?? null });
+      resolve({ child, http: ready.http, chat: ready.chat, gossip: ready.cluster ?? null, log: () => log });
     });
   });
 }
