@@ -15,8 +15,16 @@ use tokio::net::TcpStream;
 /// The header timeout the server runs with here.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The requests below name the server `x` (`Host: x`), a public name it is given with --http-host.
 fn server() -> Serve {
-    Serve::start(&["--http", "127.0.0.1:0", "--http-header-timeout", "2s"])
+    Serve::start(&[
+        "--http",
+        "127.0.0.1:0",
+        "--http-host",
+        "x",
+        "--http-header-timeout",
+        "2s",
+    ])
 }
 
 /// A well-behaved request that must keep working.
@@ -93,7 +101,14 @@ async fn a_request_line_at_a_byte_a_second_is_cut_by_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_limit_gets_413() {
-    let s = Serve::start(&["--http", "127.0.0.1:0", "--http-body-limit", "16KiB"]);
+    let s = Serve::start(&[
+        "--http",
+        "127.0.0.1:0",
+        "--http-host",
+        "x",
+        "--http-body-limit",
+        "16KiB",
+    ]);
     let files = s.files();
     let stored = s.stored("lobby");
     let body = vec![b'x'; 200 * 1024];
