@@ -13,6 +13,7 @@
 //! - [`chat`]: the chat hub ([`chat::hub`]), its SQLite history ([`chat::store`]), wire types ([`chat::protocol`]), WebSocket and TCP line adapters ([`chat::ws`], [`chat::line`]) and `netkit chat` ([`chat::client`]).
 //! - [`http`]: the HTTP front door: web app, `/ws`, JSON API, `/metrics`.
 //! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]), the chat relay between nodes ([`cluster::relay`]), presence across nodes ([`cluster::relay::presence`]), the `/api/cluster` report ([`cluster::report`]) and `netkit members` ([`cluster::members`]).
+//! - [`tls`]: one TLS acceptor (reloading certificate, handshake timeout) and client configuration (roots, CA, pin) for every door.
 //! - [`serve`]: composes the services for `netkit serve`.
 //! - [`ready`]: the `--ready-json` line that tells scripts and tests the bound addresses.
 //! - [`cli`]: small parsers shared by the command line (listen addresses, durations, sizes).
@@ -28,5 +29,6 @@ pub mod serve;
 pub mod service;
 pub mod shutdown;
 pub mod tcp;
+pub mod tls;
 pub mod transfer;
 pub mod udp;

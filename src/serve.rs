@@ -52,6 +52,15 @@ pub struct ServeArgs {
     /// Gossip cluster membership.
     #[command(flatten)]
     pub cluster: crate::cluster::ClusterArgs,
+    /// TLS on the HTTP and chat doors.
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
+    /// A generated certificate instead of --tls-cert/--tls-key.
+    #[command(flatten)]
+    pub tls_self_signed: crate::tls::SelfSignedArgs,
+    /// Connections per address on each door.
+    #[command(flatten)]
+    pub per_ip: crate::net::limit::PerIpArgs,
 }
 
 /// Runs `netkit serve` until SIGINT or SIGTERM.
@@ -92,6 +101,18 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         None => None,
     };
     let cluster = crate::cluster::bind(&args.cluster).await?;
+    let listen: Vec<&str> = [args.http.addr(), args.chat.addr()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let tls = crate::tls::serve_acceptor(
+        &args.tls,
+        &args.tls_self_signed,
+        &args.data_dir,
+        &listen,
+        &shutdown,
+    )?;
+    let per_ip = args.per_ip.max_conns_per_ip;
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     crate::ready::announce(&crate::ready::Ready {
         http: local(&http_listener),
@@ -165,7 +186,9 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         }
         let conn = args.chat_limits.conn_config();
         if let Some(listener) = http_listener {
-            let config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
+            let mut config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
+            let https = tls.as_ref().map(|t| t.with_alpn(&[b"http/1.1"]));
+            config.door = crate::net::door::Door::new("http", https, per_ip);
             let (hub, shutdown) = (hub.clone(), shutdown.clone());
             let cluster = cluster_info.clone();
             tracker.spawn(async move {
@@ -181,6 +204,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
                 listener,
                 hub.clone(),
                 conn,
+                crate::net::door::Door::new("chat", tls.clone(), per_ip),
                 shutdown.clone(),
             ));
         }
@@ -191,7 +215,10 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         });
     }
     if let Some(listener) = tcp_listener {
-        let config = tcp::server::Config::new(Service::Rand, &args.tcp_limits);
+        let config = tcp::server::Config {
+            door: crate::net::door::Door::new("tcp", None, per_ip),
+            ..tcp::server::Config::new(Service::Rand, &args.tcp_limits)
+        };
         tracker.spawn(tcp::server::run(
             listener,
             config,

@@ -48,7 +48,13 @@ impl Server {
                 let (hub, s) = (hub.clone(), shutdown.clone());
                 async move { http::run(hl, hub, cfg, None, s).await.unwrap() }
             }),
-            tokio::spawn(line::run(cl, hub, conn, shutdown.clone())),
+            tokio::spawn(line::run(
+                cl,
+                hub,
+                conn,
+                netkit::net::door::Door::plain("chat"),
+                shutdown.clone(),
+            )),
         ];
         Server {
             http,

@@ -123,7 +123,7 @@
       b.type = "button";
       b.textContent = m;
       b.title = "Direct message " + m;
-      b.style.cssText = "background:none;border:0;color:inherit;padding:0;cursor:pointer";
+      b.className = "member-dm";
       b.addEventListener("click", () => { el.sayInput.value = "/msg " + m + " "; el.sayInput.focus(); });
       li.appendChild(b);
       el.members.appendChild(li);

@@ -1,7 +1,7 @@
 //! `netkit chat URL`: a terminal client for the hub. Lines typed on stdin are
 //! the line protocol's commands (`/join`, `/msg`, plain text …); what the hub
-//! sends is printed one line per message. `ws://HOST:PORT/ws` speaks JSON over
-//! WebSocket; `tcp://HOST:PORT` speaks the line protocol directly.
+//! sends is printed one line per message. `ws://HOST:PORT/ws` (`wss://` with TLS)
+//! speaks JSON over WebSocket; `tcp://HOST:PORT` (`tls://`) the line protocol directly.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,33 +31,66 @@ pub struct ChatArgs {
     /// Give up connecting after this long.
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
     pub connect_timeout: Duration,
+    /// How the server's certificate is checked (wss:// and tls://).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
 }
 
 /// Runs `netkit chat` until stdin ends, `/quit`, or the server closes.
 pub async fn run_command(args: ChatArgs) -> anyhow::Result<()> {
     if let Some(rest) = args.url.strip_prefix("tcp://") {
-        run_tcp(rest.trim_end_matches('/'), &args).await
-    } else if args.url.starts_with("ws://") {
+        let addr = rest.trim_end_matches('/');
+        let (rd, wr) = connect_tcp(addr, "--chat", &args).await?.into_split();
+        run_lines(rd, wr, &args).await
+    } else if let Some(rest) = args.url.strip_prefix("tls://") {
+        let addr = rest.trim_end_matches('/');
+        let tcp = connect_tcp(addr, "--chat", &args).await?;
+        let tls = args
+            .tls
+            .connect(tcp, addr, &[], args.connect_timeout)
+            .await?;
+        let (rd, wr) = tokio::io::split(tls);
+        run_lines(rd, wr, &args).await
+    } else if args.url.starts_with("ws://") || args.url.starts_with("wss://") {
         run_ws(&args).await
-    } else if args.url.starts_with("wss://") {
-        bail!(
-            "{}: TLS (wss://) is not supported; use ws://HOST:PORT/ws or tcp://HOST:PORT",
-            args.url
-        )
     } else {
         bail!(
-            "'{}' is not a chat URL; use ws://HOST:PORT/ws or tcp://HOST:PORT",
+            "'{}' is not a chat URL; use ws://HOST:PORT/ws, wss://HOST:PORT/ws, tcp://HOST:PORT or tls://HOST:PORT",
             args.url
         )
     }
 }
 
-async fn run_tcp(addr: &str, args: &ChatArgs) -> anyhow::Result<()> {
-    let stream = tokio::time::timeout(args.connect_timeout, tokio::net::TcpStream::connect(addr))
+/// `authority` with `port` added when it names none (`ws://host/ws` means port 80).
+fn with_port(authority: &str, port: u16) -> String {
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && !p.contains(']'));
+    if has_port && !(authority.starts_with('[') && authority.ends_with(']')) {
+        authority.to_string()
+    } else {
+        format!("{authority}:{port}")
+    }
+}
+
+/// TCP to `addr`; `door` (`--chat`, `--http`) names the server flag in the hint.
+async fn connect_tcp(
+    addr: &str,
+    door: &str,
+    args: &ChatArgs,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    tokio::time::timeout(args.connect_timeout, tokio::net::TcpStream::connect(addr))
         .await
-        .map_err(|_| anyhow::anyhow!("cannot connect to {addr}: timed out — is `netkit serve` running with --chat {addr}?"))?
-        .with_context(|| format!("cannot connect to {addr} — is `netkit serve` running with --chat {addr}?"))?;
-    let (rd, mut wr) = stream.into_split();
+        .map_err(|_| anyhow::anyhow!("cannot connect to {addr}: timed out — is `netkit serve` running with {door} {addr}?"))?
+        .with_context(|| format!("cannot connect to {addr} — is `netkit serve` running with {door} {addr}?"))
+}
+
+/// The line protocol over a stream's two halves (plain TCP or TLS).
+async fn run_lines<R, W>(rd: R, mut wr: W, args: &ChatArgs) -> anyhow::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     if let Some(n) = &args.nick {
         wr.write_all(format!("/nick {n}\n").as_bytes()).await?;
     }
@@ -94,11 +127,31 @@ async fn run_tcp(addr: &str, args: &ChatArgs) -> anyhow::Result<()> {
 
 async fn run_ws(args: &ChatArgs) -> anyhow::Result<()> {
     let url = &args.url;
-    let (ws, _) = tokio::time::timeout(
-        args.connect_timeout,
-        tokio_tungstenite::connect_async(url.as_str()),
-    )
-    .await
+    let (ws, _) = if let Some(rest) = url.strip_prefix("wss://") {
+        // TLS first (our checks, our errors), then the WebSocket handshake over it.
+        let addr = with_port(rest.split('/').next().unwrap_or_default(), 443);
+        let tcp = connect_tcp(&addr, "--http", args).await?;
+        let tls = args
+            .tls
+            .connect(tcp, &addr, &[b"http/1.1"], args.connect_timeout)
+            .await?;
+        tokio::time::timeout(
+            args.connect_timeout,
+            tokio_tungstenite::client_async(url.as_str(), tokio_util::either::Either::Left(tls)),
+        )
+        .await
+    } else {
+        let addr = with_port(
+            url["ws://".len()..].split('/').next().unwrap_or_default(),
+            80,
+        );
+        let tcp = connect_tcp(&addr, "--http", args).await?;
+        tokio::time::timeout(
+            args.connect_timeout,
+            tokio_tungstenite::client_async(url.as_str(), tokio_util::either::Either::Right(tcp)),
+        )
+        .await
+    }
     .map_err(|_| anyhow::anyhow!("cannot connect to {url}: timed out"))?
     .with_context(|| {
         format!("cannot connect to {url} — is `netkit serve` running with --http there?")
@@ -197,5 +250,18 @@ fn track_rooms(rooms: &Mutex<Vec<String>>, msg: &ServerMsg) {
         }
         ServerMsg::Parted { room } => rooms.retain(|r| r != room),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_port_is_the_scheme_default() {
+        assert_eq!(with_port("a:1", 80), "a:1");
+        assert_eq!(with_port("a", 443), "a:443");
+        assert_eq!(with_port("[::1]", 80), "[::1]:80");
+        assert_eq!(with_port("[::1]:9", 80), "[::1]:9");
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
@@ -343,24 +344,47 @@ fn clean(s: &str) -> String {
 }
 
 /// Serves TCP line clients on `listener` until `shutdown` is cancelled; then
-/// every client is told and closed.
-pub async fn run(listener: TcpListener, hub: Hub, config: ConnConfig, shutdown: CancellationToken) {
+/// every client is told and closed. `door` adds TLS and the per-address limit.
+pub async fn run(
+    listener: TcpListener,
+    hub: Hub,
+    config: ConnConfig,
+    door: crate::net::door::Door,
+    shutdown: CancellationToken,
+) {
     let local = listener.local_addr().ok();
     info!(
-        "chat: listening on {} (TCP lines)",
-        local.map(|a| a.to_string()).unwrap_or_default()
+        "chat: listening on {} ({})",
+        local.map(|a| a.to_string()).unwrap_or_default(),
+        if door.is_tls() {
+            "TLS lines"
+        } else {
+            "TCP lines"
+        }
     );
     let config = Arc::new(config);
     let tracker = TaskTracker::new();
     let mut acceptor = crate::net::accept::Acceptor::new("chat");
     while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
+        let Some(permit) = door.admit(peer) else {
+            continue;
+        };
         // A child token per connection: polled per line, a shared one would be one contended lock.
         let (hub, config, shutdown) = (hub.clone(), config.clone(), shutdown.child_token());
+        let door = door.clone();
         tracker.spawn(
             async move {
                 debug!("accepted");
-                serve_conn(stream, hub, &config, shutdown).await;
+                let _permit = permit;
+                match door.handshake(stream).await {
+                    Some(Either::Right(plain)) => serve_conn(plain, hub, &config, shutdown).await,
+                    Some(Either::Left(tls)) => {
+                        let (rd, wr) = tokio::io::split(tls);
+                        serve_halves(rd, wr, hub, &config, shutdown).await
+                    }
+                    None => return,
+                }
                 debug!("closed");
             }
             .instrument(info_span!("chat-line", %peer)),
@@ -379,7 +403,21 @@ pub async fn serve_conn(
     config: &ConnConfig,
     shutdown: CancellationToken,
 ) {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    serve_halves(rd, wr, hub, config, shutdown).await
+}
+
+/// [`serve_conn`] over the two halves of any stream (a TLS one included).
+pub async fn serve_halves<R, W>(
+    rd: R,
+    mut wr: W,
+    hub: Hub,
+    config: &ConnConfig,
+    shutdown: CancellationToken,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut session, inbox) = match hub.connect(None) {
         Ok(pair) => pair,
         Err(e) => {
@@ -478,8 +516,8 @@ async fn run_line(session: &mut Session, line: &str, current: &mut Option<String
 
 /// Writes what the client is sent, as lines, until the reader ends, the
 /// client is disconnected (told why) or the server shuts down.
-async fn write_loop(
-    mut wr: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut wr: BufWriter<W>,
     mut inbox: Inbox,
     write_timeout: Duration,
     done: CancellationToken,
@@ -550,6 +588,8 @@ async fn write_loop(
             }
         }
     }
+    // A clean end: FIN, and over TLS the close_notify the client waits for.
+    let _ = tokio::time::timeout(write_timeout.min(Duration::from_secs(1)), wr.shutdown()).await;
     done.cancel();
 }
 

@@ -23,11 +23,14 @@ pub struct MembersArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
     pub timeout: Duration,
+    /// How the node's certificate is checked (https://).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
 }
 
 /// Runs `netkit members`: prints the cluster as the node at `url` sees it.
 pub async fn run_command(args: MembersArgs) -> anyhow::Result<()> {
-    let body = tokio::time::timeout(args.timeout, get_cluster(&args.url))
+    let body = tokio::time::timeout(args.timeout, get_cluster_with(&args.url, &args.tls))
         .await
         .map_err(|_| {
             anyhow::anyhow!(
@@ -53,12 +56,12 @@ pub async fn run_command(args: MembersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Splits `http://HOST:PORT[/]` into `HOST:PORT`.
+/// Splits `http://HOST:PORT[/]` (or `https://…`) into `HOST:PORT`.
 pub fn authority(url: &str) -> anyhow::Result<&str> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        if url.starts_with("https://") {
-            bail!("{url}: TLS (https://) is not supported; give http://HOST:PORT");
-        }
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
         bail!("'{url}' is not an HTTP base URL; give http://HOST:PORT, e.g. http://127.0.0.1:8080");
     };
     let host = rest.trim_end_matches('/');
@@ -72,12 +75,36 @@ pub fn authority(url: &str) -> anyhow::Result<&str> {
 
 /// `GET /api/cluster` from the node at `url`; returns the body of a 200 answer.
 pub async fn get_cluster(url: &str) -> anyhow::Result<String> {
+    get_cluster_with(url, &crate::tls::ClientTlsArgs::default()).await
+}
+
+/// [`get_cluster`], checking an `https://` node's certificate as `tls` says.
+pub async fn get_cluster_with(
+    url: &str,
+    tls: &crate::tls::ClientTlsArgs,
+) -> anyhow::Result<String> {
     let host = authority(url)?;
-    let mut stream = tokio::net::TcpStream::connect(host)
+    let tcp = tokio::net::TcpStream::connect(host)
         .await
         .with_context(|| {
             format!("cannot connect to {host} — is `netkit serve --http {host}` running?")
         })?;
+    if url.starts_with("https://") {
+        // The caller's timeout bounds the handshake too.
+        let stream = tls
+            .connect(tcp, host, &[b"http/1.1"], Duration::MAX)
+            .await?;
+        fetch(stream, host).await
+    } else {
+        fetch(tcp, host).await
+    }
+}
+
+/// Sends the request over `stream` and reads the answer.
+async fn fetch<S>(mut stream: S, host: &str) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
         "GET /api/cluster HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\nUser-Agent: netkit-members\r\n\r\n"
     );
@@ -120,7 +147,7 @@ mod tests {
         );
         assert_eq!(authority("http://a:1/").unwrap(), "a:1");
         assert!(authority("127.0.0.1:8080").is_err());
-        assert!(authority("https://a:1").is_err());
+        assert_eq!(authority("https://a:1").unwrap(), "a:1");
         assert!(authority("http://a:1/api/cluster").is_err());
         assert!(authority("http://").is_err());
     }

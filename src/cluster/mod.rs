@@ -45,7 +45,8 @@ pub struct ClusterArgs {
     /// Seeds to join through, comma-separated; "" starts a new cluster.
     #[arg(long, env = "NETKIT_JOIN", value_name = "HOST:PORT[,HOST:PORT…]")]
     pub join: Option<String>,
-    /// Authenticate and encrypt every gossip packet with this shared secret.
+    /// Authenticate and encrypt every gossip packet with this shared secret; a
+    /// comma-separated list is a keyring (the first key seals, all open), for rotation.
     #[arg(long, env = "NETKIT_CLUSTER_KEY", hide_env_values = true)]
     pub cluster_key: Option<String>,
     /// Print one JSON status line with member counts on stdout per interval.
@@ -163,18 +164,20 @@ pub async fn bind(args: &ClusterArgs) -> anyhow::Result<Option<BoundCluster>> {
         None => default_name(local.port()),
     };
     id::validate_name(&name).map_err(anyhow::Error::msg)?;
-    if matches!(&args.cluster_key, Some(k) if k.is_empty()) {
-        anyhow::bail!("--cluster-key is empty; give a shared secret or leave the flag out");
-    }
+    let sealer = match args.cluster_key.as_deref() {
+        None => None,
+        Some(k) => Some(wire::Sealer::from_keys(k).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--cluster-key has an empty key; give a shared secret (or KEY1,KEY2 while rotating) or leave the flag out"
+            )
+        })?),
+    };
     Ok(Some(BoundCluster {
         socket,
         id: NodeId::new(name, local),
         seeds,
         tuning,
-        sealer: args
-            .cluster_key
-            .as_deref()
-            .map(wire::Sealer::from_passphrase),
+        sealer,
         status_json: args.status_json,
     }))
 }

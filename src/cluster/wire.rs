@@ -1,7 +1,7 @@
 //! The gossip packet format: a one-byte kind, then either a foca packet or a
 //! netkit message (push-pull state, metadata, leave notice, application
 //! payload); with `--cluster-key`, the whole packet sealed with
-//! XChaCha20-Poly1305.
+//! XChaCha20-Poly1305 under the first key of the keyring, and opened with any of them.
 //!
 //! ```text
 //! plain:   0x00 foca-packet            | 0x01 postcard(AppFrame)
@@ -125,10 +125,11 @@ pub fn decode(packet: &[u8]) -> Result<Packet<'_>, WireError> {
     }
 }
 
-/// Seals and opens packets with the cluster key.
+/// Seals packets with the first key of the keyring and opens them with any
+/// key in it, so a cluster can rotate keys one node at a time.
 #[derive(Clone)]
 pub struct Sealer {
-    cipher: XChaCha20Poly1305,
+    ciphers: Vec<XChaCha20Poly1305>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -140,10 +141,26 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     /// Derives the 256-bit packet key from the `--cluster-key` passphrase.
     pub fn from_passphrase(key: &str) -> Self {
-        let key = blake3::derive_key("netkit 2026 cluster gossip packet key", key.as_bytes());
         Self {
-            cipher: XChaCha20Poly1305::new(&key.into()),
+            ciphers: vec![Self::cipher(key)],
         }
+    }
+
+    /// A keyring from a comma-separated `--cluster-key` list: the first key
+    /// seals, every key opens. `None` when an entry is empty.
+    pub fn from_keys(list: &str) -> Option<Self> {
+        let keys: Vec<&str> = list.split(',').collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return None;
+        }
+        Some(Self {
+            ciphers: keys.into_iter().map(Self::cipher).collect(),
+        })
+    }
+
+    fn cipher(key: &str) -> XChaCha20Poly1305 {
+        let key = blake3::derive_key("netkit 2026 cluster gossip packet key", key.as_bytes());
+        XChaCha20Poly1305::new(&key.into())
     }
 
     /// Seals `plain` with a random 192-bit `nonce` into `out`.
@@ -151,8 +168,7 @@ impl Sealer {
         out.clear();
         out.push(KIND_SEALED);
         out.extend_from_slice(&nonce);
-        let sealed = self
-            .cipher
+        let sealed = self.ciphers[0]
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
@@ -175,15 +191,14 @@ impl Sealer {
             return Err(WireError::BadSeal);
         }
         let (nonce, body) = packet[1..].split_at(24);
-        self.cipher
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: body,
-                    aad: &[KIND_SEALED],
-                },
-            )
-            .map_err(|_| WireError::BadSeal)
+        let payload = || Payload {
+            msg: body,
+            aad: &[KIND_SEALED],
+        };
+        self.ciphers
+            .iter()
+            .find_map(|c| c.decrypt(XNonce::from_slice(nonce), payload()).ok())
+            .ok_or(WireError::BadSeal)
     }
 }
 
@@ -211,6 +226,32 @@ mod tests {
             decode(&[KIND_APP, 200]),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_keyring_seals_with_its_first_key_and_opens_with_any() {
+        let mut plain = Vec::new();
+        frame_app(&frame(), &mut plain);
+        let old = Sealer::from_passphrase("old");
+        let both = Sealer::from_keys("old,new").unwrap();
+        let switched = Sealer::from_keys("new,old").unwrap();
+        let new = Sealer::from_keys("new").unwrap();
+        let seal = |s: &Sealer| {
+            let mut out = Vec::new();
+            s.seal(&plain, [9; 24], &mut out);
+            out
+        };
+        // Step 1 (add the new key second): everyone still seals with the old one.
+        assert_eq!(old.open(&seal(&both)).unwrap(), plain);
+        // Step 2 (new key first): nodes holding both keys read it, old-only ones do not.
+        assert_eq!(both.open(&seal(&switched)).unwrap(), plain);
+        assert_eq!(switched.open(&seal(&both)).unwrap(), plain);
+        assert_eq!(old.open(&seal(&switched)), Err(WireError::BadSeal));
+        // Step 3 (drop the old key).
+        assert_eq!(new.open(&seal(&switched)).unwrap(), plain);
+        assert_eq!(new.open(&seal(&old)), Err(WireError::BadSeal));
+        assert!(Sealer::from_keys("a,,b").is_none());
+        assert!(Sealer::from_keys("").is_none());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The web app's files, embedded in the binary (no build step, no CDN).
+//! The web app's files, embedded in the binary (no build step, no CDN); their
+//! security headers come from [`super::security`], as every response's do.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,13 +17,6 @@ fn asset(body: &'static str, mime: &'static str) -> Response {
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(mime)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; object-src 'none'; base-uri 'none'",
-                ),
-            ),
-            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
         ],
         body,
     )

@@ -50,6 +50,14 @@ fn describe() {
         "netkit_http_requests_total",
         "HTTP requests, by status class"
     );
+    metrics::describe_counter!(
+        "netkit_conns_refused_per_ip_total",
+        "Connections refused by --max-conns-per-ip, by door"
+    );
+    metrics::describe_counter!(
+        "netkit_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out, by door"
+    );
 }
 
 /// The metrics in Prometheus text format.

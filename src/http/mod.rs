@@ -5,6 +5,7 @@
 pub mod api;
 pub mod assets;
 pub mod metrics;
+pub mod security;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,6 +73,8 @@ pub struct HttpConfig {
     pub allow_origins: Vec<String>,
     /// Per-connection WebSocket settings.
     pub conn: ConnConfig,
+    /// TLS (HTTPS and WSS) and the per-address limit of this door.
+    pub door: crate::net::door::Door,
 }
 
 impl HttpConfig {
@@ -89,6 +92,7 @@ impl HttpConfig {
                 .filter(|o| !o.is_empty())
                 .collect(),
             conn,
+            door: crate::net::door::Door::plain("http"),
         }
     }
 }
@@ -102,6 +106,7 @@ impl Default for HttpConfig {
             concurrency: 1024,
             allow_origins: Vec::new(),
             conn: ConnConfig::default(),
+            door: crate::net::door::Door::plain("http"),
         }
     }
 }
@@ -139,6 +144,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            cfg.door.is_tls(),
+            security::add_headers,
+        ))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(RequestBodyLimitLayer::new(cfg.body_limit))
         .layer(TimeoutLayer::with_status_code(
@@ -171,7 +180,9 @@ pub async fn run(
             ClusterInfo::standalone(crate::cluster::host_name(), meta)
         }
     };
-    info!("http: listening on http://{local}");
+    let door = config.door.clone();
+    let scheme = if door.is_tls() { "https" } else { "http" };
+    info!("http: listening on {scheme}://{local}");
     let state = AppState {
         hub,
         config: Arc::new(config),
@@ -199,16 +210,25 @@ pub async fn run(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!("http: cannot set TCP_NODELAY: {e}");
         }
+        let Some(permit) = door.admit(peer) else {
+            continue;
+        };
+        // Shared with a WebSocket session upgraded from this connection, which outlives it.
+        let permit = Arc::new(permit);
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
+            req.extensions_mut().insert(permit.clone());
             app.clone().oneshot(req)
         });
-        let conn = http1
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let shutdown = shutdown.clone();
+        let (shutdown, door, http1) = (shutdown.clone(), door.clone(), http1.clone());
         connections.spawn(async move {
+            let Some(stream) = door.handshake(stream).await else {
+                return;
+            };
+            let conn = http1
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -288,6 +308,7 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<WsQuery>,
+    permit: Option<axum::Extension<Arc<crate::net::limit::IpPermit>>>,
     upgrade: ws::WsUpgrade,
 ) -> Response {
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
@@ -316,8 +337,12 @@ async fn ws_upgrade(
     let sessions = app.sessions.clone();
     upgrade.on_upgrade(move |socket| {
         sessions.track_future(
-            ws::serve_socket(socket, session, inbox, conn, shutdown)
-                .instrument(info_span!("chat-ws", %peer)),
+            async move {
+                ws::serve_socket(socket, session, inbox, conn, shutdown).await;
+                // The address's slot is held until the session ends.
+                drop(permit);
+            }
+            .instrument(info_span!("chat-ws", %peer)),
         )
     })
 }

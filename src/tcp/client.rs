@@ -20,6 +20,12 @@ pub struct ConnectArgs {
     /// Give up connecting after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
+    /// Speak TLS to the server (like `ncat --ssl`), checking its certificate.
+    #[arg(long)]
+    pub tls: bool,
+    /// How the server's certificate is checked (with --tls).
+    #[command(flatten)]
+    pub tls_check: crate::tls::ClientTlsArgs,
 }
 
 /// Runs `netkit tcp connect`.
@@ -27,9 +33,18 @@ pub async fn run_command(args: ConnectArgs) -> anyhow::Result<()> {
     let stream = connect(&args.addr, args.connect_timeout).await?;
     let peer = stream.peer_addr().ok();
     tracing::debug!(?peer, "connected");
-    pipe(stream, tokio::io::stdin(), tokio::io::stdout())
-        .await
-        .with_context(|| format!("connection to {}", args.addr))
+    let (stdin, stdout) = (tokio::io::stdin(), tokio::io::stdout());
+    let done = if args.tls {
+        let tls = args
+            .tls_check
+            .connect(stream, &args.addr, &[], args.connect_timeout)
+            .await?;
+        let (rd, wr) = tokio::io::split(tls);
+        pipe_halves(rd, wr, stdin, stdout).await
+    } else {
+        pipe(stream, stdin, stdout).await
+    };
+    done.with_context(|| format!("connection to {}", args.addr))
 }
 
 /// Connects to `addr` (resolving names), trying each address in turn within `timeout`.
@@ -79,12 +94,28 @@ fn describe_connect_error(addr: SocketAddr, e: &io::Error) -> String {
 /// Copies `input` to the socket and the socket to `output` until the server
 /// closes. When `input` ends, the write half is shut down (FIN) and reading
 /// goes on. A reset is an error.
-pub async fn pipe<R, W>(stream: TcpStream, mut input: R, mut output: W) -> anyhow::Result<()>
+pub async fn pipe<R, W>(stream: TcpStream, input: R, output: W) -> anyhow::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    pipe_halves(rd, wr, input, output).await
+}
+
+/// [`pipe`] over the two halves of any stream (a TLS one included).
+pub async fn pipe_halves<SR, SW, R, W>(
+    mut rd: SR,
+    mut wr: SW,
+    mut input: R,
+    mut output: W,
+) -> anyhow::Result<()>
+where
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let upload = async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info, warn};
@@ -41,6 +42,12 @@ pub struct ServeArgs {
     /// Threads, each with its own listener (SO_REUSEPORT) and runtime; default: one per core.
     #[arg(long, env = "NETKIT_TCP_THREADS")]
     pub threads: Option<usize>,
+    /// TLS for the service (`--tls-cert/--tls-key`).
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
+    /// Connections per address.
+    #[command(flatten)]
+    pub per_ip: crate::net::limit::PerIpArgs,
 }
 
 /// Limits of a TCP line server, shared by `tcp serve` and `serve`.
@@ -73,6 +80,8 @@ pub struct Config {
     pub max_line: usize,
     /// Grace period on shutdown.
     pub grace: Duration,
+    /// TLS (if any) and the per-address limit.
+    pub door: crate::net::door::Door,
 }
 
 impl Config {
@@ -86,6 +95,7 @@ impl Config {
                 .unwrap_or(usize::MAX)
                 .max(1),
             grace: limits.grace,
+            door: crate::net::door::Door::plain("tcp"),
         }
     }
 }
@@ -98,6 +108,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             max_line: 8192,
             grace: Duration::from_secs(5),
+            door: crate::net::door::Door::plain("tcp"),
         }
     }
 }
@@ -118,8 +129,15 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
     let Some(addr) = args.listen.addr() else {
         anyhow::bail!("--listen off leaves nothing to serve");
     };
-    let config = Config::new(args.service, &args.limits);
     let shutdown = crate::shutdown::on_signal();
+    let tls = match args.tls.files() {
+        Some(files) => Some(args.tls.acceptor(&files, &shutdown)?),
+        None => None,
+    };
+    let config = Config {
+        door: crate::net::door::Door::new("tcp", tls, args.per_ip.max_conns_per_ip),
+        ..Config::new(args.service, &args.limits)
+    };
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -261,10 +279,17 @@ async fn serve_listener(
     let mut acceptor = crate::net::accept::Acceptor::new("tcp");
     while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         let _ = stream.set_nodelay(true);
+        let Some(ip_permit) = config.door.admit(peer) else {
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, max_conns = config.max_conns, "tcp: connection cap reached, refusing client");
             let max = config.max_conns;
+            if config.door.is_tls() {
+                // No plaintext line on a TLS door: the close says it.
+                continue;
+            }
             tracker.spawn(async move {
                 let mut stream = stream;
                 let msg = format!(
@@ -289,13 +314,21 @@ async fn serve_listener(
             async move {
                 debug!(served = n, "accepted");
                 let mut requests = 0u64;
-                let result = handle(stream, &config, &mut requests, &shutdown, &hard).await;
+                let result = match config.door.handshake(stream).await {
+                    Some(Either::Right(tcp)) => {
+                        handle(tcp, &config, &mut requests, &shutdown, &hard).await
+                    }
+                    Some(Either::Left(tls)) => {
+                        handle(tls, &config, &mut requests, &shutdown, &hard).await
+                    }
+                    None => return,
+                };
                 stats.requests.fetch_add(requests, Ordering::Relaxed);
                 match result {
                     Ok(end) => info!(%peer, requests, served = n, "tcp: connection closed: {end}"),
                     Err(e) => info!(%peer, requests, served = n, "tcp: connection closed: {e}"),
                 }
-                drop(permit);
+                drop((permit, ip_permit));
             }
             .instrument(span),
         );
@@ -308,6 +341,33 @@ async fn serve_listener(
     );
     let clean = crate::shutdown::drain(&tracker, config.grace, &hard).await;
     debug!(clean, "tcp: listener drained");
+}
+
+/// What [`handle`] needs of a stream besides async reads and writes.
+trait ServeIo: AsyncRead + tokio::io::AsyncWrite + Unpin {
+    /// Writes what the socket takes now, without waiting.
+    fn try_write_now(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Reads what the kernel holds, bypassing the reactor.
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl ServeIo for TcpStream {
+    fn try_write_now(&self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write(buf)
+    }
+    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::io::Read::read(&mut &*socket2::SockRef::from(self), buf)
+    }
+}
+
+/// TLS has no shortcut past its record layer: every write and read goes the async way.
+impl ServeIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn try_write_now(&self, _buf: &[u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+    fn read_now(&self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 /// Why a connection ended without an I/O error.
@@ -334,8 +394,8 @@ impl std::fmt::Display for End {
 
 /// Serves one connection. Reads go through a stack buffer and `try_read`, so
 /// an idle connection holds no read buffer at all.
-async fn handle(
-    mut stream: TcpStream,
+async fn handle<S: ServeIo>(
+    mut stream: S,
     config: &Config,
     requests: &mut u64,
     shutdown: &CancellationToken,
@@ -395,7 +455,8 @@ async fn handle(
             write_out(&mut stream, &mut out, config.idle_timeout, &mut abandoned).await?;
         }
         if let Some(end) = step {
-            if matches!(end, End::Stop | End::LineTooLong) {
+            // After the peer's close too: TLS then sends its close_notify.
+            if matches!(end, End::Stop | End::LineTooLong | End::PeerClosed) {
                 let _ = stream.shutdown().await;
             }
             return Ok(end);
@@ -405,13 +466,13 @@ async fn handle(
 
 /// Writes and clears `out`: at once if the socket takes it, otherwise waiting
 /// (bounded by `timeout`) for a slow reader.
-async fn write_out(
-    stream: &mut TcpStream,
+async fn write_out<S: ServeIo>(
+    stream: &mut S,
     out: &mut Vec<u8>,
     timeout: Duration,
     abandoned: &mut std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
 ) -> io::Result<()> {
-    let written = match stream.try_write(out) {
+    let written = match stream.try_write_now(out) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
@@ -434,8 +495,8 @@ async fn write_out(
 
 /// Reads what is there and runs the service over it. `Ok(Some(end))` ends the
 /// connection once `out` is flushed.
-fn read_and_serve<'a>(
-    stream: &'a mut TcpStream,
+fn read_and_serve<'a, S: ServeIo>(
+    stream: &'a mut S,
     config: &'a Config,
     pending: &'a mut Vec<u8>,
     out: &'a mut Vec<u8>,
@@ -460,15 +521,15 @@ fn read_and_serve<'a>(
 
 /// Reads what the kernel holds, bypassing the reactor's readiness: used when
 /// shutdown starts, since bytes that already arrived may not be reported yet.
-fn read_direct(
-    stream: &TcpStream,
+fn read_direct<S: ServeIo>(
+    stream: &S,
     config: &Config,
     pending: &mut Vec<u8>,
     out: &mut Vec<u8>,
     requests: &mut u64,
 ) -> io::Result<Option<End>> {
     let mut buf = [0u8; 4096];
-    let n = std::io::Read::read(&mut &*socket2::SockRef::from(stream), &mut buf)?;
+    let n = stream.read_now(&mut buf)?;
     if n == 0 {
         return Ok(Some(End::PeerClosed));
     }
