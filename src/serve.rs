@@ -113,6 +113,8 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         &shutdown,
     )?;
     let per_ip = args.per_ip.max_conns_per_ip;
+    // The recorder before the first connection, so early refusals are counted.
+    let _ = crate::http::metrics::handle();
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     crate::ready::announce(&crate::ready::Ready {
         http: local(&http_listener),

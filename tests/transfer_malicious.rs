@@ -24,13 +24,18 @@ struct Setup {
 
 impl Setup {
     async fn new(timeout: Duration) -> Setup {
+        Setup::with(|c| c.timeout = timeout).await
+    }
+
+    /// A receiver whose default configuration `tune` changes.
+    async fn with(tune: impl FnOnce(&mut Config)) -> Setup {
         let root = tempfile::tempdir().unwrap();
         let inbox = root.path().join("inbox");
         std::fs::create_dir(&inbox).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut c = Config::new(&inbox);
-        c.timeout = timeout;
+        tune(&mut c);
         let stop = CancellationToken::new();
         let task = tokio::spawn(recv::run(listener, c, stop.clone()));
         Setup {
@@ -108,13 +113,24 @@ impl Peer {
 }
 
 fn offer(path: &str, size: u64) -> SenderFrame {
+    offer_mode(path, EntryKind::File, size, 0o644)
+}
+
+/// An offer of `kind` with permission bits `mode`.
+fn offer_mode(path: &str, kind: EntryKind, size: u64, mode: u32) -> SenderFrame {
     SenderFrame::Offer(Offer {
         path: path.into(),
-        kind: EntryKind::File,
-        size: Some(size),
-        mode: 0o644,
+        kind,
+        size: (kind == EntryKind::File).then_some(size),
+        mode,
         mtime: None,
     })
+}
+
+/// Offers the folder `path` with `mode`; the receiver's answer.
+async fn offer_dir(p: &mut Peer, path: &str, mode: u32) -> ReceiverFrame {
+    p.send(offer_mode(path, EntryKind::Dir, 0, mode)).await;
+    p.recv().await
 }
 
 /// Sends a whole good file on `p` and expects it stored.
@@ -437,5 +453,194 @@ async fn a_second_sender_of_the_same_name_waits_then_is_refused() {
         other => panic!("expected Reject, got {other:?}"),
     }
     drop(first);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn format_characters_are_refused_in_file_and_folder_names() {
+    let s = Setup::new(Duration::from_secs(5)).await;
+    let mut p = Peer::connect(s.addr).await;
+    // One of each class of Unicode format character (category Cf).
+    let classes = [
+        ('\u{202E}', "override"),
+        ('\u{202B}', "embedding"),
+        ('\u{2066}', "isolate"),
+        ('\u{200E}', "mark"),
+        ('\u{200B}', "zero-width"),
+        ('\u{200C}', "zero-width"),
+        ('\u{FEFF}', "byte order"),
+        ('\u{00AD}', "soft hyphen"),
+        ('\u{2062}', "format character"),
+    ];
+    for (c, class) in classes {
+        let file = format!("{c}txt.exe");
+        p.send(offer(&file, 3)).await;
+        let folder = format!("dir{c}x");
+        let dir_answer = {
+            let file_answer = p.recv().await;
+            let ReceiverFrame::Reject { reason } = file_answer else {
+                panic!("{file:?}: expected Reject, got {file_answer:?}");
+            };
+            assert!(
+                reason.contains("format character") && reason.contains(class),
+                "{reason}"
+            );
+            offer_dir(&mut p, &folder, 0o755).await
+        };
+        let ReceiverFrame::Reject { reason } = dir_answer else {
+            panic!("{folder:?}: expected Reject, got {dir_answer:?}");
+        };
+        assert!(reason.contains(class), "{reason}");
+        // A file inside such a folder is refused too.
+        p.send(offer(&format!("{folder}/a.txt"), 3)).await;
+        assert!(matches!(p.recv().await, ReceiverFrame::Reject { .. }));
+    }
+    assert_eq!(send_good(&mut p, "plain.txt", b"ok").await, "plain.txt");
+    assert_eq!(std::fs::read_dir(s.inbox()).unwrap().count(), 1);
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn portable_names_refuses_what_windows_and_macos_cannot_store() {
+    let unportable = [
+        "CON", "nul.txt", "dir/COM1", "LPT9.log", "aux", "a\\b", "c:d", "star*", "q?", "\"q\"",
+        "<a>", "p|q", "dot.", "space ", "dot./f",
+    ];
+    let s = Setup::with(|c| c.portable_names = true).await;
+    let mut p = Peer::connect(s.addr).await;
+    for name in unportable {
+        p.send(offer(name, 3)).await;
+        match p.recv().await {
+            ReceiverFrame::Reject { reason } => {
+                assert!(reason.contains("--portable-names"), "{name:?}: {reason}")
+            }
+            other => panic!("{name:?}: expected Reject, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        offer_dir(&mut p, "AUX", 0o755).await,
+        ReceiverFrame::Reject { .. }
+    ));
+    assert_eq!(send_good(&mut p, "CONSOLE.txt", b"ok").await, "CONSOLE.txt");
+    assert_eq!(std::fs::read_dir(s.inbox()).unwrap().count(), 1);
+    s.finish().await;
+
+    // Off by default: the same names are stored.
+    let s = Setup::new(Duration::from_secs(5)).await;
+    let mut p = Peer::connect(s.addr).await;
+    for name in ["CON", "c:d", "dot."] {
+        assert_eq!(send_good(&mut p, name, b"ok").await, name);
+    }
+    s.finish().await;
+}
+
+/// Mode bits of `path`, including setuid, setgid and sticky.
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn setuid_setgid_sticky_are_stripped_and_the_umask_applies() {
+    // As whoever runs the tests; as root the same rules hold (no special case).
+    let s = Setup::with(|c| c.umask = 0o027).await;
+    let mut p = Peer::connect(s.addr).await;
+    p.send(offer_mode("tool.sh", EntryKind::File, 2, 0o6777))
+        .await;
+    assert!(matches!(
+        p.recv().await,
+        ReceiverFrame::Accept { offset: 0, .. }
+    ));
+    p.send(SenderFrame::Start { offset: 0 }).await;
+    p.send(SenderFrame::Data(Bytes::from_static(b"#!"))).await;
+    p.send(SenderFrame::Done {
+        hash: *blake3::hash(b"#!").as_bytes(),
+    })
+    .await;
+    assert!(matches!(p.recv().await, ReceiverFrame::Stored { .. }));
+    assert_eq!(mode_of(&s.inbox().join("tool.sh")), 0o750);
+
+    // A new folder: the same rule.
+    assert!(matches!(
+        offer_dir(&mut p, "new", 0o7777).await,
+        ReceiverFrame::Stored { .. }
+    ));
+    assert_eq!(mode_of(&s.inbox().join("new")), 0o750);
+
+    // An existing 0700 folder offered as 0777 stays 0700.
+    let private = s.inbox().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    assert!(matches!(
+        offer_dir(&mut p, "private", 0o777).await,
+        ReceiverFrame::Stored { .. }
+    ));
+    assert_eq!(mode_of(&private), 0o700);
+    p.send(SenderFrame::Bye).await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn half_a_preamble_is_closed_after_the_handshake_timeout_while_others_are_served() {
+    let hs = Duration::from_millis(300);
+    let s = Setup::with(|c| c.handshake_timeout = hs).await;
+    let mut half = TcpStream::connect(s.addr).await.unwrap();
+    let opened = std::time::Instant::now();
+    half.write_all(&Preamble::OURS.encode()[..6]).await.unwrap();
+    let mut good = Peer::connect(s.addr).await;
+    assert_eq!(send_good(&mut good, "a.txt", b"a").await, "a.txt");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), half.read_to_end(&mut got))
+        .await
+        .expect("closed")
+        .unwrap();
+    assert!(
+        opened.elapsed() >= hs,
+        "closed after {:?}",
+        opened.elapsed()
+    );
+    let mut rest = BytesMut::from(&got[12..]);
+    match ReceiverFrame::decode(&mut rest).unwrap() {
+        Some(ReceiverFrame::Error { reason }) => assert!(reason.contains("handshake"), "{reason}"),
+        other => panic!("expected Error, got {other:?}"),
+    }
+    good.send(SenderFrame::Bye).await;
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn a_sender_over_max_conns_is_told_busy_and_a_silent_sender_frees_its_slot() {
+    let s = Setup::with(|c| {
+        c.max_conns = 1;
+        c.timeout = Duration::from_millis(500);
+    })
+    .await;
+    // Valid preamble, then nothing: it holds the only slot until --timeout.
+    let mut silent = Peer::connect(s.addr).await;
+    let mut late = Peer::connect(s.addr).await;
+    let asked = std::time::Instant::now();
+    late.send(offer("x", 1)).await;
+    match late.recv().await {
+        ReceiverFrame::Error { reason } => {
+            assert!(
+                reason.contains("busy") && reason.contains("1 ahead"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(silent.closed().await);
+    let mut next = Peer::connect(s.addr).await;
+    assert_eq!(send_good(&mut next, "b.txt", b"b").await, "b.txt");
+    next.send(SenderFrame::Bye).await;
     s.finish().await;
 }

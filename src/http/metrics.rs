@@ -52,7 +52,11 @@ fn describe() {
     );
     metrics::describe_counter!(
         "netkit_conns_refused_per_ip_total",
-        "Connections refused by --max-conns-per-ip, by door"
+        "Connections refused by a per-address cap (--max-conns-per-ip, --drop-max-pending-per-ip), by door"
+    );
+    metrics::describe_counter!(
+        "netkit_transfer_refused_total",
+        "File drop connections turned away before or at their preamble, by door and reason"
     );
     metrics::describe_counter!(
         "netkit_tls_handshake_failures_total",

@@ -13,6 +13,9 @@ use super::proto::{
     self, HEADER_LEN, PREAMBLE_LEN, Preamble, ProtoError, ReceiverFrame, SenderFrame,
 };
 
+/// What a connection is doing until both preambles are in.
+pub(crate) const HANDSHAKE: &str = "waiting for the netkit handshake";
+
 /// A frame one end sends: [`SenderFrame`] or [`ReceiverFrame`].
 pub(crate) trait Frame: Sized {
     /// Decodes one frame from the front of `buf`, if it is complete.
@@ -73,8 +76,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub(crate) async fn read_preamble(&mut self) -> Result<Preamble, TransferError> {
         while self.rbuf.len() < PREAMBLE_LEN {
             let missing = PREAMBLE_LEN - self.rbuf.len();
-            self.fill("waiting for the netkit handshake", missing)
-                .await?;
+            self.fill(HANDSHAKE, missing).await?;
         }
         let raw: [u8; PREAMBLE_LEN] = self.rbuf.split_to(PREAMBLE_LEN)[..].try_into().unwrap();
         let p = Preamble::decode(&raw)?;

@@ -20,25 +20,44 @@ use super::proto::Offer;
 /// Permission bits and modification time an offer carries.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Meta {
-    /// Permission bits (masked to 0o7777 when applied).
+    /// Permission bits to apply: the offer's, without setuid, setgid and
+    /// sticky, and with the receiver's umask cleared.
     pub(crate) mode: u32,
     /// Seconds and nanoseconds since the epoch, if the sender knew them.
     pub(crate) mtime: Option<(i64, u32)>,
 }
 
 impl Meta {
-    /// The metadata of `offer`.
-    pub(crate) fn of(offer: &Offer) -> Meta {
+    /// The metadata of `offer`, its mode limited to the rwx bits `umask` allows
+    /// (rsync's default without `--perms`): a sender never plants a setuid file.
+    pub(crate) fn of(offer: &Offer, umask: u32) -> Meta {
         Meta {
-            mode: offer.mode,
+            mode: offer.mode & 0o777 & !umask,
             mtime: offer.mtime,
         }
     }
 }
 
+/// This process's umask, read without changing it (`/proc/self/status`);
+/// 0o022 where that is unavailable.
+pub(crate) fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o022)
+}
+
 /// Sets permission bits and modification time through an open descriptor.
 fn apply_meta(f: &File, Meta { mode, mtime }: Meta) -> io::Result<()> {
-    f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+    apply_mtime(f, mtime)
+}
+
+/// Sets the modification time, if the sender knew it.
+fn apply_mtime(f: &File, mtime: Option<(i64, u32)>) -> io::Result<()> {
     if let Some((s, ns)) = mtime {
         let t = if s >= 0 {
             SystemTime::UNIX_EPOCH + Duration::new(s as u64, ns)
@@ -293,6 +312,9 @@ pub(crate) fn store(
 
 /// Creates the folder named by the validated components `comps` under
 /// `root` (blocking), never through a symlink, and applies `meta` to it.
+/// A folder that already existed gets the bits it has *and* the offer has:
+/// an offer never widens a folder (0700 stays 0700), and a parent folder
+/// created earlier with the default mode still gets the offered one.
 pub(crate) fn make_dir(root: &Path, comps: &[String], meta: Meta) -> io::Result<()> {
     let c: Vec<&str> = comps.iter().map(|s| s.as_str()).collect();
     let parent = names::ensure_parents(root, &c)?;
@@ -302,6 +324,11 @@ pub(crate) fn make_dir(root: &Path, comps: &[String], meta: Meta) -> io::Result<
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
         .open(&dir)?;
+    let has = f.metadata()?.permissions().mode();
+    let meta = Meta {
+        mode: meta.mode & has,
+        ..meta
+    };
     apply_meta(&f, meta)
 }
 

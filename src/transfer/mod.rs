@@ -77,6 +77,17 @@ pub enum TransferError {
     /// The peer broke a rule of the protocol (size, offsets).
     #[error("protocol violation: {0}")]
     Violation(String),
+    /// Every sender slot of the receiver is taken.
+    #[error(
+        "busy: the receiver is serving its limit of {max} senders ({ahead} ahead of you); \
+         try again in a moment"
+    )]
+    Busy {
+        /// Senders being served now.
+        ahead: usize,
+        /// The receiver's `--max-conns`.
+        max: usize,
+    },
 }
 
 impl TransferError {

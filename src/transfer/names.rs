@@ -42,6 +42,28 @@ pub enum NameError {
     /// The name ends with the reserved partial-file suffix.
     #[error("path {0:?} ends with the reserved suffix {PART_SUFFIX}")]
     Reserved(String),
+    /// An invisible Unicode format character (category Cf), which can make a
+    /// name display as another (`\u{202E}txt.exe` shows as `exe.txt`).
+    #[error(
+        "path {path:?} contains U+{code:04X}, a Unicode format character ({class}); \
+         it can make the name display differently from what it is"
+    )]
+    Format {
+        /// The offered path, escaped.
+        path: String,
+        /// The code point found.
+        code: u32,
+        /// Which kind of format character it is.
+        class: &'static str,
+    },
+    /// With `--portable-names`: a name Windows or macOS cannot store.
+    #[error("path {path:?} cannot be stored on Windows or macOS (--portable-names): {why}")]
+    NotPortable {
+        /// The offered path, escaped.
+        path: String,
+        /// What makes it unportable.
+        why: String,
+    },
 }
 
 /// Validates an offered relative path and returns its components.
@@ -55,6 +77,13 @@ pub fn validate(name: &str) -> Result<Vec<&str>, NameError> {
     let shown = || name.escape_debug().to_string();
     if name.chars().any(|c| c.is_control()) {
         return Err(NameError::Control(shown()));
+    }
+    if let Some(c) = name.chars().find(|c| is_format(*c)) {
+        return Err(NameError::Format {
+            path: shown(),
+            code: c as u32,
+            class: format_class(c),
+        });
     }
     if name.starts_with('/') {
         return Err(NameError::Absolute(shown()));
@@ -73,6 +102,62 @@ pub fn validate(name: &str) -> Result<Vec<&str>, NameError> {
         return Err(NameError::Reserved(shown()));
     }
     Ok(comps)
+}
+
+/// True for a Unicode format character (general category Cf).
+pub fn is_format(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.general_category() == GeneralCategory::Format
+}
+
+/// Names the kind of the format character `c`, for the refusal message.
+fn format_class(c: char) -> &'static str {
+    match c {
+        '\u{202A}'..='\u{202E}' => "bidi embedding or override",
+        '\u{2066}'..='\u{2069}' => "bidi isolate",
+        '\u{200E}' | '\u{200F}' | '\u{061C}' => "bidi mark",
+        '\u{200B}'..='\u{200D}' | '\u{2060}' => "zero-width character",
+        '\u{FEFF}' => "byte order mark / zero-width no-break space",
+        '\u{00AD}' => "soft hyphen",
+        _ => "invisible format character",
+    }
+}
+
+/// Device names Windows reserves in every folder, with or without an extension.
+const WINDOWS_DEVICES: [&str; 4] = ["CON", "PRN", "AUX", "NUL"];
+
+/// Checks the validated components `comps` of `name` against what Windows
+/// and macOS can store: no reserved device names (`CON`, `NUL`, `COM1`…,
+/// `LPT1`…), none of `\ : * ? " < > |`, no trailing dot or space.
+pub fn check_portable(name: &str, comps: &[&str]) -> Result<(), NameError> {
+    let refuse = |why: String| NameError::NotPortable {
+        path: name.escape_debug().to_string(),
+        why,
+    };
+    for c in comps {
+        if let Some(bad) = c.chars().find(|ch| "\\:*?\"<>|".contains(*ch)) {
+            return Err(refuse(format!("'{bad}' is not allowed in a name")));
+        }
+        if c.ends_with('.') || c.ends_with(' ') {
+            return Err(refuse(format!("'{c}' ends with a dot or a space")));
+        }
+        let stem = c
+            .split('.')
+            .next()
+            .unwrap_or(c)
+            .trim_end()
+            .to_ascii_uppercase();
+        let numbered = |p: &str| {
+            stem.strip_prefix(p)
+                .is_some_and(|n| n.len() == 1 && n.as_bytes()[0].is_ascii_digit())
+        };
+        if WINDOWS_DEVICES.contains(&stem.as_str()) || numbered("COM") || numbered("LPT") {
+            return Err(refuse(format!(
+                "'{c}' is a reserved device name on Windows"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure every parent folder of `comps` exists inside `root` as a real
@@ -181,6 +266,49 @@ mod tests {
             validate("f.netkit-part"),
             Err(NameError::Reserved(_))
         ));
+    }
+
+    #[test]
+    fn format_characters_are_refused_by_class() {
+        let cases = [
+            ('\u{202E}', "override"),
+            ('\u{202A}', "embedding"),
+            ('\u{2067}', "isolate"),
+            ('\u{200F}', "mark"),
+            ('\u{200B}', "zero-width"),
+            ('\u{200D}', "zero-width"),
+            ('\u{2060}', "zero-width"),
+            ('\u{FEFF}', "byte order"),
+            ('\u{00AD}', "soft hyphen"),
+            ('\u{E0001}', "format character"),
+        ];
+        for (c, class) in cases {
+            for name in [format!("{c}txt.exe"), format!("dir{c}/a.txt")] {
+                let e = validate(&name).unwrap_err();
+                assert!(
+                    matches!(e, NameError::Format { code, .. } if code == c as u32),
+                    "{name:?}: {e}"
+                );
+                assert!(e.to_string().contains(class), "{e}");
+            }
+        }
+        // Letters, marks and emoji around them are fine.
+        assert!(validate("ünï/日本語/e\u{301}.txt").is_ok());
+    }
+
+    #[test]
+    fn portable_names() {
+        let check = |n: &str| check_portable(n, &validate(n).unwrap());
+        for bad in [
+            "CON", "con.txt", "a/NUL", "Com1.log", "LPT9", "aux .txt", "a\\b", "c:d", "a*", "q?",
+            "\"x\"", "<a>", "p|q", "trail.", "trail ", "d./f",
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(matches!(e, NameError::NotPortable { .. }), "{bad}: {e}");
+        }
+        for good in ["CONSOLE", "com10", "LPT", "a.b.c", "x/y z.txt", ".hidden"] {
+            assert!(check(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -95,7 +95,11 @@ where
 
 /// Validates an offer before touching the disk; `Err` is the reason to reject it.
 fn check_offer<'a>(offer: &'a Offer, config: &Config) -> Result<Vec<&'a str>, String> {
-    let comps = names::validate(&offer.path).map_err(|e: NameError| format!("bad name: {e}"))?;
+    let bad_name = |e: NameError| format!("bad name: {e}");
+    let comps = names::validate(&offer.path).map_err(bad_name)?;
+    if config.portable_names {
+        names::check_portable(&offer.path, &comps).map_err(bad_name)?;
+    }
     if let (Some(size), Some(max)) = (offer.size, config.max_size)
         && size > max
     {
@@ -118,7 +122,7 @@ where
 {
     let root = config.dir.clone();
     let path_comps: Vec<String> = comps.iter().map(|s| s.to_string()).collect();
-    let meta = Meta::of(offer);
+    let meta = Meta::of(offer, config.umask);
     let res = tokio::task::spawn_blocking(move || disk::make_dir(&root, &path_comps, meta))
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)));
@@ -362,7 +366,7 @@ where
     }
 
     // Durable, then visible under the final name.
-    let meta = Meta::of(offer);
+    let meta = Meta::of(offer, config.umask);
     let rules = StoreRules {
         overwrite: config.overwrite,
         durable: config.durable,

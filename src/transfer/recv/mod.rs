@@ -6,9 +6,11 @@
 //! `NAME.netkit-part` and renamed to its final name only after its hash
 //! matched and its data is durable, so a partial file never appears under the
 //! final name and a later `send` of the same file resumes from it.
-//! This file holds the flags, the accept loop and the session; `entry` one
-//! offered entry, and `disk` the disk side.
+//! This file holds the flags, the accept loop and the session; `admit` what
+//! a connection must do to become a sender, `entry` one offered entry, and
+//! `disk` the disk side.
 
+mod admit;
 mod entry;
 
 use std::collections::HashSet;
@@ -18,7 +20,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -27,6 +28,7 @@ use super::conn::Frame;
 use super::proto::{ReceiverFrame, SenderFrame};
 use super::{Conn, FileReport, TransferError};
 use crate::cli::{Listen, parse_duration, parse_size};
+use crate::net::limit::IpPermit;
 
 /// Command-line options of `netkit recv`.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,9 +51,18 @@ pub struct RecvArgs {
     /// Give up on a sender that sends nothing for this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_RECV_TIMEOUT")]
     pub timeout: Duration,
-    /// Most senders served at once; more wait for a free slot.
+    /// Most senders served at once; one more is told `busy` at once.
     #[arg(long, default_value_t = 64, env = "NETKIT_RECV_MAX_CONNS")]
     pub max_conns: usize,
+    /// Close a connection that has not sent a valid netkit preamble within this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "NETKIT_RECV_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Duration,
+    /// Most connections one address may have open before their preamble (0: no limit).
+    #[arg(long, default_value_t = 16, env = "NETKIT_RECV_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: usize,
+    /// Also refuse names Windows or macOS cannot store (CON, NUL, COM1, `:`, `\\`, trailing dots…).
+    #[arg(long, env = "NETKIT_RECV_PORTABLE_NAMES")]
+    pub portable_names: bool,
     /// Print one JSON object per received file on stdout.
     #[arg(long)]
     pub json: bool,
@@ -70,9 +81,18 @@ pub struct DropArgs {
     /// Give up on a sender to the drop that sends nothing for this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_DROP_TIMEOUT")]
     pub drop_timeout: Duration,
-    /// Most senders the drop serves at once; more wait for a free slot.
+    /// Most senders the drop serves at once; one more is told `busy` at once.
     #[arg(long, default_value_t = 64, env = "NETKIT_DROP_MAX_CONNS")]
     pub drop_max_conns: usize,
+    /// Close a drop connection that has not sent a valid netkit preamble within this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "NETKIT_DROP_HANDSHAKE_TIMEOUT")]
+    pub drop_handshake_timeout: Duration,
+    /// Most drop connections one address may have open before their preamble (0: no limit).
+    #[arg(long, default_value_t = 16, env = "NETKIT_DROP_MAX_PENDING_PER_IP")]
+    pub drop_max_pending_per_ip: usize,
+    /// Also refuse dropped names Windows or macOS cannot store.
+    #[arg(long, env = "NETKIT_DROP_PORTABLE_NAMES")]
+    pub drop_portable_names: bool,
     /// Replace an existing different file in the drop instead of saving it as `name (1).ext`.
     #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
     pub drop_overwrite: bool,
@@ -86,6 +106,10 @@ impl DropArgs {
             max_size: self.drop_max_size,
             timeout: self.drop_timeout,
             max_conns: self.drop_max_conns.max(1),
+            handshake_timeout: self.drop_handshake_timeout,
+            max_pending_per_ip: self.drop_max_pending_per_ip,
+            portable_names: self.drop_portable_names,
+            door: "drop",
             ..Config::new(dir)
         }
     }
@@ -102,8 +126,18 @@ pub struct Config {
     pub max_size: Option<u64>,
     /// Timeout for every read and write on a connection.
     pub timeout: Duration,
-    /// Most connections served at once.
+    /// Most senders served at once (a slot is taken after a valid preamble).
     pub max_conns: usize,
+    /// Time a new connection has to send a valid preamble.
+    pub handshake_timeout: Duration,
+    /// Most connections per address still before their preamble (0: no limit).
+    pub max_pending_per_ip: usize,
+    /// Refuse names Windows or macOS cannot store.
+    pub portable_names: bool,
+    /// Mode bits never given to a stored file or a new folder (the process umask).
+    pub umask: u32,
+    /// Name in logs and in `/metrics` (`recv`, `drop`).
+    pub door: &'static str,
     /// Make the data durable (fdatasync) every this many bytes, and at the end.
     pub sync_every: u64,
     /// Call fdatasync at all (off: faster, but a crash can lose confirmed files).
@@ -121,6 +155,11 @@ impl Config {
             max_size: None,
             timeout: Duration::from_secs(30),
             max_conns: 64,
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_per_ip: 16,
+            portable_names: false,
+            umask: super::disk::process_umask(),
+            door: "recv",
             sync_every: 128 << 20,
             durable: true,
             json: false,
@@ -139,6 +178,9 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         max_size: args.max_size,
         timeout: args.timeout,
         max_conns: args.max_conns.max(1),
+        handshake_timeout: args.handshake_timeout,
+        max_pending_per_ip: args.max_pending_per_ip,
+        portable_names: args.portable_names,
         json: args.json,
         durable: !args.no_sync,
         ..Config::new(&args.dir)
@@ -163,7 +205,7 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
     drop(listener);
     let shared = Arc::new(Shared::new(config));
     let reports = tokio::select! {
-        r = receive(stream, peer.to_string(), &shared) => r,
+        r = receive(stream, peer.to_string(), &shared, None) => r,
         _ = shutdown.cancelled() => {
             shared.drain_writers().await;
             anyhow::bail!("interrupted; partial files are kept for resume")
@@ -205,11 +247,14 @@ struct Shared {
     freed: tokio::sync::Notify,
     /// Disk writers; waited for on shutdown so every received byte is written.
     writers: TaskTracker,
+    /// Pending connections, sender slots and refusals.
+    gate: admit::Gate,
 }
 
 impl Shared {
     fn new(config: Config) -> Shared {
         Shared {
+            gate: admit::Gate::new(&config),
             config,
             busy: Mutex::new(HashSet::new()),
             freed: tokio::sync::Notify::new(),
@@ -240,40 +285,39 @@ impl Drop for BusyGuard {
 }
 
 /// Accepts senders on `listener` until `shutdown` is cancelled; one task per
-/// connection, at most `config.max_conns` at once. On shutdown, connections in
-/// progress are closed and their partial files kept for a later resume.
+/// connection. A connection becomes a sender (one of `config.max_conns`) only
+/// after a valid preamble; before that it is bounded by the handshake timeout
+/// and the per-address pending cap. On shutdown, connections in progress are
+/// closed and their partial files kept for a later resume.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) {
     let local = listener.local_addr().ok();
+    let door = config.door;
     info!(
         addr = ?local,
         dir = %config.dir.display(),
-        "recv: listening on {}",
+        "{door}: listening on {}",
         local.map(|a| a.to_string()).unwrap_or_default()
     );
-    let permits = Arc::new(Semaphore::new(config.max_conns.max(1)));
     let shared = Arc::new(Shared::new(config));
     let tracker = TaskTracker::new();
-    let mut acceptor = crate::net::accept::Acceptor::new("recv");
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await else {
-            break;
+    let mut acceptor = crate::net::accept::Acceptor::new(door);
+    while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
+        let Some(pending) = shared.gate.admit_pending(&stream, peer.ip()) else {
+            continue;
         };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let span = info_span!("recv", %peer);
         tracker.spawn(
             async move {
-                let _permit = permit;
                 tokio::select! {
-                    r = receive(stream, peer.to_string(), &shared) => {
-                        if let Err(e) = r {
-                            warn!("sender {peer}: {e}");
+                    r = receive(stream, peer.to_string(), &shared, Some(pending)) => match r {
+                        Err(e @ TransferError::Timeout { what: admit::HANDSHAKE, .. }) => {
+                            debug!("sender {peer}: {e}")
                         }
-                    }
+                        Err(e) => warn!("sender {peer}: {e}"),
+                        Ok(_) => {}
+                    },
                     _ = shutdown.cancelled() => info!("closing on shutdown; partial files are kept for resume"),
                 }
             }
@@ -284,22 +328,38 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     tracker.close();
     tracker.wait().await;
     shared.drain_writers().await;
-    info!("recv: stopped");
+    let refused: Vec<String> = shared
+        .gate
+        .refusals()
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect();
+    info!(refused = %refused.join(" "), "{door}: stopped");
 }
 
 /// Serves one sender on `stream` until it says goodbye; returns a report per
 /// offered entry. A connection-level error ends the session (an `Error`
 /// frame tells the sender why); partial files stay for resume.
+/// `pending` (the address's pending slot) is released once the preamble is in.
 async fn receive<S>(
     stream: S,
     peer: String,
     shared: &Arc<Shared>,
+    pending: Option<IpPermit>,
 ) -> Result<Vec<FileReport>, TransferError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut conn = Conn::new(stream, shared.config.timeout);
-    let result = session(&mut conn, &peer, shared).await;
+    let result = async {
+        let handshake = shared.gate.handshake(&mut conn).await;
+        drop(pending);
+        let _slot = handshake?;
+        debug!("handshake done");
+        session(&mut conn, &peer, shared).await
+    }
+    .await;
     if let Err(e) = &result {
         // Tell the sender why, unless the connection itself is gone.
         if !matches!(e, TransferError::Closed(_) | TransferError::Peer(_)) {
@@ -322,9 +382,6 @@ async fn session<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    conn.write_preamble().await?;
-    conn.read_preamble().await?;
-    debug!("handshake done");
     let mut reports = Vec::new();
     loop {
         match conn
