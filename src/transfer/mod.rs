@@ -16,13 +16,16 @@
 //! match and the data is durable. The wire format is in
 //! `docs/transfer-protocol.md`.
 
+pub mod code;
 mod conn;
 mod disk;
 pub mod names;
+pub mod pake;
 pub mod progress;
 pub mod proto;
 pub mod recv;
 pub mod report;
+pub mod seal;
 pub mod send;
 
 pub use conn::tune_allocator;
