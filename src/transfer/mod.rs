@@ -28,7 +28,7 @@ pub mod report;
 pub mod seal;
 pub mod send;
 
-pub use conn::tune_allocator;
+pub use conn::{CodeAuth, tune_allocator};
 pub use report::{FileReport, Verdict};
 
 pub(crate) use conn::Conn;
@@ -80,6 +80,12 @@ pub enum TransferError {
     /// The peer broke a rule of the protocol (size, offsets).
     #[error("protocol violation: {0}")]
     Violation(String),
+    /// The code handshake failed: the peer used another code (or guessed).
+    #[error(transparent)]
+    Pake(#[from] pake::PakeError),
+    /// A sealed record failed to open: the stream was altered in transit.
+    #[error(transparent)]
+    Sealed(#[from] seal::SealError),
 }
 
 impl TransferError {

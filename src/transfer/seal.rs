@@ -70,21 +70,35 @@ impl Sealer {
     /// Appends one sealed record of `plain` to `out`; `last` marks the end
     /// of the stream (nothing may be sealed after it).
     pub fn seal(&mut self, plain: &[u8], last: bool, out: &mut BytesMut) -> Result<(), SealError> {
+        self.seal_parts(&[plain], last, out)
+    }
+
+    /// [`Sealer::seal`] of the concatenation of `parts` (a frame header and
+    /// its payload), copied once, straight into `out`.
+    pub fn seal_parts(
+        &mut self,
+        parts: &[&[u8]],
+        last: bool,
+        out: &mut BytesMut,
+    ) -> Result<(), SealError> {
+        let plain_len: usize = parts.iter().map(|p| p.len()).sum();
         if self.done {
             return Err(SealError::AfterLast);
         }
-        if plain.len() > MAX_PLAINTEXT {
-            return Err(SealError::TooLarge(plain.len()));
+        if plain_len > MAX_PLAINTEXT {
+            return Err(SealError::TooLarge(plain_len));
         }
         let counter = self.counter;
         self.counter = counter.checked_add(1).ok_or(SealError::Exhausted)?;
         self.done = last;
-        let len = (plain.len() + TAG_LEN) as u32;
+        let len = (plain_len + TAG_LEN) as u32;
         let header = (len | if last { LAST } else { 0 }).to_be_bytes();
         out.reserve(RECORD_HEADER + len as usize);
         out.put_slice(&header);
         let start = out.len();
-        out.put_slice(plain);
+        for p in parts {
+            out.put_slice(p);
+        }
         let tag = self
             .aead
             .encrypt_in_place_detached(
@@ -92,7 +106,7 @@ impl Sealer {
                 &header,
                 &mut out[start..],
             )
-            .map_err(|_| SealError::TooLarge(plain.len()))?;
+            .map_err(|_| SealError::TooLarge(plain_len))?;
         out.put_slice(&tag);
         Ok(())
     }

@@ -55,6 +55,12 @@ pub struct RecvArgs {
     /// Print one JSON object per received file on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Accept only a sender with this code (single use: implies --once).
+    #[arg(long, env = "NETKIT_RECV_CODE", conflicts_with = "password_file")]
+    pub code: Option<String>,
+    /// Accept only senders who know the password in this file.
+    #[arg(long, env = "NETKIT_RECV_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     /// Skip fdatasync: faster on slow disks, but a crash or power loss can
     /// lose files the sender was told are stored.
     #[arg(long, env = "NETKIT_RECV_NO_SYNC")]
@@ -110,6 +116,8 @@ pub struct Config {
     pub durable: bool,
     /// Print one JSON object per file on stdout.
     pub json: bool,
+    /// Require this code or password from every sender (then all is sealed).
+    pub code: Option<super::CodeAuth>,
 }
 
 impl Config {
@@ -124,6 +132,7 @@ impl Config {
             sync_every: 128 << 20,
             durable: true,
             json: false,
+            code: None,
         }
     }
 }
@@ -141,6 +150,11 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         max_conns: args.max_conns.max(1),
         json: args.json,
         durable: !args.no_sync,
+        code: crate::transfer::send::code_auth(
+            crate::transfer::pake::Role::Receiver,
+            args.code.as_deref(),
+            args.password_file.as_deref(),
+        )?,
         ..Config::new(&args.dir)
     };
     prepare_dir(&config.dir)?;
@@ -150,7 +164,7 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         recv: listener.local_addr().ok(),
         ..Default::default()
     });
-    if !args.once {
+    if !args.once && args.code.is_none() {
         run(listener, config, shutdown).await;
         return Ok(());
     }
@@ -299,10 +313,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut conn = Conn::new(stream, shared.config.timeout);
+    conn.require_code(shared.config.code.clone());
     let result = session(&mut conn, &peer, shared).await;
     if let Err(e) = &result {
         // Tell the sender why, unless the connection itself is gone.
-        if !matches!(e, TransferError::Closed(_) | TransferError::Peer(_)) {
+        if !matches!(
+            e,
+            TransferError::Closed(_) | TransferError::Peer(_) | TransferError::Pake(_)
+        ) {
             let _ = conn
                 .send(&ReceiverFrame::Error {
                     reason: e.to_string(),

@@ -1,0 +1,189 @@
+//! `netkit send --code` / `netkit recv --code` and `--password-file`, driven
+//! through the real binary on port 0: the code handshake, then sealed frames.
+
+mod proc_util;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use proc_util::Netkit;
+
+const BIN: &str = env!("CARGO_BIN_EXE_netkit");
+const WRONG: &str = "wrong code (or someone tried to guess it); nothing was sent";
+
+/// `netkit recv --listen 127.0.0.1:0 --dir DIR FLAGS…` and its address.
+fn recv(dir: &std::path::Path, flags: &[&str]) -> (Netkit, String) {
+    let mut args = vec![
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let p = Netkit::spawn(&args);
+    let addr = p.ready.recv.expect("recv's ready line").to_string();
+    (p, addr)
+}
+
+fn send(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("send")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Every file under `dir`, part files included.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_tree_goes_through_with_the_same_code() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let tree = src.path().join("docs");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    // Larger than one chunk, so several sealed Data records.
+    let big: Vec<u8> = (0..700_001u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(tree.join("sub/big.bin"), &big).unwrap();
+    std::fs::write(tree.join("a.txt"), "hello").unwrap();
+
+    let (mut r, addr) = recv(out.path(), &["--code", "7-aardvark-adroitness"]);
+    let o = send(&[
+        "--to",
+        &addr,
+        "--code",
+        "7-Aardvark-Adroitness",
+        tree.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        r.wait(Duration::from_secs(60)).success(),
+        "recv --code serves one sender and exits"
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("docs/sub/big.bin")).unwrap(),
+        big
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("docs/a.txt")).unwrap(),
+        "hello"
+    );
+}
+
+#[test]
+fn a_wrong_code_fails_on_both_sides_after_one_attempt() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("secret.txt");
+    std::fs::write(&f, "do not deliver").unwrap();
+
+    let (mut r, addr) = recv(out.path(), &["--code", "7-aardvark-adroitness"]);
+    let o = send(&[
+        "--to",
+        &addr,
+        "--code",
+        "7-aardvark-aftermath",
+        f.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(WRONG), "sender: {err}");
+    assert!(
+        !r.wait(Duration::from_secs(60)).success(),
+        "the receiver fails too"
+    );
+    let log = r.seen.join("\n");
+    assert!(log.contains(WRONG), "receiver: {log}");
+    assert!(files_under(out.path()).is_empty(), "nothing written");
+    // The code was single-use: the receiver is gone, a second guess cannot reach it.
+    let again = send(&[
+        "--to",
+        &addr,
+        "--code",
+        "7-aardvark-adroitness",
+        f.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+}
+
+#[test]
+fn code_and_no_code_do_not_mix() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let f = src.path().join("x.txt");
+    std::fs::write(&f, "x").unwrap();
+
+    // A plain sender to a receiver that requires a code.
+    let (mut r, addr) = recv(out.path(), &["--code", "7-aardvark-adroitness"]);
+    let o = send(&["--to", &addr, f.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("uses a code"), "sender: {err}");
+    assert!(!r.wait(Duration::from_secs(60)).success());
+
+    // A sender with a code to a plain receiver.
+    let (mut r, addr) = recv(out.path(), &["--once"]);
+    let o = send(&[
+        "--to",
+        &addr,
+        "--code",
+        "7-aardvark-adroitness",
+        f.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not use a code"), "sender: {err}");
+    r.wait(Duration::from_secs(60));
+    assert!(files_under(out.path()).is_empty(), "nothing written");
+}
+
+#[test]
+fn a_password_file_receiver_takes_only_senders_who_know_it() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let pw = src.path().join("pw");
+    std::fs::write(&pw, "correct horse battery staple\n").unwrap();
+    let bad = src.path().join("bad");
+    std::fs::write(&bad, "wrong horse\n").unwrap();
+    let f = src.path().join("f.txt");
+    std::fs::write(&f, "payload").unwrap();
+
+    let (mut r, addr) = recv(out.path(), &["--password-file", pw.to_str().unwrap()]);
+    let o = send(&[
+        "--to",
+        &addr,
+        "--password-file",
+        bad.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(WRONG));
+    // A fixed password serves many senders: the right one still gets in.
+    let o = send(&[
+        "--to",
+        &addr,
+        "--password-file",
+        pw.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("f.txt")).unwrap(),
+        "payload"
+    );
+    r.terminate();
+}
