@@ -187,3 +187,110 @@ fn a_password_file_receiver_takes_only_senders_who_know_it() {
     );
     r.terminate();
 }
+
+/// How the man in the middle attacks the sender's sealed records.
+#[derive(Clone, Copy, Debug)]
+enum Attack {
+    Flip,
+    Drop,
+    Replay,
+    Swap,
+    Truncate,
+}
+
+/// Reads one sealed record (header and body) from `r`.
+fn read_record(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut h = [0u8; 4];
+    r.read_exact(&mut h).ok()?;
+    let len = (u32::from_be_bytes(h) & 0x7fff_ffff) as usize;
+    let mut rec = h.to_vec();
+    rec.resize(4 + len, 0);
+    r.read_exact(&mut rec[4..]).ok()?;
+    Some(rec)
+}
+
+/// A man in the middle between sender and receiver (a malicious relay): it
+/// passes the handshake, then forwards the sender's sealed records one by
+/// one and applies `attack` at record 2 (the first `Data` record).
+fn tamper_proxy(to: String, attack: Attack) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut from_s, _) = l.accept().unwrap();
+        let mut to_r = std::net::TcpStream::connect(to).unwrap();
+        let (mut r2, mut s2) = (to_r.try_clone().unwrap(), from_s.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut r2, &mut s2));
+        // 12 preamble + 38 SPAKE2 bytes, then 37 confirmation bytes; the
+        // sender waits for the receiver between the two.
+        for n in [12 + 38, 37] {
+            let mut head = vec![0u8; n];
+            from_s.read_exact(&mut head).unwrap();
+            to_r.write_all(&head).unwrap();
+        }
+        let mut i = 0;
+        while let Some(mut rec) = read_record(&mut from_s) {
+            let out = match (i, attack) {
+                (2, Attack::Flip) => {
+                    rec[10] ^= 0x10;
+                    rec
+                }
+                (2, Attack::Drop) => vec![],
+                (2, Attack::Replay) => [&rec[..], &rec[..]].concat(),
+                (2, Attack::Swap) => {
+                    let next = read_record(&mut from_s).unwrap_or_default();
+                    [next, rec].concat()
+                }
+                (2, Attack::Truncate) => {
+                    let _ = to_r.write_all(&rec[..rec.len() / 2]);
+                    break;
+                }
+                _ => rec,
+            };
+            if to_r.write_all(&out).is_err() {
+                break;
+            }
+            i += 1;
+        }
+        let _ = to_r.shutdown(std::net::Shutdown::Both);
+        let _ = from_s.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+#[test]
+fn a_tampered_stream_is_detected_and_nothing_is_stored() {
+    use Attack::*;
+    for attack in [Flip, Drop, Replay, Swap, Truncate] {
+        let src = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let f = src.path().join("f.bin");
+        std::fs::write(&f, vec![5u8; 300_000]).unwrap();
+        let (mut r, addr) = recv(out.path(), &["--code", "7-aardvark-adroitness"]);
+        let via = tamper_proxy(addr, attack);
+        let o = send(&[
+            "--to",
+            &via,
+            "--code",
+            "7-aardvark-adroitness",
+            f.to_str().unwrap(),
+        ]);
+        assert!(
+            !o.status.success(),
+            "{attack:?}: the sender must not see success"
+        );
+        assert!(
+            !r.wait(Duration::from_secs(60)).success(),
+            "{attack:?}: receiver"
+        );
+        let log = r.seen.join("\n");
+        assert!(
+            log.contains("sealed"),
+            "{attack:?}: receiver says why: {log}"
+        );
+        assert!(
+            !out.path().join("f.bin").exists(),
+            "{attack:?}: nothing under the final name"
+        );
+    }
+}
