@@ -294,3 +294,49 @@ fn a_tampered_stream_is_detected_and_nothing_is_stored() {
         );
     }
 }
+
+#[test]
+fn the_file_drop_takes_a_password_file() {
+    let data = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let pw = src.path().join("pw");
+    std::fs::write(&pw, "drop secret").unwrap();
+    let f = src.path().join("f.txt");
+    std::fs::write(&f, "dropped").unwrap();
+    let mut p = Netkit::spawn(&[
+        "serve",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--http",
+        "off",
+        "--chat",
+        "off",
+        "--tcp",
+        "off",
+        "--udp",
+        "off",
+        "--drop",
+        "127.0.0.1:0",
+        "--drop-password-file",
+        pw.to_str().unwrap(),
+    ]);
+    let addr = p.ready.drop.expect("drop address").to_string();
+    let o = send(&["--to", &addr, f.to_str().unwrap()]);
+    assert!(
+        !o.status.success(),
+        "a sender without the password is refused"
+    );
+    let o = send(&[
+        "--to",
+        &addr,
+        "--password-file",
+        pw.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("files/f.txt")).unwrap(),
+        "dropped"
+    );
+    p.terminate();
+}

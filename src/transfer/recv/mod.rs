@@ -82,6 +82,10 @@ pub struct DropArgs {
     /// Replace an existing different file in the drop instead of saving it as `name (1).ext`.
     #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
     pub drop_overwrite: bool,
+    /// Accept only senders who know the password in this file (`netkit send
+    /// --password-file`); then every transfer to the drop is encrypted.
+    #[arg(long, env = "NETKIT_DROP_PASSWORD_FILE")]
+    pub drop_password_file: Option<PathBuf>,
 }
 
 impl DropArgs {
