@@ -36,6 +36,15 @@ fn send(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `netkit send --to ADDR AUTH… FILE`, which must succeed.
+fn send_ok(addr: &str, auth: &[&str], file: &std::path::Path) {
+    let mut args = vec!["--to", addr];
+    args.extend_from_slice(auth);
+    args.push(file.to_str().unwrap());
+    let o = send(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// Every file under `dir`, part files included.
 fn files_under(dir: &std::path::Path) -> Vec<String> {
     let mut out = vec![];
@@ -173,14 +182,7 @@ fn a_password_file_receiver_takes_only_senders_who_know_it() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(WRONG));
     // A fixed password serves many senders: the right one still gets in.
-    let o = send(&[
-        "--to",
-        &addr,
-        "--password-file",
-        pw.to_str().unwrap(),
-        f.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    send_ok(&addr, &["--password-file", pw.to_str().unwrap()], &f);
     assert_eq!(
         std::fs::read_to_string(out.path().join("f.txt")).unwrap(),
         "payload"
@@ -326,14 +328,7 @@ fn the_file_drop_takes_a_password_file() {
         !o.status.success(),
         "a sender without the password is refused"
     );
-    let o = send(&[
-        "--to",
-        &addr,
-        "--password-file",
-        pw.to_str().unwrap(),
-        f.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    send_ok(&addr, &["--password-file", pw.to_str().unwrap()], &f);
     assert_eq!(
         std::fs::read_to_string(data.path().join("files/f.txt")).unwrap(),
         "dropped"
