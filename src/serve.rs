@@ -156,9 +156,11 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     if let Some(listener) = drop_listener {
         let files = args.data_dir.join("files");
         crate::transfer::recv::prepare_dir(&files)?;
+        let mut config = args.drop_limits.config(files);
+        config.code = drop_password(&args.drop_limits, &listener)?;
         tracker.spawn(crate::transfer::recv::run(
             listener,
-            args.drop_limits.config(files),
+            config,
             shutdown.clone(),
         ));
     }
@@ -249,4 +251,26 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     }
     info!("netkit serve: stopped");
     Ok(())
+}
+
+/// The drop's password (`--drop-password-file`), and a warning when a drop
+/// without one listens beyond loopback, where anyone can write into it.
+fn drop_password(
+    limits: &crate::transfer::recv::DropArgs,
+    listener: &tokio::net::TcpListener,
+) -> anyhow::Result<Option<crate::transfer::CodeAuth>> {
+    use crate::transfer::{CodeAuth, pake::Role};
+    match &limits.drop_password_file {
+        Some(p) => Ok(Some(CodeAuth::read_password_file(Role::Receiver, p)?)),
+        None => {
+            if let Ok(a) = listener.local_addr()
+                && !a.ip().is_loopback()
+            {
+                tracing::warn!(
+                    "the file drop listens on {a} without a password: anyone who reaches it can write into it — pass --drop-password-file FILE"
+                );
+            }
+            Ok(None)
+        }
+    }
 }

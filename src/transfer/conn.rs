@@ -1,6 +1,12 @@
 //! One framed transfer connection: buffered reads with a timeout on each,
 //! one generic read and one generic send for both ends' frames, `Data`
-//! frames without a copy, and sendfile(2) for file content.
+//! frames without a copy, and sendfile(2) for file content. With a code
+//! (`sealed`), a SPAKE2 handshake follows the preambles and every byte after
+//! it travels in sealed records.
+
+mod sealed;
+
+pub use sealed::CodeAuth;
 
 use std::io;
 use std::time::Duration;
@@ -34,6 +40,10 @@ pub(crate) struct Conn<S> {
     timeout: Duration,
     /// Extra time allowed for the next read, while the peer hashes a file.
     extra: Duration,
+    /// The code this end requires, if any (set before the preambles).
+    code: Option<CodeAuth>,
+    /// Sealing state once the code handshake succeeded.
+    sealed: Option<Box<sealed::SealedIo>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -45,13 +55,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             wbuf: BytesMut::with_capacity(1024),
             timeout,
             extra: Duration::ZERO,
+            code: None,
+            sealed: None,
         }
+    }
+
+    /// Requires the code handshake (`auth`) after the preambles: nothing but
+    /// the handshake is read or sent before the peer proved it knows the code.
+    pub(crate) fn require_code(&mut self, auth: Option<CodeAuth>) {
+        self.code = auth;
     }
 
     /// Reads more bytes, at most `max`. Frame reads pass the rest of the
     /// current frame plus one header, so a `Data` payload ends its own
     /// buffer and is handed on without a copy.
     async fn fill(&mut self, what: &'static str, max: usize) -> Result<(), TransferError> {
+        if self.sealed.is_some() {
+            return self.fill_sealed(what).await;
+        }
         let t = self.timeout + self.extra;
         use bytes::BufMut;
         let max = max.max(1);
@@ -68,11 +89,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Sends our preamble.
     pub(crate) async fn write_preamble(&mut self) -> Result<(), TransferError> {
-        let p = Preamble::OURS.encode();
+        let p = match self.code {
+            Some(_) => sealed::CODE_PREAMBLE.encode(),
+            None => Preamble::OURS.encode(),
+        };
         self.write_raw(&p).await
     }
 
-    /// Reads the peer's preamble and checks that it is compatible.
+    /// Reads the peer's preamble and checks that it is compatible; with a
+    /// code, runs the handshake and seals the connection.
     pub(crate) async fn read_preamble(&mut self) -> Result<Preamble, TransferError> {
         while self.rbuf.len() < PREAMBLE_LEN {
             let missing = PREAMBLE_LEN - self.rbuf.len();
@@ -80,7 +105,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
         let raw: [u8; PREAMBLE_LEN] = self.rbuf.split_to(PREAMBLE_LEN)[..].try_into().unwrap();
         let p = Preamble::decode(&raw)?;
-        p.check_compatible()?;
+        self.check_auth(&p)?;
+        if let Some(auth) = self.code.clone() {
+            self.code_handshake(auth).await?;
+        }
         Ok(p)
     }
 
@@ -108,6 +136,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn write_raw(&mut self, b: &[u8]) -> Result<(), TransferError> {
+        if self.sealed.is_some() {
+            return self.write_sealed(&[b], false).await;
+        }
         let t = self.timeout;
         finish_write(tokio::time::timeout(t, self.stream.write_all(b)).await, t)
     }
@@ -123,6 +154,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Sends a `Data` frame: header and payload in one vectored write, without copying.
     pub(crate) async fn send_data(&mut self, chunk: &Bytes) -> Result<(), TransferError> {
         use bytes::Buf;
+        if self.sealed.is_some() {
+            return self
+                .write_sealed(&[&proto::data_header(chunk.len()), chunk], false)
+                .await;
+        }
         let header = Bytes::copy_from_slice(&proto::data_header(chunk.len()));
         let mut both = header.chain(chunk.clone());
         debug_assert_eq!(both.remaining(), HEADER_LEN + chunk.len());
@@ -135,6 +171,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Flushes and shuts down the write half (best effort).
     pub(crate) async fn shutdown(&mut self) {
+        if self.sealed.is_some() {
+            // The last record tells the peer the stream ended here, not cut.
+            let _ = self.write_sealed(&[], true).await;
+        }
         let _ = tokio::time::timeout(self.timeout, self.stream.shutdown()).await;
     }
 }
@@ -171,6 +211,9 @@ impl Conn<tokio::net::TcpStream> {
     ) -> Result<(), TransferError> {
         use std::os::fd::AsRawFd;
         use tokio::io::Interest;
+        if self.sealed.is_some() {
+            return self.send_file_sealed(file, pos, len).await;
+        }
         self.write_raw(&proto::data_header(len)).await?;
         let mut off = libc::off_t::try_from(pos).map_err(|_| {
             TransferError::io(
@@ -218,6 +261,29 @@ impl Conn<tokio::net::TcpStream> {
             }
         }
         Ok(())
+    }
+}
+
+impl Conn<tokio::net::TcpStream> {
+    /// [`Conn::send_file_frame`] on a sealed connection: the content has to
+    /// pass through this process to be sealed, so it is read, then sealed.
+    async fn send_file_sealed(
+        &mut self,
+        file: &std::fs::File,
+        pos: u64,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, pos).map_err(|e| {
+            let e = if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(e.kind(), "the file shrank while it was being sent")
+            } else {
+                e
+            };
+            TransferError::io("reading the source", e)
+        })?;
+        self.send_data(&Bytes::from(buf)).await
     }
 }
 

@@ -16,16 +16,19 @@
 //! match and the data is durable. The wire format is in
 //! `docs/transfer-protocol.md`.
 
+pub mod code;
 mod conn;
 mod disk;
 pub mod names;
+pub mod pake;
 pub mod progress;
 pub mod proto;
 pub mod recv;
 pub mod report;
+pub mod seal;
 pub mod send;
 
-pub use conn::tune_allocator;
+pub use conn::{CodeAuth, tune_allocator};
 pub use report::{FileReport, Verdict};
 
 pub(crate) use conn::Conn;
@@ -88,6 +91,12 @@ pub enum TransferError {
         /// The receiver's `--max-conns`.
         max: usize,
     },
+    /// The code handshake failed: the peer used another code (or guessed).
+    #[error(transparent)]
+    Pake(#[from] pake::PakeError),
+    /// A sealed record failed to open: the stream was altered in transit.
+    #[error(transparent)]
+    Sealed(#[from] seal::SealError),
 }
 
 impl TransferError {

@@ -66,6 +66,12 @@ pub struct RecvArgs {
     /// Print one JSON object per received file on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Accept only a sender with this code (single use: implies --once).
+    #[arg(long, env = "NETKIT_RECV_CODE", conflicts_with = "password_file")]
+    pub code: Option<String>,
+    /// Accept only senders who know the password in this file.
+    #[arg(long, env = "NETKIT_RECV_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     /// Skip fdatasync: faster on slow disks, but a crash or power loss can
     /// lose files the sender was told are stored.
     #[arg(long, env = "NETKIT_RECV_NO_SYNC")]
@@ -96,6 +102,10 @@ pub struct DropArgs {
     /// Replace an existing different file in the drop instead of saving it as `name (1).ext`.
     #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
     pub drop_overwrite: bool,
+    /// Accept only senders who know the password in this file (`netkit send
+    /// --password-file`); then every transfer to the drop is encrypted.
+    #[arg(long, env = "NETKIT_DROP_PASSWORD_FILE")]
+    pub drop_password_file: Option<PathBuf>,
 }
 
 impl DropArgs {
@@ -144,6 +154,8 @@ pub struct Config {
     pub durable: bool,
     /// Print one JSON object per file on stdout.
     pub json: bool,
+    /// Require this code or password from every sender (then all is sealed).
+    pub code: Option<super::CodeAuth>,
 }
 
 impl Config {
@@ -163,6 +175,7 @@ impl Config {
             sync_every: 128 << 20,
             durable: true,
             json: false,
+            code: None,
         }
     }
 }
@@ -183,6 +196,11 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         portable_names: args.portable_names,
         json: args.json,
         durable: !args.no_sync,
+        code: crate::transfer::send::code_auth(
+            crate::transfer::pake::Role::Receiver,
+            args.code.as_deref(),
+            args.password_file.as_deref(),
+        )?,
         ..Config::new(&args.dir)
     };
     prepare_dir(&config.dir)?;
@@ -192,7 +210,7 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         recv: listener.local_addr().ok(),
         ..Default::default()
     });
-    if !args.once {
+    if !args.once && args.code.is_none() {
         run(listener, config, shutdown).await;
         return Ok(());
     }
@@ -352,6 +370,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut conn = Conn::new(stream, shared.config.timeout);
+    // A code handshake runs inside the preamble exchange, so within the
+    // handshake timeout and before any sender slot is taken.
+    conn.require_code(shared.config.code.clone());
     let result = async {
         let handshake = shared.gate.handshake(&mut conn).await;
         drop(pending);
@@ -362,7 +383,10 @@ where
     .await;
     if let Err(e) = &result {
         // Tell the sender why, unless the connection itself is gone.
-        if !matches!(e, TransferError::Closed(_) | TransferError::Peer(_)) {
+        if !matches!(
+            e,
+            TransferError::Closed(_) | TransferError::Peer(_) | TransferError::Pake(_)
+        ) {
             let _ = conn
                 .send(&ReceiverFrame::Error {
                     reason: e.to_string(),

@@ -25,7 +25,7 @@ use super::conn::Frame;
 use super::progress::{Mode, Progress};
 use super::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
 use super::report::{kind_name, rate};
-use super::{Conn, FileReport, TransferError, Verdict, names};
+use super::{CodeAuth, Conn, FileReport, TransferError, Verdict, names};
 use crate::cli::parse_duration;
 
 /// Command-line options of `netkit send`.
@@ -37,6 +37,13 @@ pub struct SendArgs {
     /// Receiver address, HOST:PORT.
     #[arg(long, env = "NETKIT_SEND_TO")]
     pub to: String,
+    /// Code the receiver was given (e.g. 7-crossword-hamster): authenticates
+    /// both ends and encrypts the transfer.
+    #[arg(long, env = "NETKIT_SEND_CODE", conflicts_with = "password_file")]
+    pub code: Option<String>,
+    /// File holding the password of a receiver started with --password-file.
+    #[arg(long, env = "NETKIT_SEND_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     /// Name to store under: required for `-`, optional for a single PATH.
     #[arg(long)]
     pub name: Option<String>,
@@ -89,6 +96,11 @@ pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
     if entries.is_empty() {
         anyhow::bail!("nothing to send");
     }
+    let code = code_auth(
+        super::pake::Role::Sender,
+        args.code.as_deref(),
+        args.password_file.as_deref(),
+    )?;
     let stream = connect(&args.to, args.connect_timeout).await?;
     let opts = Options {
         timeout: args.timeout,
@@ -97,7 +109,7 @@ pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
     let n = entries.len();
     let started = Instant::now();
     let mut printed = 0;
-    let result = send(stream, entries, &opts, |r| {
+    let result = send_with_code(stream, entries, &opts, code, |r| {
         printed += 1;
         if args.json {
             println!("{}", serde_json::to_string(r).expect("report serializes"));
@@ -107,6 +119,9 @@ pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
     })
     .await;
     let reports = result.map_err(|e| {
+        if matches!(e, TransferError::Pake(_)) {
+            return anyhow::anyhow!("{e}");
+        }
         anyhow::anyhow!("{e} — {printed} of {n} entries done; run the same command again to resume")
     })?;
     let bad = reports.iter().filter(|r| !r.verdict.confirmed()).count();
@@ -292,9 +307,39 @@ pub async fn send(
     stream: TcpStream,
     entries: Vec<Entry>,
     opts: &Options,
+    on_report: impl FnMut(&FileReport),
+) -> Result<Vec<FileReport>, TransferError> {
+    send_with_code(stream, entries, opts, None, on_report).await
+}
+
+/// The code (`--code`) or password (`--password-file`) of one end, if any.
+pub fn code_auth(
+    role: super::pake::Role,
+    code: Option<&str>,
+    password_file: Option<&Path>,
+) -> anyhow::Result<Option<CodeAuth>> {
+    match (code, password_file) {
+        (Some(c), _) => {
+            let code =
+                super::code::Code::parse(c).map_err(|e| anyhow::anyhow!("--code {c}: {e}"))?;
+            Ok(Some(CodeAuth::new(role, code.to_string())))
+        }
+        (None, Some(p)) => Ok(Some(CodeAuth::read_password_file(role, p)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// [`send`] with a code handshake first when `code` is given: then every
+/// frame is sealed, and nothing is offered unless the receiver knows the code.
+pub async fn send_with_code(
+    stream: TcpStream,
+    entries: Vec<Entry>,
+    opts: &Options,
+    code: Option<CodeAuth>,
     mut on_report: impl FnMut(&FileReport),
 ) -> Result<Vec<FileReport>, TransferError> {
     let mut conn = Conn::new(stream, opts.timeout);
+    conn.require_code(code);
     let total = entries
         .iter()
         .map(|e| e.offer.size)
@@ -324,7 +369,12 @@ pub async fn send(
     match &result {
         // A failed socket or file operation may have left a frame half
         // written: close without another frame.
-        Err(TransferError::Peer(_) | TransferError::Closed(_) | TransferError::Io { .. })
+        Err(
+            TransferError::Peer(_)
+            | TransferError::Closed(_)
+            | TransferError::Io { .. }
+            | TransferError::Pake(_),
+        )
         | Ok(_) => {}
         Err(e) => {
             let _ = conn
