@@ -116,7 +116,9 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     // The recorder before the first connection, so early refusals are counted.
     let _ = crate::http::metrics::handle();
     let local = |l: &Option<tokio::net::TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
-    crate::ready::announce(&crate::ready::Ready {
+    // Announced once every door's task is running (below), not before the
+    // hub is open: a client or a signal sent on the line meets a ready server.
+    let ready = crate::ready::Ready {
         http: local(&http_listener),
         chat: local(&chat_listener),
         drop: local(&drop_listener),
@@ -124,7 +126,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         udp: udp_socket.as_ref().and_then(|s| s.local_addr().ok()),
         cluster: cluster.as_ref().map(|c| c.id.addr),
         recv: None,
-    });
+    };
 
     // Gossiped to the other nodes, so they can point users at this one.
     let meta = crate::cluster::NodeMeta {
@@ -242,6 +244,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     if tracker.is_empty() {
         anyhow::bail!("every service is off; enable at least one (e.g. --http 127.0.0.1:8080)");
     }
+    crate::ready::announce(&ready);
     info!(data_dir = %args.data_dir.display(), "netkit serve: running; SIGINT or SIGTERM stops it");
     tracker.close();
     tracker.wait().await;

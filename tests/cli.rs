@@ -352,7 +352,8 @@ fn serve_creates_its_data_dir_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = serve_all(&dir);
     assert!(dir.path().join("data").is_dir(), "data dir created");
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    assert!(status.success(), "{status:?}; saw:\n{}", p.seen.join("\n"));
     p.wait_for("netkit serve: stopped", T);
 }
 
