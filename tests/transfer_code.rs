@@ -13,17 +13,8 @@ const WRONG: &str = "wrong code (or someone tried to guess it); nothing was sent
 
 /// `netkit recv --listen 127.0.0.1:0 --dir DIR FLAGS…` and its address.
 fn recv(dir: &std::path::Path, flags: &[&str]) -> (Netkit, String) {
-    let mut args = vec![
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(flags);
-    let p = Netkit::spawn(&args);
-    let addr = p.ready.recv.expect("recv's ready line").to_string();
-    (p, addr)
+    let (p, addr) = proc_util::recv(dir, flags);
+    (p, addr.to_string())
 }
 
 fn send(args: &[&str]) -> std::process::Output {

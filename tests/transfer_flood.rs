@@ -106,17 +106,7 @@ async fn closings(conns: Vec<(TcpStream, Instant)>, hs: Duration) -> Vec<Closed>
 
 /// `netkit recv` on port 0 with `flags`, its address.
 fn recv(dir: &std::path::Path, flags: &[&str]) -> (Netkit, SocketAddr) {
-    let mut args = vec![
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-        dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(flags);
-    let p = Netkit::spawn(&args);
-    let addr = p.ready.recv.unwrap();
-    (p, addr)
+    proc_util::recv(dir, flags)
 }
 
 /// Stops `p` and returns its final line, which counts the refusals.

@@ -468,3 +468,18 @@ impl LineUser {
             .collect()
     }
 }
+
+/// `netkit recv --listen 127.0.0.1:0 --dir DIR FLAGS…`, and the address its ready line names.
+pub fn recv(dir: &std::path::Path, flags: &[&str]) -> (Netkit, SocketAddr) {
+    let mut args = vec![
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let p = Netkit::spawn(&args);
+    let addr = p.ready.recv.expect("recv's ready line");
+    (p, addr)
+}
