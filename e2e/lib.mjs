@@ -17,7 +17,7 @@ export function fail(msg) {
 export function startServer(bin, dataDir, http = "127.0.0.1:0", extra = []) {
   const child = spawn(
     bin,
-    ["--ready-json", "serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--data-dir", dataDir, ...extra],
+    ["--ready-json", "serve", "--http", http, "--chat", "127.0.0.1:0", "--tcp", "off", "--udp", "off", "--drop", "off", "--relay", "off", "--data-dir", dataDir, ...extra],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" } },
   );
   let log = "";

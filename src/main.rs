@@ -18,7 +18,7 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
-    /// Once a long-running command (serve, tcp serve, udp serve, recv) has bound
+    /// Once a long-running command (serve, tcp serve, udp serve, recv, relay) has bound
     /// its sockets, print one JSON line on stdout with their addresses, e.g.
     /// {"ready":true,"http":"127.0.0.1:41234","tcp":"127.0.0.1:41235"}; doors
     /// that are off are left out.
@@ -46,6 +46,9 @@ enum Command {
     Send(netkit::transfer::send::SendArgs),
     /// Receive files and folders from `netkit send` into a folder.
     Recv(netkit::transfer::recv::RecvArgs),
+    /// The relay where `netkit send` and `netkit recv CODE` meet when
+    /// neither can reach the other; it only copies sealed bytes.
+    Relay(netkit::transfer::relay::RelayArgs),
     /// Terminal chat client for a hub (ws://HOST:PORT/ws or tcp://HOST:PORT).
     Chat(netkit::chat::client::ChatArgs),
     /// Cluster membership as one node sees it (from its HTTP server).
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Conns(args) => netkit::net::conns::run_command(args).await,
             Command::Send(args) => netkit::transfer::send::run_command(args).await,
             Command::Recv(args) => netkit::transfer::recv::run_command(args).await,
+            Command::Relay(args) => netkit::transfer::relay::run_command(args).await,
             Command::Chat(args) => netkit::chat::client::run_command(args).await,
             Command::Members(args) => netkit::cluster::members::run_command(args).await,
         }

@@ -41,6 +41,9 @@ pub struct Ready {
     /// Transfer listener of `netkit recv --listen`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recv: Option<SocketAddr>,
+    /// Transfer relay (`netkit relay`, `serve --relay`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<SocketAddr>,
 }
 
 #[derive(Serialize)]
@@ -97,9 +100,10 @@ mod tests {
             udp: Some(a),
             cluster: Some(a),
             recv: None,
+            relay: Some(a),
         };
         let v: serde_json::Value = serde_json::from_str(&r.line()).unwrap();
-        for k in ["http", "chat", "drop", "tcp", "udp", "cluster"] {
+        for k in ["http", "chat", "drop", "tcp", "udp", "cluster", "relay"] {
             assert_eq!(v[k], "127.0.0.1:1", "{k}");
         }
         assert_eq!(v["ready"], true);

@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// File drop: a `netkit recv` receiver storing into `<data-dir>/files`.
     #[arg(long, default_value = "127.0.0.1:8331", env = "NETKIT_DROP")]
     pub drop: Listen,
+    /// Transfer relay where `netkit send` and `netkit recv CODE` meet.
+    #[arg(long, default_value = crate::transfer::relay::DEFAULT_ADDR, env = "NETKIT_RELAY")]
+    pub relay: Listen,
     /// Where state lives.
     #[arg(long, default_value = "./netkit-data", env = "NETKIT_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -40,6 +43,9 @@ pub struct ServeArgs {
     /// Limits of the file drop.
     #[command(flatten)]
     pub drop_limits: crate::transfer::recv::DropArgs,
+    /// Limits of the transfer relay.
+    #[command(flatten)]
+    pub relay_limits: crate::transfer::relay::RelayLimitArgs,
     /// Limits of the TCP service.
     #[command(flatten)]
     pub tcp_limits: tcp::server::LimitArgs,
@@ -100,6 +106,10 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         Some(a) => Some(crate::cli::bind_tcp(a, "--drop").await?),
         None => None,
     };
+    let relay_listener = match args.relay.addr() {
+        Some(a) => Some(crate::cli::bind_tcp(a, "--relay").await?),
+        None => None,
+    };
     let cluster = crate::cluster::bind(&args.cluster).await?;
     let listen: Vec<&str> = [args.http.addr(), args.chat.addr()]
         .into_iter()
@@ -126,6 +136,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         udp: udp_socket.as_ref().and_then(|s| s.local_addr().ok()),
         cluster: cluster.as_ref().map(|c| c.id.addr),
         recv: None,
+        relay: local(&relay_listener),
     };
 
     // Gossiped to the other nodes, so they can point users at this one.
@@ -238,6 +249,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             Service::Echo,
             udp::server::buffer_size(args.udp_max_datagram),
             Arc::new(udp::server::Stats::default()),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(listener) = relay_listener {
+        tracker.spawn(crate::transfer::relay::run(
+            listener,
+            args.relay_limits.config(),
             shutdown.clone(),
         ));
     }

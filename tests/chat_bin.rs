@@ -26,6 +26,8 @@ struct Serve {
 fn serve(data_dir: &std::path::Path) -> Serve {
     let p = Netkit::spawn(&[
         "serve",
+        "--relay",
+        "off",
         "--http",
         "127.0.0.1:0",
         "--chat",

@@ -282,6 +282,8 @@ fn conns_watch_marks_new_connections() {
 fn serve_all(dir: &tempfile::TempDir) -> Netkit {
     Netkit::spawn(&[
         "serve",
+        "--relay",
+        "127.0.0.1:0",
         "--tcp",
         "127.0.0.1:0",
         "--udp",
@@ -308,6 +310,7 @@ fn serve_ready_line_names_every_door() {
         ("drop", r.drop),
         ("tcp", r.tcp),
         ("udp", r.udp),
+        ("relay", r.relay),
     ] {
         let addr = addr.unwrap_or_else(|| panic!("{door} missing from {r:?}"));
         assert!(

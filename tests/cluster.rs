@@ -24,8 +24,8 @@ impl Node {
         let data = std::env::temp_dir().join("netkit-cluster-test");
         let mut cmd = bin();
         cmd.args([
-            "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--http", "off", "--chat",
-            "off",
+            "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--relay", "off", "--http",
+            "off", "--chat", "off",
         ])
         .arg("--data-dir")
         .arg(&data)
@@ -187,8 +187,8 @@ fn a_node_with_another_key_is_refused() {
 fn serve_refuses(flags: &[&str]) -> String {
     let out = bin()
         .args([
-            "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--http", "off", "--chat",
-            "off",
+            "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--relay", "off", "--http",
+            "off", "--chat", "off",
         ])
         .args(flags)
         .env("NO_COLOR", "1")

@@ -18,6 +18,8 @@ const T: Duration = Duration::from_secs(30);
 fn serve(data: &Path) -> (Netkit, SocketAddr, SocketAddr, String) {
     let mut n = Netkit::spawn(&[
         "serve",
+        "--relay",
+        "off",
         "--tls-reload-interval",
         "1h",
         "--http",

@@ -197,6 +197,8 @@ fn multi_gib_sparse_file_round_trip() {
 fn serve_drop(data: &tempfile::TempDir) -> Running {
     spawn_listening(&[
         "serve",
+        "--relay",
+        "off",
         "--drop",
         "127.0.0.1:0",
         "--tcp",

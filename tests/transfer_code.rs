@@ -298,6 +298,8 @@ fn the_file_drop_takes_a_password_file() {
     std::fs::write(&f, "dropped").unwrap();
     let mut p = Netkit::spawn(&[
         "serve",
+        "--relay",
+        "off",
         "--data-dir",
         data.path().to_str().unwrap(),
         "--http",

@@ -185,6 +185,8 @@ async fn the_drop_takes_the_same_flags_and_counts_refusals_in_metrics() {
     let data = tempfile::tempdir().unwrap();
     let p = Netkit::spawn(&[
         "serve",
+        "--relay",
+        "off",
         "--drop",
         "127.0.0.1:0",
         "--http",

@@ -59,6 +59,26 @@ fn describe() {
         "File drop connections turned away before or at their preamble, by door and reason"
     );
     metrics::describe_counter!(
+        "netkit_relay_pairs_total",
+        "Pairs the transfer relay made (a sender and a receiver on one channel)"
+    );
+    metrics::describe_counter!(
+        "netkit_relay_bytes_total",
+        "Bytes the transfer relay copied between paired peers, both ways"
+    );
+    metrics::describe_counter!(
+        "netkit_relay_refused_total",
+        "Relay connections turned away, and pairs cut (idle_timeout, max_bytes), by reason"
+    );
+    metrics::describe_gauge!(
+        "netkit_relay_waiting",
+        "Relay peers waiting for their partner now"
+    );
+    metrics::describe_gauge!(
+        "netkit_relay_pairs_active",
+        "Pairs the transfer relay is copying now"
+    );
+    metrics::describe_counter!(
         "netkit_tls_handshake_failures_total",
         "TLS handshakes that failed or timed out, by door"
     );

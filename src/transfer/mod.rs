@@ -9,6 +9,7 @@
 //! - [`report`]: [`FileReport`] and [`Verdict`], the outcome of each entry.
 //! - [`send`] and [`recv`]: the two ends over TCP.
 //! - [`progress`]: bars on a terminal, plain lines otherwise.
+//! - [`relay`]: the relay two peers with a code meet at, and their side of it.
 //!
 //! The content of each file travels in `Data` frames; both ends hash it with
 //! BLAKE3 on a separate thread while the socket and the disk are busy, and
@@ -24,6 +25,7 @@ pub mod pake;
 pub mod progress;
 pub mod proto;
 pub mod recv;
+pub mod relay;
 pub mod report;
 pub mod seal;
 pub mod send;
@@ -97,6 +99,14 @@ pub enum TransferError {
     /// A sealed record failed to open: the stream was altered in transit.
     #[error(transparent)]
     Sealed(#[from] seal::SealError),
+}
+
+/// 1, 10, 100…: which refusal counts are logged as warnings.
+pub(crate) fn is_power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
 }
 
 impl TransferError {

@@ -34,7 +34,7 @@ impl Serve {
     pub fn start(args: &[&str]) -> Serve {
         let dir = tempfile::tempdir().unwrap();
         let mut all: Vec<String> = vec!["serve".into()];
-        for door in ["--http", "--chat", "--tcp", "--udp", "--drop"] {
+        for door in ["--http", "--chat", "--tcp", "--udp", "--drop", "--relay"] {
             if !args.contains(&door) {
                 all.extend([door.to_string(), "off".to_string()]);
             }

@@ -278,19 +278,21 @@ pub fn cluster_node_command(
     chat: bool,
 ) -> Command {
     let mut cmd = bin();
-    cmd.args(["serve", "--tcp", "off", "--udp", "off", "--drop", "off"])
-        .args(["--http", "127.0.0.1:0"])
-        .args(["--chat", if chat { "127.0.0.1:0" } else { "off" }])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--node-name", name, "--cluster-listen", listen])
-        .args(["--join", join])
-        .args(["--cluster-probe-period", "200ms"])
-        .args(["--cluster-probe-rtt", "80ms"])
-        .args(["--cluster-suspect-timeout", "600ms"])
-        .args(["--cluster-gossip-interval", "50ms"])
-        .env_remove("NETKIT_CLUSTER_KEY")
-        .stdin(Stdio::null());
+    cmd.args([
+        "serve", "--tcp", "off", "--udp", "off", "--drop", "off", "--relay", "off",
+    ])
+    .args(["--http", "127.0.0.1:0"])
+    .args(["--chat", if chat { "127.0.0.1:0" } else { "off" }])
+    .arg("--data-dir")
+    .arg(data)
+    .args(["--node-name", name, "--cluster-listen", listen])
+    .args(["--join", join])
+    .args(["--cluster-probe-period", "200ms"])
+    .args(["--cluster-probe-rtt", "80ms"])
+    .args(["--cluster-suspect-timeout", "600ms"])
+    .args(["--cluster-gossip-interval", "50ms"])
+    .env_remove("NETKIT_CLUSTER_KEY")
+    .stdin(Stdio::null());
     cmd
 }
 

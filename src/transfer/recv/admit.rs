@@ -153,7 +153,7 @@ impl Gate {
             "{}: refused a connection",
             self.door
         );
-        if is_power_of_ten(n) {
+        if crate::transfer::is_power_of_ten(n) {
             warn!(
                 reason = r.label(),
                 total = n,
@@ -171,11 +171,4 @@ impl Gate {
             .map(|r| (r.label(), self.refused[*r as usize].load(Ordering::Relaxed)))
             .collect()
     }
-}
-
-fn is_power_of_ten(mut n: u64) -> bool {
-    while n >= 10 && n.is_multiple_of(10) {
-        n /= 10;
-    }
-    n == 1
 }

@@ -33,6 +33,16 @@ use crate::net::limit::IpPermit;
 /// Command-line options of `netkit recv`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecvArgs {
+    /// The code the sender printed (e.g. 7-crossword-hamster): receive
+    /// through the relay (--relay) instead of listening.
+    #[arg(value_name = "CODE", conflicts_with_all = ["code", "password_file"])]
+    pub relay_code: Option<String>,
+    /// The relay to meet the sender at, with a CODE.
+    #[arg(long, default_value = crate::transfer::relay::DEFAULT_ADDR, env = "NETKIT_RELAY")]
+    pub relay: String,
+    /// Give up connecting to the relay after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "NETKIT_RECV_CONNECT_TIMEOUT")]
+    pub connect_timeout: Duration,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:8331", env = "NETKIT_RECV_LISTEN")]
     pub listen: Listen,
@@ -204,6 +214,9 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         ..Config::new(&args.dir)
     };
     prepare_dir(&config.dir)?;
+    if let Some(code) = &args.relay_code {
+        return through_relay(code, &args, config).await;
+    }
     let listener = crate::cli::bind_tcp(addr, "--listen").await?;
     let shutdown = crate::shutdown::on_signal();
     crate::ready::announce(&crate::ready::Ready {
@@ -221,20 +234,61 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         _ = shutdown.cancelled() => anyhow::bail!("interrupted before a sender connected"),
     };
     drop(listener);
+    receive_once(stream, &format!("sender {peer}"), config, &shutdown).await
+}
+
+/// `netkit recv CODE`: meets the sender at the relay, then receives from it
+/// as from a direct sender with `--code`.
+async fn through_relay(code: &str, args: &RecvArgs, mut config: Config) -> anyhow::Result<()> {
+    use crate::transfer::relay::{client, wire::Side};
+    let code =
+        crate::transfer::code::Code::parse(code).map_err(|e| anyhow::anyhow!("{code}: {e}"))?;
+    let shutdown = crate::shutdown::on_signal();
+    config.code = Some(super::CodeAuth::new(
+        crate::transfer::pake::Role::Receiver,
+        code.to_string(),
+    ));
+    let relay = &args.relay;
+    let joined = client::join(relay, Side::Receiver, &code, args.connect_timeout).await?;
+    if matches!(joined, client::Joined::Waiting { .. }) {
+        info!(dir = %config.dir.display(), "recv: waiting at the relay {relay} for the sender");
+    }
+    let stream = tokio::select! {
+        s = joined.paired() => s?,
+        _ = shutdown.cancelled() => anyhow::bail!("interrupted before the sender came"),
+    };
+    let _ = stream.set_nodelay(true);
+    receive_once(
+        stream,
+        &format!("sender via relay {relay}"),
+        config,
+        &shutdown,
+    )
+    .await
+}
+
+/// Receives from one sender on `stream` (`who` names it in errors) and
+/// fails unless every entry was stored.
+async fn receive_once(
+    stream: tokio::net::TcpStream,
+    who: &str,
+    config: Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config));
     let reports = tokio::select! {
-        r = receive(stream, peer.to_string(), &shared, None) => r,
+        r = receive(stream, who.to_string(), &shared, None) => r,
         _ = shutdown.cancelled() => {
             shared.drain_writers().await;
             anyhow::bail!("interrupted; partial files are kept for resume")
         }
     };
     shared.drain_writers().await;
-    let reports = reports.map_err(|e| anyhow::anyhow!("sender {peer}: {e}"))?;
+    let reports = reports.map_err(|e| anyhow::anyhow!("{who}: {e}"))?;
     let bad: Vec<_> = reports.iter().filter(|r| !r.verdict.confirmed()).collect();
     if !bad.is_empty() {
         anyhow::bail!(
-            "{} of {} entries from {peer} were not stored",
+            "{} of {} entries from {who} were not stored",
             bad.len(),
             reports.len()
         );

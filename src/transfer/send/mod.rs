@@ -34,13 +34,19 @@ pub struct SendArgs {
     /// Files and folders to send; `-` reads stdin (needs --name).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<String>,
-    /// Receiver address, HOST:PORT.
+    /// Receiver address, HOST:PORT. Without it the transfer goes through the
+    /// relay (--relay) with a code, printed for the receiver
+    /// (`netkit recv CODE`).
     #[arg(long, env = "NETKIT_SEND_TO")]
-    pub to: String,
+    pub to: Option<String>,
     /// Code the receiver was given (e.g. 7-crossword-hamster): authenticates
-    /// both ends and encrypts the transfer.
+    /// both ends and encrypts the transfer. Through the relay: the code to
+    /// use instead of a generated one.
     #[arg(long, env = "NETKIT_SEND_CODE", conflicts_with = "password_file")]
     pub code: Option<String>,
+    /// The relay to meet the receiver at, when there is no --to.
+    #[arg(long, default_value = crate::transfer::relay::DEFAULT_ADDR, env = "NETKIT_RELAY")]
+    pub relay: String,
     /// File holding the password of a receiver started with --password-file.
     #[arg(long, env = "NETKIT_SEND_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
@@ -96,12 +102,17 @@ pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
     if entries.is_empty() {
         anyhow::bail!("nothing to send");
     }
-    let code = code_auth(
-        super::pake::Role::Sender,
-        args.code.as_deref(),
-        args.password_file.as_deref(),
-    )?;
-    let stream = connect(&args.to, args.connect_timeout).await?;
+    let (stream, code) = match &args.to {
+        Some(to) => {
+            let code = code_auth(
+                super::pake::Role::Sender,
+                args.code.as_deref(),
+                args.password_file.as_deref(),
+            )?;
+            (connect(to, args.connect_timeout).await?, code)
+        }
+        None => through_relay(&args).await?,
+    };
     let opts = Options {
         timeout: args.timeout,
         progress: if args.json { Mode::Off } else { Mode::detect() },
@@ -137,17 +148,66 @@ pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Meets the receiver at the relay: registers a code (`--code`, or a
+/// generated one), prints it for the receiver, and waits to be paired.
+async fn through_relay(args: &SendArgs) -> anyhow::Result<(TcpStream, Option<CodeAuth>)> {
+    use super::relay::client;
+    if args.password_file.is_some() {
+        anyhow::bail!(
+            "--password-file is for a receiver you can reach: pass --to HOST:PORT (through the relay, a code is used)"
+        );
+    }
+    let chosen = match &args.code {
+        Some(c) => {
+            Some(super::code::Code::parse(c).map_err(|e| anyhow::anyhow!("--code {c}: {e}"))?)
+        }
+        None => None,
+    };
+    let (code, joined) = client::join_as_sender(&args.relay, chosen, args.connect_timeout).await?;
+    let relay_flag = if args.relay == super::relay::DEFAULT_ADDR {
+        String::new()
+    } else {
+        format!(" --relay {}", args.relay)
+    };
+    if args.json {
+        let line = serde_json::json!({ "code": code.to_string(), "relay": args.relay });
+        println!("{line}");
+    } else {
+        println!("code: {code} — on the other side run: netkit recv {code}{relay_flag}");
+    }
+    use std::io::Write;
+    let _ = io::stdout().flush();
+    if matches!(joined, client::Joined::Waiting { .. }) {
+        info!("waiting at the relay {} for the receiver", args.relay);
+    }
+    let stream = joined.paired().await?;
+    let _ = stream.set_nodelay(true);
+    let auth = CodeAuth::new(super::pake::Role::Sender, code.to_string());
+    Ok((stream, Some(auth)))
+}
+
 /// Connects to `to` within `timeout`, with an error that says what to check.
 pub async fn connect(to: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
+    connect_peer(to, timeout, "`netkit recv`", "--to").await
+}
+
+/// Connects to `to` (where `what` should run; `flag` names it) within
+/// `timeout`, with an error that says what to check.
+pub(crate) async fn connect_peer(
+    to: &str,
+    timeout: Duration,
+    what: &str,
+    flag: &str,
+) -> anyhow::Result<TcpStream> {
     let s = match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
         Err(_) => anyhow::bail!(
             "cannot connect to {to}: no answer within {} — check the address and any firewall",
             humantime::format_duration(timeout)
         ),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => anyhow::bail!(
-            "cannot connect to {to}: connection refused — is `netkit recv` running there?"
-        ),
-        Ok(Err(e)) => anyhow::bail!("cannot connect to {to}: {e} — pass --to HOST:PORT"),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            anyhow::bail!("cannot connect to {to}: connection refused — is {what} running there?")
+        }
+        Ok(Err(e)) => anyhow::bail!("cannot connect to {to}: {e} — pass {flag} HOST:PORT"),
         Ok(Ok(s)) => s,
     };
     let _ = s.set_nodelay(true);
