@@ -6,7 +6,7 @@ mod proc_util;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use proc_util::Netkit;
+use proc_util::{Netkit, files_under};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netkit");
 const WRONG: &str = "wrong code (or someone tried to guess it); nothing was sent";
@@ -34,20 +34,6 @@ fn send_ok(addr: &str, auth: &[&str], file: &std::path::Path) {
     args.push(file.to_str().unwrap());
     let o = send(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// Every file under `dir`, part files included.
-fn files_under(dir: &std::path::Path) -> Vec<String> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            out.extend(files_under(&e.path()));
-        } else {
-            out.push(e.path().display().to_string());
-        }
-    }
-    out
 }
 
 #[test]

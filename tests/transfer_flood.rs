@@ -12,27 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use netkit::transfer::proto::ReceiverFrame;
-use proc_util::Netkit;
+use proc_util::{Netkit, raise_nofile};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_netkit");
-
-/// Raises this process's open-file limit to at least `n` (up to the hard limit).
-fn raise_nofile(n: u64) {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
-        if l.rlim_cur < n {
-            l.rlim_cur = n.min(l.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
-        }
-    }
-}
 
 /// A connection from `from` to `addr` that then says nothing.
 async fn silent(addr: SocketAddr, from: Ipv4Addr) -> (TcpStream, Instant) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use netkit::transfer::code::Code;
 use netkit::transfer::relay::wire::{Hello, Reply, Side};
-use proc_util::Netkit;
+use proc_util::{Netkit, files_under, raise_nofile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -95,20 +95,6 @@ fn good_pair(relay: &str) {
         std::fs::read_to_string(out.path().join("good.txt")).unwrap(),
         "well behaved"
     );
-}
-
-/// Every file under `dir`, part files included.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            out.extend(files_under(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
 }
 
 fn data(n: usize) -> Vec<u8> {
@@ -195,23 +181,7 @@ fn a_file_a_tree_and_stdin_go_through_the_relay_and_an_identical_file_is_skipped
 
 /// `netkit serve` with only the relay and HTTP (for /metrics) on port 0.
 fn serve_relay(data: &std::path::Path) -> (Netkit, String, SocketAddr) {
-    let p = Netkit::spawn(&[
-        "serve",
-        "--relay",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--chat",
-        "off",
-        "--tcp",
-        "off",
-        "--udp",
-        "off",
-        "--drop",
-        "off",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let p = proc_util::serve_only(data, &["--relay", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
     let relay = p.ready.relay.expect("serve's relay").to_string();
     let http = p.ready.http.unwrap();
     (p, relay, http)
@@ -505,23 +475,6 @@ async fn a_peer_that_stops_reading_frees_its_partner_after_the_idle_timeout() {
     relay.wait_log(&["cut a pair", "idle_timeout"], T);
     good_pair_async(&addr).await;
     drop(receiver);
-}
-
-/// Raises this process's open-file limit to at least `n` (up to the hard limit).
-fn raise_nofile(n: u64) -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
-        if l.rlim_cur < n {
-            l.rlim_cur = n.min(l.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
-        }
-    }
-    l.rlim_cur
 }
 
 /// Resident memory of process `pid`, in KiB.

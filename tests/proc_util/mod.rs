@@ -267,6 +267,55 @@ pub fn exited_within(child: &Child, timeout: Duration) -> bool {
     rx.recv_timeout(timeout).unwrap_or(false)
 }
 
+/// Every front door of `netkit serve` that takes `ADDR|off`.
+pub const SERVE_DOORS: [&str; 6] = ["--http", "--chat", "--tcp", "--udp", "--drop", "--relay"];
+
+/// `netkit serve ARGS --data-dir DATA`, every door that `args` does not name
+/// turned off; returns once it is ready.
+pub fn serve_only(data: &std::path::Path, args: &[&str]) -> Netkit {
+    let mut all = vec!["serve"];
+    for door in SERVE_DOORS {
+        if !args.contains(&door) {
+            all.extend([door, "off"]);
+        }
+    }
+    all.extend_from_slice(args);
+    all.extend(["--data-dir", data.to_str().unwrap()]);
+    Netkit::spawn(&all)
+}
+
+/// Every file under `dir`, part files included.
+pub fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+/// Raises this process's open-file limit to at least `n` (up to the hard
+/// limit); returns the limit now.
+pub fn raise_nofile(n: u64) -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
+        if l.rlim_cur < n {
+            l.rlim_cur = n.min(l.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
+        }
+    }
+    l.rlim_cur
+}
+
 /// `netkit serve` as a cluster node on 127.0.0.1 with fast failure detection:
 /// HTTP on port 0, line chat on port 0 when `chat`, every other door off.
 /// Callers may add flags before starting it with [`Netkit::start`].

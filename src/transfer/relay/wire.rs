@@ -203,6 +203,35 @@ mod tests {
         assert_eq!(Hello::decode(&bad), Err(HelloError::Side(0)));
     }
 
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// The relay example of docs/transfer-protocol.md §8.6: code `7-…`.
+    #[test]
+    fn worked_example_hello_and_replies() {
+        let code = crate::transfer::code::Code::parse("7-aardvark-adroitness").unwrap();
+        let id = code.channel_id();
+        assert_eq!(
+            hex(&id),
+            "87aeae45f4a5dd92f02789e6a654bb663f5208cf7dde5a2556b519fcd86b0599"
+        );
+        let hello = Hello {
+            side: Side::Sender,
+            channel: id,
+        };
+        assert_eq!(hex(&hello.encode()[..10]), "4e45544b4954524c0101");
+        let mut out = BytesMut::new();
+        Reply::Waiting { max_wait_secs: 600 }.encode(&mut out);
+        Reply::Paired.encode(&mut out);
+        Reply::Refused {
+            channel: true,
+            reason: "used".into(),
+        }
+        .encode(&mut out);
+        assert_eq!(hex(&out), "010004000002580200000300050175736564");
+    }
+
     #[test]
     fn replies_round_trip_byte_by_byte() {
         let all = [
