@@ -85,6 +85,29 @@ fn uploader(app: &AppState, headers: &HeaderMap, room: &str) -> Result<Uploader,
     })
 }
 
+/// The store and the ticket's holder of a request about `room`.
+fn gate(
+    app: &AppState,
+    headers: &HeaderMap,
+    room: &str,
+) -> Result<(Arc<FileStore>, Uploader), Box<Response>> {
+    Ok((store(app)?, uploader(app, headers, room)?))
+}
+
+/// The store, the ticket's holder and the upload `id` of a request about `room`.
+fn upload_of(
+    app: &AppState,
+    headers: &HeaderMap,
+    room: &str,
+    id: &str,
+) -> Result<(Arc<FileStore>, Uploader, Arc<Upload>), Box<Response>> {
+    let (files, by) = gate(app, headers, room)?;
+    let up = files
+        .upload(room, id)
+        .map_err(|e| Box::new(file_error(e)))?;
+    Ok((files, by, up))
+}
+
 /// An error of the file store as a response.
 fn file_error(e: FileError) -> Response {
     let (status, code) = match &e {
@@ -125,9 +148,9 @@ pub async fn create(
     headers: HeaderMap,
     req: Request,
 ) -> Response {
-    let (files, by) = match (store(&app), uploader(&app, &headers, &room)) {
-        (Ok(f), Ok(by)) => (f, by),
-        (Err(r), _) | (_, Err(r)) => return *r,
+    let (files, by) = match gate(&app, &headers, &room) {
+        Ok(g) => g,
+        Err(r) => return *r,
     };
     if let Some(n) = content_length(&headers)
         && n > q.size
@@ -148,13 +171,9 @@ pub async fn status(
     Path((room, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let (files, _) = match (store(&app), uploader(&app, &headers, &room)) {
-        (Ok(f), Ok(by)) => (f, by),
-        (Err(r), _) | (_, Err(r)) => return *r,
-    };
-    match files.upload(&room, &id) {
-        Ok(up) => progress_response(StatusCode::OK, &up, up.offset(), None),
-        Err(e) => file_error(e),
+    match upload_of(&app, &headers, &room, &id) {
+        Ok((_, _, up)) => progress_response(StatusCode::OK, &up, up.offset(), None),
+        Err(r) => *r,
     }
 }
 
@@ -166,10 +185,6 @@ pub async fn append(
     headers: HeaderMap,
     req: Request,
 ) -> Response {
-    let (files, by) = match (store(&app), uploader(&app, &headers, &room)) {
-        (Ok(f), Ok(by)) => (f, by),
-        (Err(r), _) | (_, Err(r)) => return *r,
-    };
     let Some(offset) = header_u64(&headers, UPLOAD_OFFSET) else {
         return api_error(
             StatusCode::BAD_REQUEST,
@@ -177,9 +192,9 @@ pub async fn append(
             "PATCH needs an Upload-Offset header: where the upload stands (HEAD tells)".into(),
         );
     };
-    let up = match files.upload(&room, &id) {
-        Ok(up) => up,
-        Err(e) => return file_error(e),
+    let (files, by, up) = match upload_of(&app, &headers, &room, &id) {
+        Ok(found) => found,
+        Err(r) => return *r,
     };
     if let Some(n) = content_length(&headers)
         && n > up.size.saturating_sub(offset)
@@ -196,16 +211,12 @@ pub async fn cancel(
     Path((room, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let (files, _) = match (store(&app), uploader(&app, &headers, &room)) {
-        (Ok(f), Ok(by)) => (f, by),
-        (Err(r), _) | (_, Err(r)) => return *r,
-    };
-    match files.upload(&room, &id) {
-        Ok(up) => {
+    match upload_of(&app, &headers, &room, &id) {
+        Ok((files, _, up)) => {
             files.cancel(&up);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(e) => file_error(e),
+        Err(r) => *r,
     }
 }
 

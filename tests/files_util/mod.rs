@@ -10,8 +10,10 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::chat_util::{Server, T};
 use super::ws_util::{Ws, recv_type, send};
+
+/// How long a test waits for anything.
+pub const T: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A response: status, headers (names in lower case) and body.
 #[derive(Debug)]
@@ -63,6 +65,11 @@ pub async fn request(
     s.write_all(h.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
     read_response(&mut s, method == "HEAD").await
+}
+
+/// Downloads the file of a message's absolute `url`.
+pub async fn download(addr: SocketAddr, url: &str) -> Resp {
+    request(addr, "GET", &path_of(url), &[], b"").await
 }
 
 /// Reads a response to the end of the connection.
@@ -127,8 +134,13 @@ pub struct Member {
 }
 
 impl Member {
-    pub async fn join(server: &Server, nick: &str, room: &str) -> Member {
-        let mut ws = server.ws(nick).await;
+    pub async fn join(http: SocketAddr, nick: &str, room: &str) -> Member {
+        let url = format!("ws://{http}/ws?nick={nick}");
+        let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(recv_type(&mut ws, "welcome").await["nick"], nick);
         send(&mut ws, json!({"type": "join", "room": room})).await;
         recv_type(&mut ws, "joined").await;
         let ticket = ticket(&mut ws, room).await;
@@ -141,6 +153,21 @@ impl Member {
 
     pub fn auth(&self) -> String {
         format!("Bearer {}", self.ticket)
+    }
+
+    /// Sends `method path` with the ticket, `headers` and `body`.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
+        let auth = self.auth();
+        let mut all = vec![("Authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        request(addr, method, path, &all, body).await
     }
 
     /// Uploads `data` as `name` in one POST.
