@@ -1,6 +1,7 @@
 // Browser test of the chat page: Debian's chromium, headless, driven by
-// playwright-core. Two pages and one TCP line client exchange messages in a
-// room; one page reloads and gets its history; screenshots go to target/e2e/.
+// playwright-core. Two pages and one TCP line client exchange messages and a
+// file in a room; one page reloads and gets its history; screenshots go to
+// target/e2e/.
 //
 // usage: node e2e/chat.mjs [path/to/netkit]   (default: target/debug/netkit)
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
@@ -43,6 +44,23 @@ try {
   await seeMessage(alice, xss);
   if ((await alice.locator("#messages img").count()) !== 0) fail("a message was rendered as HTML");
   await carol.waitFor(`<bob> ${xss}`);
+
+  // A file shared through the page's file input reaches the other page as a
+  // file message (icon, name, size, link) and the line client as a `shared`
+  // line; the download is byte for byte the upload, its ETag the BLAKE3.
+  const fileName = "notes <b>1.txt";
+  const fileBody = Buffer.from("line one\nline two\n".repeat(500));
+  await alice.setInputFiles("#file-input", { name: fileName, mimeType: "text/plain", buffer: fileBody });
+  const link = bob.locator("#messages li.file a", { hasText: fileName });
+  await link.waitFor({ timeout: T });
+  await carol.waitFor(`<alice> shared ${fileName} (9.0 kB)`);
+  if ((await bob.locator("#messages b").count()) !== 0) fail("a file name was rendered as HTML");
+  const got = await bob.request.get(await link.getAttribute("href"));
+  if (!Buffer.from(await got.body()).equals(fileBody)) fail("the downloaded file differs from the upload");
+  if (!/^attachment;/.test(got.headers()["content-disposition"] || "")) fail("a shared file is not an attachment");
+  const msgs = await (await bob.request.get(url + "api/rooms/lobby/messages")).json();
+  const shared = msgs.messages.find((m) => m.file && m.file.name === fileName);
+  if (!shared || got.headers()["etag"] !== `"${shared.file.blake3}"`) fail("the ETag is not the file's BLAKE3");
 
   await say(bob, "/me waves");
   await seeMessage(alice, "waves");

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Limits of the HTTP server.
     #[command(flatten)]
     pub http_limits: crate::http::HttpArgs,
+    /// Limits and policy of files shared in chat rooms.
+    #[command(flatten)]
+    pub file_limits: crate::chat::files::FileArgs,
     /// Gossip cluster membership.
     #[command(flatten)]
     pub cluster: crate::cluster::ClusterArgs,
@@ -206,6 +209,17 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             let mut config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
             let https = tls.as_ref().map(|t| t.with_alpn(&[b"http/1.1"]));
             config.door = crate::net::door::Door::new("http", https, per_ip);
+            let files = crate::chat::files::FileStore::open(
+                &args.data_dir,
+                args.file_limits.limits(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the room files under {}: {e} — check that --data-dir is writable",
+                    args.data_dir.join("rooms").display()
+                )
+            })?;
+            config.files = Some(Arc::new(files));
             let (hub, shutdown) = (hub.clone(), shutdown.clone());
             let cluster = cluster_info.clone();
             tracker.spawn(async move {

@@ -9,7 +9,8 @@
     roomList: $("room-list"), joinForm: $("join-form"), joinInput: $("join-input"),
     title: $("room-title"), topic: $("topic"), part: $("part-button"),
     messages: $("messages"), sayForm: $("say-form"), sayInput: $("say-input"),
-    members: $("member-list"),
+    members: $("member-list"), chat: $("chat"), uploads: $("uploads"),
+    fileInput: $("file-input"), fileButton: $("file-button"),
   };
 
   // rooms: name -> { lastId, since, items: [entry], members: [], topic, unread, joined }
@@ -60,11 +61,58 @@
       f.textContent = item.cls.includes("me") ? "* " + item.from : item.from;
       li.appendChild(f);
     }
+    if (item.file) {
+      li.appendChild(renderFile(item.file));
+      return li;
+    }
     const s = document.createElement("span");
     s.className = "text";
     s.textContent = item.text;
     li.appendChild(s);
     return li;
+  }
+
+  // A byte count for people, as the server writes it (powers of 1000).
+  function humanSize(n) {
+    if (n < 1000) return n + " B";
+    const units = ["kB", "MB", "GB", "TB", "PB"];
+    let v = n / 1000, u = 0;
+    while (v >= 999.95 && u < units.length - 1) { v /= 1000; u += 1; }
+    return v.toFixed(1) + " " + units[u];
+  }
+
+  function fileIcon(mime) {
+    if (mime.startsWith("image/")) return "🖼";
+    if (mime.startsWith("video/")) return "🎞";
+    if (mime.startsWith("audio/")) return "🎵";
+    if (mime.startsWith("text/")) return "📝";
+    if (/zip|tar|gzip|compress|7z|rar/.test(mime)) return "🗜";
+    return "📄";
+  }
+
+  // A file message: icon, name as a download link, size. Only http(s) links.
+  function renderFile(f) {
+    const card = document.createElement("span");
+    card.className = "file-card";
+    const icon = document.createElement("span");
+    icon.className = "file-icon";
+    icon.setAttribute("aria-hidden", "true");
+    icon.textContent = fileIcon(String(f.mime || ""));
+    card.appendChild(icon);
+    let href = null;
+    try {
+      const u = new URL(String(f.url), location.href);
+      if (u.protocol === "http:" || u.protocol === "https:") href = u.href;
+    } catch { href = null; }
+    const name = document.createElement(href ? "a" : "span");
+    name.textContent = String(f.name);
+    if (href) { name.href = href; name.setAttribute("download", String(f.name)); name.rel = "noopener"; }
+    card.appendChild(name);
+    const size = document.createElement("span");
+    size.className = "file-size";
+    size.textContent = humanSize(Number(f.size) || 0);
+    card.appendChild(size);
+    return card;
   }
 
   function add(name, item) {
@@ -189,8 +237,8 @@
         } else if (m.id <= r.lastId) break; // already seen (resume overlap)
         r.lastId = m.id;
         add(m.room, {
-          cls: "msg" + (m.kind === "me" ? " me" : ""), id: m.id, ts: m.ts,
-          from: m.from, text: m.text, mine: m.from === myNick,
+          cls: "msg" + (m.kind === "me" ? " me" : "") + (m.file ? " file" : ""), id: m.id, ts: m.ts,
+          from: m.from, text: m.text, file: m.file, mine: m.from === myNick,
         });
         saveRooms();
         break;
@@ -257,6 +305,12 @@
       case "info":
         notice(current, m.text);
         break;
+      case "file_ticket": {
+        const waiting = ticketWaiters.get(m.room) || [];
+        ticketWaiters.delete(m.room);
+        for (const w of waiting) w(m.ticket);
+        break;
+      }
       case "error":
         notice(current, "error: " + m.message, "error");
         break;
@@ -372,6 +426,135 @@
       select(names[j]);
       e.preventDefault();
     }
+  });
+
+  // Files: a ticket from the hub over the WebSocket proves room membership;
+  // the upload is created with POST, then sent with PATCH from its offset,
+  // resumed after a dropped connection (docs/chat-protocol.md, "Files").
+  const ticketWaiters = new Map();
+  function ticket(roomName) {
+    return new Promise((resolve, reject) => {
+      const list = ticketWaiters.get(roomName) || [];
+      list.push(resolve);
+      ticketWaiters.set(roomName, list);
+      if (!send({ type: "file_ticket", room: roomName })) { reject(new Error("not connected")); return; }
+      setTimeout(() => reject(new Error("no upload ticket (are you in the room?)")), 10000);
+    });
+  }
+
+  // One HTTP request with upload progress (fetch has none); resolves with the XHR.
+  function xhr(method, url, auth, body, onProgress, headers, keep) {
+    return new Promise((resolve, reject) => {
+      const x = new XMLHttpRequest();
+      keep.xhr = x;
+      x.open(method, url);
+      x.setRequestHeader("Authorization", "Bearer " + auth);
+      for (const [k, v] of Object.entries(headers || {})) x.setRequestHeader(k, v);
+      if (onProgress) x.upload.onprogress = (e) => onProgress(e.loaded);
+      x.onload = () => resolve(x);
+      x.onerror = () => reject(new Error("connection lost"));
+      x.onabort = () => reject(new Error("cancelled"));
+      x.send(body);
+    });
+  }
+
+  function errorText(x) {
+    try { return JSON.parse(x.responseText).error.message; } catch { return "HTTP " + x.status; }
+  }
+
+  async function upload(file, roomName) {
+    const li = document.createElement("li");
+    const label = document.createElement("span");
+    label.className = "upload-name";
+    label.textContent = file.name + " → #" + roomName;
+    const bar = document.createElement("progress");
+    bar.max = file.size || 1;
+    bar.value = 0;
+    bar.setAttribute("aria-label", "Upload of " + file.name);
+    const state = document.createElement("span");
+    state.className = "upload-state";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.textContent = "Cancel";
+    li.append(label, bar, state, cancel);
+    el.uploads.appendChild(li);
+    const keep = { xhr: null, cancelled: false, url: null, auth: null };
+    cancel.addEventListener("click", () => {
+      keep.cancelled = true;
+      if (keep.xhr) keep.xhr.abort();
+      if (keep.url) fetch(keep.url, { method: "DELETE", headers: { Authorization: "Bearer " + keep.auth } }).catch(() => {});
+      li.remove();
+    });
+    const done = (text, failed) => {
+      state.textContent = text;
+      cancel.remove();
+      if (failed) li.className = "failed";
+      setTimeout(() => li.remove(), failed ? 15000 : 3000);
+    };
+    try {
+      keep.auth = await ticket(roomName);
+      const q = "?name=" + encodeURIComponent(file.name) + "&size=" + file.size;
+      let x = await xhr("POST", "/api/rooms/" + encodeURIComponent(roomName) + "/files" + q, keep.auth, null, null, {}, keep);
+      if (x.status !== 201) return done(errorText(x), true);
+      let res = JSON.parse(x.responseText);
+      keep.url = res.url;
+      let offset = res.offset, tries = 0;
+      while (!res.file) {
+        state.textContent = humanSize(offset) + " of " + humanSize(file.size);
+        try {
+          x = await xhr("PATCH", keep.url, keep.auth, file.slice(offset), (n) => { bar.value = offset + n; },
+            { "Upload-Offset": String(offset), "Content-Type": "application/offset+octet-stream" }, keep);
+        } catch (e) {
+          if (keep.cancelled) return;
+          // Dropped: wait, take a fresh ticket, ask where the upload stands, go on from there.
+          if (++tries > 8) return done("gave up: " + e.message, true);
+          state.textContent = "connection lost — resuming…";
+          await new Promise((r) => setTimeout(r, Math.min(500 * 2 ** tries, 15000)));
+          try {
+            keep.auth = await ticket(roomName);
+            const h = await fetch(keep.url, { method: "HEAD", headers: { Authorization: "Bearer " + keep.auth } });
+            if (h.ok) offset = Number(h.headers.get("Upload-Offset"));
+            else if (h.status === 404) return done("the upload expired on the server", true);
+          } catch { /* still offline: try again */ }
+          continue;
+        }
+        if (x.status === 409 && x.getResponseHeader("Upload-Offset")) { offset = Number(x.getResponseHeader("Upload-Offset")); continue; }
+        if (x.status === 408 && x.getResponseHeader("Upload-Offset")) { offset = Number(x.getResponseHeader("Upload-Offset")); continue; }
+        if (x.status === 204) { offset = Number(x.getResponseHeader("Upload-Offset")); continue; }
+        if (x.status !== 201) return done(errorText(x), true);
+        res = JSON.parse(x.responseText);
+      }
+      bar.value = bar.max;
+      done("shared");
+    } catch (e) {
+      if (!keep.cancelled) done(e.message, true);
+    }
+  }
+
+  function shareFiles(files) {
+    const target = current;
+    if (!target || target.startsWith("@")) { notice(target, "open a room to share files in it", "error"); return; }
+    for (const f of files) upload(f, target);
+  }
+
+  el.fileButton.addEventListener("click", () => el.fileInput.click());
+  el.fileInput.addEventListener("change", () => {
+    shareFiles([...el.fileInput.files]);
+    el.fileInput.value = "";
+  });
+  el.chat.addEventListener("dragover", (e) => {
+    if (!e.dataTransfer || ![...e.dataTransfer.types].includes("Files")) return;
+    e.preventDefault();
+    el.chat.classList.add("dropping");
+  });
+  el.chat.addEventListener("dragleave", (e) => {
+    if (!el.chat.contains(e.relatedTarget)) el.chat.classList.remove("dropping");
+  });
+  el.chat.addEventListener("drop", (e) => {
+    el.chat.classList.remove("dropping");
+    if (!e.dataTransfer || e.dataTransfer.files.length === 0) return;
+    e.preventDefault();
+    shareFiles([...e.dataTransfer.files]);
   });
 
   connect();

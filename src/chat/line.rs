@@ -288,6 +288,9 @@ pub fn format_line(msg: &ServerMsg) -> String {
             c(room),
             c(&shown_members(members, remote).join(", "))
         ),
+        ServerMsg::FileTicket { room, ticket, .. } => {
+            format!("-- file upload ticket for #{}: {}", c(room), c(ticket))
+        }
         ServerMsg::Error { code, message } => format!("ERR {}: {}", c(code), c(message)),
         ServerMsg::Info { text } => format!("-- {}", c(text)),
     }
@@ -300,7 +303,12 @@ fn format_message(m: &ChatMessage) -> String {
         MessageKind::Say => format!("<{}>", c(&m.from)),
         MessageKind::Me => format!("* {}", c(&m.from)),
     };
-    format!("[{}] #{} {who} {}", clock(m.ts), c(&m.room), c(&m.text))
+    // A file message: `<nick> shared NAME (SIZE) URL`, from the file itself.
+    let text = match &m.file {
+        Some(f) => f.summary(),
+        None => m.text.clone(),
+    };
+    format!("[{}] #{} {who} {}", clock(m.ts), c(&m.room), c(&text))
 }
 
 /// The room list, each with its member count.
@@ -673,7 +681,34 @@ mod tests {
             kind: MessageKind::Say,
             origin: None,
             origin_id: 0,
+            file: None,
         });
         assert_eq!(format_line(&m), "[01:01:01] #r <ann> hi ERR fake");
+    }
+
+    #[test]
+    fn file_messages_render_as_shared_lines() {
+        let file = super::super::protocol::FileRef {
+            name: "re\u{1b}[2Jport.pdf".into(),
+            size: 2_100_000,
+            blake3: "ab".repeat(32),
+            url: "http://127.0.0.1:8080/files/r/x/report.pdf".into(),
+            mime: "application/pdf".into(),
+        };
+        let m = ServerMsg::Message(super::super::protocol::ChatMessage {
+            room: "r".into(),
+            id: 1,
+            from: "ann".into(),
+            text: "ignored".into(),
+            ts: 0,
+            kind: MessageKind::Say,
+            origin: None,
+            origin_id: 0,
+            file: Some(Box::new(file)),
+        });
+        assert_eq!(
+            format_line(&m),
+            "[00:00:00] #r <ann> shared re [2Jport.pdf (2.1 MB) http://127.0.0.1:8080/files/r/x/report.pdf"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! The chat hub and its front doors: [`hub`] (rooms, members, fan-out),
 //! [`store`] (SQLite history), [`protocol`] (wire types, name rules), [`frame`]
 //! (a message's WebSocket frame), the adapters [`ws`] (WebSocket, JSON) and
-//! [`line`](mod@line) (TCP, text lines), and [`client`] (`netkit chat`).
+//! [`line`](mod@line) (TCP, text lines), [`files`] (files shared in rooms, on
+//! disk) and [`client`] (`netkit chat`).
 
 pub mod client;
+pub mod files;
 pub mod frame;
 pub mod hub;
 pub mod line;

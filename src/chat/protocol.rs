@@ -67,6 +67,12 @@ pub enum ClientMsg {
         /// Room name.
         room: String,
     },
+    /// Ask for a ticket to upload files into a room the client is in
+    /// (answered with [`ServerMsg::FileTicket`]; see docs/chat-protocol.md).
+    FileTicket {
+        /// Room name.
+        room: String,
+    },
 }
 
 /// Whether a room message is plain speech or a `/me` action.
@@ -130,6 +136,53 @@ pub struct ChatMessage {
     /// absent from JSON) without an origin.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub origin_id: u64,
+    /// A file shared into the room (the text then says so in words); absent
+    /// for plain messages. (Boxed: most messages have none.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<Box<FileRef>>,
+}
+
+/// A file shared in a room, as its message carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// The name the uploader gave (validated: no separators or control characters).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3 of the content, 64 hex digits (also the download's ETag).
+    pub blake3: String,
+    /// Where to download it (absolute URL).
+    pub url: String,
+    /// The media type sniffed from the content on the server.
+    pub mime: String,
+}
+
+impl FileRef {
+    /// The message text of a file message: `shared NAME (SIZE) URL`, which
+    /// is what clients that know nothing of files show.
+    pub fn summary(&self) -> String {
+        format!(
+            "shared {} ({}) {}",
+            self.name,
+            human_size(self.size),
+            self.url
+        )
+    }
+}
+
+/// A byte count for people: `512 B`, `2.1 MB` (powers of 1000, one decimal).
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// One room in a room list.
@@ -288,6 +341,15 @@ pub enum ServerMsg {
         /// The text.
         text: String,
     },
+    /// A ticket for uploading files into a room (see docs/chat-protocol.md).
+    FileTicket {
+        /// Room name.
+        room: String,
+        /// The bearer token for `POST /api/rooms/{room}/files` and the upload.
+        ticket: String,
+        /// When it stops being accepted (milliseconds since the Unix epoch).
+        expires: i64,
+    },
     /// A problem with something the client sent, or why it is being disconnected.
     Error {
         /// Machine-readable code, e.g. `bad_room`, `rate_limited`, `lagging`.
@@ -369,6 +431,7 @@ mod tests {
             kind: MessageKind::Say,
             origin: None,
             origin_id: 0,
+            file: None,
         });
         assert_eq!(
             out.to_json(),
@@ -378,6 +441,16 @@ mod tests {
             ServerMsg::error("bad_room", "x").to_json(),
             r#"{"type":"error","code":"bad_room","message":"x"}"#
         );
+    }
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1000), "1.0 kB");
+        assert_eq!(human_size(2_100_000), "2.1 MB");
+        assert_eq!(human_size(999_960), "1.0 MB");
+        assert_eq!(human_size(u64::MAX), "18446.7 PB");
     }
 
     #[test]

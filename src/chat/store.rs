@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::protocol::{ChatMessage, MessageKind};
+use super::protocol::{ChatMessage, FileRef, MessageKind};
 
 /// File name of the chat database inside the data dir.
 pub const DB_FILE: &str = "chat.sqlite3";
@@ -48,6 +48,8 @@ pub struct NewMessage<'a> {
     /// The cluster origin that posted it and its id in the room there
     /// (`None` with clustering off, and for rows older than the columns).
     pub origin: Option<(&'a str, u64)>,
+    /// The file a file message shares (stored as JSON).
+    pub file: Option<&'a FileRef>,
 }
 
 /// What a resume by origin vector ([`Store::since`]) finds.
@@ -63,7 +65,7 @@ pub struct SinceResume {
 }
 
 /// Columns read for a [`ChatMessage`].
-const MSG_COLUMNS: &str = "id, nick, text, ts_ms, kind, origin, origin_id";
+const MSG_COLUMNS: &str = "id, nick, text, ts_ms, kind, origin, origin_id, file";
 
 /// A room as stored: name, topic and newest message id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +118,7 @@ impl Store {
         )
         .map_err(err)?;
         migrate_origin(&conn).map_err(err)?;
+        add_column(&conn, "file", "TEXT").map_err(err)?;
         Ok(Store { conn, path })
     }
 
@@ -191,8 +194,8 @@ impl Store {
             }
             let mut msg_stmt = tx
                 .prepare_cached(
-                    "INSERT INTO messages (room, id, nick, text, ts_ms, kind, origin, origin_id)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO messages (room, id, nick, text, ts_ms, kind, origin, origin_id, file)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(err)?;
             for m in messages {
@@ -205,7 +208,9 @@ impl Store {
                         m.ts,
                         m.kind.as_str(),
                         m.origin.map(|o| o.0),
-                        m.origin.map(|o| i64::try_from(o.1).unwrap_or(i64::MAX))
+                        m.origin.map(|o| i64::try_from(o.1).unwrap_or(i64::MAX)),
+                        m.file
+                            .map(|f| serde_json::to_string(f).expect("a file always serializes"))
                     ])
                     .map_err(err)?;
             }
@@ -256,14 +261,12 @@ impl Store {
         limit: usize,
         newest: bool,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let sql = if newest {
-            "SELECT id, nick, text, ts_ms, kind, origin, origin_id FROM messages
-             WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id DESC LIMIT ?4"
-        } else {
-            "SELECT id, nick, text, ts_ms, kind, origin, origin_id FROM messages
-             WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id ASC LIMIT ?4"
-        };
-        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let order = if newest { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT {MSG_COLUMNS} FROM messages
+             WHERE room = ?1 AND id > ?2 AND id <= ?3 ORDER BY id {order} LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let mut out = self.collect(&mut stmt, room, after, upto, limit)?;
         if newest {
             out.reverse();
@@ -407,44 +410,50 @@ fn row_message(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessag
         kind: MessageKind::from_db(&r.get::<_, String>(4)?),
         origin,
         origin_id,
+        // A row whose JSON does not parse (never written so) reads as plain text.
+        file: r
+            .get::<_, Option<String>>(7)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .map(Box::new),
     })
+}
+
+/// Adds the column `name` of `ty` to `messages` if a database made before
+/// it lacks it (its rows keep `NULL`).
+fn add_column(conn: &Connection, name: &str, ty: &str) -> rusqlite::Result<()> {
+    let has = |conn: &Connection| {
+        conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+    };
+    if has(conn)? {
+        return Ok(());
+    }
+    // Several connections open the file; the first one migrates.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let done = has(conn).and_then(|there| {
+        if there {
+            Ok(())
+        } else {
+            conn.execute_batch(&format!("ALTER TABLE messages ADD COLUMN {name} {ty}"))
+        }
+    });
+    match done {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
 }
 
 /// Adds the cluster origin columns to a database made before them (its rows
 /// keep `NULL`: no origin) and the index that resume by origin uses.
 fn migrate_origin(conn: &Connection) -> rusqlite::Result<()> {
-    let has: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'origin'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has {
-        // Several connections open the file; the first one migrates.
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let done = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'origin'",
-                [],
-                |r| r.get::<_, i64>(0).map(|n| n > 0),
-            )
-            .and_then(|has| {
-                if has {
-                    Ok(())
-                } else {
-                    conn.execute_batch(
-                        "ALTER TABLE messages ADD COLUMN origin TEXT;
-                         ALTER TABLE messages ADD COLUMN origin_id INTEGER;",
-                    )
-                }
-            });
-        match done {
-            Ok(()) => conn.execute_batch("COMMIT")?,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
-        }
-    }
+    add_column(conn, "origin", "TEXT")?;
+    add_column(conn, "origin_id", "INTEGER")?;
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS messages_by_origin
              ON messages (room, origin, origin_id) WHERE origin IS NOT NULL",
@@ -464,6 +473,7 @@ mod tests {
             ts: id as i64,
             kind: MessageKind::Say,
             origin: None,
+            file: None,
         }
     }
 

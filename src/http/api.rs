@@ -23,7 +23,8 @@ pub struct PageQuery {
     pub limit: Option<usize>,
 }
 
-fn api_error(status: StatusCode, code: &str, message: String) -> Response {
+/// A JSON error: `{"error":{"code","message"}}` with `status`.
+pub fn api_error(status: StatusCode, code: &str, message: String) -> Response {
     (
         status,
         Json(json!({"error": {"code": code, "message": message}})),

@@ -1,9 +1,11 @@
 //! The HTTP front door (axum): the embedded web app at `/`, the chat WebSocket
-//! at `/ws`, the JSON API under `/api`, Prometheus `/metrics` and `/healthz`,
-//! behind tower layers for timeouts, body size and concurrency.
+//! at `/ws`, the JSON API under `/api`, files shared in rooms ([`files`]),
+//! Prometheus `/metrics` and `/healthz`, behind tower layers for timeouts,
+//! body size and concurrency.
 
 pub mod api;
 pub mod assets;
+pub mod files;
 pub mod host;
 pub mod metrics;
 pub mod security;
@@ -86,6 +88,8 @@ pub struct HttpConfig {
     pub conn: ConnConfig,
     /// TLS (HTTPS and WSS) and the per-address limit of this door.
     pub door: crate::net::door::Door,
+    /// Files shared in rooms; `None` turns the file routes off.
+    pub files: Option<Arc<crate::chat::files::FileStore>>,
 }
 
 impl HttpConfig {
@@ -106,6 +110,7 @@ impl HttpConfig {
             bound: None,
             conn,
             door: crate::net::door::Door::plain("http"),
+            files: None,
         }
     }
 }
@@ -129,6 +134,7 @@ impl Default for HttpConfig {
             bound: None,
             conn: ConnConfig::default(),
             door: crate::net::door::Door::plain("http"),
+            files: None,
         }
     }
 }
@@ -150,11 +156,25 @@ pub struct AppState {
     pub cluster: ClusterInfo,
 }
 
-/// The router with every route and layer.
+/// The router with every route and layer. The file routes ([`files::routes`])
+/// share the host check, the hardening headers, the request count and the
+/// concurrency limit, but not the request timeout or the body limit.
 pub fn router(state: AppState) -> Router {
     let cfg = state.config.clone();
     let hosts = Arc::new(cfg.allowed_hosts());
-    Router::new()
+    let guarded = |r: Router| {
+        r.layer(axum::middleware::from_fn_with_state(
+            cfg.door.is_tls(),
+            security::add_headers,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            hosts.clone(),
+            host::check_host,
+        ))
+        .layer(axum::middleware::from_fn(count_requests))
+    };
+    let files = guarded(files::routes().with_state(state.clone()));
+    let api = Router::new()
         .route("/", get(assets::index))
         .route("/app.js", get(assets::app_js))
         .route("/style.css", get(assets::style_css))
@@ -166,21 +186,14 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
-        .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            cfg.door.is_tls(),
-            security::add_headers,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            hosts,
-            host::check_host,
-        ))
-        .layer(axum::middleware::from_fn(count_requests))
+        .with_state(state);
+    guarded(api)
         .layer(RequestBodyLimitLayer::new(cfg.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             cfg.timeout,
         ))
+        .merge(files)
         .layer(ConcurrencyLimitLayer::new(cfg.concurrency))
 }
 

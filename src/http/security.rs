@@ -37,7 +37,10 @@ pub async fn add_headers(State(tls): State<bool>, req: Request, next: Next) -> R
         .map(str::to_owned);
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&content_security_policy(host.as_deref(), tls)) {
+    // A handler's own, stricter policy (a shared file's `sandbox`) stays.
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY)
+        && let Ok(v) = HeaderValue::from_str(&content_security_policy(host.as_deref(), tls))
+    {
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
     h.insert(

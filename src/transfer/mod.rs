@@ -19,7 +19,7 @@
 
 pub mod code;
 mod conn;
-mod disk;
+pub(crate) mod disk;
 pub mod names;
 pub mod pake;
 pub mod progress;

@@ -20,10 +20,12 @@
 //!
 //! Files: this one holds the [`Hub`] handle, its configuration, errors and
 //! queries; `session` what one client does, `deliver` the per-client queues
-//! and kicks, `writer` the writer thread, and `remote` what a cluster adds
-//! (members, messages and direct messages from other nodes).
+//! and kicks, `writer` the writer thread, `remote` what a cluster adds
+//! (members, messages and direct messages from other nodes), and `files`
+//! the upload tickets and file messages.
 
 mod deliver;
+mod files;
 mod origin;
 mod remote;
 mod session;
@@ -44,6 +46,7 @@ use deliver::Outbox;
 use remote::{OUTGOING_DIRECTS, Remote, STORED_LOCAL_CAPACITY};
 use writer::Queued;
 
+pub use files::{TICKET_LIFETIME, TicketError, Uploader};
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
 pub use session::{Inbox, Received, Session};
 pub use writer::HubWriter;
@@ -293,6 +296,8 @@ struct Shared {
     /// This node's cluster origin (`name/TAG`), set once when clustering is
     /// on: local messages are stored and sent with it.
     origin: OnceLock<String>,
+    /// The random key upload tickets are signed with ([`files`]).
+    ticket_key: [u8; 32],
 }
 
 /// A cheap-to-clone handle to a running hub.
@@ -333,6 +338,7 @@ impl Hub {
             directs: directs_tx,
             directs_rx: Mutex::new(Some(directs_rx)),
             origin: OnceLock::new(),
+            ticket_key: rand::random(),
         });
         let (writer, handle) = writer::start(shared.clone(), writer_store, checkpointer);
         Ok((Hub { shared, writer }, handle))

@@ -146,6 +146,7 @@ impl Hub {
                     kind,
                     ts,
                     origin: origin.filter(|(o, n)| !o.is_empty() && *n > 0),
+                    file: None,
                 }),
                 None,
             ))

@@ -304,6 +304,7 @@ impl Session {
                 Ok(())
             }
             ClientMsg::Who { room } => self.who(&room),
+            ClientMsg::FileTicket { room } => self.file_ticket(&room),
         }
     }
 
@@ -412,6 +413,7 @@ impl Session {
             kind,
             ts: now_ms(),
             origin: None,
+            file: None,
         }))
         .await
     }
@@ -537,7 +539,7 @@ impl Session {
         Ok(())
     }
 
-    fn in_room(&self, room: &str) -> bool {
+    pub(super) fn in_room(&self, room: &str) -> bool {
         self.hub
             .lock()
             .clients

@@ -27,6 +27,8 @@ pub(super) struct Post {
     pub(super) ts: i64,
     /// For [`REMOTE`] messages: origin and origin id, when known.
     pub(super) origin: Option<(String, u64)>,
+    /// For a file message: the file, and who waits to hear how it went.
+    pub(super) file: Option<Box<super::files::FileShare>>,
 }
 
 /// A command for the writer thread.
@@ -251,6 +253,7 @@ fn plan<'a>(
                     ts: post.ts,
                     kind: post.kind,
                     origin: message_origin(shared, post.client, &post.origin, id),
+                    file: post.file.as_ref().map(|f| &f.file),
                 });
             }
             WriteCmd::Sync(_) => plan.ids.push(0),
@@ -394,6 +397,9 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
         .zip(&outcome.allowed);
     for (((cmd, &id), join), &ok) in steps {
         if let Some((client, e)) = refusal(cmd, ok, outcome.failure.as_deref()) {
+            if let WriteCmd::Say(Post { file: Some(f), .. }) = cmd {
+                f.answer(Err(e.clone()));
+            }
             shared.deliver_locked(&mut st, &[client], &Event::new(e.to_msg()));
             continue;
         }
@@ -446,6 +452,7 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
         kind: post.kind,
         origin: origin.map(|o| o.0.into()),
         origin_id: origin.map_or(0, |o| o.1),
+        file: post.file.as_ref().map(|f| Box::new(f.file.clone())),
     };
     if post.client == REMOTE {
         st.rooms.entry(post.room.clone()).or_default();
@@ -453,6 +460,9 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
         let _ = shared.stored_local.send(msg.clone());
     }
     let ev = Event::new(ServerMsg::Message(msg));
+    if let Some(f) = &post.file {
+        f.answer(Ok(id));
+    }
     let members: Vec<ClientId> = match st.rooms.get_mut(&post.room) {
         Some(r) => {
             r.last_id = id;

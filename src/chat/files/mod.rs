@@ -1,0 +1,412 @@
+//! Files shared in chat rooms, on disk: resumable uploads (a part file per
+//! upload, BLAKE3 computed as it arrives), the limits (largest file, bytes
+//! per room, which rooms, free space), and the content-addressed store
+//! `<data-dir>/rooms/<room>/files/<blake3>` that downloads read from.
+//! Transport-agnostic: `http::files` speaks HTTP over it.
+
+pub mod names;
+mod upload;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::cli::{parse_duration, parse_size};
+
+pub use upload::{Progress, StoredFile};
+
+/// Folder (inside a room's folder) of the files shared there.
+const FILES_DIR: &str = "files";
+/// Folder (inside a room's `files`) of uploads in progress.
+const PARTIAL_DIR: &str = ".partial";
+/// Most uploads in progress at once, on the whole server.
+pub const MAX_UPLOADS: usize = 1024;
+
+/// Flags of `netkit serve` for files shared in rooms.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FileArgs {
+    /// Largest file that may be shared in a room.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, env = "NETKIT_FILE_MAX_SIZE")]
+    pub file_max_size: u64,
+    /// Most bytes of files one room may hold (identical files count once).
+    #[arg(long, default_value = "10GiB", value_parser = parse_size, env = "NETKIT_FILE_ROOM_QUOTA")]
+    pub file_room_quota: u64,
+    /// Rooms where files may be shared, comma-separated; `*` for every
+    /// room, `none` for none.
+    #[arg(
+        long,
+        default_value = "*",
+        value_delimiter = ',',
+        env = "NETKIT_FILE_ROOMS"
+    )]
+    pub file_rooms: Vec<String>,
+    /// Free space an upload must leave on the data dir's file system; an
+    /// upload that would leave less is refused before it starts.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size, env = "NETKIT_FILE_MIN_FREE")]
+    pub file_min_free: u64,
+    /// An upload that sends nothing for this long is cut (and can resume).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "NETKIT_FILE_STALL_TIMEOUT")]
+    pub file_stall_timeout: Duration,
+    /// An unfinished upload untouched for this long is removed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "NETKIT_FILE_RESUME_WINDOW")]
+    pub file_resume_window: Duration,
+    /// The URL the HTTP door is reached at (e.g. https://chat.example.org),
+    /// for the links in file messages; by default the scheme and Host of
+    /// the upload request.
+    #[arg(long, env = "NETKIT_PUBLIC_URL")]
+    pub public_url: Option<String>,
+}
+
+/// The limits and policy of shared files.
+#[derive(Debug, Clone)]
+pub struct FileLimits {
+    /// Largest file in bytes.
+    pub max_size: u64,
+    /// Most bytes per room.
+    pub room_quota: u64,
+    /// Rooms that allow files; `None` allows every room.
+    pub rooms: Option<Vec<String>>,
+    /// Free bytes an upload must leave.
+    pub min_free: u64,
+    /// How long an upload may send nothing.
+    pub stall_timeout: Duration,
+    /// How long an unfinished upload is kept untouched.
+    pub resume_window: Duration,
+    /// Base of download links, without a trailing `/`.
+    pub public_url: Option<String>,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            max_size: 1 << 30,
+            room_quota: 10 << 30,
+            rooms: None,
+            min_free: 64 << 20,
+            stall_timeout: Duration::from_secs(30),
+            resume_window: Duration::from_secs(3600),
+            public_url: None,
+        }
+    }
+}
+
+impl FileArgs {
+    /// The limits these flags set.
+    pub fn limits(&self) -> FileLimits {
+        let rooms: Vec<String> = self
+            .file_rooms
+            .iter()
+            .map(|r| r.trim().trim_start_matches('#').to_string())
+            .filter(|r| !r.is_empty() && r != "none")
+            .collect();
+        FileLimits {
+            max_size: self.file_max_size,
+            room_quota: self.file_room_quota,
+            rooms: (!rooms.iter().any(|r| r == "*")).then_some(rooms),
+            min_free: self.file_min_free,
+            stall_timeout: self.file_stall_timeout,
+            resume_window: self.file_resume_window,
+            public_url: self
+                .public_url
+                .as_ref()
+                .map(|u| u.trim_end_matches('/').to_string()),
+        }
+    }
+}
+
+/// Why an upload or a download is refused; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The room does not take files.
+    #[error("room '{0}' does not take files (see --file-rooms)")]
+    RoomClosed(String),
+    /// The name is not acceptable.
+    #[error("{0}")]
+    BadName(#[from] names::BadName),
+    /// Larger than `--file-max-size`.
+    #[error("the file is {size} bytes; the largest allowed is {max} (--file-max-size)")]
+    TooLarge {
+        /// Declared size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The room's quota would be exceeded.
+    #[error(
+        "room '{room}' holds {used} bytes of files (and {reserved} in uploads); {size} more would pass its quota of {quota} (--file-room-quota)"
+    )]
+    OverQuota {
+        /// Room name.
+        room: String,
+        /// Bytes stored.
+        used: u64,
+        /// Bytes reserved by uploads in progress.
+        reserved: u64,
+        /// This upload's size.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// Not enough free space on the disk.
+    #[error("not enough disk space: {free} bytes free, {need} needed (keeping --file-min-free)")]
+    DiskFull {
+        /// Free bytes.
+        free: u64,
+        /// Bytes needed, the reserve included.
+        need: u64,
+    },
+    /// Too many uploads in progress.
+    #[error("too many uploads in progress ({MAX_UPLOADS}); try again later")]
+    Busy,
+    /// No such upload (never made, finished, cancelled or expired).
+    #[error("no upload '{0}' in this room; it finished, was cancelled or expired")]
+    NoSuchUpload(String),
+    /// Another request is writing this upload now.
+    #[error("another request is sending this upload now")]
+    InUse,
+    /// The request's offset is not where the upload stands.
+    #[error("the upload stands at byte {have}, not {asked}; resume from {have}")]
+    Offset {
+        /// Where it stands.
+        have: u64,
+        /// What the request said.
+        asked: u64,
+    },
+    /// More bytes than the declared size arrived; the upload is removed.
+    #[error("more than the declared {size} bytes arrived; the upload is cancelled")]
+    SizeLie {
+        /// Declared size.
+        size: u64,
+    },
+    /// Nothing arrived for the stall timeout; the upload can resume.
+    #[error("nothing arrived for {0:?}; resume from byte {1}")]
+    Stalled(Duration, u64),
+    /// The request body broke off (or the server is stopping); the upload can resume.
+    #[error("the upload broke off at byte {0}; resume from there")]
+    Cut(u64),
+    /// No such file.
+    #[error("no such file")]
+    NotFound,
+    /// The disk failed.
+    #[error("file store: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One upload in progress.
+#[derive(Debug)]
+pub struct Upload {
+    /// Its id (random, 32 hex digits): whoever knows it may continue it.
+    pub id: String,
+    /// The room it goes to.
+    pub room: String,
+    /// The file's name.
+    pub name: String,
+    /// The declared size.
+    pub size: u64,
+    /// Bytes received and written so far.
+    offset: AtomicU64,
+    /// The part file and the hash so far; held by the request sending.
+    part: tokio::sync::Mutex<upload::Part>,
+    /// When a request last touched it.
+    touched: Mutex<Instant>,
+}
+
+impl Upload {
+    /// Bytes received so far (where the next request resumes).
+    pub fn offset(&self) -> u64 {
+        self.offset.load(Ordering::Acquire)
+    }
+
+    fn touch(&self) {
+        *lock(&self.touched) = Instant::now();
+    }
+}
+
+/// The files of every room, and the uploads in progress.
+pub struct FileStore {
+    /// `<data-dir>/rooms`.
+    root: PathBuf,
+    limits: FileLimits,
+    uploads: Mutex<HashMap<String, Arc<Upload>>>,
+    /// Bytes stored per room (read from disk on first use).
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl std::fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStore")
+            .field("root", &self.root)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FileStore {
+    /// Opens the store under `<data_dir>/rooms`, removing the part files of
+    /// uploads a previous run left (their state was in memory).
+    pub fn open(data_dir: &Path, limits: FileLimits) -> io::Result<FileStore> {
+        let root = data_dir.join("rooms");
+        std::fs::create_dir_all(&root)?;
+        for room in std::fs::read_dir(&root)? {
+            let partial = room?.path().join(FILES_DIR).join(PARTIAL_DIR);
+            if partial.is_dir() {
+                std::fs::remove_dir_all(&partial)?;
+            }
+        }
+        Ok(FileStore {
+            root,
+            limits,
+            uploads: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &FileLimits {
+        &self.limits
+    }
+
+    /// `<root>/<room>/files`.
+    fn files_dir(&self, room: &str) -> PathBuf {
+        self.root.join(room).join(FILES_DIR)
+    }
+
+    /// The stored file of `room` with BLAKE3 `hex` (64 lowercase hex digits), if any.
+    pub fn stored(&self, room: &str, hex: &str) -> Result<PathBuf, FileError> {
+        let hex_ok = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !hex_ok || !crate::chat::protocol::valid_room(room) {
+            return Err(FileError::NotFound);
+        }
+        let path = self.files_dir(room).join(hex);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => Ok(path),
+            _ => Err(FileError::NotFound),
+        }
+    }
+
+    /// Starts an upload of `name` (`size` bytes) into `room` after checking
+    /// the room policy, the name, the size limit, the room's quota (with
+    /// the uploads in progress) and the free space; creates its empty part
+    /// file. Unfinished uploads past the resume window are removed first.
+    pub fn create(&self, room: &str, name: &str, size: u64) -> Result<Arc<Upload>, FileError> {
+        if let Some(rooms) = &self.limits.rooms
+            && !rooms.iter().any(|r| r == room)
+        {
+            return Err(FileError::RoomClosed(room.to_string()));
+        }
+        names::check_name(name)?;
+        if size > self.limits.max_size {
+            return Err(FileError::TooLarge {
+                size,
+                max: self.limits.max_size,
+            });
+        }
+        self.expire();
+        let dir = self.files_dir(room);
+        std::fs::create_dir_all(dir.join(PARTIAL_DIR))?;
+        self.check_free(&dir, size)?;
+        let mut uploads = lock(&self.uploads);
+        if uploads.len() >= MAX_UPLOADS {
+            return Err(FileError::Busy);
+        }
+        let used = self.used_bytes(room)?;
+        let reserved: u64 = uploads
+            .values()
+            .filter(|u| u.room == room)
+            .map(|u| u.size)
+            .sum();
+        if used.saturating_add(reserved).saturating_add(size) > self.limits.room_quota {
+            return Err(FileError::OverQuota {
+                room: room.to_string(),
+                used,
+                reserved,
+                size,
+                quota: self.limits.room_quota,
+            });
+        }
+        let id = format!("{:032x}", rand::random::<u128>());
+        let part = upload::Part::create(dir.join(PARTIAL_DIR).join(&id))?;
+        let up = Arc::new(Upload {
+            id: id.clone(),
+            room: room.to_string(),
+            name: name.to_string(),
+            size,
+            offset: AtomicU64::new(0),
+            part: tokio::sync::Mutex::new(part),
+            touched: Mutex::new(Instant::now()),
+        });
+        uploads.insert(id, up.clone());
+        Ok(up)
+    }
+
+    /// The upload `id` of `room`.
+    pub fn upload(&self, room: &str, id: &str) -> Result<Arc<Upload>, FileError> {
+        self.expire();
+        lock(&self.uploads)
+            .get(id)
+            .filter(|u| u.room == room)
+            .cloned()
+            .ok_or_else(|| FileError::NoSuchUpload(id.chars().take(40).collect()))
+    }
+
+    /// Cancels `up`: forgets it and removes its part file.
+    pub fn cancel(&self, up: &Upload) {
+        if lock(&self.uploads).remove(&up.id).is_some() {
+            let _ = std::fs::remove_file(self.part_path(up));
+        }
+    }
+
+    fn part_path(&self, up: &Upload) -> PathBuf {
+        self.files_dir(&up.room).join(PARTIAL_DIR).join(&up.id)
+    }
+
+    /// Refuses when writing `more` bytes under `dir` would leave less than `--file-min-free`.
+    fn check_free(&self, dir: &Path, more: u64) -> Result<(), FileError> {
+        let free = crate::transfer::disk::free_space(dir)?;
+        let need = more.saturating_add(self.limits.min_free);
+        if free < need {
+            return Err(FileError::DiskFull { free, need });
+        }
+        Ok(())
+    }
+
+    /// Bytes stored in `room` (counted from its folder on first use).
+    fn used_bytes(&self, room: &str) -> io::Result<u64> {
+        let mut used = lock(&self.used);
+        if let Some(&n) = used.get(room) {
+            return Ok(n);
+        }
+        let mut n = 0u64;
+        if let Ok(entries) = std::fs::read_dir(self.files_dir(room)) {
+            for e in entries {
+                let m = e?.metadata()?;
+                if m.is_file() {
+                    n = n.saturating_add(m.len());
+                }
+            }
+        }
+        used.insert(room.to_string(), n);
+        Ok(n)
+    }
+
+    /// Removes the uploads untouched for the resume window (never one a request holds).
+    fn expire(&self) {
+        let window = self.limits.resume_window;
+        let stale: Vec<Arc<Upload>> = lock(&self.uploads)
+            .values()
+            .filter(|u| lock(&u.touched).elapsed() > window && u.part.try_lock().is_ok())
+            .cloned()
+            .collect();
+        for up in stale {
+            tracing::info!(room = %up.room, id = %up.id, "files: unfinished upload expired");
+            self.cancel(&up);
+        }
+    }
+}

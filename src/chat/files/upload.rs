@@ -1,0 +1,244 @@
+//! Receiving an upload's bytes: one request's body is streamed to a disk
+//! thread that hashes and writes each chunk at its offset; a complete file
+//! is made durable (fsync of the file, rename to its BLAKE3, fsync of the
+//! folder) before anyone is told of it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::names::{SNIFF_LEN, sniff};
+use super::{FileError, FileStore, Upload, lock};
+
+/// Chunks queued between a request and its disk thread.
+const DISK_QUEUE: usize = 16;
+
+/// An upload's part file and the hash of what it holds.
+#[derive(Debug)]
+pub(super) struct Part {
+    path: PathBuf,
+    /// `None` once a write failed (the upload is then cancelled).
+    hasher: Option<blake3::Hasher>,
+}
+
+impl Part {
+    /// Creates the empty part file at `path`.
+    pub(super) fn create(path: PathBuf) -> io::Result<Part> {
+        File::create_new(&path)?;
+        Ok(Part {
+            path,
+            hasher: Some(blake3::Hasher::new()),
+        })
+    }
+}
+
+/// Where an upload stands after a request.
+#[derive(Debug)]
+pub enum Progress {
+    /// Not all bytes yet: resume from this offset.
+    Partial(u64),
+    /// Complete, verified and stored.
+    Complete(StoredFile),
+}
+
+/// A complete file, stored durably under its BLAKE3.
+#[derive(Debug, Clone)]
+pub struct StoredFile {
+    /// Room it is in.
+    pub room: String,
+    /// The uploader's name for it.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// BLAKE3, 64 hex digits.
+    pub blake3: String,
+    /// Media type sniffed from the content.
+    pub mime: String,
+    /// True if the room already held identical content (stored once).
+    pub deduplicated: bool,
+}
+
+/// How a request's body ended.
+enum Ended {
+    /// The body ended.
+    Done,
+    /// More than the declared size arrived.
+    Lie,
+    /// Nothing arrived for the stall timeout.
+    Stalled,
+    /// The body failed (connection cut) or the server is stopping.
+    Cut,
+}
+
+impl FileStore {
+    /// Appends a request's `body` to `up`, which must stand at `offset`;
+    /// when the last byte arrives, verifies and stores the file. A body
+    /// that breaks off or stalls leaves the upload resumable at what was
+    /// written; more bytes than declared, a full disk or a write error
+    /// cancel it (the part file is removed).
+    pub async fn write<S, E>(
+        &self,
+        up: &Arc<Upload>,
+        offset: u64,
+        body: S,
+        shutdown: &CancellationToken,
+    ) -> Result<Progress, FileError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+    {
+        let mut part = up.part.try_lock().map_err(|_| FileError::InUse)?;
+        up.touch();
+        let have = up.offset();
+        if offset != have {
+            return Err(FileError::Offset {
+                have,
+                asked: offset,
+            });
+        }
+        let Some(hasher) = part.hasher.take() else {
+            return Err(FileError::NoSuchUpload(up.id.clone()));
+        };
+        if let Err(e) = self.check_free(&self.files_dir(&up.room), up.size - have) {
+            self.cancel(up);
+            return Err(e);
+        }
+        let file = OpenOptions::new().write(true).open(&part.path)?;
+        let (tx, rx) = mpsc::channel(DISK_QUEUE);
+        let disk = tokio::task::spawn_blocking(move || write_loop(&file, have, rx, hasher));
+        let ended = self.feed(body, tx, up.size - have, shutdown).await;
+        let written = disk
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(format!("disk thread: {e}"))));
+        let (pos, hasher) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                self.cancel(up);
+                return Err(FileError::Io(e));
+            }
+        };
+        up.offset.store(pos, Ordering::Release);
+        up.touch();
+        part.hasher = Some(hasher);
+        match ended {
+            Ended::Lie => {
+                self.cancel(up);
+                return Err(FileError::SizeLie { size: up.size });
+            }
+            Ended::Stalled => return Err(FileError::Stalled(self.limits.stall_timeout, pos)),
+            Ended::Cut => return Err(FileError::Cut(pos)),
+            Ended::Done if pos < up.size => return Ok(Progress::Partial(pos)),
+            Ended::Done => {}
+        }
+        let hasher = part.hasher.take().expect("set just above");
+        let stored = self.finish(up, part.path.clone(), hasher).await;
+        lock(&self.uploads).remove(&up.id);
+        if stored.is_err() {
+            let _ = std::fs::remove_file(&part.path);
+        }
+        stored.map(Progress::Complete)
+    }
+
+    /// Passes the chunks of `body` to the disk thread until it ends, stalls,
+    /// breaks, or would pass `room` more bytes.
+    async fn feed<S, E>(
+        &self,
+        mut body: S,
+        tx: mpsc::Sender<Bytes>,
+        mut room: u64,
+        shutdown: &CancellationToken,
+    ) -> Ended
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+    {
+        let stall = self.limits.stall_timeout;
+        loop {
+            let next = tokio::select! {
+                n = tokio::time::timeout(stall, body.next()) => n,
+                _ = shutdown.cancelled() => return Ended::Cut,
+            };
+            let chunk = match next {
+                Err(_) => return Ended::Stalled,
+                Ok(None) => return Ended::Done,
+                Ok(Some(Err(_))) => return Ended::Cut,
+                Ok(Some(Ok(c))) => c,
+            };
+            if chunk.len() as u64 > room {
+                return Ended::Lie;
+            }
+            room -= chunk.len() as u64;
+            if tx.send(chunk).await.is_err() {
+                // The disk thread failed; it reports why.
+                return Ended::Cut;
+            }
+        }
+    }
+
+    /// Makes a complete upload durable under its BLAKE3 in the room's
+    /// folder (or drops it if identical content is there already).
+    async fn finish(
+        &self,
+        up: &Upload,
+        part: PathBuf,
+        hasher: blake3::Hasher,
+    ) -> Result<StoredFile, FileError> {
+        let dir = self.files_dir(&up.room);
+        let hex = hasher.finalize().to_hex().to_string();
+        let (size, dest) = (up.size, dir.join(&hex));
+        let mime = tokio::task::spawn_blocking(move || -> io::Result<String> {
+            let mut f = OpenOptions::new().read(true).write(true).open(&part)?;
+            f.set_len(size)?;
+            f.sync_all()?;
+            let mut head = Vec::with_capacity(SNIFF_LEN);
+            (&mut f).take(SNIFF_LEN as u64).read_to_end(&mut head)?;
+            Ok(sniff(&head))
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
+        let part = self.part_path(up);
+        // Under the lock, so two identical uploads finishing together are counted once.
+        let mut used = lock(&self.used);
+        let deduplicated = dest.is_file();
+        if deduplicated {
+            std::fs::remove_file(&part)?;
+        } else {
+            std::fs::rename(&part, &dest)?;
+            File::open(&dir)?.sync_all()?;
+            if let Some(n) = used.get_mut(&up.room) {
+                *n = n.saturating_add(size);
+            }
+        }
+        drop(used);
+        Ok(StoredFile {
+            room: up.room.clone(),
+            name: up.name.clone(),
+            size,
+            blake3: hex,
+            mime,
+            deduplicated,
+        })
+    }
+}
+
+/// Hashes each chunk from `rx` and writes it at its offset, from `pos` on,
+/// until the queue closes; returns the end offset and the hash so far.
+fn write_loop(
+    file: &File,
+    mut pos: u64,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut hasher: blake3::Hasher,
+) -> io::Result<(u64, blake3::Hasher)> {
+    while let Some(chunk) = rx.blocking_recv() {
+        file.write_all_at(&chunk, pos)?;
+        hasher.update(&chunk);
+        pos += chunk.len() as u64;
+    }
+    Ok((pos, hasher))
+}
