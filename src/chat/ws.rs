@@ -404,7 +404,8 @@ pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ServerMsg> {
                 }
             };
             let known = [
-                "join", "part", "say", "me", "msg", "nick", "topic", "rooms", "who",
+                "join", "part", "say", "me", "msg", "nick", "topic", "rooms", "who", "register",
+                "login", "logout", "auth",
             ];
             match value.get("type").and_then(|t| t.as_str()) {
                 Some(t) if !known.contains(&t) => Err(ServerMsg::error(

@@ -448,7 +448,7 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
         origin_id: origin.map_or(0, |o| o.1),
     };
     if post.client == REMOTE {
-        st.rooms.entry(post.room.clone()).or_default();
+        st.room_mut(&post.room);
     } else {
         let _ = shared.stored_local.send(msg.clone());
     }
@@ -474,7 +474,7 @@ fn apply_topic(shared: &Shared, st: &mut State, client: ClientId, room: &str, to
         .get(&client)
         .map(|c| c.nick.clone())
         .unwrap_or_default();
-    let r = st.rooms.entry(room.to_string()).or_default();
+    let r = st.room_mut(room);
     r.topic = topic.to_string();
     let members: Vec<ClientId> = r.members.iter().copied().collect();
     let ev = Event::new(ServerMsg::Topic {
@@ -496,7 +496,7 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
     };
     let limit = shared.config.presence_limit;
     let remote = st.remote.count(room);
-    let r = st.rooms.entry(room.to_string()).or_default();
+    let r = st.room_mut(room);
     let others: Vec<ClientId> = if r.members.len() + remote < limit {
         r.members.iter().copied().collect()
     } else {
