@@ -330,13 +330,21 @@ fn claims(sub: &str, rooms: Option<&[&str]>, nbf_ahead: u64) -> serde_json::Valu
 }
 
 fn hs256(secret: &[u8], sub: &str, rooms: Option<&[&str]>, nbf_ahead: u64) -> String {
-    let key = EncodingKey::from_secret(secret).unwrap();
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims(sub, rooms, nbf_ahead),
-        &key,
+    hs256_claims(secret, claims(sub, rooms, nbf_ahead))
+}
+
+/// A JWT of `claims` signed with `secret` by HS256.
+fn hs256_claims(secret: &[u8], claims: serde_json::Value) -> String {
+    sign(
+        Algorithm::HS256,
+        &claims,
+        &EncodingKey::from_secret(secret).unwrap(),
     )
-    .unwrap()
+}
+
+/// A JWT of `claims` signed with `key` by `alg`.
+fn sign(alg: Algorithm, claims: &serde_json::Value, key: &EncodingKey) -> String {
+    jsonwebtoken::encode(&Header::new(alg), claims, key).unwrap()
 }
 
 fn b64(v: &serde_json::Value) -> String {
@@ -355,12 +363,10 @@ fn hs256_tokens_valid_expired_early_forged_and_unsigned() {
     let v = TokenVerifier::from_secret(secret).unwrap();
     let ok = v.verify(&hs256(secret, "ann", None, 0)).unwrap();
     assert_eq!(ok.sub, "ann");
-    let expired = jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({"sub": "ann", "exp": now() - 300}),
-        &EncodingKey::from_secret(secret).unwrap(),
-    )
-    .unwrap();
+    let expired = hs256_claims(
+        secret,
+        serde_json::json!({"sub": "ann", "exp": now() - 300}),
+    );
     assert!(refusal(&v, &expired).contains("expired"));
     assert!(refusal(&v, &hs256(secret, "ann", None, 300)).contains("not valid yet"));
     let forged = hs256(b"another secret, also 32 bytes long", "ann", None, 0);
@@ -371,12 +377,7 @@ fn hs256_tokens_valid_expired_early_forged_and_unsigned() {
         b64(&claims("ann", None, 0))
     );
     assert!(refusal(&v, &none).contains("alg \"none\""));
-    let no_exp = jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({"sub": "ann"}),
-        &EncodingKey::from_secret(secret).unwrap(),
-    )
-    .unwrap();
+    let no_exp = hs256_claims(secret, serde_json::json!({"sub": "ann"}));
     assert!(refusal(&v, &no_exp).contains("'exp'"));
     assert!(refusal(&v, "not a token").contains("malformed"));
     assert!(TokenVerifier::from_secret(b"short").is_err());
@@ -395,12 +396,7 @@ fn rs256_and_eddsa_keys_refuse_hs256_made_with_the_public_key() {
     let v = TokenVerifier::from_public_pem(public_pem.as_bytes()).unwrap();
     assert_eq!(v.algorithm(), Algorithm::RS256);
     let signer = EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap();
-    let good = jsonwebtoken::encode(
-        &Header::new(Algorithm::RS256),
-        &claims("ann", None, 0),
-        &signer,
-    )
-    .unwrap();
+    let good = sign(Algorithm::RS256, &claims("ann", None, 0), &signer);
     assert_eq!(v.verify(&good).unwrap().sub, "ann");
     // The classic confusion: HS256 with the public key as the shared secret.
     let confused = hs256(public_pem.as_bytes(), "ann", None, 0);
@@ -413,12 +409,7 @@ fn rs256_and_eddsa_keys_refuse_hs256_made_with_the_public_key() {
     let v = TokenVerifier::from_public_pem(ed.public_key_pem().as_bytes()).unwrap();
     assert_eq!(v.algorithm(), Algorithm::EdDSA);
     let signer = EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap();
-    let good = jsonwebtoken::encode(
-        &Header::new(Algorithm::EdDSA),
-        &claims("bo", None, 0),
-        &signer,
-    )
-    .unwrap();
+    let good = sign(Algorithm::EdDSA, &claims("bo", None, 0), &signer);
     assert_eq!(v.verify(&good).unwrap().sub, "bo");
     let confused = hs256(ed.public_key_pem().as_bytes(), "bo", None, 0);
     assert!(refusal(&v, &confused).contains("signed with HS256"));
@@ -450,12 +441,10 @@ async fn a_rooms_claim_limits_joins() {
     .await;
     // A refused token leaves a required-mode client unable to do anything.
     let (mut bad, _bi) = t.hub.connect(None).unwrap();
-    let expired = jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({"sub": "kim2", "exp": now() - 300}),
-        &EncodingKey::from_secret(&secret).unwrap(),
-    )
-    .unwrap();
+    let expired = hs256_claims(
+        &secret,
+        serde_json::json!({"sub": "kim2", "exp": now() - 300}),
+    );
     assert!(matches!(
         bad.handle(ClientMsg::Auth { token: expired }).await,
         Err(HubError::BadToken(m)) if m.contains("expired")

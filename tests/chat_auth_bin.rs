@@ -10,25 +10,10 @@ use proc_util::{LineUser, Netkit};
 const SECRET: &str = "a deployment secret of 32 bytes or more";
 
 fn serve(dir: &std::path::Path) -> Netkit {
-    Netkit::spawn(&[
-        "serve",
-        "--http",
-        "127.0.0.1:0",
-        "--chat",
-        "127.0.0.1:0",
-        "--tcp",
-        "off",
-        "--udp",
-        "off",
-        "--drop",
-        "off",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--chat-auth",
-        "required",
-        "--chat-token-secret",
-        SECRET,
-    ])
+    Netkit::serve_chat(
+        dir,
+        &["--chat-auth", "required", "--chat-token-secret", SECRET],
+    )
 }
 
 #[test]
