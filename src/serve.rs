@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// Limits of the chat hub and its clients.
     #[command(flatten)]
     pub chat_limits: crate::chat::ChatLimitArgs,
+    /// Chat accounts and application tokens.
+    #[command(flatten)]
+    pub chat_auth: crate::chat::auth::ChatAuthArgs,
     /// Limits of the HTTP server.
     #[command(flatten)]
     pub http_limits: crate::http::HttpArgs,
@@ -183,8 +186,9 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     // The hub exists only if a chat front door is open.
     let mut hub_writer = None;
     if http_listener.is_some() || chat_listener.is_some() {
-        let (hub, writer) = crate::chat::Hub::open(&args.data_dir, args.chat_limits.hub_config())
-            .map_err(|e| {
+        let mut hub_config = args.chat_limits.hub_config();
+        hub_config.auth = args.chat_auth.auth_config()?;
+        let (hub, writer) = crate::chat::Hub::open(&args.data_dir, hub_config).map_err(|e| {
             anyhow::anyhow!(
                 "{e} — check that --data-dir {} is writable",
                 args.data_dir.display()

@@ -24,25 +24,7 @@ struct Serve {
 
 /// Starts `netkit serve` on free ports; the addresses come from its ready line.
 fn serve(data_dir: &std::path::Path) -> Serve {
-    let p = Netkit::spawn(&[
-        "serve",
-        "--relay",
-        "off",
-        "--http",
-        "127.0.0.1:0",
-        "--chat",
-        "127.0.0.1:0",
-        "--tcp",
-        "off",
-        "--udp",
-        "off",
-        "--drop",
-        "off",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--chat-rate",
-        "0",
-    ]);
+    let p = Netkit::serve_chat(data_dir, &["--chat-rate", "0"]);
     let http = p.ready.http.expect("http door").to_string();
     let chat = p.ready.chat.expect("chat door").to_string();
     Serve { p, http, chat }

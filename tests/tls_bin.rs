@@ -16,26 +16,7 @@ const T: Duration = Duration::from_secs(30);
 /// `netkit serve` with a self-signed certificate in `data`: its HTTPS and TLS
 /// chat addresses and the fingerprint it logged.
 fn serve(data: &Path) -> (Netkit, SocketAddr, SocketAddr, String) {
-    let mut n = Netkit::spawn(&[
-        "serve",
-        "--relay",
-        "off",
-        "--tls-reload-interval",
-        "1h",
-        "--http",
-        "127.0.0.1:0",
-        "--chat",
-        "127.0.0.1:0",
-        "--tcp",
-        "off",
-        "--udp",
-        "off",
-        "--drop",
-        "off",
-        "--tls-self-signed",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+    let mut n = Netkit::serve_chat(data, &["--tls-reload-interval", "1h", "--tls-self-signed"]);
     let line = n.wait_for("fingerprint ", T);
     let fp = line
         .split("fingerprint ")

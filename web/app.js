@@ -11,7 +11,12 @@
     messages: $("messages"), sayForm: $("say-form"), sayInput: $("say-input"),
     members: $("member-list"), chat: $("chat"), uploads: $("uploads"),
     fileInput: $("file-input"), fileButton: $("file-button"),
+    accountForm: $("account-form"), password: $("password-input"),
+    register: $("register-button"), logout: $("logout-button"),
   };
+  // The session token a login gave (never the password): it logs the page in again.
+  const SESSION = "netkit.session";
+  let refusedBeforeLogin = false;
 
   // rooms: name -> { lastId, since, items: [entry], members: [], topic, unread, joined }
   // since: in a cluster, origin -> highest origin_id seen (resume on any node)
@@ -311,7 +316,26 @@
         for (const w of waiting) w(m.ticket);
         break;
       }
+      case "logged_in": {
+        if (m.session) localStorage.setItem(SESSION, m.session);
+        el.accountForm.hidden = true;
+        el.logout.hidden = false;
+        el.password.value = "";
+        // Under --chat-auth required the joins sent before this were refused.
+        if (refusedBeforeLogin) {
+          refusedBeforeLogin = false;
+          const saved = Object.entries(savedRooms());
+          if (saved.length === 0) saved.push(["lobby", 0]);
+          for (const [name, lastId] of saved) {
+            if (!room(name).joined) send({ type: "join", room: name, after: lastId || undefined });
+          }
+        }
+        notice(current, "logged in as " + m.nick);
+        break;
+      }
       case "error":
+        if (m.code === "bad_token" && localStorage.getItem(SESSION)) localStorage.removeItem(SESSION);
+        if (m.code === "login_required") refusedBeforeLogin = true;
         notice(current, "error: " + m.message, "error");
         break;
       default:
@@ -328,6 +352,8 @@
     ws = new WebSocket(proto + "//" + location.host + "/ws" + q);
     ws.addEventListener("open", () => {
       backoff = 500;
+      const session = localStorage.getItem(SESSION);
+      if (session) send({ type: "login", session });
       // Rejoin every room, resuming after the last id seen: no gap, no duplicate.
       const saved = savedRooms();
       const want = new Map(Object.entries(saved));
@@ -409,6 +435,28 @@
     e.preventDefault();
     const nick = el.nickInput.value.trim();
     if (nick && nick !== myNick) send({ type: "nick", nick });
+  });
+
+  el.accountForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const password = el.password.value;
+    if (password) send({ type: "login", nick: el.nickInput.value.trim(), password });
+    el.password.value = "";
+  });
+
+  el.register.addEventListener("click", () => {
+    const password = el.password.value;
+    if (password) send({ type: "register", password });
+    el.password.value = "";
+  });
+
+  el.logout.addEventListener("click", () => {
+    const session = localStorage.getItem(SESSION);
+    if (session) send({ type: "logout", session });
+    localStorage.removeItem(SESSION);
+    el.logout.hidden = true;
+    el.accountForm.hidden = false;
+    if (ws) ws.close(1000, "logged out");
   });
 
   el.part.addEventListener("click", () => {

@@ -31,6 +31,9 @@ commands:
   /msg NICK TEXT      direct message to one user
   /me TEXT            action in the current room
   /topic [TEXT]       show or set the current room's topic
+  /register PASSWORD  register the nick you hold (servers with accounts)
+  /login NICK PASSWORD  log in to a registered nick
+  /token TOKEN        log in with an application token
   /help               this text
   /quit               disconnect
 any other line is said in the current room; start it with // to say a line beginning with /";
@@ -115,7 +118,23 @@ fn parse_command(cmd: &str, rest: &str, current: Option<&str>) -> Result<LineCom
             room: need_room(current)?,
             topic: rest.to_string(),
         },
-        "nick" | "join" | "me" => return Err(format!("/{cmd} needs an argument; /help")),
+        "register" if !rest.is_empty() => ClientMsg::Register {
+            password: rest.to_string(),
+        },
+        "login" => match rest.split_once(char::is_whitespace) {
+            Some((nick, password)) if !password.trim().is_empty() => ClientMsg::Login {
+                nick: Some(nick.to_string()),
+                password: Some(password.trim().to_string()),
+                session: None,
+            },
+            _ => return Err("usage: /login NICK PASSWORD".into()),
+        },
+        "token" | "auth" if !rest.is_empty() => ClientMsg::Auth {
+            token: rest.to_string(),
+        },
+        "nick" | "join" | "me" | "register" | "token" | "auth" => {
+            return Err(format!("/{cmd} needs an argument; /help"));
+        }
         _ => return Err(format!("unknown command /{cmd}; /help lists them")),
     };
     Ok(LineCommand::Hub(msg))
@@ -293,6 +312,9 @@ pub fn format_line(msg: &ServerMsg) -> String {
         }
         ServerMsg::Error { code, message } => format!("ERR {}: {}", c(code), c(message)),
         ServerMsg::Info { text } => format!("-- {}", c(text)),
+        ServerMsg::LoggedIn { nick, via, .. } => {
+            format!("-- logged in as {} (by {})", c(nick), c(via))
+        }
     }
 }
 
@@ -389,7 +411,7 @@ pub async fn run(
                     Some(Either::Right(plain)) => serve_conn(plain, hub, &config, shutdown).await,
                     Some(Either::Left(tls)) => {
                         let (rd, wr) = tokio::io::split(tls);
-                        serve_halves(rd, wr, hub, &config, shutdown).await
+                        serve_halves(rd, wr, Some(peer.ip()), hub, &config, shutdown).await
                     }
                     None => return,
                 }
@@ -411,14 +433,17 @@ pub async fn serve_conn(
     config: &ConnConfig,
     shutdown: CancellationToken,
 ) {
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let (rd, wr) = stream.into_split();
-    serve_halves(rd, wr, hub, config, shutdown).await
+    serve_halves(rd, wr, peer, hub, config, shutdown).await
 }
 
-/// [`serve_conn`] over the two halves of any stream (a TLS one included).
+/// [`serve_conn`] over the two halves of any stream (a TLS one included),
+/// from `peer` (for the per-address login limit).
 pub async fn serve_halves<R, W>(
     rd: R,
     mut wr: W,
+    peer: Option<std::net::IpAddr>,
     hub: Hub,
     config: &ConnConfig,
     shutdown: CancellationToken,
@@ -434,6 +459,9 @@ pub async fn serve_halves<R, W>(
             return;
         }
     };
+    if let Some(ip) = peer {
+        session.set_peer(ip);
+    }
     let done = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         BufWriter::new(wr),

@@ -1,14 +1,18 @@
 //! The chat hub and its front doors: [`hub`] (rooms, members, fan-out),
-//! [`store`] (SQLite history), [`protocol`] (wire types, name rules), [`frame`]
+//! [`store`] (SQLite history), [`protocol`] (wire types), [`names`] (name rules), [`frame`]
 //! (a message's WebSocket frame), the adapters [`ws`] (WebSocket, JSON) and
 //! [`line`](mod@line) (TCP, text lines), [`files`] (files shared in rooms, on
-//! disk) and [`client`] (`netkit chat`).
+//! disk), [`client`] (`netkit chat`), and identity: [`auth`] (modes,
+//! application tokens, login limit), [`accounts`].
 
+pub mod accounts;
+pub mod auth;
 pub mod client;
 pub mod files;
 pub mod frame;
 pub mod hub;
 pub mod line;
+pub mod names;
 pub mod protocol;
 pub mod store;
 pub mod ws;

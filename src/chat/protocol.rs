@@ -1,9 +1,11 @@
 //! Wire types of the chat protocol: what a client sends ([`ClientMsg`]) and what
 //! the hub sends back ([`ServerMsg`]), as JSON objects tagged by `type`, and the
-//! name rules ([`valid_room`], [`valid_nick`]). The WebSocket adapter speaks them
+//! name rules ([`valid_room`], [`valid_nick`], from [`names`](super::names)). The WebSocket adapter speaks them
 //! as-is; the line adapter translates. See `docs/chat-protocol.md`.
 
 use serde::{Deserialize, Serialize};
+
+pub use super::names::{valid_nick, valid_room};
 
 /// A message from a client to the hub.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +75,47 @@ pub enum ClientMsg {
         /// Room name.
         room: String,
     },
+    /// Register the nick the client holds (`--chat-auth accounts|required`).
+    Register {
+        /// The password (never logged or echoed).
+        password: String,
+    },
+    /// Log in: with `nick` and `password`, or with a `session` token a
+    /// `logged_in` gave earlier.
+    Login {
+        /// The registered nick.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nick: Option<String>,
+        /// Its password.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password: Option<String>,
+        /// A session token instead of nick and password.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+    },
+    /// Forget a session token (the page's "log out").
+    Logout {
+        /// The session token to forget.
+        session: String,
+    },
+    /// Log in with an application token (a JWT from the deployment's backend).
+    Auth {
+        /// The token.
+        token: String,
+    },
+}
+
+impl ClientMsg {
+    /// True for the requests that identify a client (allowed before login).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            ClientMsg::Register { .. }
+                | ClientMsg::Login { .. }
+                | ClientMsg::Logout { .. }
+                | ClientMsg::Auth { .. }
+        )
+    }
 }
 
 /// Whether a room message is plain speech or a `/me` action.
@@ -336,6 +379,19 @@ pub enum ServerMsg {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         remote: Vec<RemoteMember>,
     },
+    /// The client is logged in (after `register`, `login` or `auth`).
+    LoggedIn {
+        /// The nick it is logged in as (and now holds).
+        nick: String,
+        /// How: `password`, `session` or `token`.
+        via: String,
+        /// A session token for a later `login` (password and session logins).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        /// When `session` expires, in ms since the epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires: Option<i64>,
+    },
     /// Informational text for a person (e.g. help).
     Info {
         /// The text.
@@ -380,22 +436,6 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// True if `name` is a valid room name: 1–32 of `[A-Za-z0-9_-]`.
-pub fn valid_room(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// True if `nick` is a valid nickname: 1–24 of `[A-Za-z0-9_-]`.
-pub fn valid_nick(nick: &str) -> bool {
-    (1..=24).contains(&nick.len())
-        && nick
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

@@ -418,6 +418,10 @@ pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ServerMsg> {
                 "rooms",
                 "who",
                 "file_ticket",
+                "register",
+                "login",
+                "logout",
+                "auth",
             ];
             match value.get("type").and_then(|t| t.as_str()) {
                 Some(t) if !known.contains(&t) => Err(ServerMsg::error(

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use crate::chat::protocol::valid_room;
+use crate::chat::names::check_room;
 
 /// Query of `GET /api/rooms/{room}/messages`.
 #[derive(Debug, Deserialize)]
@@ -43,11 +43,11 @@ pub async fn messages(
     Path(room): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    if !valid_room(&room) {
+    if let Err(why) = check_room(&room) {
         return api_error(
             StatusCode::BAD_REQUEST,
             "bad_room",
-            "invalid room name: use 1–32 letters, digits, '-' or '_'".into(),
+            format!("invalid room name: {why}"),
         );
     }
     let limit = q.limit.unwrap_or(50).clamp(1, 500);

@@ -25,6 +25,19 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 fn describe() {
+    metrics::describe_counter!(
+        "netkit_chat_logins_total",
+        "Chat logins, by how (password, session, token)"
+    );
+    metrics::describe_counter!(
+        "netkit_chat_login_failures_total",
+        "Chat logins refused (wrong password, bad session or application token), by how"
+    );
+    metrics::describe_counter!(
+        "netkit_chat_logins_throttled_total",
+        "Chat password logins refused by the per-account or per-address limit"
+    );
+    metrics::describe_counter!("netkit_chat_registrations_total", "Chat nicks registered");
     metrics::describe_gauge!("netkit_chat_clients", "Chat clients connected now");
     metrics::describe_counter!(
         "netkit_chat_connections_total",

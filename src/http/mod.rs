@@ -327,6 +327,8 @@ async fn metrics_text() -> Response {
 pub struct WsQuery {
     /// Nickname to ask for.
     pub nick: Option<String>,
+    /// An application token (JWT) to log in with at once.
+    pub token: Option<String>,
 }
 
 /// The largest request head (request line and headers) read; a larger one
@@ -379,12 +381,20 @@ async fn ws_upgrade(
             .into_response();
     }
     let wanted = q.nick.as_deref().filter(|n| !n.is_empty());
-    let (session, inbox) = match app.hub.connect(wanted) {
+    let (mut session, inbox) = match app.hub.connect(wanted) {
         Ok(pair) => pair,
         Err(e) => {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
         }
     };
+    session.set_peer(peer.ip());
+    // A refused token is told over the socket (a page cannot read a failed
+    // upgrade's status); the client stays a guest.
+    if let Some(token) = q.token.as_deref().filter(|t| !t.is_empty())
+        && let Err(e) = session.auth(token)
+    {
+        session.report(e);
+    }
     let conn = app.config.conn.clone();
     let shutdown = app.shutdown.clone();
     let sessions = app.sessions.clone();

@@ -55,6 +55,31 @@ impl Netkit {
         Self::start(cmd)
     }
 
+    /// Starts `netkit serve` with its HTTP and chat doors on free loopback
+    /// ports, the other doors off, state in `data_dir`, and `extra` flags.
+    pub fn serve_chat(data_dir: &std::path::Path, extra: &[&str]) -> Netkit {
+        let dir = data_dir.to_str().unwrap();
+        let mut args = vec![
+            "serve",
+            "--relay",
+            "off",
+            "--http",
+            "127.0.0.1:0",
+            "--chat",
+            "127.0.0.1:0",
+            "--tcp",
+            "off",
+            "--udp",
+            "off",
+            "--drop",
+            "off",
+            "--data-dir",
+            dir,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
     /// Starts `cmd` with `NETKIT_READY_JSON=1` and returns once it has bound
     /// its sockets (their addresses are in [`Netkit::ready`]).
     pub fn start(mut cmd: Command) -> Netkit {

@@ -9,6 +9,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientId, DisconnectReason, Event, Hub, Shared, State};
+use crate::chat::names::name_key;
 use crate::chat::protocol::{PresenceEvent, ServerMsg};
 
 /// How the hub disconnects a client: the reason, then the token its tasks watch.
@@ -210,7 +211,7 @@ impl Shared {
         let Some(c) = st.clients.remove(&id) else {
             return;
         };
-        st.nicks.remove(&c.nick.to_ascii_lowercase());
+        st.nicks.remove(&name_key(&c.nick));
         self.presence_changed();
         for room in &c.rooms {
             self.leave_locked(st, id, room, &c.nick);

@@ -6,7 +6,7 @@
 use tokio::sync::mpsc;
 
 use super::writer::{Post, WriteCmd};
-use super::{ClientId, Hub, HubError, Session, truncate};
+use super::{ClientId, Hub, HubError, Session};
 use crate::chat::protocol::{FileRef, MessageKind, ServerMsg, now_ms, valid_room};
 
 /// How long an upload ticket is accepted after it was issued.
@@ -60,7 +60,7 @@ impl Session {
     /// Sends the client a ticket for uploading into `room`, which it must be in.
     pub fn file_ticket(&self, room: &str) -> Result<(), HubError> {
         if !valid_room(room) {
-            return Err(HubError::BadRoom(truncate(room)));
+            return Err(HubError::bad_room(room));
         }
         if !self.in_room(room) {
             return Err(HubError::NotMember(room.to_string()));

@@ -26,12 +26,13 @@
 
 mod deliver;
 mod files;
+mod login;
 mod origin;
 mod remote;
 mod session;
 mod writer;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -39,7 +40,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::accounts::Accounts;
+use super::auth::{AuthConfig, AuthMode, LoginLimiter};
 use super::frame::{frame_header_len, text_frame};
+use super::names::{check_nick, check_room, name_key};
 use super::protocol::{ChatMessage, RemoteMember, RoomInfo, ServerMsg, valid_nick};
 use super::store::{Store, StoreError};
 use deliver::Outbox;
@@ -79,6 +83,8 @@ pub struct HubConfig {
     /// each client together. The first command after a quiet spell waits for
     /// nothing. Zero (the default) starts each batch as soon as it can.
     pub batch_interval: std::time::Duration,
+    /// Accounts, application tokens and the login limit.
+    pub auth: AuthConfig,
 }
 
 impl Default for HubConfig {
@@ -94,6 +100,7 @@ impl Default for HubConfig {
             burst: 40.0,
             presence_limit: 200,
             batch_interval: std::time::Duration::ZERO,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -101,15 +108,44 @@ impl Default for HubConfig {
 /// A problem with a client's request; sent back as an `error` message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HubError {
-    /// Room name not allowed.
-    #[error("invalid room name '{0}': use 1–32 letters, digits, '-' or '_'")]
-    BadRoom(String),
-    /// Nickname not allowed.
-    #[error("invalid nickname '{0}': use 1–24 letters, digits, '-' or '_'")]
-    BadNick(String),
-    /// Nickname already in use.
+    /// Room name not allowed: the name and why.
+    #[error("invalid room name '{0}': {1}")]
+    BadRoom(String, String),
+    /// A new room whose name looks like an existing one's.
+    #[error("room name '{0}' looks like the existing room '{1}'; join that one")]
+    RoomLookalike(String, String),
+    /// Nickname not allowed: the name and why.
+    #[error("invalid nickname '{0}': {1}")]
+    BadNick(String, String),
+    /// Nickname (or one that looks like it) already in use.
     #[error("nickname '{0}' is taken; pick another with /nick")]
     NickTaken(String),
+    /// Nickname registered by someone else.
+    #[error("nickname '{0}' is registered; /login {0} PASSWORD, or pick another with /nick")]
+    NickRegistered(String),
+    /// The server requires a login first.
+    #[error(
+        "log in first: /login NICK PASSWORD, /register PASSWORD (after /nick NAME), or /token TOKEN"
+    )]
+    LoginRequired,
+    /// Accounts or tokens are not enabled on this server.
+    #[error("{0}")]
+    AuthDisabled(&'static str),
+    /// Registration refused (guest name, taken, bad password): why.
+    #[error("cannot register: {0}")]
+    CannotRegister(String),
+    /// Wrong nick or password (not told apart).
+    #[error("login failed: wrong nickname or password")]
+    LoginFailed,
+    /// Too many login attempts for the account or from the address.
+    #[error("too many login attempts; try again in {0} s")]
+    LoginThrottled(u64),
+    /// An application or session token refused: why.
+    #[error("token refused: {0}")]
+    BadToken(String),
+    /// A room the client's token does not allow.
+    #[error("your token does not allow room '{0}'")]
+    RoomNotAllowed(String),
     /// Client is not in the room.
     #[error("you are not in room '{0}'; join it first")]
     NotMember(String),
@@ -148,9 +184,17 @@ impl HubError {
     /// The machine-readable `code` of the `error` message.
     pub fn code(&self) -> &'static str {
         match self {
-            HubError::BadRoom(_) => "bad_room",
-            HubError::BadNick(_) => "bad_nick",
+            HubError::BadRoom(..) | HubError::RoomLookalike(..) => "bad_room",
+            HubError::BadNick(..) => "bad_nick",
             HubError::NickTaken(_) => "nick_taken",
+            HubError::NickRegistered(_) => "nick_registered",
+            HubError::LoginRequired => "login_required",
+            HubError::AuthDisabled(_) => "auth_disabled",
+            HubError::CannotRegister(_) => "cannot_register",
+            HubError::LoginFailed => "login_failed",
+            HubError::LoginThrottled(_) => "login_throttled",
+            HubError::BadToken(_) => "bad_token",
+            HubError::RoomNotAllowed(_) => "room_not_allowed",
             HubError::NotMember(_) => "not_member",
             HubError::AlreadyJoined(_) => "already_joined",
             HubError::NoSuchUser(_) => "no_such_user",
@@ -161,6 +205,24 @@ impl HubError {
             HubError::Store(_) => "store_failed",
             HubError::BadSince(_) => "bad_message",
         }
+    }
+
+    /// A refused nickname, with the rule it breaks.
+    pub fn bad_nick(nick: &str) -> HubError {
+        let why = check_nick(nick)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        HubError::BadNick(truncate(nick), why)
+    }
+
+    /// A refused room name, with the rule it breaks.
+    pub fn bad_room(room: &str) -> HubError {
+        let why = check_room(room)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        HubError::BadRoom(truncate(room), why)
     }
 
     /// This error as a message for the client.
@@ -256,6 +318,9 @@ struct Client {
     /// protocol's plain text goes): kept here, applied in order with the
     /// joins, so no adapter keeps a copy that could disagree.
     current: Option<String>,
+    /// The name key the client is logged in as (by password, session or
+    /// application token); it may hold that nick even when it is registered.
+    login: Option<String>,
 }
 
 #[derive(Default)]
@@ -277,6 +342,32 @@ struct State {
     shutting_down: bool,
     /// Users connected to other cluster nodes (fed by the cluster relay).
     remote: Remote,
+    /// Name keys of the registered nicks.
+    registered: HashSet<String>,
+    /// Each room's name key and name: a new room may not look like an old one.
+    room_keys: HashMap<String, String>,
+}
+
+impl State {
+    /// The room `name`, created (and its name key recorded) if new.
+    fn room_mut(&mut self, name: &str) -> &mut Room {
+        if !self.rooms.contains_key(name) {
+            self.room_keys
+                .entry(name_key(name))
+                .or_insert_with(|| name.to_string());
+        }
+        self.rooms.entry(name.to_string()).or_default()
+    }
+
+    /// True if the client `id` may hold a nick with name key `key`: it is
+    /// not registered, or the client is logged in as it.
+    fn may_hold(&self, id: ClientId, key: &str) -> bool {
+        !self.registered.contains(key)
+            || self
+                .clients
+                .get(&id)
+                .is_some_and(|c| c.login.as_deref() == Some(key))
+    }
 }
 
 struct Shared {
@@ -298,6 +389,12 @@ struct Shared {
     origin: OnceLock<String>,
     /// The random key upload tickets are signed with ([`files`]).
     ticket_key: [u8; 32],
+    /// Registered nicks (with `--chat-auth accounts` or `required`).
+    accounts: Option<Arc<Accounts>>,
+    /// Password logins per account and per address.
+    limiter: LoginLimiter,
+    /// Password hashes computed at once (each takes 19 MiB and a core).
+    login_slots: tokio::sync::Semaphore,
 }
 
 /// A cheap-to-clone handle to a running hub.
@@ -315,7 +412,21 @@ impl Hub {
         let reader = Store::open_in(data_dir)?;
         let checkpointer = Store::open_in(data_dir)?;
         let mut state = State::default();
+        let accounts = match config.auth.mode {
+            AuthMode::Open => None,
+            _ => Some(Arc::new(Accounts::open_in(
+                data_dir,
+                config.auth.session_ttl,
+            )?)),
+        };
+        if let Some(a) = &accounts {
+            state.registered = a.registered_keys()?.into_iter().collect();
+        }
         for r in writer_store.rooms()? {
+            state
+                .room_keys
+                .entry(name_key(&r.name))
+                .or_insert_with(|| r.name.clone());
             state.rooms.insert(
                 r.name,
                 Room {
@@ -327,8 +438,13 @@ impl Hub {
             );
         }
         let (directs_tx, directs_rx) = mpsc::channel(OUTGOING_DIRECTS);
+        let limiter = LoginLimiter::new(config.auth.logins_per_minute);
+        let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         let shared = Arc::new(Shared {
             config,
+            accounts,
+            limiter,
+            login_slots: tokio::sync::Semaphore::new(slots),
             state: Mutex::new(state),
             stats: HubStats::default(),
             next_client: AtomicU64::new(1),
@@ -369,7 +485,7 @@ impl Hub {
             }
             let id = self.shared.next_client.fetch_add(1, Ordering::Relaxed);
             let (nick, refusal) = pick_nick(&st, id, wanted);
-            st.nicks.insert(nick.to_ascii_lowercase(), id);
+            st.nicks.insert(name_key(&nick), id);
             st.clients.insert(
                 id,
                 Client {
@@ -377,6 +493,7 @@ impl Hub {
                     outbox: outbox.clone(),
                     rooms: BTreeSet::new(),
                     current: None,
+                    login: None,
                 },
             );
             let welcome = Event::new(ServerMsg::Welcome { nick });
@@ -479,22 +596,33 @@ impl Shared {
 /// with the reason `wanted` was refused.
 fn pick_nick(st: &State, id: ClientId, wanted: Option<&str>) -> (String, Option<HubError>) {
     let refusal = match wanted {
-        Some(w) if !valid_nick(w) => Some(HubError::BadNick(truncate(w))),
-        Some(w) if st.nicks.contains_key(&w.to_ascii_lowercase()) || st.remote.has_nick(w) => {
+        Some(w) if !valid_nick(w) => Some(HubError::bad_nick(w)),
+        Some(w) if st.nicks.contains_key(&name_key(w)) || st.remote.has_nick(w) => {
             Some(HubError::NickTaken(w.to_string()))
+        }
+        Some(w) if st.registered.contains(&name_key(w)) => {
+            Some(HubError::NickRegistered(w.to_string()))
         }
         _ => None,
     };
     if let (Some(w), None) = (wanted, &refusal) {
         return (w.to_string(), None);
     }
+    (guest_nick(st, id), refusal)
+}
+
+/// A free guest name for client `id`: `guest-ID`, or another if that is
+/// in use or registered.
+fn guest_nick(st: &State, id: ClientId) -> String {
     let mut n = id;
     loop {
         let candidate = format!("guest-{n}");
-        if !st.nicks.contains_key(&candidate.to_ascii_lowercase())
+        let key = name_key(&candidate);
+        if !st.nicks.contains_key(&key)
+            && !st.registered.contains(&key)
             && !st.remote.has_nick(&candidate)
         {
-            return (candidate, refusal);
+            return candidate;
         }
         n += 1_000_000;
     }

@@ -13,6 +13,7 @@ use super::deliver::local_members_below;
 use super::origin::REMOTE;
 use super::writer::{Post, WriteCmd};
 use super::{ClientId, Event, Hub, HubError, Session, Shared, State, truncate};
+use crate::chat::names::name_key;
 use crate::chat::protocol::{
     ChatMessage, MessageKind, PresenceEvent, RemoteMember, ServerMsg, now_ms, valid_nick,
     valid_room,
@@ -45,7 +46,7 @@ impl Remote {
     }
 
     pub(super) fn has_nick(&self, nick: &str) -> bool {
-        self.users.contains_key(&nick.to_ascii_lowercase())
+        self.users.contains_key(&name_key(nick))
     }
 }
 
@@ -134,7 +135,7 @@ impl Hub {
         origin: Option<(String, u64)>,
     ) -> Result<(), HubError> {
         if !valid_room(&room) {
-            return Err(HubError::BadRoom(truncate(&room)));
+            return Err(HubError::bad_room(&room));
         }
         self.writer
             .send((
@@ -208,7 +209,7 @@ impl Hub {
         for u in users {
             st.remote
                 .users
-                .entry(u.nick.to_ascii_lowercase())
+                .entry(name_key(&u.nick))
                 .or_default()
                 .push(u);
         }
@@ -250,11 +251,11 @@ impl Hub {
             return false;
         }
         let mut st = self.lock();
-        let Some(&target) = st.nicks.get(&to.to_ascii_lowercase()) else {
+        let Some(&target) = st.nicks.get(&name_key(to)) else {
             return false;
         };
         // A remote sender whose nick is also in use here is shown as nick@node.
-        let from = if st.nicks.contains_key(&from.nick.to_ascii_lowercase()) {
+        let from = if st.nicks.contains_key(&name_key(&from.nick)) {
             from.display()
         } else {
             from.nick
@@ -369,7 +370,7 @@ impl Session {
         let target = st
             .remote
             .users
-            .get(&nick.to_ascii_lowercase())
+            .get(&name_key(nick))
             .and_then(|us| us.iter().find(|u| node.is_none_or(|n| u.node == n)))
             .cloned();
         let Some(target) = target else {

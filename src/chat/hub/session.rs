@@ -16,6 +16,8 @@ use super::deliver::{Drained, Kick, Outbox};
 use super::remote::check_since;
 use super::writer::{Post, WriteCmd};
 use super::{ClientId, DisconnectReason, Event, Hub, HubError, member_nicks, truncate};
+use crate::chat::auth::AuthMode;
+use crate::chat::names::name_key;
 use crate::chat::protocol::{ClientMsg, MessageKind, ServerMsg, now_ms, valid_nick, valid_room};
 
 /// What one client does: every request of a connection goes through its session.
@@ -35,6 +37,19 @@ pub struct Session {
     pending: Mutex<Pending>,
     /// Rate-limit refusals and how they were reported.
     refusals: Refusals,
+    /// Who the client is and where from (see `login`).
+    pub(super) ident: Identity,
+}
+
+/// What a session knows of its client's identity.
+#[derive(Debug, Default)]
+pub(super) struct Identity {
+    /// The client's address (for the per-address login limit).
+    pub(super) peer: Option<std::net::IpAddr>,
+    /// Logged in (by password, session or application token).
+    pub(super) logged_in: bool,
+    /// The rooms an application token limits the client to.
+    pub(super) rooms: Option<BTreeSet<String>>,
 }
 
 /// A client's rate-limit refusals: at most one `rate_limited` error a
@@ -172,6 +187,7 @@ impl Session {
             last_refill: Instant::now(),
             pending: Mutex::default(),
             refusals: Refusals::default(),
+            ident: Identity::default(),
         }
     }
 
@@ -282,6 +298,16 @@ impl Session {
     pub async fn handle(&mut self, msg: ClientMsg) -> Result<(), HubError> {
         self.take_token()?;
         self.report_earlier_refusals();
+        if msg.is_auth() {
+            self.settle().await;
+            return self.identify(msg).await;
+        }
+        if !self.ident.logged_in
+            && self.hub.shared.config.auth.mode == AuthMode::Required
+            && !matches!(msg, ClientMsg::Nick { .. })
+        {
+            return Err(HubError::LoginRequired);
+        }
         // Messages and topics are checked by the writer, in order with this
         // client's earlier joins; anything else needs them applied first.
         if !matches!(
@@ -305,6 +331,10 @@ impl Session {
             }
             ClientMsg::Who { room } => self.who(&room),
             ClientMsg::FileTicket { room } => self.file_ticket(&room),
+            ClientMsg::Register { .. }
+            | ClientMsg::Login { .. }
+            | ClientMsg::Logout { .. }
+            | ClientMsg::Auth { .. } => unreachable!("identify handles these"),
         }
     }
 
@@ -352,11 +382,12 @@ impl Session {
         // Without an origin (clustering off) no message has one: resume by id.
         let since = since.filter(|_| self.hub.shared.origin.get().is_some());
         if !valid_room(room) {
-            return Err(HubError::BadRoom(truncate(room)));
+            return Err(HubError::bad_room(room));
         }
         if self.in_room(room) {
             return Err(HubError::AlreadyJoined(room.to_string()));
         }
+        self.may_join(room)?;
         self.write(WriteCmd::Join {
             client: self.id,
             room: room.to_string(),
@@ -422,7 +453,7 @@ impl Session {
     pub fn direct(&self, to: &str, text: String) -> Result<(), HubError> {
         self.check_text(&text)?;
         let mut st = self.hub.lock();
-        let Some(&target) = st.nicks.get(&to.to_ascii_lowercase()) else {
+        let Some(&target) = st.nicks.get(&name_key(to)) else {
             return self.direct_remote(&mut st, to, text);
         };
         let from = st
@@ -450,13 +481,14 @@ impl Session {
         Ok(())
     }
 
-    /// Changes the nickname (unique on the server, case-insensitively); everyone
+    /// Changes the nickname (unique on the server by [`name_key`], and a
+    /// registered one only for its owner); everyone
     /// sharing a room with the client, and the client, is told.
     pub fn set_nick(&self, nick: &str) -> Result<(), HubError> {
         if !valid_nick(nick) {
-            return Err(HubError::BadNick(truncate(nick)));
+            return Err(HubError::bad_nick(nick));
         }
-        let key = nick.to_ascii_lowercase();
+        let key = name_key(nick);
         let mut st = self.hub.lock();
         if let Some(&owner) = st.nicks.get(&key)
             && owner != self.id
@@ -467,27 +499,12 @@ impl Session {
         if st.remote.has_nick(nick) && !st.nicks.contains_key(&key) {
             return Err(HubError::NickTaken(nick.to_string()));
         }
-        let Some(c) = st.clients.get_mut(&self.id) else {
-            return Err(HubError::ShuttingDown);
-        };
-        let old = std::mem::replace(&mut c.nick, nick.to_string());
-        let rooms = c.rooms.clone();
-        st.nicks.remove(&old.to_ascii_lowercase());
-        st.nicks.insert(key, self.id);
-        let mut recipients: BTreeSet<ClientId> = BTreeSet::from([self.id]);
-        for room in &rooms {
-            if let Some(r) = st.rooms.get(room) {
-                recipients.extend(r.members.iter().copied());
-            }
+        if !st.may_hold(self.id, &key) {
+            return Err(HubError::NickRegistered(nick.to_string()));
         }
-        let recipients: Vec<ClientId> = recipients.into_iter().collect();
-        let ev = Event::new(ServerMsg::Nick {
-            old,
-            new: nick.to_string(),
-            node: None,
-        });
-        self.hub.shared.presence_changed();
-        self.hub.shared.deliver_locked(&mut st, &recipients, &ev);
+        if !self.hub.shared.rename_locked(&mut st, self.id, nick) {
+            return Err(HubError::ShuttingDown);
+        }
         Ok(())
     }
 
@@ -500,7 +517,7 @@ impl Session {
             });
         }
         if !valid_room(room) {
-            return Err(HubError::BadRoom(truncate(room)));
+            return Err(HubError::bad_room(room));
         }
         self.write(WriteCmd::Topic {
             client: self.id,
@@ -513,7 +530,7 @@ impl Session {
     /// Sends the client the member list of `room`.
     pub fn who(&self, room: &str) -> Result<(), HubError> {
         if !valid_room(room) {
-            return Err(HubError::BadRoom(truncate(room)));
+            return Err(HubError::bad_room(room));
         }
         let (members, remote) = {
             let st = self.hub.lock();

@@ -455,7 +455,7 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
         file: post.file.as_ref().map(|f| Box::new(f.file.clone())),
     };
     if post.client == REMOTE {
-        st.rooms.entry(post.room.clone()).or_default();
+        st.room_mut(&post.room);
     } else {
         let _ = shared.stored_local.send(msg.clone());
     }
@@ -484,7 +484,7 @@ fn apply_topic(shared: &Shared, st: &mut State, client: ClientId, room: &str, to
         .get(&client)
         .map(|c| c.nick.clone())
         .unwrap_or_default();
-    let r = st.rooms.entry(room.to_string()).or_default();
+    let r = st.room_mut(room);
     r.topic = topic.to_string();
     let members: Vec<ClientId> = r.members.iter().copied().collect();
     let ev = Event::new(ServerMsg::Topic {
@@ -506,7 +506,7 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
     };
     let limit = shared.config.presence_limit;
     let remote = st.remote.count(room);
-    let r = st.rooms.entry(room.to_string()).or_default();
+    let r = st.room_mut(room);
     let others: Vec<ClientId> = if r.members.len() + remote < limit {
         r.members.iter().copied().collect()
     } else {

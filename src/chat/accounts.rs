@@ -1,0 +1,327 @@
+//! Registered nicknames in the chat database: the `accounts` table (keyed
+//! by the nick's [`name_key`], so that later moderation — operators, bans —
+//! can key by it too), argon2id password hashes, and the page's session
+//! tokens (`account_sessions`, stored hashed, expiring). Every call blocks
+//! (SQLite, argon2): run it on a blocking thread, never on the hub's writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand_core::{OsRng, RngCore};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::names::name_key;
+use super::protocol::now_ms;
+use super::store::{DB_FILE, StoreError};
+
+/// argon2id memory cost in KiB (19 MiB): the OWASP minimum for argon2id.
+pub const ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+/// argon2id passes over that memory.
+pub const ARGON2_PASSES: u32 = 2;
+/// argon2id lanes: one, so one login uses one core.
+pub const ARGON2_LANES: u32 = 1;
+/// Shortest password accepted at registration, in bytes.
+pub const MIN_PASSWORD: usize = 8;
+/// Longest password accepted, in bytes (argon2 takes more, but nobody types it).
+pub const MAX_PASSWORD: usize = 1024;
+
+/// Why an account operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// The nick (or one that looks like it) is registered already.
+    #[error("nickname '{0}' is registered already")]
+    Exists(String),
+    /// Unknown account or wrong password (the two are not told apart).
+    #[error("wrong nickname or password")]
+    Wrong,
+    /// Unknown, expired or forged session token.
+    #[error("session token unknown or expired; log in with your password")]
+    BadSession,
+    /// A password that is too short or too long.
+    #[error("a password must be {MIN_PASSWORD} to {MAX_PASSWORD} bytes")]
+    BadPassword,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The registered accounts and their sessions.
+pub struct Accounts {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    hasher: Argon2<'static>,
+    session_ttl: Duration,
+    /// A hash checked when the account does not exist, so that a login
+    /// takes as long for an unknown nick as for a wrong password.
+    decoy: OnceLock<String>,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accounts")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Accounts {
+    /// Opens (creating the tables if needed) the accounts in `dir`'s chat
+    /// database; sessions last `session_ttl`.
+    pub fn open_in(dir: &Path, session_ttl: Duration) -> Result<Accounts, StoreError> {
+        let path = dir.join(DB_FILE);
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS accounts (
+                 key TEXT PRIMARY KEY,
+                 nick TEXT NOT NULL,
+                 password TEXT NOT NULL,
+                 created_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS account_sessions (
+                 selector TEXT PRIMARY KEY,
+                 account TEXT NOT NULL,
+                 verifier BLOB NOT NULL,
+                 expires_ms INTEGER NOT NULL
+             );",
+        )
+        .map_err(err)?;
+        conn.execute(
+            "DELETE FROM account_sessions WHERE expires_ms <= ?1",
+            params![now_ms()],
+        )
+        .map_err(err)?;
+        let params = Params::new(ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES, None)
+            .expect("fixed argon2 parameters are valid");
+        Ok(Accounts {
+            conn: Mutex::new(conn),
+            path,
+            hasher: Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
+            session_ttl,
+            decoy: OnceLock::new(),
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The keys of every registered nick.
+    pub fn registered_keys(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT key FROM accounts")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Registers `nick` with `password` (hashed with argon2id and a fresh
+    /// random salt); refuses a nick whose key is registered already.
+    pub fn register(&self, nick: &str, password: &str) -> Result<(), AccountError> {
+        check_password(password)?;
+        let salt = SaltString::generate(&mut OsRng);
+        let hash = self
+            .hasher
+            .hash_password(password.as_bytes(), &salt)
+            .expect("argon2 hashes any password within the length limit")
+            .to_string();
+        let inserted = self
+            .conn()
+            .execute(
+                "INSERT OR IGNORE INTO accounts (key, nick, password, created_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![name_key(nick), nick, hash, now_ms()],
+            )
+            .map_err(|e| self.err(e))?;
+        if inserted == 0 {
+            return Err(AccountError::Exists(nick.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Checks `password` for the account of `nick` (any name with its key);
+    /// returns the nick as registered.
+    pub fn verify(&self, nick: &str, password: &str) -> Result<String, AccountError> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT nick, password FROM accounts WHERE key = ?1",
+                params![name_key(nick)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let too_long = password.len() > MAX_PASSWORD;
+        let (registered, phc) = match row {
+            Some((n, phc)) if !too_long => (Some(n), phc),
+            _ => (None, self.decoy().to_string()),
+        };
+        let parsed = PasswordHash::new(&phc).map_err(|_| AccountError::Wrong)?;
+        let ok = self
+            .hasher
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
+        match registered {
+            Some(n) if ok => Ok(n),
+            _ => Err(AccountError::Wrong),
+        }
+    }
+
+    /// A hash of a random password, made once.
+    fn decoy(&self) -> &str {
+        self.decoy.get_or_init(|| {
+            let mut pw = [0u8; 16];
+            OsRng.fill_bytes(&mut pw);
+            let salt = SaltString::generate(&mut OsRng);
+            self.hasher
+                .hash_password(&pw, &salt)
+                .expect("argon2 hashes 16 bytes")
+                .to_string()
+        })
+    }
+
+    /// Issues a session token for the account of `nick`: `SELECTOR.SECRET`,
+    /// of which only the SHA-256 of the secret is stored. Returns the token
+    /// and when it expires (ms since the epoch).
+    pub fn issue_session(&self, nick: &str) -> Result<(String, i64), AccountError> {
+        let mut selector = [0u8; 12];
+        let mut secret = [0u8; 32];
+        OsRng.fill_bytes(&mut selector);
+        OsRng.fill_bytes(&mut secret);
+        let selector = URL_SAFE_NO_PAD.encode(selector);
+        let verifier = Sha256::digest(secret).to_vec();
+        let ttl = i64::try_from(self.session_ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires = now_ms().saturating_add(ttl);
+        self.conn()
+            .execute(
+                "INSERT INTO account_sessions (selector, account, verifier, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![selector, name_key(nick), verifier, expires],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok((
+            format!("{selector}.{}", URL_SAFE_NO_PAD.encode(secret)),
+            expires,
+        ))
+    }
+
+    /// The nick whose session `token` is, if it is known and not expired;
+    /// the secret is compared in constant time.
+    pub fn check_session(&self, token: &str) -> Result<String, AccountError> {
+        let (selector, secret) = token.split_once('.').ok_or(AccountError::BadSession)?;
+        let secret = URL_SAFE_NO_PAD
+            .decode(secret)
+            .map_err(|_| AccountError::BadSession)?;
+        let row: Option<(String, Vec<u8>, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT a.nick, s.verifier, s.expires_ms FROM account_sessions s
+                 JOIN accounts a ON a.key = s.account WHERE s.selector = ?1",
+                params![selector],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((nick, verifier, expires)) = row else {
+            return Err(AccountError::BadSession);
+        };
+        let digest = Sha256::digest(&secret);
+        if !bool::from(digest.as_slice().ct_eq(&verifier)) || expires <= now_ms() {
+            return Err(AccountError::BadSession);
+        }
+        Ok(nick)
+    }
+
+    /// Forgets the session `token` (logging out); unknown tokens are ignored.
+    pub fn revoke_session(&self, token: &str) -> Result<(), AccountError> {
+        let selector = token.split_once('.').map_or(token, |(s, _)| s);
+        self.conn()
+            .execute(
+                "DELETE FROM account_sessions WHERE selector = ?1",
+                params![selector],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+/// Refuses a password shorter than [`MIN_PASSWORD`] or longer than [`MAX_PASSWORD`] bytes.
+pub fn check_password(password: &str) -> Result<(), AccountError> {
+    if (MIN_PASSWORD..=MAX_PASSWORD).contains(&password.len()) {
+        Ok(())
+    } else {
+        Err(AccountError::BadPassword)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_verify_and_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let acc = Accounts::open_in(dir.path(), Duration::from_secs(60)).unwrap();
+        acc.register("Alice", "correct horse").unwrap();
+        assert!(matches!(
+            acc.register("ALICE", "another one"),
+            Err(AccountError::Exists(_))
+        ));
+        assert_eq!(acc.verify("alice", "correct horse").unwrap(), "Alice");
+        assert!(matches!(
+            acc.verify("alice", "wrong pass"),
+            Err(AccountError::Wrong)
+        ));
+        assert!(matches!(
+            acc.verify("nobody", "correct horse"),
+            Err(AccountError::Wrong)
+        ));
+        assert!(matches!(
+            acc.register("bob", "short"),
+            Err(AccountError::BadPassword)
+        ));
+        // The stored hash is argon2id with its own salt, never the password.
+        let phc: String = acc
+            .conn()
+            .query_row("SELECT password FROM accounts", [], |r| r.get(0))
+            .unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        assert!(!phc.contains("correct horse"));
+
+        let (token, expires) = acc.issue_session("alice").unwrap();
+        assert!(expires > now_ms());
+        assert_eq!(acc.check_session(&token).unwrap(), "Alice");
+        let (sel, _) = token.split_once('.').unwrap();
+        let forged = format!("{sel}.{}", URL_SAFE_NO_PAD.encode([7u8; 32]));
+        assert!(matches!(
+            acc.check_session(&forged),
+            Err(AccountError::BadSession)
+        ));
+        acc.revoke_session(&token).unwrap();
+        assert!(matches!(
+            acc.check_session(&token),
+            Err(AccountError::BadSession)
+        ));
+    }
+}
