@@ -70,10 +70,32 @@ pub fn announce(doors: &Ready) {
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let mut out = std::io::stdout().lock();
-    // A closed stdout only means nobody is waiting for the line.
-    let _ = writeln!(out, "{}", doors.line());
-    let _ = out.flush();
+    {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout only means nobody is waiting for the line.
+        let _ = writeln!(out, "{}", doors.line());
+        let _ = out.flush();
+    }
+    ANNOUNCED.store(true, Ordering::Release);
+    ANNOUNCED_NOTIFY.notify_waiters();
+}
+
+/// Set once the ready line is out.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+/// Wakes [`announced`] waiters when the ready line is out.
+static ANNOUNCED_NOTIFY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Returns once the ready line has been printed (at once when `--ready-json`
+/// is off). Other stdout writers wait for it, so the ready line is always the
+/// first line a test or script reads.
+pub async fn announced() {
+    loop {
+        let notified = ANNOUNCED_NOTIFY.notified();
+        if !ENABLED.load(Ordering::Relaxed) || ANNOUNCED.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
 }
 
 #[cfg(test)]

@@ -324,6 +324,11 @@ async fn print_status(
 ) {
     use std::io::Write;
     let every = every.max(Duration::from_millis(10));
+    // The ready line comes first on stdout: readers take the first line as it.
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = crate::ready::announced() => {}
+    }
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
