@@ -172,7 +172,9 @@ impl Driver {
             }
         };
         let Some(last) = batch.last().map(|m| m.seq) else {
+            // Not readable now: announced, so the members pull them later.
             self.pushed = *self.hub.local_seq().borrow();
+            self.relay.announce_local(self.pushed);
             return;
         };
         for m in batch {

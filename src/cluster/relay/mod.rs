@@ -215,8 +215,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
             } => self.on_packet(from, generation, packet, now, &mut out),
             RelayEvent::Local(m) => {
                 self.busy_until = now + BUSY_FOR;
-                let have = self.have.entry(self.me.clone()).or_insert(0);
-                *have = (*have).max(m.seq);
+                self.announce_local(m.seq);
                 out.push(RelayAction::Broadcast(RelayPacket::Msg(m)));
             }
             RelayEvent::Direct {
@@ -233,6 +232,14 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
             RelayEvent::Tick { peer } => self.on_tick(peer, now, &mut out),
         }
         out
+    }
+
+    /// This node's log goes up to `seq` although the messages were not sent
+    /// (the driver could not read them): summaries announce them, and the
+    /// members pull them (served from the log once it reads again).
+    pub fn announce_local(&mut self, seq: u64) {
+        let have = self.have.entry(self.me.clone()).or_insert(0);
+        *have = (*have).max(seq);
     }
 
     /// The anti-entropy summary to send to a random live member.
