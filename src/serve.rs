@@ -197,13 +197,15 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         hub_writer = Some(writer);
         // Rooms span the cluster: the relay carries messages between nodes.
         if let Some(membership) = &cluster_info.membership {
-            let store = crate::cluster::relay::RelayStore::open_in(&args.data_dir)?;
+            // The relay reads the hub's store (the one message log) on a
+            // connection of its own.
+            let log = crate::chat::store::Store::open_in(&args.data_dir)?;
             // Before any client connects: local messages carry the origin.
-            hub.set_origin(store.origin(&membership.view().me.name)?);
+            hub.set_origin(log.origin(&membership.view().me.name)?);
             tracker.spawn(crate::cluster::relay::run(
                 hub.clone(),
                 membership.clone(),
-                store,
+                log,
                 cluster_info.remote_users.clone(),
                 shutdown.clone(),
             ));

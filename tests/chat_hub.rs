@@ -880,3 +880,52 @@ async fn refusals_of_one_spell_are_reported_together_with_their_count() {
         [HubError::RateLimited(0.5).to_string(), more(5), more(1)]
     );
 }
+
+/// The log key of a message from another node: the same `(origin, seq)`
+/// twice, in one batch or in two, is stored and shown once, and the room's
+/// ids stay gap-free; local messages get this node's next sequence.
+#[tokio::test]
+async fn a_message_relayed_twice_is_stored_and_shown_once() {
+    let hub = TestHub::new(unlimited());
+    assert!(hub.set_origin("a/1".into()));
+    let (ann, mut ai) = member(&hub, "ann", "lobby").await;
+    let from_b = |seq: u64, text: &str| netkit::chat::store::LogMessage {
+        origin: "b/2".into(),
+        seq,
+        room: "lobby".into(),
+        from: "bob".into(),
+        text: text.into(),
+        kind: MessageKind::Say,
+        ts: 1,
+        origin_id: seq + 10,
+    };
+    for m in [from_b(1, "one"), from_b(1, "one"), from_b(2, "two")] {
+        hub.apply_remote(m).await.unwrap();
+    }
+    hub.sync_writes().await.unwrap();
+    hub.apply_remote(from_b(2, "two")).await.unwrap();
+    // Queued after the duplicates: anything shown twice would come before it.
+    ann.say("lobby", "mine".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    hub.sync_writes().await.unwrap();
+    let got: Vec<(u64, String, u64)> = [
+        message(&mut ai).await,
+        message(&mut ai).await,
+        message(&mut ai).await,
+    ]
+    .into_iter()
+    .map(|m| (m.id, m.text, m.origin_id))
+    .collect();
+    assert_eq!(
+        got,
+        [
+            (1, "one".into(), 11),
+            (2, "two".into(), 12),
+            (3, "mine".into(), 3)
+        ]
+    );
+    assert_eq!(*hub.local_seq().borrow(), 1);
+    let page = hub.history("lobby", None, None, 50).unwrap();
+    assert_eq!(page.len(), 3);
+}

@@ -1,12 +1,13 @@
 //! Resume by origin vector (`join` with `since`) without sockets: two hubs
-//! stand for two cluster nodes, with the relay's part played by hand
-//! (`stored_local` of one applied to the other with `apply_remote`).
+//! stand for two cluster nodes, with the relay's part played by hand (the
+//! messages posted on one, read from its log, applied to the other with
+//! `apply_remote`).
 
 use std::collections::BTreeMap;
 
 use netkit::chat::hub::{Hub, HubConfig, HubError, Inbox, Received, Session};
 use netkit::chat::protocol::{ChatMessage, ServerMsg};
-use tokio::sync::broadcast;
+use netkit::chat::store::{LogMessage, Store};
 
 fn unlimited() -> HubConfig {
     HubConfig {
@@ -17,19 +18,31 @@ fn unlimited() -> HubConfig {
 
 struct Node {
     hub: Hub,
-    local: broadcast::Receiver<ChatMessage>,
+    /// The node's store read as the relay reads it, and how far it has been read.
+    log: Store,
+    origin: String,
+    taken: u64,
     _dir: tempfile::TempDir,
 }
 
 fn node(origin: &str) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::open(dir.path(), unlimited()).unwrap().0;
-    assert!(hub.set_origin(origin.into()));
-    let local = hub.stored_local();
-    Node {
-        hub,
-        local,
-        _dir: dir,
+    let mut node = node_in(dir.path(), origin);
+    node._dir = dir;
+    node
+}
+
+/// A message taken from a node's log: its log entry (for `apply_remote`),
+/// and as the node's clients saw it (`Deref`).
+struct Logged {
+    entry: LogMessage,
+    shown: ChatMessage,
+}
+
+impl std::ops::Deref for Logged {
+    type Target = ChatMessage;
+    fn deref(&self) -> &ChatMessage {
+        &self.shown
     }
 }
 
@@ -41,22 +54,37 @@ async fn relay(from: &mut Node, to: &Node) {
 }
 
 /// Takes the messages posted on `from` so far without applying them anywhere.
-async fn take(from: &mut Node) -> Vec<ChatMessage> {
+async fn take(from: &mut Node) -> Vec<Logged> {
     from.hub.sync_writes().await.unwrap();
-    let mut out = Vec::new();
-    while let Ok(m) = from.local.try_recv() {
-        out.push(m);
-    }
-    out
+    let entries = from
+        .log
+        .log_after(&from.origin, from.taken, 10_000)
+        .unwrap();
+    from.taken = entries.last().map_or(from.taken, |m| m.seq);
+    assert_eq!(from.taken, *from.hub.local_seq().borrow());
+    entries
+        .into_iter()
+        .map(|entry| Logged {
+            // A local message's origin id is its id in the room here.
+            shown: ChatMessage {
+                room: entry.room.clone(),
+                id: entry.origin_id,
+                from: entry.from.clone(),
+                text: entry.text.clone(),
+                ts: entry.ts,
+                kind: entry.kind,
+                origin: Some(entry.origin.clone().into()),
+                origin_id: entry.origin_id,
+                file: None,
+            },
+            entry,
+        })
+        .collect()
 }
 
-async fn apply(to: &Node, msgs: &[ChatMessage]) {
-    for m in msgs.iter().cloned() {
-        let origin = (m.origin.clone().unwrap().into_string(), m.origin_id);
-        to.hub
-            .apply_remote(m.room, m.from, m.text, m.kind, m.ts, Some(origin))
-            .await
-            .unwrap();
+async fn apply(to: &Node, msgs: &[Logged]) {
+    for m in msgs {
+        to.hub.apply_remote(m.entry.clone()).await.unwrap();
     }
     to.hub.sync_writes().await.unwrap();
 }
@@ -352,10 +380,13 @@ async fn an_old_database_is_migrated() {
 fn node_in(dir: &std::path::Path, origin: &str) -> Node {
     let hub = Hub::open(dir, unlimited()).unwrap().0;
     assert!(hub.set_origin(origin.into()));
-    let local = hub.stored_local();
+    let log = Store::open_in(dir).unwrap();
+    let taken = log.log_heads().unwrap().get(origin).copied().unwrap_or(0);
     Node {
         hub,
-        local,
+        log,
+        origin: origin.into(),
+        taken,
         _dir: tempfile::tempdir().unwrap(),
     }
 }

@@ -47,7 +47,7 @@ use super::names::{check_nick, check_room, name_key};
 use super::protocol::{ChatMessage, RemoteMember, RoomInfo, ServerMsg, valid_nick};
 use super::store::{Store, StoreError};
 use deliver::Outbox;
-use remote::{OUTGOING_DIRECTS, Remote, STORED_LOCAL_CAPACITY};
+use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
 pub use files::{TICKET_LIFETIME, TicketError, Uploader};
@@ -376,8 +376,9 @@ struct Shared {
     stats: HubStats,
     next_client: AtomicU64,
     reader: Mutex<Store>,
-    /// Messages posted on this node, sent once stored (for the cluster relay).
-    stored_local: tokio::sync::broadcast::Sender<ChatMessage>,
+    /// The newest log sequence of messages posted on this node, set after
+    /// each commit (for the cluster relay, which reads them from the store).
+    local_seq: tokio::sync::watch::Sender<u64>,
     /// Bumped whenever a local client connects, leaves, joins, parts or
     /// renames (for the cluster presence snapshot).
     presence: tokio::sync::watch::Sender<u64>,
@@ -406,8 +407,20 @@ pub struct Hub {
 
 impl Hub {
     /// Opens the history in `data_dir` and starts the writer thread.
+    /// A relay store left by an older version is moved into the history first
+    /// ([`Store::import_relay_store`]).
     pub fn open(data_dir: &Path, config: HubConfig) -> Result<(Hub, HubWriter), StoreError> {
-        let writer_store = Store::open_in(data_dir)?;
+        let mut writer_store = Store::open_in(data_dir)?;
+        if let Some(r) = writer_store.import_relay_store(data_dir)? {
+            tracing::info!(
+                keyed = r.keyed,
+                legacy = r.legacy,
+                added = r.added,
+                present = r.present,
+                skipped = r.skipped,
+                "chat: the relay store of an older version is now part of the history; renamed to relay.sqlite3.migrated"
+            );
+        }
         writer_store.disable_autocheckpoint()?;
         let reader = Store::open_in(data_dir)?;
         let checkpointer = Store::open_in(data_dir)?;
@@ -449,7 +462,7 @@ impl Hub {
             stats: HubStats::default(),
             next_client: AtomicU64::new(1),
             reader: Mutex::new(reader),
-            stored_local: tokio::sync::broadcast::channel(STORED_LOCAL_CAPACITY).0,
+            local_seq: tokio::sync::watch::channel(0).0,
             presence: tokio::sync::watch::channel(0).0,
             directs: directs_tx,
             directs_rx: Mutex::new(Some(directs_rx)),
@@ -567,7 +580,7 @@ impl Hub {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let store = self.shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let store = self.shared.reader();
         let upto = before.map(|b| b.saturating_sub(1)).unwrap_or(u64::MAX);
         match (after, before) {
             (Some(a), None) => store.earliest(room, a, upto, limit),
@@ -583,6 +596,20 @@ impl Hub {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The store connection readers share (locked: callers block on SQLite).
+    fn reader(&self) -> MutexGuard<'_, Store> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the relay that this node's log goes up to sequence `seq`.
+    fn local_log_reaches(&self, seq: u64) {
+        self.local_seq.send_if_modified(|v| {
+            let newer = *v < seq;
+            *v = (*v).max(seq);
+            newer
+        });
     }
 
     /// Tells the cluster presence that the local clients changed.

@@ -8,17 +8,30 @@ use super::{ClientId, Room, Shared};
 /// no client has this id (they count from 1).
 pub(super) const REMOTE: ClientId = 0;
 
-/// The origin a message is stored and sent with: for one applied from
-/// another node, what the relay gave; for a local one, this node's origin
-/// (if clustering is on) and its room id.
+/// Where a message applied from another node comes from in the cluster log.
+pub(super) struct RemoteOrigin {
+    /// The origin (`node/TAG`).
+    pub(super) name: String,
+    /// Its sequence number there: with `name`, its key in the log.
+    pub(super) seq: u64,
+    /// Its room id there (0 if unknown).
+    pub(super) id: u64,
+}
+
+/// The origin and origin id a message is shown with: for one applied from
+/// another node, what the relay gave (none if its origin id is unknown); for
+/// a local one, this node's origin (if clustering is on) and its room id.
 pub(super) fn message_origin<'a>(
     shared: &'a Shared,
     client: ClientId,
-    remote: &'a Option<(String, u64)>,
+    remote: &'a Option<RemoteOrigin>,
     id: u64,
 ) -> Option<(&'a str, u64)> {
     if client == REMOTE {
-        remote.as_ref().map(|(o, n)| (o.as_str(), *n))
+        remote
+            .as_ref()
+            .filter(|r| r.id > 0)
+            .map(|r| (r.name.as_str(), r.id))
     } else {
         shared.origin.get().map(|o| (o.as_str(), id))
     }

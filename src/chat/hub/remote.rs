@@ -1,8 +1,8 @@
 //! What the hub knows of other cluster nodes, without knowing how they are
 //! reached: messages posted elsewhere ([`Hub::apply_remote`]), members and
 //! renames there ([`Hub::apply_remote_presence`]), direct messages both ways,
-//! this node's own presence and stored messages for the relay to carry, and
-//! the per-origin floors of clients resuming by `since`.
+//! this node's own presence and how far its log goes ([`Hub::local_seq`]) for
+//! the relay, and the per-origin floors of clients resuming by `since`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -10,17 +10,14 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::deliver::local_members_below;
-use super::origin::REMOTE;
+use super::origin::{REMOTE, RemoteOrigin};
 use super::writer::{Post, WriteCmd};
 use super::{ClientId, Event, Hub, HubError, Session, Shared, State, truncate};
 use crate::chat::names::name_key;
 use crate::chat::protocol::{
-    ChatMessage, MessageKind, PresenceEvent, RemoteMember, ServerMsg, now_ms, valid_nick,
-    valid_room,
+    PresenceEvent, RemoteMember, ServerMsg, now_ms, valid_nick, valid_room,
 };
-
-/// Capacity of the [`Hub::stored_local`] broadcast.
-pub(super) const STORED_LOCAL_CAPACITY: usize = 8192;
+use crate::chat::store::LogMessage;
 
 /// Capacity of the queue of direct messages to other nodes.
 pub(super) const OUTGOING_DIRECTS: usize = 1024;
@@ -111,7 +108,15 @@ impl Hub {
     /// `join` honours `since`. Call it before clients connect.
     pub fn set_origin(&self, origin: String) -> bool {
         let set = self.shared.origin.get_or_init(|| origin.clone());
-        *set == origin
+        if *set != origin {
+            return false;
+        }
+        let last = self.shared.reader().last_seq(set).unwrap_or_else(|e| {
+            tracing::warn!("chat: {e}");
+            0
+        });
+        self.shared.local_log_reaches(last);
+        true
     }
 
     /// This node's cluster origin, if clustering set one.
@@ -119,34 +124,33 @@ impl Hub {
         self.shared.origin.get().map(String::as_str)
     }
 
-    /// Queues a message posted on another node for storage in `room` (created
-    /// if new) and delivery to the room's local members, in the order of the
-    /// calls; [`Hub::sync_writes`] waits for it to be committed. `origin` is
-    /// the node it was posted on and its id there, when known (stored with it
-    /// and sent to clients, for resume by `since`).
-    /// For the cluster relay; such messages are not sent to [`Hub::stored_local`].
-    pub async fn apply_remote(
-        &self,
-        room: String,
-        from: String,
-        text: String,
-        kind: MessageKind,
-        ts: i64,
-        origin: Option<(String, u64)>,
-    ) -> Result<(), HubError> {
-        if !valid_room(&room) {
-            return Err(HubError::bad_room(&room));
+    /// Queues a message posted on another node for storage in its room
+    /// (created if new) and delivery to the room's local members, in the
+    /// order of the calls; [`Hub::sync_writes`] waits for it to be committed.
+    /// It is stored with its origin and sequence (its key in the cluster
+    /// log): if a message with that key is stored already, this one is
+    /// dropped in the same transaction and nobody sees it twice. Its origin
+    /// id (when known) is sent to clients, for resume by `since`.
+    /// For the cluster relay; such messages do not move [`Hub::local_seq`].
+    pub async fn apply_remote(&self, m: LogMessage) -> Result<(), HubError> {
+        if !valid_room(&m.room) {
+            return Err(HubError::bad_room(&m.room));
         }
+        let origin = (!m.origin.is_empty() && m.seq > 0).then_some(RemoteOrigin {
+            name: m.origin,
+            seq: m.seq,
+            id: m.origin_id,
+        });
         self.writer
             .send((
                 WriteCmd::Say(Post {
                     client: REMOTE,
-                    room,
-                    from,
-                    text,
-                    kind,
-                    ts,
-                    origin: origin.filter(|(o, n)| !o.is_empty() && *n > 0),
+                    room: m.room,
+                    from: m.from,
+                    text: m.text,
+                    kind: m.kind,
+                    ts: m.ts,
+                    origin,
                     file: None,
                 }),
                 None,
@@ -167,11 +171,13 @@ impl Hub {
         Ok(())
     }
 
-    /// Every message posted on this node from now on, once it is stored (in
-    /// storage order). A subscriber that falls more than 8192 messages behind
-    /// gets `Lagged` and has missed those.
-    pub fn stored_local(&self) -> tokio::sync::broadcast::Receiver<ChatMessage> {
-        self.shared.stored_local.subscribe()
+    /// The newest sequence number of this node's origin in its log (as of
+    /// [`Hub::set_origin`], then bumped after each commit of messages posted
+    /// here; 0 without an origin). The relay reads the messages themselves from the store
+    /// ([`crate::chat::store::Store::log_after`]), so it may fall behind by
+    /// any number and still send every one.
+    pub fn local_seq(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.local_seq.subscribe()
     }
 
     /// This node's connected clients with their rooms, for the cluster

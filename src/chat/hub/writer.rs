@@ -1,6 +1,9 @@
 //! The writer thread: takes room messages, joins and topics in batches, and
-//! for each batch plans (membership in order, ids), commits (one
-//! transaction), then applies (fan-out, joins with their history, topics).
+//! for each batch checks membership in order, writes it in one transaction
+//! (room ids, and in a cluster this node's log sequence, assigned as each
+//! message is stored; a message from another node already stored dies
+//! there), then applies it (fan-out, joins with their history, topics) and
+//! tells the relay how far this node's log goes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -8,10 +11,10 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::origin::{REMOTE, members_past_floors, message_origin};
+use super::origin::{REMOTE, RemoteOrigin, members_past_floors, message_origin};
 use super::{ClientId, Event, HubConfig, HubError, Shared, State, member_nicks_upto, truncate};
 use crate::chat::protocol::{ChatMessage, MessageKind, PresenceEvent, ServerMsg, now_ms};
-use crate::chat::store::{NewMessage, Store};
+use crate::chat::store::{Batch, NewMessage, Origin, Store, StoreError};
 
 const WRITE_QUEUE: usize = 8192;
 const MAX_BATCH: usize = 1024;
@@ -25,8 +28,8 @@ pub(super) struct Post {
     pub(super) text: String,
     pub(super) kind: MessageKind,
     pub(super) ts: i64,
-    /// For [`REMOTE`] messages: origin and origin id, when known.
-    pub(super) origin: Option<(String, u64)>,
+    /// For [`REMOTE`] messages: where it comes from in the cluster log.
+    pub(super) origin: Option<RemoteOrigin>,
     /// For a file message: the file, and who waits to hear how it went.
     pub(super) file: Option<Box<super::files::FileShare>>,
 }
@@ -111,21 +114,19 @@ struct PreparedJoin {
     behind: Vec<(String, u64)>,
 }
 
-/// A batch as planned, before the commit.
-struct Plan<'a> {
-    /// Per command: whether it may go ahead.
-    allowed: Vec<bool>,
-    /// Per command: a message's id, for a join the room's newest id as of
-    /// its place in the batch, else 0.
-    ids: Vec<u64>,
-    /// Each room's newest id once the batch is stored.
-    next: HashMap<String, u64>,
-    new_rooms: Vec<&'a str>,
-    messages: Vec<NewMessage<'a>>,
-    topics: Vec<(&'a str, &'a str)>,
+/// What the writer keeps between batches: each room's newest id, and the
+/// newest sequence of this node's origin in the log (read from the store at
+/// the first local message once clustering has set the origin).
+#[derive(Clone, Default)]
+struct Heads {
+    ids: HashMap<String, u64>,
+    local_seq: Option<u64>,
 }
 
-/// A batch after its commit: what [`Plan`] decided, and the commit's error if it failed.
+/// A batch after its commit: per command whether it was allowed and its id
+/// (a message's id, 0 for a duplicate from another node; for a join the
+/// room's newest id as of its place in the batch; else 0), and the commit's
+/// error if it failed.
 struct Outcome {
     allowed: Vec<bool>,
     ids: Vec<u64>,
@@ -135,12 +136,15 @@ struct Outcome {
 /// The writer thread: takes commands in batches, assigns ids, commits the batch
 /// in one transaction, then applies it (fan-out, joins, topics) in order.
 fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Queued>) {
-    let mut last_ids: HashMap<String, u64> = shared
-        .lock()
-        .rooms
-        .iter()
-        .map(|(k, r)| (k.clone(), r.last_id))
-        .collect();
+    let mut heads = Heads {
+        ids: shared
+            .lock()
+            .rooms
+            .iter()
+            .map(|(k, r)| (k.clone(), r.last_id))
+            .collect(),
+        local_seq: None,
+    };
     let mut batch: Vec<WriteCmd> = Vec::with_capacity(MAX_BATCH);
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let interval = shared.config.batch_interval;
@@ -167,7 +171,7 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Que
                 None
             };
         }
-        process_batch(&shared, &mut store, &mut last_ids, &batch);
+        process_batch(&shared, &mut store, &mut heads, &batch);
         batch.clear();
         // Dropping the senders tells each waiting client its command took effect.
         waiting.clear();
@@ -175,17 +179,16 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Que
     tracing::debug!("chat: writer thread stopped");
 }
 
-/// One batch: plan, commit, read the joins' history, apply.
-fn process_batch(
-    shared: &Shared,
-    store: &mut Store,
-    last_ids: &mut HashMap<String, u64>,
-    batch: &[WriteCmd],
-) {
+/// One batch: check, commit, tell the relay (through [`Shared::local_seq`])
+/// how far this node's log now goes, read the joins' history, apply.
+fn process_batch(shared: &Shared, store: &mut Store, heads: &mut Heads, batch: &[WriteCmd]) {
     let started = std::time::Instant::now();
-    let plan = plan(shared, last_ids, batch);
-    let outcome = commit(shared, store, last_ids, plan, started);
-    let joins = prepare_joins(&shared.config, store, last_ids, batch, &outcome);
+    let allowed = check_members(shared, batch);
+    let outcome = commit(shared, store, heads, batch, allowed, started);
+    if let Some(seq) = heads.local_seq {
+        shared.local_log_reaches(seq);
+    }
+    let joins = prepare_joins(&shared.config, store, &heads.ids, batch, &outcome);
     apply(shared, batch, &outcome, joins);
 }
 
@@ -215,92 +218,127 @@ fn check_members(shared: &Shared, batch: &[WriteCmd]) -> Vec<bool> {
         .collect()
 }
 
-/// Plans a batch: checks membership in order and assigns ids (tentatively:
-/// they hold once the batch is committed).
-fn plan<'a>(
-    shared: &'a Shared,
-    last_ids: &HashMap<String, u64>,
-    batch: &'a [WriteCmd],
-) -> Plan<'a> {
-    let allowed = check_members(shared, batch);
-    let mut plan = Plan {
-        allowed: Vec::new(),
-        ids: Vec::with_capacity(batch.len()),
-        next: last_ids.clone(),
-        new_rooms: Vec::new(),
-        messages: Vec::new(),
-        topics: Vec::new(),
-    };
-    for (cmd, &ok) in batch.iter().zip(&allowed) {
-        if !ok {
-            plan.ids.push(0);
-            continue;
-        }
-        match cmd {
-            WriteCmd::Say(post) => {
-                if post.client == REMOTE && !last_ids.contains_key(&post.room) {
-                    plan.new_rooms.push(&post.room);
-                }
-                let id = plan.next.entry(post.room.clone()).or_insert(0);
-                *id += 1;
-                let id = *id;
-                plan.ids.push(id);
-                plan.messages.push(NewMessage {
-                    room: &post.room,
-                    id,
-                    from: &post.from,
-                    text: &post.text,
-                    ts: post.ts,
-                    kind: post.kind,
-                    origin: message_origin(shared, post.client, &post.origin, id),
-                    file: post.file.as_ref().map(|f| &f.file),
-                });
-            }
-            WriteCmd::Sync(_) => plan.ids.push(0),
-            WriteCmd::Join { room, .. } => {
-                plan.ids.push(*plan.next.entry(room.clone()).or_insert(0));
-                plan.new_rooms.push(room);
-            }
-            WriteCmd::Topic { room, topic, .. } => {
-                plan.ids.push(0);
-                plan.topics.push((room, topic));
-            }
-        }
-    }
-    plan.allowed = allowed;
-    plan
-}
-
-/// Writes a planned batch in one transaction; on success the planned ids
-/// become the rooms' last ids.
+/// Writes a batch in one transaction; on success its ids and sequence
+/// become the writer's heads.
 fn commit(
     shared: &Shared,
     store: &mut Store,
-    last_ids: &mut HashMap<String, u64>,
-    plan: Plan<'_>,
+    heads: &mut Heads,
+    batch: &[WriteCmd],
+    allowed: Vec<bool>,
     started: std::time::Instant,
 ) -> Outcome {
-    let committed = store.write_batch(&plan.new_rooms, &plan.messages, &plan.topics, now_ms());
-    let failure = match committed {
+    let mut next = heads.clone();
+    let mut ids = Vec::with_capacity(batch.len());
+    let written = load_local_seq(shared, store, &mut next)
+        .and_then(|()| write(shared, store, batch, &allowed, &mut next, &mut ids));
+    let failure = match written {
         Ok(()) => {
-            *last_ids = plan.next;
+            *heads = next;
             None
         }
         Err(e) => {
             tracing::error!(
-                "chat: cannot store a batch of {} messages: {e}",
-                plan.messages.len()
+                "chat: cannot store a batch of {} commands: {e}",
+                batch.len()
             );
+            ids.resize(batch.len(), 0);
             Some(e.to_string())
         }
     };
     shared.stats.batches.fetch_add(1, Ordering::Relaxed);
     metrics::histogram!("netkit_chat_batch_seconds").record(started.elapsed().as_secs_f64());
     Outcome {
-        allowed: plan.allowed,
-        ids: plan.ids,
+        allowed,
+        ids,
         failure,
     }
+}
+
+/// Reads this node's newest log sequence once clustering has set its origin.
+fn load_local_seq(shared: &Shared, store: &Store, heads: &mut Heads) -> Result<(), StoreError> {
+    if let (Some(me), None) = (shared.origin.get(), heads.local_seq) {
+        heads.local_seq = Some(store.last_seq(me)?);
+    }
+    Ok(())
+}
+
+/// The batch's transaction: each allowed command in order, its id pushed to `ids`.
+fn write(
+    shared: &Shared,
+    store: &mut Store,
+    batch: &[WriteCmd],
+    allowed: &[bool],
+    next: &mut Heads,
+    ids: &mut Vec<u64>,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    let tx = store.batch()?;
+    for (cmd, &ok) in batch.iter().zip(allowed) {
+        let id = match cmd {
+            _ if !ok => 0,
+            WriteCmd::Say(post) => write_say(&tx, shared, post, next, now)?,
+            WriteCmd::Join { room, .. } => {
+                tx.create_room(room, now)?;
+                *next.ids.entry(room.clone()).or_insert(0)
+            }
+            WriteCmd::Topic { room, topic, .. } => {
+                tx.set_topic(room, topic, now)?;
+                0
+            }
+            WriteCmd::Sync(_) => 0,
+        };
+        ids.push(id);
+    }
+    tx.commit()
+}
+
+/// Stores one message with the next id of its room (and, for a local one in
+/// a cluster, the next sequence of this node's log); returns its id, or 0
+/// for a message of another node that is stored already.
+fn write_say(
+    tx: &Batch<'_>,
+    shared: &Shared,
+    post: &Post,
+    next: &mut Heads,
+    now: i64,
+) -> Result<u64, StoreError> {
+    if post.client == REMOTE && !next.ids.contains_key(&post.room) {
+        tx.create_room(&post.room, now)?;
+    }
+    let id = next.ids.get(&post.room).copied().unwrap_or(0) + 1;
+    let local_seq = next.local_seq.unwrap_or(0) + 1;
+    let origin = match (&post.origin, shared.origin.get()) {
+        (Some(r), _) => Some(Origin {
+            name: &r.name,
+            seq: r.seq,
+            id: r.id,
+        }),
+        (None, Some(me)) if post.client != REMOTE => Some(Origin {
+            name: me,
+            seq: local_seq,
+            id,
+        }),
+        _ => None,
+    };
+    let stored = tx.insert(&NewMessage {
+        room: &post.room,
+        id,
+        from: &post.from,
+        text: &post.text,
+        ts: post.ts,
+        kind: post.kind,
+        origin,
+        file: post.file.as_ref().map(|f| &f.file),
+    })?;
+    if !stored {
+        return Ok(0);
+    }
+    next.ids.insert(post.room.clone(), id);
+    if post.client != REMOTE && origin.is_some() {
+        next.local_seq = Some(local_seq);
+    }
+    Ok(id)
 }
 
 /// Reads the history each join of the batch needs, as of its place in the
@@ -404,6 +442,8 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
             continue;
         }
         match cmd {
+            // Stored already (from another node): nobody is told twice.
+            WriteCmd::Say(_) if id == 0 => {}
             WriteCmd::Say(post) => {
                 stored += 1;
                 apply_say(shared, &mut st, post, id);
@@ -439,8 +479,7 @@ fn refusal(cmd: &WriteCmd, allowed: bool, failure: Option<&str>) -> Option<(Clie
     failure.map(|err| (*client, HubError::Store(err.to_string())))
 }
 
-/// Sends a stored message (`id` in its room) to the room's members, and a
-/// local one to the relay too.
+/// Sends a stored message (`id` in its room) to the room's members.
 fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
     let origin = message_origin(shared, post.client, &post.origin, id);
     let msg = ChatMessage {
@@ -456,8 +495,6 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
     };
     if post.client == REMOTE {
         st.room_mut(&post.room);
-    } else {
-        let _ = shared.stored_local.send(msg.clone());
     }
     let ev = Event::new(ServerMsg::Message(msg));
     if let Some(f) = &post.file {

@@ -4,14 +4,17 @@
 //! the direct messages, split packets and summary timing around them (no
 //! sockets, clocks or storage: [`Relay::handle`] takes an event and the time
 //! and returns actions). [`driver`] is the tokio task `netkit serve` runs when
-//! clustering and chat are both on; [`store`] keeps the messages by origin
-//! and sequence; [`presence`] holds who is connected to the other nodes.
+//! clustering and chat are both on; the messages themselves live in the
+//! hub's store, the one log ([`crate::chat::store`]), keyed by origin and
+//! sequence; [`presence`] holds who is connected to the other nodes.
 //!
 //! # Protocol
 //!
 //! Every message is identified by its origin (the node's name and a tag made
-//! once per data dir, `name/TAG`) and the origin's sequence number (1, 2, 3, … per origin, never reused). Each node keeps,
-//! per origin, the highest sequence it has applied *without a gap* (`have`).
+//! once per data dir, `name/TAG`) and the origin's sequence number (1, 2, 3,
+//! … per origin, never reused; the origin's hub assigns it in the
+//! transaction that stores the message). Each node keeps, per origin, the
+//! highest sequence it has applied *without a gap* (`have`).
 //!
 //! - [`RelayPacket::Msg`]: a message, pushed by its origin to every live
 //!   member, or served to a member that asked. Applied if it is the next one
@@ -24,6 +27,9 @@
 //! - [`RelayPacket::Pull`]: "send me `origin`'s messages after `after`". The
 //!   answer is a [`RelayAction::Serve`]: the driver reads them from storage
 //!   (any node may serve any origin's messages) and sends them as `Msg`s.
+//!   A node far behind pulls the next batch as soon as the last one has
+//!   arrived, so catching up on thousands of messages takes round trips,
+//!   not summary rounds.
 
 pub mod direct;
 pub mod driver;
@@ -31,7 +37,6 @@ pub mod packet;
 pub mod parts;
 pub mod presence;
 mod presence_link;
-pub mod store;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -39,14 +44,11 @@ mod transport;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::chat::protocol::MessageKind;
-
 pub use direct::DirectLink;
 pub use driver::run;
 pub use packet::{MAGIC, RelayPacket, RelayedMessage};
 pub use parts::{MAX_DATAGRAM, Reassembly, split};
 pub use presence::SharedPresence;
-pub use store::{RelayStore, StoreError};
 
 /// Most messages held per origin while waiting for a gap to be filled.
 pub const MAX_EARLY: usize = 512;
@@ -63,23 +65,6 @@ pub const BUSY_FOR: Duration = Duration::from_secs(10);
 /// How often a quiet node sends its summary.
 pub const QUIET_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
-/// A message posted on this node, as the hub stored it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalMessage {
-    /// Room name.
-    pub room: String,
-    /// Author nick.
-    pub from: String,
-    /// The text.
-    pub text: String,
-    /// Plain message or `/me` action.
-    pub kind: MessageKind,
-    /// Milliseconds since the Unix epoch.
-    pub ts: i64,
-    /// Its id in the room here.
-    pub id: u64,
-}
-
 /// What happened, for [`Relay::handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEvent<P> {
@@ -93,8 +78,9 @@ pub enum RelayEvent<P> {
         /// What it sent.
         packet: RelayPacket,
     },
-    /// A message was posted (and stored) on this node.
-    Local(LocalMessage),
+    /// A message posted on this node, as read from its log (stored, with
+    /// its sequence): send it to every live member.
+    Local(RelayedMessage),
     /// A user here sends a direct message to user `to` of node `peer`.
     Direct {
         /// The recipient's node.
@@ -121,8 +107,8 @@ pub enum RelayEvent<P> {
 /// What the driver must do after a call, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayAction<P> {
-    /// Store this message and deliver it to the room's local members, then
-    /// record `(origin, seq)` as applied in the same transaction.
+    /// Store this message with its `(origin, seq)` and deliver it to the
+    /// room's local members (a message already stored dies in the store).
     Apply(RelayedMessage),
     /// Send a packet to a peer.
     Send(P, RelayPacket),
@@ -136,8 +122,6 @@ pub enum RelayAction<P> {
         /// Send those above this.
         after: u64,
     },
-    /// Store this message posted here (already in the hub's history).
-    Store(RelayedMessage),
     /// Send a packet to every live member.
     Broadcast(RelayPacket),
     /// Show a direct message from user `from` of peer `peer` to user `to` here.
@@ -170,7 +154,11 @@ pub struct Relay<P = std::net::SocketAddr> {
     me: String,
     have: BTreeMap<String, u64>,
     early: BTreeMap<String, BTreeMap<u64, RelayedMessage>>,
-    last_pull: BTreeMap<String, Duration>,
+    /// Per origin: when the last pull went, and what it asked for (after).
+    last_pull: BTreeMap<String, (Duration, u64)>,
+    /// Per origin: the highest sequence some member is known to hold (from
+    /// summaries and messages), so a node behind keeps pulling.
+    known: BTreeMap<String, u64>,
     /// Direct messages sent and not yet acknowledged.
     directs: DirectLink<P>,
     /// Direct messages received, by sender and its generation.
@@ -183,14 +171,15 @@ pub struct Relay<P = std::net::SocketAddr> {
 }
 
 impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
-    /// A relay for node `me`, resuming from the persisted `have` map (its own
-    /// entry is the last sequence it assigned). Its clock starts at zero.
+    /// A relay for node `me`, resuming from the `have` map its store holds
+    /// (its own entry is the newest sequence of its log). Its clock starts at zero.
     pub fn new(me: impl Into<String>, have: BTreeMap<String, u64>) -> Self {
         Relay {
             me: me.into(),
             have,
             early: BTreeMap::new(),
             last_pull: BTreeMap::new(),
+            known: BTreeMap::new(),
             directs: DirectLink::default(),
             directs_seen: DirectLink::default(),
             parts: Reassembly::default(),
@@ -204,7 +193,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
         &self.me
     }
 
-    /// The highest gap-free sequence applied per origin (persist it with the messages).
+    /// The highest gap-free sequence applied per origin.
     pub fn have(&self) -> &BTreeMap<String, u64> {
         &self.have
     }
@@ -226,8 +215,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
             } => self.on_packet(from, generation, packet, now, &mut out),
             RelayEvent::Local(m) => {
                 self.busy_until = now + BUSY_FOR;
-                let m = self.local(m.room, m.from, m.text, m.kind, m.ts, m.id);
-                out.push(RelayAction::Store(m.clone()));
+                self.announce_local(m.seq);
                 out.push(RelayAction::Broadcast(RelayPacket::Msg(m)));
             }
             RelayEvent::Direct {
@@ -246,29 +234,12 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
         out
     }
 
-    /// Gives a message posted on this node its `(origin, seq)`; the driver
-    /// stores it, then sends `RelayPacket::Msg` of it to every live member.
-    pub fn local(
-        &mut self,
-        room: String,
-        from: String,
-        text: String,
-        kind: MessageKind,
-        ts: i64,
-        origin_id: u64,
-    ) -> RelayedMessage {
-        let seq = self.have.entry(self.me.clone()).or_insert(0);
-        *seq += 1;
-        RelayedMessage {
-            origin: self.me.clone(),
-            seq: *seq,
-            room,
-            from,
-            text,
-            kind,
-            ts,
-            origin_id,
-        }
+    /// This node's log goes up to `seq` although the messages were not sent
+    /// (the driver could not read them): summaries announce them, and the
+    /// members pull them (served from the log once it reads again).
+    pub fn announce_local(&mut self, seq: u64) {
+        let have = self.have.entry(self.me.clone()).or_insert(0);
+        *have = (*have).max(seq);
     }
 
     /// The anti-entropy summary to send to a random live member.
@@ -354,6 +325,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
         for (origin, &their) in &theirs {
             let mine = self.have_of(origin);
             if their > mine {
+                self.learn(origin, their);
                 self.pull(from.clone(), origin, now, out);
             }
         }
@@ -397,6 +369,12 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
         self.have.get(origin).copied().unwrap_or(0)
     }
 
+    /// Some member holds `origin`'s messages up to `seq`.
+    fn learn(&mut self, origin: &str, seq: u64) {
+        let known = self.known.entry(origin.to_string()).or_insert(0);
+        *known = (*known).max(seq);
+    }
+
     fn on_msg(&mut self, from: P, m: RelayedMessage, now: Duration, out: &mut Vec<RelayAction<P>>) {
         if m.origin == self.me || m.seq == 0 {
             return;
@@ -405,6 +383,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
         if m.seq <= have {
             return; // a duplicate
         }
+        self.learn(&m.origin, m.seq);
         if m.seq > have + 1 {
             let origin = m.origin.clone();
             let early = self.early.entry(origin.clone()).or_default();
@@ -430,16 +409,40 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
                 self.early.remove(&origin);
             }
         }
-        self.have.insert(origin, next);
+        self.have.insert(origin.clone(), next);
+        self.pull_next_batch(from, &origin, now, out);
+    }
+
+    /// Catching up: once everything the last pull asked for has arrived and
+    /// more is known to exist, the next batch is asked for at once (from the
+    /// member that served this one) instead of at the next summary.
+    fn pull_next_batch(
+        &mut self,
+        from: P,
+        origin: &str,
+        now: Duration,
+        out: &mut Vec<RelayAction<P>>,
+    ) {
+        let have = self.have_of(origin);
+        let behind = self.known.get(origin).is_some_and(|&k| k > have);
+        let served = self
+            .last_pull
+            .get(origin)
+            .is_some_and(|&(_, after)| have >= after + SERVE_BATCH as u64);
+        if behind && served {
+            self.last_pull.remove(origin);
+            self.pull(from, origin, now, out);
+        }
     }
 
     fn pull(&mut self, from: P, origin: &str, now: Duration, out: &mut Vec<RelayAction<P>>) {
         let due = self
             .last_pull
             .get(origin)
-            .is_none_or(|&at| now >= at + PULL_RETRY);
+            .is_none_or(|&(at, _)| now >= at + PULL_RETRY);
         if due {
-            self.last_pull.insert(origin.to_string(), now);
+            self.last_pull
+                .insert(origin.to_string(), (now, self.have_of(origin)));
             out.push(RelayAction::Send(
                 from,
                 RelayPacket::Pull {

@@ -5,34 +5,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::presence::Snapshot;
-use crate::chat::protocol::MessageKind;
 
 /// First byte of every relay datagram, so the gossip payload channel can be shared.
 pub const MAGIC: u8 = 0xC7;
 
-/// A room message as it travels between nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RelayedMessage {
-    /// Name of the node where it was posted.
-    pub origin: String,
-    /// Its sequence number at the origin, from 1.
-    pub seq: u64,
-    /// Room name.
-    pub room: String,
-    /// Author nick.
-    pub from: String,
-    /// The text.
-    pub text: String,
-    /// Plain message or `/me` action.
-    pub kind: MessageKind,
-    /// Milliseconds since the Unix epoch, at the origin.
-    pub ts: i64,
-    /// Its id in the room on the origin node (what clients resume by, with
-    /// `origin`); 0 if unknown (relayed before this field existed).
-    /// Appended last: nodes that predate it cannot decode messages from
-    /// nodes that have it, and the reverse; upgrade every node together.
-    pub origin_id: u64,
-}
+/// A room message as it travels between nodes: an entry of the cluster
+/// log, as the origin's store holds it (the same fields in the same order
+/// as before the log moved into the hub's store, so the datagram is unchanged).
+pub type RelayedMessage = crate::chat::store::LogMessage;
 
 /// One relay datagram between two nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::*;
+use crate::chat::protocol::MessageKind;
 
 /// The actions for packet `packet` from peer `from` (generation 0).
 fn receive<P: Clone + Ord + std::hash::Hash>(
@@ -23,8 +24,9 @@ fn receive<P: Clone + Ord + std::hash::Hash>(
     };
     relay.handle(event, now)
 }
-/// One simulated node: its relay, its "storage" (every message it holds,
-/// by origin and sequence) and the order it applied remote messages in.
+/// One simulated node: its relay, its "storage" (the hub's store, the one
+/// log: every message it holds, by origin and sequence, its own numbered
+/// there) and the order it applied remote messages in.
 struct SimNode {
     relay: Relay<usize>,
     store: BTreeMap<(String, u64), RelayedMessage>,
@@ -67,23 +69,37 @@ impl Sim {
         self.queue.push((from, to, p));
     }
 
+    /// A message posted on `node`, numbered as its hub numbers it: the
+    /// next sequence of its origin in its store.
+    fn local_message(&self, node: usize, text: &str) -> RelayedMessage {
+        let me = format!("n{node}");
+        let last = self.nodes[node]
+            .store
+            .range((me.clone(), 0)..=(me.clone(), u64::MAX))
+            .next_back()
+            .map_or(0, |((_, seq), _)| *seq);
+        RelayedMessage {
+            origin: me,
+            seq: last + 1,
+            room: "lobby".into(),
+            from: format!("u{node}"),
+            text: text.into(),
+            kind: MessageKind::Say,
+            ts: 0,
+            origin_id: 1,
+        }
+    }
+
+    /// Stores a message posted on `node` and hands it to its relay.
     fn post(&mut self, node: usize, text: &str) {
-        let m = self.nodes[node].relay.local(
-            "lobby".into(),
-            format!("u{node}"),
-            text.into(),
-            MessageKind::Say,
-            0,
-            1,
-        );
+        let m = self.local_message(node, text);
         self.nodes[node]
             .store
             .insert((m.origin.clone(), m.seq), m.clone());
-        for to in 0..self.nodes.len() {
-            if to != node {
-                self.send(node, to, RelayPacket::Msg(m.clone()));
-            }
-        }
+        let actions = self.nodes[node]
+            .relay
+            .handle(RelayEvent::Local(m), self.now);
+        self.act(node, actions);
     }
 
     fn act(&mut self, node: usize, actions: Vec<RelayAction<usize>>) {
@@ -95,6 +111,11 @@ impl Sim {
                     n.store.insert((m.origin.clone(), m.seq), m);
                 }
                 RelayAction::Send(to, p) => self.send(node, to, p),
+                RelayAction::Broadcast(p) => {
+                    for to in (0..self.nodes.len()).filter(|&to| to != node) {
+                        self.send(node, to, p.clone());
+                    }
+                }
                 RelayAction::Serve { to, origin, after } => {
                     let msgs: Vec<RelayedMessage> = self.nodes[node]
                         .store
@@ -248,19 +269,13 @@ fn partition_and_restart_converge() {
     sim.round_until_converged(200);
     assert_eq!(sim.nodes[1].store.len(), 120);
     sim.check_exactly_once_in_order(&counts);
-    // Restarted n2 keeps numbering after what it had assigned.
-    let m = sim.nodes[2].relay.local(
-        "lobby".into(),
-        "u2".into(),
-        "after".into(),
-        MessageKind::Say,
-        0,
-        1,
-    );
+    // Restarted n2 keeps numbering after what it had assigned (its store
+    // numbers it), and its relay sends it on.
+    let m = sim.local_message(2, "after");
     assert_eq!(m.seq, counts["n2"] + 1);
+    sim.post(2, "after");
+    assert_eq!(sim.nodes[2].relay.have()["n2"], counts["n2"] + 1);
 }
-
-/// A crash between the relay's record and the hub's commit: at start the
 
 #[test]
 fn duplicates_own_messages_and_garbage_are_ignored() {

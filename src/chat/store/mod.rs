@@ -1,12 +1,21 @@
-//! Chat history in SQLite: one table of room messages keyed by (room, id) and
-//! one of rooms with their topics. Only the hub's writer thread writes; readers
-//! open their own connection (WAL mode lets them read while it writes).
+//! Chat history in SQLite, and in a cluster the one message log: room
+//! messages keyed by (room, id) and, when they have an origin, by
+//! (origin, origin_seq); rooms with their topics. Only the hub's writer thread
+//! writes; readers open their own connection (WAL mode lets them read while it writes).
 
+mod batch;
+mod migrate;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
 
 use super::protocol::{ChatMessage, FileRef, MessageKind};
+
+pub use batch::Batch;
+pub use migrate::{RELAY_STORE_FILE, RelayImport};
 
 /// File name of the chat database inside the data dir.
 pub const DB_FILE: &str = "chat.sqlite3";
@@ -21,6 +30,14 @@ pub enum StoreError {
         path: PathBuf,
         /// What SQLite said.
         source: rusqlite::Error,
+    },
+    /// An imported relay store could not be renamed out of the way.
+    #[error("cannot rename {path} after moving it into the history: {source}")]
+    Retire {
+        /// The relay store's file.
+        path: PathBuf,
+        /// What the rename said.
+        source: std::io::Error,
     },
 }
 
@@ -45,11 +62,50 @@ pub struct NewMessage<'a> {
     pub ts: i64,
     /// Plain or action.
     pub kind: MessageKind,
-    /// The cluster origin that posted it and its id in the room there
+    /// The cluster origin that posted it, with its place in the log
     /// (`None` with clustering off, and for rows older than the columns).
-    pub origin: Option<(&'a str, u64)>,
+    pub origin: Option<Origin<'a>>,
     /// The file a file message shares (stored as JSON).
     pub file: Option<&'a FileRef>,
+}
+
+/// Where a message comes from in the cluster log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    /// The origin (`node/TAG`).
+    pub name: &'a str,
+    /// Its sequence number there (1, 2, 3, … per origin): with `name`, the
+    /// message's key in the log; a second message with the same key is a
+    /// duplicate and is not stored.
+    pub seq: u64,
+    /// Its id in the room on the origin node (what clients resume by); 0 if
+    /// unknown (relayed by a version that did not carry it).
+    pub id: u64,
+}
+
+/// A message of the cluster log: what one node reads from its store and
+/// another stores with [`Origin`] (the relay carries it as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMessage {
+    /// The origin (`node/TAG`) where it was posted.
+    pub origin: String,
+    /// Its sequence number at the origin, from 1.
+    pub seq: u64,
+    /// Room name.
+    pub room: String,
+    /// Author nick.
+    pub from: String,
+    /// The text.
+    pub text: String,
+    /// Plain message or `/me` action.
+    pub kind: MessageKind,
+    /// Milliseconds since the Unix epoch, at the origin.
+    pub ts: i64,
+    /// Its id in the room on the origin node (what clients resume by, with
+    /// `origin`); 0 if unknown (relayed before this field existed).
+    /// Appended last: nodes that predate it cannot decode messages from
+    /// nodes that have it, and the reverse; upgrade every node together.
+    pub origin_id: u64,
 }
 
 /// What a resume by origin vector ([`Store::since`]) finds.
@@ -114,11 +170,14 @@ impl Store {
                  ts_ms INTEGER NOT NULL,
                  kind TEXT NOT NULL DEFAULT 'say',
                  PRIMARY KEY (room, id)
-             ) WITHOUT ROWID;",
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS meta (
+                 key TEXT PRIMARY KEY,
+                 value TEXT NOT NULL
+             );",
         )
         .map_err(err)?;
-        migrate_origin(&conn).map_err(err)?;
-        add_column(&conn, "file", "TEXT").map_err(err)?;
+        migrate::add_origin_columns(&conn).map_err(err)?;
         Ok(Store { conn, path })
     }
 
@@ -168,65 +227,88 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// Writes a batch in one transaction: rooms to create, messages, topic changes.
-    /// Either all of it is committed or none.
-    pub fn write_batch(
-        &mut self,
-        new_rooms: &[&str],
-        messages: &[NewMessage<'_>],
-        topics: &[(&str, &str)],
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(err)?;
-        {
-            let mut room_stmt = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO rooms (name, topic, created_ms) VALUES (?1, '', ?2)",
-                )
-                .map_err(err)?;
-            for room in new_rooms {
-                room_stmt.execute(params![room, now_ms]).map_err(err)?;
-            }
-            let mut msg_stmt = tx
-                .prepare_cached(
-                    "INSERT INTO messages (room, id, nick, text, ts_ms, kind, origin, origin_id, file)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
-                .map_err(err)?;
-            for m in messages {
-                msg_stmt
-                    .execute(params![
-                        m.room,
-                        m.id as i64,
-                        m.from,
-                        m.text,
-                        m.ts,
-                        m.kind.as_str(),
-                        m.origin.map(|o| o.0),
-                        m.origin.map(|o| i64::try_from(o.1).unwrap_or(i64::MAX)),
-                        m.file
-                            .map(|f| serde_json::to_string(f).expect("a file always serializes"))
-                    ])
-                    .map_err(err)?;
-            }
-            let mut topic_stmt = tx
-                .prepare_cached(
-                    "INSERT INTO rooms (name, topic, created_ms) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(name) DO UPDATE SET topic = excluded.topic",
-                )
-                .map_err(err)?;
-            for (room, topic) in topics {
-                topic_stmt
-                    .execute(params![room, topic, now_ms])
-                    .map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)
+    /// This store's cluster origin for node `name`: `name/TAG`, where TAG
+    /// is random and made once per database. A node that restarts with an
+    /// empty data dir is thus a new origin, and its sequence numbers,
+    /// starting again at 1, are not taken for duplicates of its previous life's.
+    pub fn origin(&self, name: &str) -> Result<String, StoreError> {
+        let tag = format!("{:08x}", rand::random::<u32>());
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('origin_tag', ?1)",
+                [&tag],
+            )
+            .map_err(|e| self.err(e))?;
+        let tag: String = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'origin_tag'", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(format!("{name}/{tag}"))
+    }
+
+    /// The highest sequence stored per origin: what this node holds of the
+    /// cluster log (the relay's `have` map at start).
+    pub fn log_heads(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT origin, MAX(origin_seq) FROM messages
+                 WHERE origin_seq IS NOT NULL GROUP BY origin",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// `origin`'s messages with a sequence above `after`, at most `limit`,
+    /// in sequence order (one index range read).
+    pub fn log_after(
+        &self,
+        origin: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogMessage>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT origin, origin_seq, room, nick, text, kind, ts_ms, origin_id FROM messages
+                 WHERE origin = ?1 AND origin_seq > ?2 ORDER BY origin_seq LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![origin, clamp(after), clamp(limit as u64)], |r| {
+                Ok(LogMessage {
+                    origin: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    room: r.get(2)?,
+                    from: r.get(3)?,
+                    text: r.get(4)?,
+                    kind: MessageKind::from_db(&r.get::<_, String>(5)?),
+                    ts: r.get(6)?,
+                    origin_id: r.get::<_, Option<i64>>(7)?.unwrap_or(0).max(0) as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// The highest sequence stored for `origin` (0 if none).
+    pub fn last_seq(&self, origin: &str) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT MAX(origin_seq) FROM messages WHERE origin = ?1",
+                [origin],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|n| n.unwrap_or(0).max(0) as u64)
+            .map_err(|e| self.err(e))
     }
 
     /// The newest `limit` messages of `room` with `after < id <= upto`, oldest first.
@@ -365,9 +447,10 @@ impl Store {
                 continue;
             }
             let have: Option<i64> = if origins.binary_search(origin).is_ok() {
-                stmt.query_row(params![room, origin, upto], |r| r.get(0))
+                stmt.query_row(params![room, origin, upto], |r| r.get::<_, Option<i64>>(0))
                     .optional()
                     .map_err(|e| self.err(e))?
+                    .flatten()
             } else {
                 None
             };
@@ -416,48 +499,6 @@ fn row_message(room: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessag
             .and_then(|j| serde_json::from_str(&j).ok())
             .map(Box::new),
     })
-}
-
-/// Adds the column `name` of `ty` to `messages` if a database made before
-/// it lacks it (its rows keep `NULL`).
-fn add_column(conn: &Connection, name: &str, ty: &str) -> rusqlite::Result<()> {
-    let has = |conn: &Connection| {
-        conn.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = ?1",
-            [name],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )
-    };
-    if has(conn)? {
-        return Ok(());
-    }
-    // Several connections open the file; the first one migrates.
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let done = has(conn).and_then(|there| {
-        if there {
-            Ok(())
-        } else {
-            conn.execute_batch(&format!("ALTER TABLE messages ADD COLUMN {name} {ty}"))
-        }
-    });
-    match done {
-        Ok(()) => conn.execute_batch("COMMIT"),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
-}
-
-/// Adds the cluster origin columns to a database made before them (its rows
-/// keep `NULL`: no origin) and the index that resume by origin uses.
-fn migrate_origin(conn: &Connection) -> rusqlite::Result<()> {
-    add_column(conn, "origin", "TEXT")?;
-    add_column(conn, "origin_id", "INTEGER")?;
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS messages_by_origin
-             ON messages (room, origin, origin_id) WHERE origin IS NOT NULL",
-    )
 }
 
 #[cfg(test)]
