@@ -264,29 +264,6 @@ impl Conn<tokio::net::TcpStream> {
     }
 }
 
-impl Conn<tokio::net::TcpStream> {
-    /// [`Conn::send_file_frame`] on a sealed connection: the content has to
-    /// pass through this process to be sealed, so it is read, then sealed.
-    async fn send_file_sealed(
-        &mut self,
-        file: &std::fs::File,
-        pos: u64,
-        len: usize,
-    ) -> Result<(), TransferError> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, pos).map_err(|e| {
-            let e = if e.kind() == io::ErrorKind::UnexpectedEof {
-                io::Error::new(e.kind(), "the file shrank while it was being sent")
-            } else {
-                e
-            };
-            TransferError::io("reading the source", e)
-        })?;
-        self.send_data(&Bytes::from(buf)).await
-    }
-}
-
 impl Frame for SenderFrame {
     fn decode(buf: &mut BytesMut) -> Result<Option<Self>, ProtoError> {
         SenderFrame::decode(buf)

@@ -11,7 +11,7 @@ use crate::transfer::TransferError;
 use crate::transfer::pake::{
     self, AUTH_SPAKE2, CONFIRM_LEN, FRAME_CONFIRM, FRAME_PAKE, Handshake, PAKE_MSG_LEN, Role,
 };
-use crate::transfer::proto::{HEADER_LEN, Preamble};
+use crate::transfer::proto::{self, HEADER_LEN, Preamble};
 use crate::transfer::seal::{Opener, Sealer};
 
 /// This end's part in a code handshake: its role and the shared password.
@@ -169,6 +169,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let io = self.sealed.as_mut().expect("sealed connection");
         io.out.clear();
         io.sealer.seal_parts(parts, last, &mut io.out)?;
+        let t = self.timeout;
+        finish_write(
+            tokio::time::timeout(t, self.stream.write_all(&io.out)).await,
+            t,
+        )
+    }
+    /// [`Conn::send_file_frame`] on a sealed connection: the content has to
+    /// pass through this process to be sealed, so `len` bytes of `file` at
+    /// `pos` are read straight into the record being built (no buffer of
+    /// their own, no second copy), sealed where they lie, and written.
+    pub(super) async fn send_file_sealed(
+        &mut self,
+        file: &std::fs::File,
+        pos: u64,
+        len: usize,
+    ) -> Result<(), TransferError> {
+        use std::os::unix::fs::FileExt;
+        let io = self.sealed.as_mut().expect("sealed connection");
+        io.out.clear();
+        let start = Sealer::begin(&mut io.out, HEADER_LEN + len);
+        io.out.put_slice(&proto::data_header(len));
+        let at = io.out.len();
+        io.out.resize(at + len, 0);
+        if let Err(e) = file.read_exact_at(&mut io.out[at..], pos) {
+            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(e.kind(), "the file shrank while it was being sent")
+            } else {
+                e
+            };
+            return Err(TransferError::io("reading the source", e));
+        }
+        io.sealer.seal_in_place(&mut io.out, start, false)?;
         let t = self.timeout;
         finish_write(
             tokio::time::timeout(t, self.stream.write_all(&io.out)).await,
