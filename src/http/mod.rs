@@ -153,7 +153,7 @@ pub struct AppState {
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// This node and, when clustering is on, the membership (`GET /api/cluster`).
-    pub cluster: ClusterInfo,
+    pub cluster: Arc<ClusterInfo>,
 }
 
 /// The router with every route and layer. The file routes ([`files::routes`])
@@ -233,7 +233,8 @@ pub async fn run(
         started: Instant::now(),
         sessions: TaskTracker::new(),
         shutdown: shutdown.clone(),
-        cluster,
+        // Behind an Arc: axum clones the state for every request.
+        cluster: Arc::new(cluster),
     };
     let sessions = state.sessions.clone();
     let header_timeout = state.config.header_timeout;
