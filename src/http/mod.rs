@@ -184,7 +184,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats", get(api::stats))
         .route("/api/cluster", get(api::cluster))
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
         .with_state(state);
     guarded(api)
@@ -195,6 +195,18 @@ pub fn router(state: AppState) -> Router {
         ))
         .merge(files)
         .layer(ConcurrencyLimitLayer::new(cfg.concurrency))
+}
+
+/// `ok`, or 503 `degraded: WHY` while the message broker is unreachable
+/// (sends fail then; the rest of the server works).
+async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.hub.log_trouble() {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: {why}\n"),
+        ),
+    }
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then closes every

@@ -26,6 +26,7 @@
 
 mod deliver;
 mod files;
+mod log;
 mod login;
 mod origin;
 mod remote;
@@ -51,6 +52,7 @@ use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
 pub use files::{TICKET_LIFETIME, TicketError, Uploader};
+pub use log::{LoggedPost, RoomLog};
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
 pub use session::{Inbox, Received, Session};
 pub use writer::HubWriter;
@@ -178,6 +180,9 @@ pub enum HubError {
     /// A `join` whose `since` vector is out of bounds.
     #[error("bad 'since': {0}")]
     BadSince(String),
+    /// The message broker did not take the message, so nobody was sent it.
+    #[error("message not sent: the message broker is unavailable ({0}); try again")]
+    Broker(String),
 }
 
 impl HubError {
@@ -204,6 +209,7 @@ impl HubError {
             HubError::ShuttingDown => "shutting_down",
             HubError::Store(_) => "store_failed",
             HubError::BadSince(_) => "bad_message",
+            HubError::Broker(_) => "broker_unavailable",
         }
     }
 
@@ -388,6 +394,10 @@ struct Shared {
     /// This node's cluster origin (`name/TAG`), set once when clustering is
     /// on: local messages are stored and sent with it.
     origin: OnceLock<String>,
+    /// The external message log room messages go through (broker mode).
+    room_log: OnceLock<Arc<dyn log::RoomLog>>,
+    /// The newest sequence of that log applied here.
+    logged: tokio::sync::watch::Sender<u64>,
     /// The random key upload tickets are signed with ([`files`]).
     ticket_key: [u8; 32],
     /// Registered nicks (with `--chat-auth accounts` or `required`).
@@ -467,6 +477,8 @@ impl Hub {
             directs: directs_tx,
             directs_rx: Mutex::new(Some(directs_rx)),
             origin: OnceLock::new(),
+            room_log: OnceLock::new(),
+            logged: tokio::sync::watch::channel(0).0,
             ticket_key: rand::random(),
         });
         let (writer, handle) = writer::start(shared.clone(), writer_store, checkpointer);
@@ -610,6 +622,27 @@ impl Shared {
             *v = (*v).max(seq);
             newer
         });
+    }
+
+    /// Moves [`Shared::logged`] to the newest external-log entry of a
+    /// committed batch (stored now, or stored before and dropped as a duplicate).
+    fn logged_reaches(&self, batch: &[writer::WriteCmd]) {
+        let newest = batch
+            .iter()
+            .filter_map(|cmd| match cmd {
+                writer::WriteCmd::Say(writer::Post {
+                    origin: Some(o), ..
+                }) if o.keep_id => Some(o.seq),
+                _ => None,
+            })
+            .max();
+        if let Some(seq) = newest {
+            self.logged.send_if_modified(|v| {
+                let newer = *v < seq;
+                *v = (*v).max(seq);
+                newer
+            });
+        }
     }
 
     /// Tells the cluster presence that the local clients changed.
