@@ -518,14 +518,16 @@ async fn a_thousand_waiting_peers_are_bounded_and_time_out_while_pairs_go_throug
     // A well-behaved pair uses the last waiting place, while all wait;
     // after it, one more waiter fills the table and the next is refused.
     good_pair_async(&addr).await;
+    // `over` is told it waits before `extra` says hello: two hellos in
+    // flight at once may be handled in either order.
     let mut over = connect_from(sa, Ipv4Addr::new(127, 0, 2, 1)).await;
     over.write_all(&hello(Side::Sender, 5000)).await.unwrap();
-    let mut extra = connect_from(sa, Ipv4Addr::new(127, 0, 2, 1)).await;
-    extra.write_all(&hello(Side::Sender, 5001)).await.unwrap();
     assert!(matches!(
         reply(&mut over).await,
         Some(Reply::Waiting { .. })
     ));
+    let mut extra = connect_from(sa, Ipv4Addr::new(127, 0, 2, 1)).await;
+    extra.write_all(&hello(Side::Sender, 5001)).await.unwrap();
     assert!(refused(reply(&mut extra).await).contains("limit of 1001 peers waiting"));
     drop(over);
     // Each of the 1,000 is told it waited too long, after --relay-max-wait.

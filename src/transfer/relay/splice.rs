@@ -210,10 +210,21 @@ async fn pump_pipe(
     let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     loop {
+        // With a byte limit, read at most one byte past it: what fits is
+        // still passed on, the rest cuts the pair.
+        let len = match shared.max_bytes {
+            0 => pipe.size,
+            max => {
+                let room = max.saturating_sub(shared.bytes.load(Ordering::Relaxed));
+                pipe.size.min(
+                    usize::try_from(room)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(1),
+                )
+            }
+        };
         from.readable().await.map_err(|_| End::Failed)?;
-        let n = match from.try_io(Interest::READABLE, || {
-            splice_fds(from_fd, pipe_w, pipe.size)
-        }) {
+        let n = match from.try_io(Interest::READABLE, || splice_fds(from_fd, pipe_w, len)) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return Err(End::Failed),
@@ -226,10 +237,11 @@ async fn pump_pipe(
         }
         shared.touch();
         let total = shared.bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        if shared.max_bytes > 0 && total > shared.max_bytes {
-            return Err(End::ByteLimit);
-        }
-        let mut left = n;
+        let over = match shared.max_bytes {
+            0 => 0,
+            max => total.saturating_sub(max),
+        };
+        let mut left = n - usize::try_from(over).unwrap_or(usize::MAX).min(n);
         while left > 0 {
             to.writable().await.map_err(|_| End::Failed)?;
             match to.try_io(Interest::WRITABLE, || splice_fds(pipe_r, to_fd, left)) {
@@ -241,6 +253,9 @@ async fn pump_pipe(
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return Err(End::Failed),
             }
+        }
+        if over > 0 {
+            return Err(End::ByteLimit);
         }
     }
 }
