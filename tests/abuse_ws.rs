@@ -290,8 +290,11 @@ async fn a_client_that_never_reads_is_cut_off_while_the_room_flows() {
         "127.0.0.1:0",
         "--chat-write-timeout",
         "2s",
+        // Room for the two reading clients to fall a little behind on a busy
+        // machine (256 KiB cut one of them now and then); the sleeper's 8 MB
+        // still overflow it many times over.
         "--chat-queue-bytes",
-        "256KiB",
+        "1MiB",
     ]);
     let mut good = user_in(&s, "good", "lobby").await;
     let mut flooder = user_in(&s, "flood", "lobby").await;
