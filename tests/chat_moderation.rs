@@ -380,6 +380,9 @@ async fn a_muted_member_cannot_speak_until_unmuted() {
         bob.handle(say("dev", "hello")).await,
         Err(HubError::Muted("dev".into()))
     );
+    // Nor may it share a file there.
+    let ticket = ClientMsg::FileTicket { room: "dev".into() };
+    assert_eq!(bob.handle(ticket).await, Err(HubError::Muted("dev".into())));
     ann.handle(ClientMsg::Unmute {
         room: "dev".into(),
         nick: "bob".into(),

@@ -873,6 +873,63 @@ mod tests {
     }
 
     #[test]
+    fn moderation_commands_parse() {
+        let hub = |l: &str| match parse_line(l, Some("dev")).unwrap() {
+            LineCommand::Hub(m) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            hub("/kick bob too loud"),
+            ClientMsg::Kick {
+                room: "dev".into(),
+                nick: "bob".into(),
+                reason: Some("too loud".into())
+            }
+        );
+        assert_eq!(
+            hub("/ban -a eve 2h spam wave"),
+            ClientMsg::Ban {
+                room: "dev".into(),
+                nick: "eve".into(),
+                duration: Some("2h".into()),
+                reason: Some("spam wave".into()),
+                address: true
+            }
+        );
+        assert_eq!(
+            hub("/ban eve being rude"),
+            ClientMsg::Ban {
+                room: "dev".into(),
+                nick: "eve".into(),
+                duration: None,
+                reason: Some("being rude".into()),
+                address: false
+            }
+        );
+        assert_eq!(
+            hub("/mode +m"),
+            ClientMsg::Mode {
+                room: "dev".into(),
+                mode: "+m".into()
+            }
+        );
+        assert_eq!(
+            hub("/close #dev done"),
+            ClientMsg::Close {
+                room: "dev".into(),
+                reason: Some("done".into())
+            }
+        );
+        assert_eq!(
+            parse_line("/ignore bob", None).unwrap(),
+            LineCommand::Ignore("bob".into(), true)
+        );
+        assert!(parse_line("/kick", Some("dev")).is_err());
+        assert!(parse_line("/kick bob", None).is_err());
+        assert!(parse_line("/ban -a", Some("dev")).is_err());
+    }
+
+    #[test]
     fn lines_render_without_control_characters() {
         let m = ServerMsg::Message(super::super::protocol::ChatMessage {
             room: "r".into(),

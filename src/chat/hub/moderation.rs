@@ -720,6 +720,12 @@ fn nick_of(st: &State, id: ClientId) -> String {
 }
 
 impl Session {
+    /// Why this client may not speak (or share files) in `room`, if it may not.
+    pub(super) fn speak_refusal(&self, room: &str) -> Option<HubError> {
+        let st = self.hub.lock();
+        self.hub.shared.speak_refusal(&st, self.id, room)
+    }
+
     /// Carries out a moderation request: checked now, then stored with its
     /// notice and applied by the writer.
     pub(super) async fn moderate(&mut self, msg: ClientMsg) -> Result<(), HubError> {
