@@ -67,6 +67,9 @@ pub struct ServeArgs {
     /// Gossip cluster membership.
     #[command(flatten)]
     pub cluster: crate::cluster::ClusterArgs,
+    /// Room messages through NATS JetStream (broker mode).
+    #[command(flatten)]
+    pub broker: crate::cluster::broker::BrokerArgs,
     /// TLS on the HTTP and chat doors.
     #[command(flatten)]
     pub tls: crate::tls::ServerTlsArgs,
@@ -199,6 +202,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             )
         })?;
         hub_writer = Some(writer);
+        if args.broker.broker.is_some() && cluster_info.membership.is_some() {
+            anyhow::bail!(
+                "--broker does not combine with the gossip cluster (--join, --cluster-listen) yet"
+            );
+        }
+        // Before any client connects: room messages go through the stream.
+        crate::cluster::broker::start(&args.broker, &hub, shutdown.clone(), &tracker).await?;
         // Rooms span the cluster: the relay carries messages between nodes.
         if let Some(membership) = &cluster_info.membership {
             // The relay reads the hub's store (the one message log) on a

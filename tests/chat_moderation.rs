@@ -647,3 +647,71 @@ async fn guests_per_address_are_capped_per_minute() {
             .unwrap();
     }
 }
+
+/// A message log in memory that hands each entry straight back to one hub
+/// (broker mode without a broker).
+struct MemLog {
+    hub: std::sync::OnceLock<Hub>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl netkit::chat::hub::RoomLog for MemLog {
+    fn origin(&self) -> &str {
+        "mem"
+    }
+
+    fn append(
+        &self,
+        post: netkit::chat::hub::LoggedPost,
+    ) -> futures_util::future::BoxFuture<'static, Result<u64, String>> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let hub = self.hub.get().expect("hub set").clone();
+        Box::pin(async move {
+            hub.apply_logged(seq, post)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(seq)
+        })
+    }
+
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn in_broker_mode_a_notice_goes_through_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _w) = open(dir.path(), config(&[]));
+    let log = Arc::new(MemLog {
+        hub: std::sync::OnceLock::new(),
+        seq: Default::default(),
+    });
+    let _ = log.hub.set(hub.clone());
+    assert!(hub.set_room_log(log));
+    let (mut ann, mut ai) = connect(&hub, "ann");
+    join(&mut ann, &mut ai, "dev").await;
+    let (mut bob, mut bi) = connect(&hub, "bob");
+    join(&mut bob, &mut bi, "dev").await;
+    ann.handle(say("dev", "before")).await.unwrap();
+    ann.handle(kick("dev", "bob", None)).await.unwrap();
+    assert_eq!(error(&mut bi).await, "kicked");
+    let n = notice(&mut ai).await;
+    assert_eq!((n.id, n.text.as_str()), (2, "ann kicked bob from #dev"));
+    ann.handle(say("dev", "after")).await.unwrap();
+    let ids: Vec<(u64, MessageKind)> = hub
+        .history("dev", None, None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.kind))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (1, MessageKind::Say),
+            (2, MessageKind::Notice),
+            (3, MessageKind::Say)
+        ]
+    );
+    drop(bob);
+}

@@ -30,7 +30,7 @@ fn state(hub: Hub, cluster: ClusterInfo) -> AppState {
         started: std::time::Instant::now(),
         sessions: TaskTracker::new(),
         shutdown: CancellationToken::new(),
-        cluster,
+        cluster: std::sync::Arc::new(cluster),
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::cli::{parse_duration, parse_size};
 
-pub use hub::{Hub, HubConfig};
+pub use hub::{Hub, HubConfig, LoggedPost, RoomLog};
 
 /// Chat limits, shared by `netkit serve`'s WebSocket and TCP line front doors.
 #[derive(Debug, Clone, clap::Args)]

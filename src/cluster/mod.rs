@@ -7,6 +7,7 @@
 //! opaque payloads sent to and received from members. [`report`] is what
 //! `GET /api/cluster` answers, and [`members`] is `netkit members URL`.
 
+pub mod broker;
 pub mod id;
 pub mod members;
 pub mod membership;

@@ -153,7 +153,7 @@ pub struct AppState {
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
     /// This node and, when clustering is on, the membership (`GET /api/cluster`).
-    pub cluster: ClusterInfo,
+    pub cluster: Arc<ClusterInfo>,
 }
 
 /// The router with every route and layer. The file routes ([`files::routes`])
@@ -184,7 +184,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/stats", get(api::stats))
         .route("/api/cluster", get(api::cluster))
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
         .with_state(state);
     guarded(api)
@@ -195,6 +195,18 @@ pub fn router(state: AppState) -> Router {
         ))
         .merge(files)
         .layer(ConcurrencyLimitLayer::new(cfg.concurrency))
+}
+
+/// `ok`, or 503 `degraded: WHY` while the message broker is unreachable
+/// (sends fail then; the rest of the server works).
+async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
+    match state.hub.log_trouble() {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: {why}\n"),
+        ),
+    }
 }
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then closes every
@@ -233,7 +245,8 @@ pub async fn run(
         started: Instant::now(),
         sessions: TaskTracker::new(),
         shutdown: shutdown.clone(),
-        cluster,
+        // Behind an Arc: axum clones the state for every request.
+        cluster: Arc::new(cluster),
     };
     let sessions = state.sessions.clone();
     let header_timeout = state.config.header_timeout;

@@ -126,7 +126,13 @@ impl Hub {
     /// Posts the stored `file` into the uploader's room as a message from
     /// its current nick, through the writer like any message (stored before
     /// anyone is sent it); returns the message's id.
+    /// In broker mode file messages are refused: the log carries text only.
     pub async fn post_file(&self, by: &Uploader, file: FileRef) -> Result<u64, HubError> {
+        if self.shared.room_log.get().is_some() {
+            return Err(HubError::Broker(
+                "file messages do not go through the broker yet".into(),
+            ));
+        }
         let from = {
             let st = self.lock();
             match st.clients.get(&by.client) {

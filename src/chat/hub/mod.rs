@@ -26,6 +26,7 @@
 
 mod deliver;
 mod files;
+mod log;
 mod login;
 mod moderation;
 mod origin;
@@ -53,6 +54,7 @@ use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
 pub use files::{TICKET_LIFETIME, TicketError, Uploader};
+pub use log::{LoggedPost, RoomLog};
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
 pub use session::{Inbox, Received, Session};
 pub use writer::HubWriter;
@@ -216,6 +218,9 @@ pub enum HubError {
     /// Too many guest nicks from the client's address this minute.
     #[error("too many new guests from your address; try again in {0} s, or log in")]
     TooManyGuests(u64),
+    /// The message broker did not take the message, so nobody was sent it.
+    #[error("message not sent: the message broker is unavailable ({0}); try again")]
+    Broker(String),
 }
 
 impl HubError {
@@ -253,6 +258,7 @@ impl HubError {
             HubError::Moderated(_) => "moderated",
             HubError::Repeated(_) => "repeated",
             HubError::TooManyGuests(_) => "too_many_guests",
+            HubError::Broker(_) => "broker_unavailable",
         }
     }
 
@@ -442,6 +448,10 @@ struct Shared {
     /// This node's cluster origin (`name/TAG`), set once when clustering is
     /// on: local messages are stored and sent with it.
     origin: OnceLock<String>,
+    /// The external message log room messages go through (broker mode).
+    room_log: OnceLock<Arc<dyn log::RoomLog>>,
+    /// The newest sequence of that log applied here.
+    logged: tokio::sync::watch::Sender<u64>,
     /// The random key upload tickets are signed with ([`files`]).
     ticket_key: [u8; 32],
     /// Registered nicks (with `--chat-auth accounts` or `required`).
@@ -532,6 +542,8 @@ impl Hub {
             directs: directs_tx,
             directs_rx: Mutex::new(Some(directs_rx)),
             origin: OnceLock::new(),
+            room_log: OnceLock::new(),
+            logged: tokio::sync::watch::channel(0).0,
             ticket_key: rand::random(),
         });
         let (writer, handle) = writer::start(shared.clone(), writer_store, checkpointer);
@@ -695,6 +707,27 @@ impl Shared {
             *v = (*v).max(seq);
             newer
         });
+    }
+
+    /// Moves [`Shared::logged`] to the newest external-log entry of a
+    /// committed batch (stored now, or stored before and dropped as a duplicate).
+    fn logged_reaches(&self, batch: &[writer::WriteCmd]) {
+        let newest = batch
+            .iter()
+            .filter_map(|cmd| match cmd {
+                writer::WriteCmd::Say(writer::Post {
+                    origin: Some(o), ..
+                }) if o.keep_id => Some(o.seq),
+                _ => None,
+            })
+            .max();
+        if let Some(seq) = newest {
+            self.logged.send_if_modified(|v| {
+                let newer = *v < seq;
+                *v = (*v).max(seq);
+                newer
+            });
+        }
     }
 
     /// Tells the cluster presence that the local clients changed.

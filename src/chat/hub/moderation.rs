@@ -735,11 +735,27 @@ impl Session {
         if !valid_room(&room) {
             return Err(HubError::bad_room(&room));
         }
-        let m = {
+        let mut m = {
             let st = self.hub.lock();
             self.plan(&st, &room, req)?
         };
-        self.write(WriteCmd::Moderate(Box::new(m))).await
+        // Broker mode: room ids are the log's, so the notice goes through
+        // the log (to every hub) once the change has taken effect here.
+        let Some(log) = self.hub.shared.room_log.get().cloned() else {
+            return self.write(WriteCmd::Moderate(Box::new(m))).await;
+        };
+        let notice = m.notice.take();
+        self.write(WriteCmd::Moderate(Box::new(m))).await?;
+        self.settle().await;
+        let Some(n) = notice else { return Ok(()) };
+        let post = super::LoggedPost {
+            room: n.room,
+            from: n.from,
+            text: n.text,
+            kind: n.kind,
+            ts: n.ts,
+        };
+        self.hub.say_logged(&log, post).await
     }
 
     /// Checks a request (the room, the client's powers, the target) and

@@ -16,6 +16,9 @@ pub(super) struct RemoteOrigin {
     pub(super) seq: u64,
     /// Its room id there (0 if unknown).
     pub(super) id: u64,
+    /// Stored with `id` as its room id here too (an external log's entry:
+    /// the log's sequence is every hub's id) instead of the room's next id.
+    pub(super) keep_id: bool,
 }
 
 /// The origin and origin id a message is shown with: for one applied from

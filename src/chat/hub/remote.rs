@@ -140,6 +140,7 @@ impl Hub {
             name: m.origin,
             seq: m.seq,
             id: m.origin_id,
+            keep_id: false,
         });
         self.writer
             .send((

@@ -458,6 +458,9 @@ impl Session {
                 None => return Err(HubError::ShuttingDown),
             }
         };
+        if let Some(log) = self.hub.shared.room_log.get() {
+            return self.say_logged(log, room, from, text, kind).await;
+        }
         self.write(WriteCmd::Say(Post {
             client: self.id,
             room: room.to_string(),
@@ -469,6 +472,31 @@ impl Session {
             file: None,
         }))
         .await
+    }
+
+    /// [`Session::say`] in broker mode: membership is checked here, once
+    /// the client's earlier requests have taken effect (so a `say` right
+    /// after a `join` works), then the message goes to the log.
+    async fn say_logged(
+        &self,
+        log: &Arc<dyn super::RoomLog>,
+        room: &str,
+        from: String,
+        text: String,
+        kind: MessageKind,
+    ) -> Result<(), HubError> {
+        self.settle().await;
+        if !self.in_room(room) {
+            return Err(HubError::NotMember(truncate(room)));
+        }
+        let post = super::LoggedPost {
+            room: room.to_string(),
+            from,
+            text,
+            kind,
+            ts: now_ms(),
+        };
+        self.hub.say_logged(log, post).await
     }
 
     /// Sends `text` to the user `to` only (and echoes it to the sender).

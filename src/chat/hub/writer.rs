@@ -190,7 +190,7 @@ fn process_batch(shared: &Shared, store: &mut Store, heads: &mut Heads, batch: &
     if let Some(seq) = heads.local_seq {
         shared.local_log_reaches(seq);
     }
-    let joins = prepare_joins(&shared.config, store, &heads.ids, batch, &outcome);
+    let joins = prepare_joins(shared, store, &heads.ids, batch, &outcome);
     apply(shared, batch, &outcome, joins);
 }
 
@@ -315,7 +315,10 @@ fn write_say(
     if post.client == REMOTE && !next.ids.contains_key(&post.room) {
         tx.create_room(&post.room, now)?;
     }
-    let id = next.ids.get(&post.room).copied().unwrap_or(0) + 1;
+    let id = match &post.origin {
+        Some(r) if r.keep_id => r.id,
+        _ => next.ids.get(&post.room).copied().unwrap_or(0) + 1,
+    };
     let local_seq = next.local_seq.unwrap_or(0) + 1;
     let origin = match (&post.origin, shared.origin.get()) {
         (Some(r), _) => Some(Origin {
@@ -343,7 +346,8 @@ fn write_say(
     if !stored {
         return Ok(0);
     }
-    next.ids.insert(post.room.clone(), id);
+    let head = next.ids.entry(post.room.clone()).or_insert(0);
+    *head = (*head).max(id);
     if post.client != REMOTE && origin.is_some() {
         next.local_seq = Some(local_seq);
     }
@@ -353,7 +357,7 @@ fn write_say(
 /// Reads the history each join of the batch needs, as of its place in the
 /// batch, before the member lock is taken.
 fn prepare_joins(
-    config: &HubConfig,
+    shared: &Shared,
     store: &Store,
     last_ids: &HashMap<String, u64>,
     batch: &[WriteCmd],
@@ -376,7 +380,8 @@ fn prepare_joins(
                 upto
             };
             Some(prepare_join(
-                config,
+                &shared.config,
+                shared.room_log.get().is_some(),
                 store,
                 room,
                 *after,
@@ -391,6 +396,7 @@ fn prepare_joins(
 /// everything after `after` (up to the resume limit), or the last few.
 fn prepare_join(
     cfg: &HubConfig,
+    logged: bool,
     store: &Store,
     room: &str,
     after: Option<u64>,
@@ -419,16 +425,43 @@ fn prepare_join(
         tracing::error!("chat: cannot read history of {room}: {e}");
         Vec::new()
     });
-    let truncated = after.is_some()
-        && history
+    let truncated = match after {
+        Some(_) if logged => logged_truncated(store, room, since, upto, &history),
+        Some(_) => history
             .first()
-            .map_or(upto > since, |m| m.id > since.saturating_add(1));
+            .map_or(upto > since, |m| m.id > since.saturating_add(1)),
+        None => false,
+    };
     PreparedJoin {
         history,
         truncated,
         last_id: upto,
         behind: Vec::new(),
     }
+}
+
+/// Whether a resume after `since` misses messages in broker mode, where ids
+/// are the log's sequence and so have gaps within a room: the message the
+/// client saw last is no longer held (trimmed, or never reached this store),
+/// or more messages follow it than `history` holds.
+fn logged_truncated(
+    store: &Store,
+    room: &str,
+    since: u64,
+    upto: u64,
+    history: &[ChatMessage],
+) -> bool {
+    let held = |after: u64, upto: u64| {
+        store
+            .earliest(room, after, upto, 1)
+            .map(|v| v.first().map(|m| m.id))
+            .unwrap_or_else(|e| {
+                tracing::error!("chat: cannot read history of {room}: {e}");
+                None
+            })
+    };
+    let gone = since > 0 && held(since - 1, since).is_none();
+    gone || held(since, upto) != history.first().map(|m| m.id)
 }
 
 /// Applies a committed (or failed) batch in order under the member lock:
@@ -477,6 +510,9 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
         }
     }
     drop(st);
+    if outcome.failure.is_none() {
+        shared.logged_reaches(batch);
+    }
     shared.stats.messages.fetch_add(stored, Ordering::Relaxed);
     metrics::counter!("netkit_chat_messages_total").increment(stored);
 }

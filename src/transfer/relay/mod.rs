@@ -420,7 +420,7 @@ impl Relay {
             idle: self.config.idle_timeout,
             max_bytes: self.config.max_bytes,
         };
-        let (end, bytes) = splice::splice(a, &mut b.stream, limits, shutdown).await;
+        let (end, bytes) = splice::splice_tcp(&mut a, &mut b.stream, limits, shutdown).await;
         metrics::gauge!("netkit_relay_pairs_active").decrement(1.0);
         metrics::counter!("netkit_relay_bytes_total").increment(bytes);
         let secs = started.elapsed().as_secs_f64();

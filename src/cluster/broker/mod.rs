@@ -1,0 +1,325 @@
+//! Broker mode (`netkit serve --broker nats://…`): room messages go through
+//! one NATS JetStream stream that every hub appends to and reads in order;
+//! the stream sequence is the message id on every hub (docs/cluster.md).
+
+pub mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::chat::{Hub, LoggedPost, RoomLog};
+
+/// The stream's name (and, with `nats:`, the origin its messages are stored under).
+pub const STREAM: &str = "NETKIT";
+
+/// How long a publish waits for the stream's acknowledgement before the
+/// one retry (same message id) and then the error to the sender.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest pause between two attempts to read the stream again.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The broker flags of `netkit serve`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct BrokerArgs {
+    /// Carry room messages through NATS JetStream at these servers
+    /// (`nats://HOST:PORT[,HOST:PORT…]`) instead of the gossip relay.
+    #[arg(long, env = "NETKIT_BROKER", value_name = "nats://HOST:PORT[,…]")]
+    pub broker: Option<String>,
+    /// Messages the stream keeps per room (older ones are dropped; 0 = no limit).
+    #[arg(long, default_value_t = 100_000, env = "NETKIT_BROKER_MAX_PER_ROOM")]
+    pub broker_max_per_room: u64,
+}
+
+/// A hub's link to the stream: appends room messages ([`RoomLog`]).
+pub struct Broker {
+    /// Whether the client is connected now (set by its events).
+    connected: Arc<tokio::sync::watch::Sender<bool>>,
+    js: jetstream::Context,
+    origin: String,
+    /// Message ids: this process's random tag and a counter.
+    tag: u64,
+    next: AtomicU64,
+    servers: String,
+}
+
+/// The servers of `--broker`: comma-separated, each `nats://HOST:PORT` or `HOST:PORT`.
+pub fn parse_servers(list: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<async_nats::ServerAddr>()
+                .map_err(|e| anyhow::anyhow!("--broker: bad server address '{s}': {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                anyhow::bail!("--broker: no server given (nats://HOST:PORT[,HOST:PORT…])");
+            }
+            Ok(v)
+        })
+}
+
+impl Broker {
+    /// Connects to the servers of `args` and makes sure the stream exists;
+    /// fails with a clear error if no server answers or JetStream is off.
+    pub async fn connect(servers: &str, max_per_room: u64) -> anyhow::Result<Broker> {
+        let addrs = parse_servers(servers)?;
+        let connected = Arc::new(tokio::sync::watch::channel(true).0);
+        let events = connected.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name("netkit")
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => events.send_replace(true),
+                        async_nats::Event::Disconnected => events.send_replace(false),
+                        _ => return,
+                    };
+                }
+            })
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .connect(addrs)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("--broker: cannot reach the NATS server at {servers}: {e}")
+            })?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(ACK_TIMEOUT);
+        let config = stream::Config {
+            name: STREAM.to_string(),
+            subjects: vec![format!("{}>", wire::SUBJECT_PREFIX)],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: if max_per_room == 0 {
+                -1
+            } else {
+                i64::try_from(max_per_room).unwrap_or(i64::MAX)
+            },
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        js.get_or_create_stream(config).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--broker: cannot open the JetStream stream {STREAM} at {servers} \
+                 (is JetStream enabled? nats-server -js): {e}"
+            )
+        })?;
+        Ok(Broker {
+            connected,
+            js,
+            origin: format!("nats:{STREAM}"),
+            tag: rand::random(),
+            next: AtomicU64::new(1),
+            servers: servers.to_string(),
+        })
+    }
+
+    /// Whether the client is connected to a server now; changes as it
+    /// loses and regains the connection.
+    pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.connected.subscribe()
+    }
+
+    /// The stream's newest sequence (0 when empty).
+    pub async fn last_seq(&self) -> anyhow::Result<u64> {
+        let mut s = self.js.get_stream(STREAM).await?;
+        Ok(s.info().await?.state.last_sequence)
+    }
+
+    /// Publishes `payload` on `subject` with message id `id` and waits for
+    /// the stream's acknowledgement: the sequence it is stored at (the
+    /// first one's, for a duplicate within the stream's window).
+    pub async fn publish(
+        &self,
+        subject: String,
+        payload: bytes::Bytes,
+        id: &str,
+    ) -> anyhow::Result<u64> {
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(id);
+        let ack = self.js.send_publish(subject, msg).await?.await?;
+        Ok(ack.sequence)
+    }
+
+    /// Appends `post`, failing at once when not connected (nothing is
+    /// queued for later) and retrying a lost acknowledgement once with the
+    /// same message id, which the stream stores only once.
+    async fn append_post(self: Arc<Self>, post: LoggedPost) -> Result<u64, String> {
+        self.health()?;
+        let id = format!(
+            "{:016x}-{}",
+            self.tag,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let (subject, payload) = (wire::subject(&post.room), wire::encode(&post));
+        let mut last = String::new();
+        for _ in 0..2 {
+            match self.publish(subject.clone(), payload.clone(), &id).await {
+                Ok(seq) => return Ok(seq),
+                Err(e) => last = e.to_string(),
+            }
+            self.health()?;
+        }
+        Err(format!("no acknowledgement from {}: {last}", self.servers))
+    }
+}
+
+impl RoomLog for Arc<Broker> {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    fn append(&self, post: LoggedPost) -> BoxFuture<'static, Result<u64, String>> {
+        Box::pin(self.clone().append_post(post))
+    }
+
+    fn health(&self) -> Result<(), String> {
+        if *self.connected.borrow() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not connected to the NATS server at {}",
+                self.servers
+            ))
+        }
+    }
+}
+
+/// Connects to the broker, checks that the hub's store fits the stream,
+/// puts `hub` in broker mode and starts reading the stream into it.
+pub async fn start(
+    args: &BrokerArgs,
+    hub: &Hub,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Option<Arc<Broker>>> {
+    let Some(servers) = &args.broker else {
+        return Ok(None);
+    };
+    let broker = Arc::new(Broker::connect(servers, args.broker_max_per_room).await?);
+    check_store(&broker, hub).await?;
+    hub.set_room_log(Arc::new(broker.clone()));
+    tracker.spawn(consume(broker.clone(), hub.clone(), shutdown));
+    tracing::info!(servers = %servers, stream = STREAM, "broker: room messages go through NATS JetStream");
+    Ok(Some(broker))
+}
+
+/// Refuses a store that does not follow this stream: one with messages
+/// numbered outside it (ids would collide), or one ahead of the stream (a
+/// new stream under an old store: positions would silently mean other messages).
+async fn check_store(broker: &Broker, hub: &Hub) -> anyhow::Result<()> {
+    let applied = hub.last_logged(&broker.origin);
+    let highest = hub.rooms().iter().map(|r| r.last_id).max().unwrap_or(0);
+    if highest > applied {
+        anyhow::bail!(
+            "--broker: the data dir holds messages that did not come from the stream \
+             (ids up to {highest}); start broker mode with a fresh --data-dir"
+        );
+    }
+    let last = broker.last_seq().await?;
+    if last < applied {
+        anyhow::bail!(
+            "--broker: this data dir has applied the stream {STREAM} up to {applied} but the \
+             stream ends at {last} (a new stream?); start with a fresh --data-dir"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the stream in order from the entry after the last one the hub has
+/// stored, hands each to the hub, and on any failure starts again from the
+/// entry after the last one handed over: nothing is skipped, and entries
+/// handed over twice die as duplicates in the store.
+async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
+    let mut next = hub.last_logged(&broker.origin) + 1;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let read = read_from(&broker, &hub, &mut next, &mut backoff);
+        let failure = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = read => r,
+        };
+        match failure {
+            ReadEnd::HubGone => return,
+            ReadEnd::Failed(e) => {
+                tracing::warn!("broker: reading the stream from {next} failed ({e}); retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Why [`read_from`] stopped.
+enum ReadEnd {
+    /// The hub shut down.
+    HubGone,
+    /// The stream could not be read; try again.
+    Failed(String),
+}
+
+/// One ordered consumer from `next` on, until it fails.
+async fn read_from(broker: &Broker, hub: &Hub, next: &mut u64, backoff: &mut Duration) -> ReadEnd {
+    let failed = |e: &dyn std::fmt::Display| ReadEnd::Failed(e.to_string());
+    let stream = match broker.js.get_stream(STREAM).await {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    let config = consumer::pull::OrderedConfig {
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: *next,
+        },
+        ..Default::default()
+    };
+    let mut messages = match stream.create_consumer(config).await {
+        Ok(c) => match c.messages().await {
+            Ok(m) => m,
+            Err(e) => return failed(&e),
+        },
+        Err(e) => return failed(&e),
+    };
+    while let Some(item) = messages.next().await {
+        let msg = match item {
+            Ok(m) => m,
+            Err(e) => return failed(&e),
+        };
+        let seq = match msg.info() {
+            Ok(i) => i.stream_sequence,
+            Err(e) => return failed(&e),
+        };
+        *backoff = Duration::from_millis(50);
+        if seq < *next {
+            continue;
+        }
+        *next = seq + 1;
+        match wire::decode(msg.subject.as_str(), &msg.payload) {
+            Ok(post) => {
+                if let Err(e) = hub.apply_logged(seq, post).await {
+                    if e == crate::chat::hub::HubError::ShuttingDown {
+                        return ReadEnd::HubGone;
+                    }
+                    tracing::warn!("broker: stream entry {seq} skipped: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(
+                "broker: stream entry {seq} on {} skipped: {e}",
+                msg.subject.as_str().chars().take(80).collect::<String>()
+            ),
+        }
+    }
+    failed(&"the consumer ended")
+}

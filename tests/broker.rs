@@ -1,0 +1,440 @@
+//! Broker mode: hubs carrying room messages through a real nats-server
+//! (JetStream on a loopback port, its own store dir), each test with its own
+//! server. Skipped, with a message, only where nats-server is not installed.
+
+mod chat_util;
+mod ws_util;
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use chat_util::{T, http_get};
+use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
+use netkit::chat::protocol::{ChatMessage, MessageKind, ServerMsg};
+use netkit::cluster::broker::{self, Broker, BrokerArgs};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A nats-server with JetStream on 127.0.0.1, storing under `store`.
+struct Nats {
+    child: Child,
+    port: u16,
+}
+
+impl Nats {
+    /// Starts one on `port` (a random free port if `None`); returns once it
+    /// has said it is ready.
+    async fn start(store: &std::path::Path, port: Option<u16>) -> Nats {
+        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut port = None;
+        let ready = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(at) = line.split("Listening for client connections on ").nth(1) {
+                    port = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                }
+                if line.contains("Server is ready") {
+                    return;
+                }
+            }
+            panic!("nats-server ended before it was ready");
+        };
+        tokio::time::timeout(T, ready)
+            .await
+            .expect("nats-server ready");
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Nats {
+            child,
+            port: port.expect("nats-server logged its port"),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (by its pid) and waits for it to end.
+    async fn stop(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// True if nats-server is installed; else says why the test is skipped.
+fn have_nats() -> bool {
+    let ok = std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+    }
+    ok
+}
+
+/// A hub in broker mode with its own store.
+struct Node {
+    hub: Hub,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    _writer: HubWriter,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(url: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let args = BrokerArgs {
+            broker: Some(url.to_string()),
+            broker_max_per_room: 0,
+        };
+        let broker = broker::start(&args, &hub, shutdown.clone(), &tracker)
+            .await
+            .unwrap()
+            .unwrap();
+        Node {
+            hub,
+            broker,
+            shutdown,
+            tracker,
+            _writer: writer,
+            _dir: dir,
+        }
+    }
+
+    /// A client `nick` in room `lobby` (joined after `after`, if given).
+    async fn client(&self, nick: &str, after: Option<u64>) -> (Session, Inbox) {
+        let (s, inbox) = self.hub.connect(Some(nick)).unwrap();
+        s.join("lobby", after).await.unwrap();
+        s.settle().await;
+        (s, inbox)
+    }
+
+    /// Waits until this hub has applied the stream up to `seq`.
+    async fn applied(&self, seq: u64) {
+        let mut w = self.hub.logged();
+        tokio::time::timeout(T, w.wait_for(|&v| v >= seq))
+            .await
+            .expect("hub applies the stream")
+            .unwrap();
+    }
+
+    /// Stops reading the stream; the writer ends with the last hub handle
+    /// (sessions of the test hold some).
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.hub.shutdown();
+        self.tracker.close();
+        tokio::time::timeout(T, self.tracker.wait()).await.unwrap();
+    }
+}
+
+/// The newest stream entry `node` has applied.
+fn end_of(node: &Node) -> u64 {
+    *node.hub.logged().borrow()
+}
+
+/// The next room message in `inbox` (other events are passed over).
+async fn next_message(inbox: &mut Inbox) -> ChatMessage {
+    loop {
+        match tokio::time::timeout(T, inbox.recv())
+            .await
+            .expect("a message")
+        {
+            Received::Event(ev) => {
+                if let ServerMsg::Message(m) = &ev.msg {
+                    return m.clone();
+                }
+            }
+            other => panic!("client gone: {other:?}"),
+        }
+    }
+}
+
+/// The `joined` reply in `inbox` and the history after it.
+async fn joined(inbox: &mut Inbox) -> (bool, Vec<ChatMessage>) {
+    loop {
+        let Received::Event(ev) = tokio::time::timeout(T, inbox.recv()).await.unwrap() else {
+            panic!("client gone");
+        };
+        if let ServerMsg::Joined {
+            truncated, history, ..
+        } = ev.msg
+        {
+            let mut v = Vec::new();
+            for _ in 0..history {
+                v.push(next_message(inbox).await);
+            }
+            return (truncated, v);
+        }
+    }
+}
+
+/// No room message waits in `inbox` now.
+fn no_message(inbox: &mut Inbox) {
+    while let Some(ev) = inbox.try_recv() {
+        assert!(
+            !matches!(ev.msg, ServerMsg::Message(_)),
+            "unexpected {:?}",
+            ev.msg
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hubs_show_every_message_once_in_one_order() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let nodes = [
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+    ];
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        clients.push(n.client(&format!("user{i}"), None).await);
+    }
+    const EACH: usize = 30;
+    let sends = clients.iter().enumerate().map(|(i, (s, _))| async move {
+        for k in 0..EACH {
+            s.say("lobby", format!("m{i}-{k}"), MessageKind::Say)
+                .await
+                .unwrap();
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    let mut seen: Vec<Vec<(u64, String)>> = Vec::new();
+    for (_, inbox) in clients.iter_mut() {
+        let mut got = Vec::new();
+        for _ in 0..3 * EACH {
+            let m = next_message(inbox).await;
+            got.push((m.id, m.text));
+        }
+        no_message(inbox);
+        let texts: HashSet<&String> = got.iter().map(|(_, t)| t).collect();
+        assert_eq!(texts.len(), 3 * EACH, "every message exactly once");
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "ids rise");
+        seen.push(got);
+    }
+    assert_eq!(seen[0], seen[1], "same ids and order on hubs 0 and 1");
+    assert_eq!(seen[0], seen[2], "same ids and order on hubs 0 and 2");
+    for n in nodes {
+        n.stop().await;
+    }
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let node = Node::start(&nats.url()).await;
+    let (_s, mut inbox) = node.client("ann", None).await;
+    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let post = netkit::chat::LoggedPost {
+        room: "lobby".into(),
+        from: "ann".into(),
+        text: "once".into(),
+        kind: MessageKind::Say,
+        ts: 1,
+    };
+    let (subject, payload) = (broker::wire::subject("lobby"), broker::wire::encode(&post));
+    let first = b
+        .publish(subject.clone(), payload.clone(), "id-1")
+        .await
+        .unwrap();
+    let again = b.publish(subject.clone(), payload, "id-1").await.unwrap();
+    assert_eq!(first, again, "the retry gets the first one's sequence");
+    assert_eq!(b.last_seq().await.unwrap(), first, "stored once");
+    // Not netkit's format, or a subject that does not match: skipped.
+    b.publish(subject.clone(), "hello".into(), "junk-1")
+        .await
+        .unwrap();
+    let other = broker::wire::encode(&netkit::chat::LoggedPost {
+        room: "elsewhere".into(),
+        ..post.clone()
+    });
+    b.publish(subject.clone(), other, "junk-2").await.unwrap();
+    let after = broker::wire::encode(&netkit::chat::LoggedPost {
+        text: "after".into(),
+        ..post
+    });
+    let last = b.publish(subject, after, "id-2").await.unwrap();
+    let m = next_message(&mut inbox).await;
+    assert_eq!((m.id, m.text.as_str()), (first, "once"));
+    let m = next_message(&mut inbox).await;
+    assert_eq!((m.id, m.text.as_str()), (last, "after"));
+    node.applied(last).await;
+    no_message(&mut inbox);
+    node.stop().await;
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_hub_with_exactly_what_it_missed() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let (a, b, c) = (
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+    );
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let (bob, _bob_in) = c.client("bob", None).await;
+    bob.say("lobby", "seen".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    let last_seen = next_message(&mut ann_in).await.id;
+    drop((ann, ann_in));
+    bob.join("side", None).await.unwrap();
+    for k in 0..5 {
+        bob.say("lobby", format!("missed {k}"), MessageKind::Say)
+            .await
+            .unwrap();
+        if k == 1 {
+            // A hole in the lobby's ids: the stream's next sequence goes to another room.
+            bob.say("side", "elsewhere".into(), MessageKind::Say)
+                .await
+                .unwrap();
+        }
+    }
+    let hole = end_of(&c) - 3;
+    let end = end_of(&c);
+    b.applied(end).await;
+    let (_ann, mut ann_in) = b.client("ann", Some(last_seen)).await;
+    let (truncated, history) = joined(&mut ann_in).await;
+    assert!(!truncated);
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["missed 0", "missed 1", "missed 2", "missed 3", "missed 4"]
+    );
+    assert_eq!(history.last().unwrap().id, end);
+    assert_eq!(history[2].id, hole + 1, "ids skip the other room's entry");
+    // A position the room does not hold (as a trimmed one) is reported as such.
+    let (_cy, mut cy_in) = b.client("cy", Some(hole)).await;
+    assert!(
+        joined(&mut cy_in).await.0,
+        "an unknown position is truncated"
+    );
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_server_fails_sends_fast_and_delivery_resumes_without_gaps() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let port = nats.port;
+    let (a, b) = (
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+    );
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    tokio::spawn({
+        let (hub, s) = (a.hub.clone(), a.shutdown.clone());
+        async move { netkit::http::run(http, hub, Default::default(), None, s).await }
+    });
+    assert_eq!(
+        http_get(http_addr, "/healthz", &[]).await,
+        (200, "ok\n".into())
+    );
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let (_bob, mut bob_in) = b.client("bob", None).await;
+    for k in 0..3 {
+        ann.say("lobby", format!("before {k}"), MessageKind::Say)
+            .await
+            .unwrap();
+    }
+    nats.stop().await;
+    let mut up = a.broker.connected();
+    tokio::time::timeout(T, up.wait_for(|c| !c))
+        .await
+        .unwrap()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let refused = ann.say("lobby", "lost?".into(), MessageKind::Say).await;
+    assert!(matches!(refused, Err(HubError::Broker(_))), "{refused:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "fails fast"
+    );
+    let (status, body) = http_get(http_addr, "/healthz", &[]).await;
+    assert_eq!(status, 503);
+    assert!(body.starts_with("degraded: "), "{body}");
+
+    let nats = Nats::start(store.path(), Some(port)).await;
+    tokio::time::timeout(T, up.wait_for(|c| *c))
+        .await
+        .unwrap()
+        .unwrap();
+    for k in 0..3 {
+        ann.say("lobby", format!("after {k}"), MessageKind::Say)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        http_get(http_addr, "/healthz", &[]).await,
+        (200, "ok\n".into())
+    );
+    let want = [
+        "before 0", "before 1", "before 2", "after 0", "after 1", "after 2",
+    ];
+    for inbox in [&mut ann_in, &mut bob_in] {
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            got.push(next_message(inbox).await);
+        }
+        let texts: Vec<&str> = got.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, want, "no gap, no duplicate, nothing refused shown");
+        let ids: Vec<u64> = got.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [1, 2, 3, 4, 5, 6], "the stream sequence is the id");
+        no_message(inbox);
+    }
+    a.stop().await;
+    b.stop().await;
+    nats.stop().await;
+}
+
+#[tokio::test]
+async fn startup_fails_clearly_without_a_server() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let Err(e) = Broker::connect(&format!("nats://127.0.0.1:{port}"), 0).await else {
+        panic!("connected to nothing");
+    };
+    assert!(
+        e.to_string().contains("cannot reach the NATS server"),
+        "{e}"
+    );
+}
