@@ -1,6 +1,7 @@
 // Browser test of the chat page: Debian's chromium, headless, driven by
 // playwright-core. Two pages and one TCP line client exchange messages and a
-// file in a room; one page reloads and gets its history; screenshots go to
+// file in a room; the room's operator kicks the line client from the member
+// list; one page reloads and gets its history; screenshots go to
 // target/e2e/.
 //
 // usage: node e2e/chat.mjs [path/to/netkit]   (default: target/debug/netkit)
@@ -68,6 +69,18 @@ try {
   await alice.locator("#room-list button", { hasText: "@bob" }).waitFor({ timeout: T });
   carol.send("/msg bob psst from carol");
   await bob.locator("#room-list button", { hasText: "@carol" }).waitFor({ timeout: T });
+
+  // Moderation: alice made the room, so she is its operator and her member
+  // list has a kick button; bob's has none. Kicking the line user puts it
+  // out with a notice everyone sees; it may join again.
+  await alice.locator("#member-list li", { hasText: "op" }).filter({ hasText: "alice" }).waitFor({ timeout: T });
+  if ((await bob.locator("#member-list button.member-kick").count()) !== 0) fail("a non-operator sees kick buttons");
+  await alice.locator("#member-list li", { hasText: "carol" }).locator("button.member-kick").click();
+  await carol.waitFor("ERR kicked");
+  await alice.locator("#messages li.moderation", { hasText: "alice kicked carol from #lobby" }).waitFor({ timeout: T });
+  await bob.locator("#messages li.moderation", { hasText: "alice kicked carol from #lobby" }).waitFor({ timeout: T });
+  carol.send("/join lobby");
+  await carol.waitFor("-- joined #lobby");
 
   // Reload: the page rejoins and gets the room's history.
   await alice.reload();

@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Chat accounts and application tokens.
     #[command(flatten)]
     pub chat_auth: crate::chat::auth::ChatAuthArgs,
+    /// Chat moderation (admins) and abuse limits.
+    #[command(flatten)]
+    pub chat_moderation: crate::chat::moderation::ChatModerationArgs,
     /// Limits of the HTTP server.
     #[command(flatten)]
     pub http_limits: crate::http::HttpArgs,
@@ -191,6 +194,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     if http_listener.is_some() || chat_listener.is_some() {
         let mut hub_config = args.chat_limits.hub_config();
         hub_config.auth = args.chat_auth.auth_config()?;
+        hub_config.moderation = args.chat_moderation.config();
         let (hub, writer) = crate::chat::Hub::open(&args.data_dir, hub_config).map_err(|e| {
             anyhow::anyhow!(
                 "{e} — check that --data-dir {} is writable",

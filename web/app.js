@@ -28,10 +28,23 @@
   let backoff = 500;
   let reconnectTimer = null;
   const MAX_ITEMS = 500;
+  // Server admin (--chat-admins): may moderate every room.
+  let amAdmin = false;
+  // Nicks whose messages this page does not show (/ignore, kept in the browser).
+  const IGNORED = "netkit.ignored";
+  const ignored = new Set((() => { try { return JSON.parse(localStorage.getItem(IGNORED) || "[]"); } catch { return []; } })());
+  function setIgnored(nick, on) {
+    const key = nick.toLowerCase();
+    if (on) ignored.add(key); else ignored.delete(key);
+    localStorage.setItem(IGNORED, JSON.stringify([...ignored]));
+    notice(current, (on ? "ignoring " : "no longer ignoring ") + nick);
+    renderMembers();
+  }
+  const isIgnored = (nick) => ignored.has(String(nick).toLowerCase());
 
   function room(name) {
     if (!rooms.has(name)) {
-      rooms.set(name, { lastId: 0, since: {}, items: [], members: [], topic: "", unread: 0, joined: false });
+      rooms.set(name, { lastId: 0, since: {}, items: [], members: [], ops: [], topic: "", unread: 0, joined: false });
     }
     return rooms.get(name);
   }
@@ -166,19 +179,44 @@
     return local.concat((remote || []).map((r) => atNode(r.nick, r.node))).sort();
   }
 
+  // A small button of the member list.
+  function memberAction(label, title, cls, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.title = title;
+    b.className = cls;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
   function renderMembers() {
     el.members.replaceChildren();
     const r = current ? room(current) : null;
     if (!r) return;
+    const moderator = amAdmin || r.ops.includes(myNick);
     for (const m of r.members) {
       const li = document.createElement("li");
-      const b = document.createElement("button");
-      b.type = "button";
-      b.textContent = m;
-      b.title = "Direct message " + m;
-      b.className = "member-dm";
-      b.addEventListener("click", () => { el.sayInput.value = "/msg " + m + " "; el.sayInput.focus(); });
-      li.appendChild(b);
+      li.appendChild(memberAction(m, "Direct message " + m, "member-dm",
+        () => { el.sayInput.value = "/msg " + m + " "; el.sayInput.focus(); }));
+      if (r.ops.includes(m)) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = "op";
+        li.appendChild(badge);
+      }
+      // Members of other nodes (nick@node) are moderated on their node.
+      if (m !== myNick && !m.includes("@")) {
+        const on = !isIgnored(m);
+        li.appendChild(memberAction(on ? "ignore" : "unignore", (on ? "Hide" : "Show") + " messages from " + m,
+          "member-ignore", () => setIgnored(m, on)));
+        if (moderator) {
+          li.appendChild(memberAction("kick", "Kick " + m + " from #" + current, "member-kick",
+            () => send({ type: "kick", room: current, nick: m })));
+          li.appendChild(memberAction("ban", "Ban " + m + " from #" + current, "member-ban",
+            () => send({ type: "ban", room: current, nick: m })));
+        }
+      }
       el.members.appendChild(li);
     }
   }
@@ -225,6 +263,7 @@
         r.joined = true;
         r.topic = m.topic;
         r.members = shownMembers(m.members, m.remote);
+        r.ops = m.ops || [];
         if (r.lastId === 0 || m.truncated) notice(m.room, "joined #" + m.room);
         else notice(m.room, "reconnected to #" + m.room);
         if (m.truncated) notice(m.room, "some older messages were skipped; scroll the history with the API");
@@ -241,6 +280,8 @@
           r.since[m.origin] = m.origin_id;
         } else if (m.id <= r.lastId) break; // already seen (resume overlap)
         r.lastId = m.id;
+        if (m.kind === "notice") { add(m.room, { cls: "notice moderation", id: m.id, ts: m.ts, text: m.text }); saveRooms(); break; }
+        if (isIgnored(m.from)) { saveRooms(); break; }
         add(m.room, {
           cls: "msg" + (m.kind === "me" ? " me" : "") + (m.file ? " file" : ""), id: m.id, ts: m.ts,
           from: m.from, text: m.text, file: m.file, mine: m.from === myNick,
@@ -276,6 +317,7 @@
           localStorage.setItem("netkit.nick", m.new);
         }
         for (const [name, r] of rooms) {
+          r.ops = r.ops.map((x) => (x === oldName ? newName : x));
           if (r.joined && r.members.includes(oldName)) {
             r.members = r.members.map((x) => (x === oldName ? newName : x)).sort();
             notice(name, oldName + " is now known as " + newName);
@@ -286,6 +328,7 @@
         break;
       }
       case "direct": {
+        if (m.from !== myNick && isIgnored(m.from)) break;
         const peer = m.from === myNick ? m.to : m.from;
         add("@" + peer, { cls: "msg direct", ts: m.ts, from: m.from, text: m.text, mine: m.from === myNick });
         renderRooms();
@@ -296,6 +339,12 @@
         r.topic = m.topic;
         notice(m.room, m.by + " set the topic: " + m.topic);
         if (m.room === current) el.topic.textContent = m.topic;
+        break;
+      }
+      case "modes": {
+        const r = room(m.room);
+        r.ops = m.ops || [];
+        if (m.room === current) renderMembers();
         break;
       }
       case "members": {
@@ -318,6 +367,8 @@
       }
       case "logged_in": {
         if (m.session) localStorage.setItem(SESSION, m.session);
+        amAdmin = !!m.admin;
+        renderMembers();
         el.accountForm.hidden = true;
         el.logout.hidden = false;
         el.password.value = "";
@@ -409,7 +460,28 @@
         case "topic": sent = target && send({ type: "topic", room: target, topic: rest }); break;
         case "rooms": sent = send({ type: "rooms" }); break;
         case "who": sent = target && send({ type: "who", room: rest.trim().replace(/^#/, "") || target }); break;
-        default: notice(target, "unknown command /" + name + " — try /me, /msg, /nick, /join, /part, /topic, /rooms, /who", "error");
+        case "ignore": case "unignore":
+          if (rest.trim()) { setIgnored(rest.trim(), name.toLowerCase() === "ignore"); sent = true; }
+          break;
+        case "op": case "deop": case "voice": case "devoice": case "invite": case "unban": case "unmute":
+          sent = target && send({ type: name.toLowerCase(), room: target, nick: rest.trim() });
+          break;
+        case "kick": case "mute": case "ban": {
+          const [, who, more] = rest.trim().match(/^(\S+)\s*(.*)$/s) || [];
+          if (!who) { notice(target, "usage: /" + name + " NICK …", "error"); break; }
+          const msg = { type: name.toLowerCase(), room: target, nick: who };
+          if (name === "kick" && more) msg.reason = more;
+          if (name === "mute" && more) msg.duration = more.trim();
+          if (name === "ban" && more) {
+            const [, d, why] = more.match(/^(\d+[smhdw]?)\s*(.*)$/s) || [];
+            if (d) { msg.duration = d; if (why) msg.reason = why; } else msg.reason = more;
+          }
+          sent = target && send(msg);
+          break;
+        }
+        case "mode": sent = target && send({ type: "mode", room: target, mode: rest.trim() }); break;
+        case "close": sent = send({ type: "close", room: rest.trim().replace(/^#/, "") || target }); break;
+        default: notice(target, "unknown command /" + name + " — try /me, /msg, /nick, /join, /part, /topic, /rooms, /who, /ignore, /kick, /ban, /mute, /op, /mode", "error");
       }
     } else if (target && target.startsWith("@")) {
       sent = send({ type: "msg", to: target.slice(1), text });

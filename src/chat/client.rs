@@ -173,6 +173,8 @@ async fn run_ws(args: &ChatArgs) -> anyhow::Result<()> {
     }
     let json = args.json;
     let rooms_in = rooms.clone();
+    let ignored = Arc::new(super::line::Ignored::default());
+    let ignored_out = ignored.clone();
     let to_stdout = async move {
         let mut out = tokio::io::stdout();
         while let Some(frame) = stream.next().await {
@@ -197,6 +199,9 @@ async fn run_ws(args: &ChatArgs) -> anyhow::Result<()> {
             let line = match serde_json::from_str::<ServerMsg>(text.as_str()) {
                 Ok(msg) => {
                     track_rooms(&rooms_in, &msg);
+                    if ignored_out.hides(&msg) {
+                        continue;
+                    }
                     if json {
                         text.to_string()
                     } else {
@@ -224,6 +229,10 @@ async fn run_ws(args: &ChatArgs) -> anyhow::Result<()> {
                 Ok(LineCommand::Help) => err.write_all(format!("{HELP}\n").as_bytes()).await?,
                 Ok(LineCommand::Quit) => break,
                 Ok(LineCommand::Nothing) => {}
+                Ok(LineCommand::Ignore(nick, on)) => {
+                    let told = ignored.set(&nick, on);
+                    err.write_all(format!("-- {told}\n").as_bytes()).await?
+                }
                 Err(e) => {
                     err.write_all(format!("netkit chat: {e}\n").as_bytes())
                         .await?

@@ -34,6 +34,16 @@ commands:
   /register PASSWORD  register the nick you hold (servers with accounts)
   /login NICK PASSWORD  log in to a registered nick
   /token TOKEN        log in with an application token
+  /ignore NICK        stop showing NICK's messages (/unignore NICK)
+operators of the current room (the first member of a new room is one):
+  /op NICK, /deop NICK, /voice NICK, /devoice NICK
+  /kick NICK [REASON]
+  /ban [-a] NICK|ACCOUNT [DURATION] [REASON]   (-a: the address too)
+  /unban NICK|ACCOUNT
+  /mute NICK [DURATION], /unmute NICK
+  /mode +m|-m|+i|-i   moderated (only voiced speak), invite-only
+  /invite NICK
+  /close ROOM         (server admins) put everyone out, make it invite-only
   /help               this text
   /quit               disconnect
 any other line is said in the current room; start it with // to say a line beginning with /";
@@ -49,6 +59,8 @@ pub enum LineCommand {
     Quit,
     /// Nothing to do (blank line).
     Nothing,
+    /// Stop (`true`) or start again showing a nick's messages and direct messages.
+    Ignore(String, bool),
 }
 
 /// Parses one typed line; `current` is the room plain text goes to.
@@ -132,12 +144,137 @@ fn parse_command(cmd: &str, rest: &str, current: Option<&str>) -> Result<LineCom
         "token" | "auth" if !rest.is_empty() => ClientMsg::Auth {
             token: rest.to_string(),
         },
-        "nick" | "join" | "me" | "register" | "token" | "auth" => {
+        "ignore" | "unignore" if !rest.is_empty() => {
+            return Ok(LineCommand::Ignore(
+                rest.to_string(),
+                cmd.eq_ignore_ascii_case("ignore"),
+            ));
+        }
+        "op" | "deop" | "voice" | "devoice" | "kick" | "ban" | "unban" | "mute" | "unmute"
+        | "mode" | "invite" | "close"
+            if !rest.is_empty() =>
+        {
+            parse_moderation(&cmd.to_ascii_lowercase(), rest, current)?
+        }
+        "nick" | "join" | "me" | "register" | "token" | "auth" | "ignore" | "unignore" | "op"
+        | "deop" | "voice" | "devoice" | "kick" | "ban" | "unban" | "mute" | "unmute" | "mode"
+        | "invite" | "close" => {
             return Err(format!("/{cmd} needs an argument; /help"));
         }
         _ => return Err(format!("unknown command /{cmd}; /help lists them")),
     };
     Ok(LineCommand::Hub(msg))
+}
+
+/// A moderation command for the current room (`/close` names its room).
+fn parse_moderation(cmd: &str, rest: &str, current: Option<&str>) -> Result<ClientMsg, String> {
+    if cmd == "close" {
+        let (room, reason) = split_word(rest);
+        return Ok(ClientMsg::Close {
+            room: room_arg(room),
+            reason,
+        });
+    }
+    let room = need_room(current)?;
+    let (first, tail) = split_word(rest);
+    let nick = first.to_string();
+    Ok(match cmd {
+        "op" => ClientMsg::Op { room, nick },
+        "deop" => ClientMsg::Deop { room, nick },
+        "voice" => ClientMsg::Voice { room, nick },
+        "devoice" => ClientMsg::Devoice { room, nick },
+        "unban" => ClientMsg::Unban { room, nick },
+        "unmute" => ClientMsg::Unmute { room, nick },
+        "invite" => ClientMsg::Invite { room, nick },
+        "mode" => ClientMsg::Mode { room, mode: nick },
+        "kick" => ClientMsg::Kick {
+            room,
+            nick,
+            reason: tail,
+        },
+        "mute" => ClientMsg::Mute {
+            room,
+            nick,
+            duration: tail,
+        },
+        _ => {
+            let address = first == "-a";
+            let (nick, tail) = if address {
+                let (n, t) = split_word(tail.as_deref().unwrap_or_default());
+                (n.to_string(), t)
+            } else {
+                (nick, tail)
+            };
+            if nick.is_empty() {
+                return Err("usage: /ban [-a] NICK|ACCOUNT [DURATION] [REASON]".into());
+            }
+            // A first word that reads as a duration is one; the rest is the reason.
+            let (duration, reason) = match tail.as_deref().map(split_word) {
+                Some((d, r)) if crate::cli::parse_duration(d).is_ok() => (Some(d.to_string()), r),
+                _ => (None, tail),
+            };
+            ClientMsg::Ban {
+                room,
+                nick,
+                duration,
+                reason,
+                address,
+            }
+        }
+    })
+}
+
+/// The first word of `s` and the rest (trimmed; `None` if empty).
+fn split_word(s: &str) -> (&str, Option<String>) {
+    match s.trim().split_once(char::is_whitespace) {
+        Some((w, r)) if !r.trim().is_empty() => (w, Some(r.trim().to_string())),
+        Some((w, _)) => (w, None),
+        None => (s.trim(), None),
+    }
+}
+
+/// The nicks a line client ignores (`/ignore`): their room messages and
+/// direct messages are not shown; notices, presence and errors still are.
+/// Shared by the reading and the writing task of a connection.
+#[derive(Debug, Default)]
+pub struct Ignored {
+    /// Quick check: false while nobody is ignored (the common case costs one load).
+    any: std::sync::atomic::AtomicBool,
+    keys: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Ignored {
+    /// Ignores (`on`) `nick` (and every look-alike of it), or stops ignoring it;
+    /// the line that says so.
+    pub fn set(&self, nick: &str, on: bool) -> String {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let key = super::names::name_key(nick);
+        let told = if on {
+            keys.insert(key);
+            format!("ignoring {nick} (/unignore {nick} to stop)")
+        } else if keys.remove(&key) {
+            format!("no longer ignoring {nick}")
+        } else {
+            format!("you were not ignoring {nick}")
+        };
+        self.any
+            .store(!keys.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        told
+    }
+
+    /// True if `msg` comes from an ignored nick and is not shown.
+    pub fn hides(&self, msg: &ServerMsg) -> bool {
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let from = match msg {
+            ServerMsg::Message(m) if m.kind != MessageKind::Notice => &m.from,
+            ServerMsg::Direct { from, .. } => from,
+            _ => return false,
+        };
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.contains(&super::names::name_key(from))
+    }
 }
 
 /// The room plain text and room commands without a room go to.
@@ -312,8 +449,39 @@ pub fn format_line(msg: &ServerMsg) -> String {
         }
         ServerMsg::Error { code, message } => format!("ERR {}: {}", c(code), c(message)),
         ServerMsg::Info { text } => format!("-- {}", c(text)),
-        ServerMsg::LoggedIn { nick, via, .. } => {
-            format!("-- logged in as {} (by {})", c(nick), c(via))
+        ServerMsg::LoggedIn {
+            nick, via, admin, ..
+        } => {
+            let admin = if *admin { ", server admin" } else { "" };
+            format!("-- logged in as {} (by {}{admin})", c(nick), c(via))
+        }
+        ServerMsg::Modes {
+            room,
+            ops,
+            voiced,
+            moderated,
+            invite_only,
+        } => {
+            let flags: String = [(*moderated, "m"), (*invite_only, "i")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, f)| *f)
+                .collect();
+            let flags = if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" +{flags}")
+            };
+            let voiced = if voiced.is_empty() {
+                String::new()
+            } else {
+                format!(", voiced: {}", c(&voiced.join(", ")))
+            };
+            format!(
+                "-- #{}{flags} — operators: {}{voiced}",
+                c(room),
+                c(&ops.join(", "))
+            )
         }
     }
 }
@@ -324,6 +492,7 @@ fn format_message(m: &ChatMessage) -> String {
     let who = match m.kind {
         MessageKind::Say => format!("<{}>", c(&m.from)),
         MessageKind::Me => format!("* {}", c(&m.from)),
+        MessageKind::Notice => "--".to_string(),
     };
     // A file message: `<nick> shared NAME (SIZE) URL`, from the file itself.
     let text = match &m.file {
@@ -451,7 +620,7 @@ pub async fn serve_halves<R, W>(
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut session, inbox) = match hub.connect(None) {
+    let (session, inbox) = match hub.connect_from(None, peer) {
         Ok(pair) => pair,
         Err(e) => {
             let line = format!("{}\n", format_line(&e.to_msg()));
@@ -459,13 +628,12 @@ pub async fn serve_halves<R, W>(
             return;
         }
     };
-    if let Some(ip) = peer {
-        session.set_peer(ip);
-    }
+    let mut session = session;
+    let ignored = Arc::new(Ignored::default());
     let done = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         BufWriter::new(wr),
-        inbox,
+        (inbox, ignored.clone()),
         config.write_timeout,
         done.clone(),
         shutdown.clone(),
@@ -515,7 +683,7 @@ pub async fn serve_halves<R, W>(
             Ok(Ok(LineRead::Line)) => {}
         }
         let line = String::from_utf8_lossy(&bytes);
-        if !run_line(&mut session, &line).await {
+        if !run_line(&mut session, &ignored, &line).await {
             break;
         }
     }
@@ -531,10 +699,13 @@ pub async fn serve_halves<R, W>(
 /// Carries out one typed line, after the earlier ones have taken effect:
 /// plain text goes to the hub's current room for the client. False when the
 /// client quits.
-async fn run_line(session: &mut Session, line: &str) -> bool {
+async fn run_line(session: &mut Session, ignored: &Ignored, line: &str) -> bool {
     let current = session.current_room().await;
     match parse_line(line, current.as_deref()) {
         Ok(LineCommand::Nothing) => {}
+        Ok(LineCommand::Ignore(nick, on)) => session.tell(ServerMsg::Info {
+            text: ignored.set(&nick, on),
+        }),
         Ok(LineCommand::Help) => {
             for l in HELP.lines() {
                 session.tell(ServerMsg::Info { text: l.into() });
@@ -555,7 +726,7 @@ async fn run_line(session: &mut Session, line: &str) -> bool {
 /// client is disconnected (told why) or the server shuts down.
 async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     mut wr: BufWriter<W>,
-    mut inbox: Inbox,
+    (mut inbox, ignored): (Inbox, Arc<Ignored>),
     write_timeout: Duration,
     done: CancellationToken,
     shutdown: CancellationToken,
@@ -576,7 +747,7 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
                 // Reader ended: flush what is already queued, then stop.
                 while let Some(ev) = inbox.try_recv() {
                     buf.clear();
-                    push_line(&mut buf, &ev.msg);
+                    push_line(&mut buf, &ev.msg, &ignored);
                     if tokio::time::timeout(write_timeout, wr.write_all(buf.as_bytes())).await.is_err() {
                         break;
                     }
@@ -587,7 +758,7 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         };
         buf.clear();
         match first {
-            Received::Event(ev) => push_line(&mut buf, &ev.msg),
+            Received::Event(ev) => push_line(&mut buf, &ev.msg, &ignored),
             Received::Disconnected(reason) => {
                 let line = format!("ERR {}: {reason}\n", reason.code());
                 let _ = tokio::time::timeout(write_timeout, async {
@@ -601,7 +772,7 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         }
         while buf.len() < 64 * 1024 {
             match inbox.try_recv() {
-                Some(ev) => push_line(&mut buf, &ev.msg),
+                Some(ev) => push_line(&mut buf, &ev.msg, &ignored),
                 None => break,
             }
         }
@@ -630,7 +801,10 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     done.cancel();
 }
 
-fn push_line(buf: &mut String, msg: &ServerMsg) {
+fn push_line(buf: &mut String, msg: &ServerMsg, ignored: &Ignored) {
+    if ignored.hides(msg) {
+        return;
+    }
     buf.push_str(&format_line(msg));
     buf.push('\n');
 }
@@ -696,6 +870,63 @@ mod tests {
         assert!(parse_line("/frobnicate", None).is_err());
         assert!(parse_line("/msg bob", None).is_err());
         assert_eq!(parse_line("   ", None).unwrap(), LineCommand::Nothing);
+    }
+
+    #[test]
+    fn moderation_commands_parse() {
+        let hub = |l: &str| match parse_line(l, Some("dev")).unwrap() {
+            LineCommand::Hub(m) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            hub("/kick bob too loud"),
+            ClientMsg::Kick {
+                room: "dev".into(),
+                nick: "bob".into(),
+                reason: Some("too loud".into())
+            }
+        );
+        assert_eq!(
+            hub("/ban -a eve 2h spam wave"),
+            ClientMsg::Ban {
+                room: "dev".into(),
+                nick: "eve".into(),
+                duration: Some("2h".into()),
+                reason: Some("spam wave".into()),
+                address: true
+            }
+        );
+        assert_eq!(
+            hub("/ban eve being rude"),
+            ClientMsg::Ban {
+                room: "dev".into(),
+                nick: "eve".into(),
+                duration: None,
+                reason: Some("being rude".into()),
+                address: false
+            }
+        );
+        assert_eq!(
+            hub("/mode +m"),
+            ClientMsg::Mode {
+                room: "dev".into(),
+                mode: "+m".into()
+            }
+        );
+        assert_eq!(
+            hub("/close #dev done"),
+            ClientMsg::Close {
+                room: "dev".into(),
+                reason: Some("done".into())
+            }
+        );
+        assert_eq!(
+            parse_line("/ignore bob", None).unwrap(),
+            LineCommand::Ignore("bob".into(), true)
+        );
+        assert!(parse_line("/kick", Some("dev")).is_err());
+        assert!(parse_line("/kick bob", None).is_err());
+        assert!(parse_line("/ban -a", Some("dev")).is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! (a message's WebSocket frame), the adapters [`ws`] (WebSocket, JSON) and
 //! [`line`](mod@line) (TCP, text lines), [`files`] (files shared in rooms, on
 //! disk), [`client`] (`netkit chat`), and identity: [`auth`] (modes,
-//! application tokens, login limit), [`accounts`].
+//! application tokens, login limit), [`accounts`], and [`moderation`]
+//! (moderation and abuse-limit settings).
 
 pub mod accounts;
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod files;
 pub mod frame;
 pub mod hub;
 pub mod line;
+pub mod moderation;
 pub mod names;
 pub mod protocol;
 pub mod store;

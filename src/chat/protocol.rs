@@ -103,9 +103,128 @@ pub enum ClientMsg {
         /// The token.
         token: String,
     },
+    /// Make a member an operator of a room (operators and admins).
+    Op {
+        /// Room name.
+        room: String,
+        /// The member's nick (or a registered account's name).
+        nick: String,
+    },
+    /// Take operator status away.
+    Deop {
+        /// Room name.
+        room: String,
+        /// The operator's nick (or account).
+        nick: String,
+    },
+    /// Let a member speak in a moderated (`+m`) room.
+    Voice {
+        /// Room name.
+        room: String,
+        /// The member's nick (or account).
+        nick: String,
+    },
+    /// Take a member's voice away.
+    Devoice {
+        /// Room name.
+        room: String,
+        /// The member's nick (or account).
+        nick: String,
+    },
+    /// Put a member out of a room (it may join again).
+    Kick {
+        /// Room name.
+        room: String,
+        /// The member's nick.
+        nick: String,
+        /// Why (shown in the notice).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Keep a user (by account, or by nick look-alike key) out of a room.
+    Ban {
+        /// Room name.
+        room: String,
+        /// A connected nick, or an account (or nick) name.
+        nick: String,
+        /// How long, e.g. `10m`, `2h`, `7d` (absent: until unbanned).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration: Option<String>,
+        /// Why (shown in the notice and to the banned user).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// Also ban the address the user is connected from.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        address: bool,
+    },
+    /// Lift a ban.
+    Unban {
+        /// Room name.
+        room: String,
+        /// The banned nick or account.
+        nick: String,
+    },
+    /// Keep a member from speaking in a room.
+    Mute {
+        /// Room name.
+        room: String,
+        /// The member's nick (or account).
+        nick: String,
+        /// How long (absent: until unmuted).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration: Option<String>,
+    },
+    /// Let a muted member speak again.
+    Unmute {
+        /// Room name.
+        room: String,
+        /// The member's nick (or account).
+        nick: String,
+    },
+    /// Change a room's modes: `+m`/`-m` (moderated), `+i`/`-i` (invite-only).
+    Mode {
+        /// Room name.
+        room: String,
+        /// The change, e.g. `+m`, `-i`, `+mi`.
+        mode: String,
+    },
+    /// Let a user into an invite-only room.
+    Invite {
+        /// Room name.
+        room: String,
+        /// The user's nick (or account).
+        nick: String,
+    },
+    /// Put everyone out of a room and make it invite-only (server admins).
+    Close {
+        /// Room name.
+        room: String,
+        /// Why (shown in the notice).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 impl ClientMsg {
+    /// True for the moderation requests (carried out by the hub's moderation rules).
+    pub fn is_moderation(&self) -> bool {
+        matches!(
+            self,
+            ClientMsg::Op { .. }
+                | ClientMsg::Deop { .. }
+                | ClientMsg::Voice { .. }
+                | ClientMsg::Devoice { .. }
+                | ClientMsg::Kick { .. }
+                | ClientMsg::Ban { .. }
+                | ClientMsg::Unban { .. }
+                | ClientMsg::Mute { .. }
+                | ClientMsg::Unmute { .. }
+                | ClientMsg::Mode { .. }
+                | ClientMsg::Invite { .. }
+                | ClientMsg::Close { .. }
+        )
+    }
+
     /// True for the requests that identify a client (allowed before login).
     pub fn is_auth(&self) -> bool {
         matches!(
@@ -118,7 +237,7 @@ impl ClientMsg {
     }
 }
 
-/// Whether a room message is plain speech or a `/me` action.
+/// Whether a room message is plain speech, a `/me` action or a moderation notice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageKind {
@@ -127,6 +246,10 @@ pub enum MessageKind {
     Say,
     /// An action: render as `* nick text`.
     Me,
+    /// A moderation notice (kick, ban, op, mode…): `from` is who did it,
+    /// `text` says what in words. Appended last (the cluster relay encodes
+    /// kinds by position).
+    Notice,
 }
 
 impl MessageKind {
@@ -140,15 +263,16 @@ impl MessageKind {
         match self {
             MessageKind::Say => "say",
             MessageKind::Me => "me",
+            MessageKind::Notice => "notice",
         }
     }
 
     /// Parses the name stored in SQLite.
     pub fn from_db(s: &str) -> Self {
-        if s == "me" {
-            MessageKind::Me
-        } else {
-            MessageKind::Say
+        match s {
+            "me" => MessageKind::Me,
+            "notice" => MessageKind::Notice,
+            _ => MessageKind::Say,
         }
     }
 }
@@ -242,6 +366,12 @@ pub struct RoomInfo {
     /// How many of `members` are connected to other cluster nodes (absent when 0).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub remote: usize,
+    /// Only invited users (and operators) may join (`+i`; absent when off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invite_only: bool,
+    /// Only voiced members and operators may speak (`+m`; absent when off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moderated: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -312,6 +442,18 @@ pub enum ServerMsg {
         /// older ones from `/api/rooms/{room}/messages?before=…`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         truncated: bool,
+        /// Members present who are operators (absent when none).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ops: Vec<String>,
+        /// Members present who are voiced (absent when none).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        voiced: Vec<String>,
+        /// `+m` (absent when off).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        moderated: bool,
+        /// `+i` (absent when off).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        invite_only: bool,
     },
     /// The client left a room.
     Parted {
@@ -391,6 +533,23 @@ pub enum ServerMsg {
         /// When `session` expires, in ms since the epoch.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires: Option<i64>,
+        /// True for a server admin (`--chat-admins`): it may moderate every room.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        admin: bool,
+    },
+    /// A room's operators, voiced members and modes, as they are now: sent
+    /// to every member after each change (`joined` carries them on joining).
+    Modes {
+        /// Room name.
+        room: String,
+        /// Members present who are operators.
+        ops: Vec<String>,
+        /// Members present who are voiced.
+        voiced: Vec<String>,
+        /// `+m`: only voiced members and operators speak.
+        moderated: bool,
+        /// `+i`: only invited users and operators join.
+        invite_only: bool,
     },
     /// Informational text for a person (e.g. help).
     Info {

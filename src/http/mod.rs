@@ -394,13 +394,12 @@ async fn ws_upgrade(
             .into_response();
     }
     let wanted = q.nick.as_deref().filter(|n| !n.is_empty());
-    let (mut session, inbox) = match app.hub.connect(wanted) {
+    let (mut session, inbox) = match app.hub.connect_from(wanted, Some(peer.ip())) {
         Ok(pair) => pair,
         Err(e) => {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
         }
     };
-    session.set_peer(peer.ip());
     // A refused token is told over the socket (a page cannot read a failed
     // upgrade's status); the client stays a guest.
     if let Some(token) = q.token.as_deref().filter(|t| !t.is_empty())

@@ -165,3 +165,12 @@ impl LineClient {
         }
     }
 }
+
+/// The sum of a metric's values (over its labels) in a `/metrics` text.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

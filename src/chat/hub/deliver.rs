@@ -225,6 +225,7 @@ impl Shared {
             r.members.remove(&id);
             r.floors.remove(&id);
         }
+        self.left_locked(st, id, room);
         let members = local_members_below(st, room, self.config.presence_limit, 0);
         if members.is_empty() {
             return;

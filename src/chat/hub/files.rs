@@ -65,6 +65,10 @@ impl Session {
         if !self.in_room(room) {
             return Err(HubError::NotMember(room.to_string()));
         }
+        // A member who may not speak there (muted, or +m without voice) may not share files.
+        if let Some(e) = self.speak_refusal(room) {
+            return Err(e);
+        }
         let expires = now_ms().saturating_add(TICKET_LIFETIME.as_millis() as i64);
         let ticket = self.hub.ticket(self.id, room, expires);
         self.tell(ServerMsg::FileTicket {

@@ -217,11 +217,13 @@ impl Session {
         }
         shared.rename_locked(&mut st, self.id, nick);
         let (session, expires) = session.unzip();
+        let admin = shared.is_admin(&st, self.id);
         let ev = Event::new(ServerMsg::LoggedIn {
             nick: nick.to_string(),
             via: via.as_str().to_string(),
             session,
             expires,
+            admin,
         });
         shared.deliver_locked(&mut st, &[self.id], &ev);
     }

@@ -28,6 +28,7 @@ mod deliver;
 mod files;
 mod log;
 mod login;
+mod moderation;
 mod origin;
 mod remote;
 mod session;
@@ -44,6 +45,7 @@ use tokio::sync::mpsc;
 use super::accounts::Accounts;
 use super::auth::{AuthConfig, AuthMode, LoginLimiter};
 use super::frame::{frame_header_len, text_frame};
+use super::moderation::ModerationConfig;
 use super::names::{check_nick, check_room, name_key};
 use super::protocol::{ChatMessage, RemoteMember, RoomInfo, ServerMsg, valid_nick};
 use super::store::{Store, StoreError};
@@ -87,6 +89,8 @@ pub struct HubConfig {
     pub batch_interval: std::time::Duration,
     /// Accounts, application tokens and the login limit.
     pub auth: AuthConfig,
+    /// Server admins and the abuse limits (off by default).
+    pub moderation: ModerationConfig,
 }
 
 impl Default for HubConfig {
@@ -103,6 +107,7 @@ impl Default for HubConfig {
             presence_limit: 200,
             batch_interval: std::time::Duration::ZERO,
             auth: AuthConfig::default(),
+            moderation: ModerationConfig::default(),
         }
     }
 }
@@ -180,6 +185,39 @@ pub enum HubError {
     /// A `join` whose `since` vector is out of bounds.
     #[error("bad 'since': {0}")]
     BadSince(String),
+    /// A moderation request from a client that is not an operator of the room.
+    #[error("you are not an operator of #{0}; ask one of its operators")]
+    NotOperator(String),
+    /// A request only server admins may make (or one against an admin).
+    #[error("only a server admin (--chat-admins, logged in) may do that")]
+    NotAdmin,
+    /// A moderation request for a room that does not exist.
+    #[error("no room named '{0}'")]
+    NoSuchRoom(String),
+    /// A kick of someone who is not in the room.
+    #[error("'{0}' is not in #{1}")]
+    NotInRoom(String, String),
+    /// A malformed moderation request (duration, mode, target): why.
+    #[error("{0}")]
+    BadModeration(String),
+    /// The client is banned from the room: for how long and why.
+    #[error("you are banned from #{0} {1}")]
+    Banned(String, String),
+    /// The room is invite-only and the client was not invited.
+    #[error("#{0} is invite-only; ask an operator to /invite you")]
+    InviteOnly(String),
+    /// The client is muted in the room.
+    #[error("you are muted in #{0}")]
+    Muted(String),
+    /// The room is moderated and the client has no voice.
+    #[error("#{0} is moderated (+m): only voiced members and operators speak")]
+    Moderated(String),
+    /// The same text sent too many times in a row.
+    #[error("the same text more than {0} times in a row is refused; say something else")]
+    Repeated(usize),
+    /// Too many guest nicks from the client's address this minute.
+    #[error("too many new guests from your address; try again in {0} s, or log in")]
+    TooManyGuests(u64),
     /// The message broker did not take the message, so nobody was sent it.
     #[error("message not sent: the message broker is unavailable ({0}); try again")]
     Broker(String),
@@ -209,6 +247,17 @@ impl HubError {
             HubError::ShuttingDown => "shutting_down",
             HubError::Store(_) => "store_failed",
             HubError::BadSince(_) => "bad_message",
+            HubError::NotOperator(_) => "not_operator",
+            HubError::NotAdmin => "not_admin",
+            HubError::NoSuchRoom(_) => "no_such_room",
+            HubError::NotInRoom(..) => "not_in_room",
+            HubError::BadModeration(_) => "bad_request",
+            HubError::Banned(..) => "banned",
+            HubError::InviteOnly(_) => "invite_only",
+            HubError::Muted(_) => "muted",
+            HubError::Moderated(_) => "moderated",
+            HubError::Repeated(_) => "repeated",
+            HubError::TooManyGuests(_) => "too_many_guests",
             HubError::Broker(_) => "broker_unavailable",
         }
     }
@@ -327,6 +376,9 @@ struct Client {
     /// The name key the client is logged in as (by password, session or
     /// application token); it may hold that nick even when it is registered.
     login: Option<String>,
+    /// The address it connects from, when the adapter knows it (for
+    /// address bans).
+    peer: Option<std::net::IpAddr>,
 }
 
 #[derive(Default)]
@@ -338,6 +390,8 @@ struct Room {
     /// origin, the origin id up to which they have already seen messages
     /// this node has not applied yet; those are not delivered to them again.
     floors: HashMap<ClientId, HashMap<String, u64>>,
+    /// Operators, voice, mutes, bans and modes ([`moderation`]).
+    rules: moderation::Rules,
 }
 
 #[derive(Default)]
@@ -406,6 +460,11 @@ struct Shared {
     limiter: LoginLimiter,
     /// Password hashes computed at once (each takes 19 MiB and a core).
     login_slots: tokio::sync::Semaphore,
+    /// The writer's queue, for changes the hub makes itself (an operator it
+    /// chooses); weak, so that the writer still ends when the last handle goes.
+    writer: OnceLock<mpsc::WeakSender<Queued>>,
+    /// Guest nicks per address.
+    guests: moderation::GuestLimiter,
 }
 
 /// A cheap-to-clone handle to a running hub.
@@ -445,11 +504,13 @@ impl Hub {
         if let Some(a) = &accounts {
             state.registered = a.registered_keys()?.into_iter().collect();
         }
+        let mut rules = writer_store.room_rules()?;
         for r in writer_store.rooms()? {
             state
                 .room_keys
                 .entry(name_key(&r.name))
                 .or_insert_with(|| r.name.clone());
+            let room_rules = rules.remove(&r.name).unwrap_or_default();
             state.rooms.insert(
                 r.name,
                 Room {
@@ -457,13 +518,17 @@ impl Hub {
                     topic: r.topic,
                     last_id: r.last_id,
                     floors: HashMap::new(),
+                    rules: moderation::Rules::from_stored(room_rules),
                 },
             );
         }
         let (directs_tx, directs_rx) = mpsc::channel(OUTGOING_DIRECTS);
         let limiter = LoginLimiter::new(config.auth.logins_per_minute);
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let guests = moderation::GuestLimiter::new(config.moderation.guests_per_minute);
         let shared = Arc::new(Shared {
+            guests,
+            writer: OnceLock::new(),
             config,
             accounts,
             limiter,
@@ -482,6 +547,7 @@ impl Hub {
             ticket_key: rand::random(),
         });
         let (writer, handle) = writer::start(shared.clone(), writer_store, checkpointer);
+        let _ = shared.writer.set(writer.downgrade());
         Ok((Hub { shared, writer }, handle))
     }
 
@@ -498,6 +564,16 @@ impl Hub {
     /// Registers a client, with the nickname it asks for if that is valid and
     /// free, else a guest name (and an error saying why). It is sent `welcome` first.
     pub fn connect(&self, wanted: Option<&str>) -> Result<(Session, Inbox), HubError> {
+        self.connect_from(wanted, None)
+    }
+
+    /// [`Hub::connect`] for a client at address `peer` (per-address limits:
+    /// guest nicks per minute, logins, address bans).
+    pub fn connect_from(
+        &self,
+        wanted: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(Session, Inbox), HubError> {
         let cfg = &self.shared.config;
         let (outbox, rx) = Outbox::new(cfg.queue_messages, cfg.queue_bytes);
         let id = {
@@ -510,6 +586,9 @@ impl Hub {
             }
             let id = self.shared.next_client.fetch_add(1, Ordering::Relaxed);
             let (nick, refusal) = pick_nick(&st, id, wanted);
+            if wanted.is_none() || refusal.is_some() {
+                self.shared.guests.guest(peer)?;
+            }
             st.nicks.insert(name_key(&nick), id);
             st.clients.insert(
                 id,
@@ -519,6 +598,7 @@ impl Hub {
                     rooms: BTreeSet::new(),
                     current: None,
                     login: None,
+                    peer,
                 },
             );
             let welcome = Event::new(ServerMsg::Welcome { nick });
@@ -534,10 +614,11 @@ impl Hub {
         stats.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("netkit_chat_clients").set(now as f64);
         metrics::counter!("netkit_chat_connections_total").increment(1);
-        Ok((
-            Session::new(self.clone(), id, outbox.clone()),
-            Inbox::new(rx, outbox),
-        ))
+        let mut session = Session::new(self.clone(), id, outbox.clone());
+        if let Some(ip) = peer {
+            session.set_peer(ip);
+        }
+        Ok((session, Inbox::new(rx, outbox)))
     }
 
     /// Nicknames of every connected client, sorted.
@@ -562,6 +643,8 @@ impl Hub {
                     topic: r.topic.clone(),
                     last_id: r.last_id,
                     remote,
+                    invite_only: r.rules.invite_only,
+                    moderated: r.rules.moderated,
                 }
             })
             .collect();
@@ -574,6 +657,8 @@ impl Hub {
                     topic: String::new(),
                     last_id: 0,
                     remote: members.len(),
+                    invite_only: false,
+                    moderated: false,
                 });
             }
         }

@@ -39,6 +39,8 @@ pub struct Session {
     refusals: Refusals,
     /// Who the client is and where from (see `login`).
     pub(super) ident: Identity,
+    /// The duplicate-message guard (counts texts said in a room the client is in).
+    repeats: Mutex<super::moderation::Repeats>,
 }
 
 /// What a session knows of its client's identity.
@@ -188,6 +190,7 @@ impl Session {
             pending: Mutex::default(),
             refusals: Refusals::default(),
             ident: Identity::default(),
+            repeats: Default::default(),
         }
     }
 
@@ -317,6 +320,7 @@ impl Session {
             self.settle().await;
         }
         match msg {
+            m if m.is_moderation() => self.moderate(m).await,
             ClientMsg::Join { room, after, since } => self.resume(&room, after, since).await,
             ClientMsg::Part { room } => self.part(&room),
             ClientMsg::Say { room, text } => self.say(&room, text, MessageKind::Say).await,
@@ -335,6 +339,7 @@ impl Session {
             | ClientMsg::Login { .. }
             | ClientMsg::Logout { .. }
             | ClientMsg::Auth { .. } => unreachable!("identify handles these"),
+            _ => unreachable!("moderate handles the rest"),
         }
     }
 
@@ -388,6 +393,13 @@ impl Session {
             return Err(HubError::AlreadyJoined(room.to_string()));
         }
         self.may_join(room)?;
+        {
+            let shared = &self.hub.shared;
+            let st = self.hub.lock();
+            if let Some(e) = shared.join_refusal(&st, self.id, self.ident.peer, room) {
+                return Err(e);
+            }
+        }
         self.write(WriteCmd::Join {
             client: self.id,
             room: room.to_string(),
@@ -431,8 +443,18 @@ impl Session {
         // earlier joins, so a `say` right after a `join` works.
         let from = {
             let st = self.hub.lock();
+            if let Some(e) = self.hub.shared.speak_refusal(&st, self.id, room) {
+                return Err(e);
+            }
             match st.clients.get(&self.id) {
-                Some(c) => c.nick.clone(),
+                Some(c) => {
+                    if c.rooms.contains(room) {
+                        let max = self.hub.shared.config.moderation.max_repeats;
+                        let mut repeats = self.repeats.lock().unwrap_or_else(|e| e.into_inner());
+                        repeats.check(&text, max)?;
+                    }
+                    c.nick.clone()
+                }
                 None => return Err(HubError::ShuttingDown),
             }
         };
@@ -597,7 +619,7 @@ impl Session {
     }
 
     /// Queues `cmd` for the writer; [`Session::settle`] then waits for it.
-    async fn write(&self, cmd: WriteCmd) -> Result<(), HubError> {
+    pub(super) async fn write(&self, cmd: WriteCmd) -> Result<(), HubError> {
         let joining = matches!(cmd, WriteCmd::Join { .. });
         let (done, applied) = oneshot::channel();
         self.hub

@@ -53,6 +53,8 @@ pub(super) enum WriteCmd {
         room: String,
         topic: String,
     },
+    /// A moderation change and its notice ([`super::moderation`]).
+    Moderate(Box<super::moderation::ModWrite>),
 }
 
 /// A command as queued for the writer, with (for a local client's command)
@@ -213,7 +215,7 @@ fn check_members(shared: &Shared, batch: &[WriteCmd]) -> Vec<bool> {
                 joining.insert((*client, room.as_str()));
                 true
             }
-            WriteCmd::Sync(_) => true,
+            WriteCmd::Sync(_) | WriteCmd::Moderate(_) => true,
         })
         .collect()
 }
@@ -285,6 +287,13 @@ fn write(
             WriteCmd::Topic { room, topic, .. } => {
                 tx.set_topic(room, topic, now)?;
                 0
+            }
+            WriteCmd::Moderate(m) => {
+                super::moderation::store_change(&tx, m)?;
+                match m.notice() {
+                    Some(n) => write_say(&tx, shared, n, next, now)?,
+                    None => 0,
+                }
             }
             WriteCmd::Sync(_) => 0,
         };
@@ -492,6 +501,12 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
                 room,
                 topic,
             } => apply_topic(shared, &mut st, *client, room, topic),
+            WriteCmd::Moderate(m) => {
+                if let Some(n) = m.notice() {
+                    apply_say(shared, &mut st, n, id);
+                }
+                super::moderation::apply_change(shared, &mut st, m);
+            }
         }
     }
     drop(st);
@@ -505,6 +520,9 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
 /// The error a message or a topic gets instead of taking effect: it was not
 /// allowed (the client is not in the room), or the failed commit lost it.
 fn refusal(cmd: &WriteCmd, allowed: bool, failure: Option<&str>) -> Option<(ClientId, HubError)> {
+    if let WriteCmd::Moderate(m) = cmd {
+        return failure.map(|err| (m.client(), HubError::Store(err.to_string())));
+    }
     let (WriteCmd::Say(Post { client, room, .. }) | WriteCmd::Topic { client, room, .. }) = cmd
     else {
         return None;
@@ -602,6 +620,8 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
         reason: None,
     });
     shared.deliver_locked(st, &others, &presence);
+    shared.auto_op_locked(st, client, room);
+    let modes = shared.modes_locked(st, room);
     let (members, remote) = member_nicks_upto(st, room, limit);
     let joined = Event::new(ServerMsg::Joined {
         room: room.to_string(),
@@ -612,6 +632,10 @@ fn apply_join(shared: &Shared, st: &mut State, client: ClientId, room: &str, joi
         last_id: join.last_id,
         history: join.history.len(),
         truncated: join.truncated,
+        ops: modes.ops,
+        voiced: modes.voiced,
+        moderated: modes.moderated,
+        invite_only: modes.invite_only,
     });
     shared.deliver_locked(st, &[client], &joined);
     for m in join.history {

@@ -48,12 +48,12 @@ impl Store {
 
 /// One write transaction of the hub's writer ([`Store::batch`]).
 pub struct Batch<'c> {
-    tx: rusqlite::Transaction<'c>,
+    pub(super) tx: rusqlite::Transaction<'c>,
     path: &'c Path,
 }
 
 impl Batch<'_> {
-    fn err(&self, source: rusqlite::Error) -> StoreError {
+    pub(super) fn err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.to_path_buf(),
             source,

@@ -5,6 +5,7 @@
 
 mod batch;
 mod migrate;
+mod moderation;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use super::protocol::{ChatMessage, FileRef, MessageKind};
 
 pub use batch::Batch;
 pub use migrate::{RELAY_STORE_FILE, RelayImport};
+pub use moderation::{Role, StoredBan, StoredRules};
 
 /// File name of the chat database inside the data dir.
 pub const DB_FILE: &str = "chat.sqlite3";
@@ -178,6 +180,7 @@ impl Store {
         )
         .map_err(err)?;
         migrate::add_origin_columns(&conn).map_err(err)?;
+        moderation::create_tables(&conn).map_err(err)?;
         Ok(Store { conn, path })
     }
 
