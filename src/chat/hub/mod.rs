@@ -24,11 +24,14 @@
 //! (members, messages and direct messages from other nodes), and `files`
 //! the upload tickets and file messages.
 
+mod abuse_limits;
 mod deliver;
 mod files;
 mod log;
 mod login;
 mod moderation;
+mod moderation_change;
+mod moderation_cmds;
 mod origin;
 mod remote;
 mod session;

@@ -1,0 +1,231 @@
+//! Moderation changes in the writer: a change and its notice are stored in
+//! one transaction ([`store_change`]), then applied to the members
+//! ([`apply_change`]).
+
+use super::moderation::*;
+use super::writer::Post;
+use super::{ClientId, Event, Shared, State};
+use crate::chat::protocol::{MessageKind, ServerMsg, now_ms};
+use crate::chat::store::{Batch, Role, StoreError, StoredBan};
+
+/// The author of the notices of changes the hub makes itself.
+pub(super) const HUB: ClientId = ClientId::MAX;
+
+/// A notice message from `by` (`client`) in `room`.
+pub(super) fn notice(client: ClientId, room: &str, by: &str, text: String) -> Post {
+    Post {
+        client,
+        room: room.to_string(),
+        from: by.to_string(),
+        text,
+        kind: MessageKind::Notice,
+        ts: now_ms(),
+        origin: None,
+        file: None,
+    }
+}
+
+/// A moderation change for the writer: stored with its notice in one
+/// transaction, then applied and announced.
+pub(super) struct ModWrite {
+    /// Who asked (told if storing fails), or [`HUB`].
+    pub(super) client: ClientId,
+    pub(super) room: String,
+    pub(super) change: Change,
+    /// The notice (none for an operator the hub chose).
+    pub(super) notice: Option<Post>,
+    /// Already applied in memory (an operator the hub chose): only stored.
+    pub(super) in_force: bool,
+}
+
+/// What a moderation request changes.
+#[derive(Debug)]
+pub(super) enum Change {
+    Role {
+        role: Role,
+        holder: Holder,
+        on: bool,
+    },
+    Mute {
+        holder: Holder,
+        until: Option<Option<i64>>,
+    },
+    Kick {
+        target: ClientId,
+        reason: String,
+    },
+    Ban {
+        key: String,
+        ban: Ban,
+        by: String,
+        kick: Option<ClientId>,
+    },
+    Unban {
+        key: String,
+    },
+    Mode {
+        moderated: bool,
+        invite_only: bool,
+    },
+    Invite {
+        holder: Holder,
+        target: Option<ClientId>,
+    },
+    Close {
+        reason: String,
+    },
+}
+
+impl ModWrite {
+    /// The client the request came from (told if it fails).
+    pub(super) fn client(&self) -> ClientId {
+        self.client
+    }
+
+    /// The notice message, if any.
+    pub(super) fn notice(&self) -> Option<&Post> {
+        self.notice.as_ref()
+    }
+}
+
+/// Stores a change (the writer then stores its notice).
+pub(super) fn store_change(tx: &Batch<'_>, m: &ModWrite) -> Result<(), StoreError> {
+    let room = m.room.as_str();
+    match &m.change {
+        Change::Role {
+            role,
+            holder: Holder::Account(key),
+            on,
+        } => tx.set_role(room, key, *role, *on),
+        Change::Mute {
+            holder: Holder::Account(key),
+            until,
+        } => tx.set_mute(room, key, *until),
+        Change::Ban { key, ban, by, .. } => tx.set_ban(
+            room,
+            &StoredBan {
+                key: key.clone(),
+                addr: ban.addr.map(|a| a.to_string()),
+                until_ms: ban.until,
+                reason: ban.reason.clone(),
+                by: by.clone(),
+            },
+        ),
+        Change::Unban { key } => tx.remove_ban(room, key),
+        Change::Mode {
+            moderated,
+            invite_only,
+        } => tx.set_modes(room, *moderated, *invite_only),
+        Change::Close { .. } => {
+            tx.clear_ops(room)?;
+            let moderated = false;
+            tx.set_modes(room, moderated, true)
+        }
+        // Guests' roles and mutes, invitations and kicks are not stored.
+        Change::Role { .. } | Change::Mute { .. } | Change::Invite { .. } | Change::Kick { .. } => {
+            Ok(())
+        }
+    }
+}
+
+/// Applies a committed change: the rules change, the notice (already
+/// delivered by the writer) is followed by the kicks, and the members get
+/// the new modes.
+pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
+    let room = m.room.as_str();
+    let mut out: Vec<(ClientId, String)> = Vec::new();
+    if let Some(r) = st.rooms.get_mut(room)
+        && !m.in_force
+    {
+        let rules = &mut r.rules;
+        match &m.change {
+            Change::Role { role, holder, on } => {
+                let set = match role {
+                    Role::Op => &mut rules.ops,
+                    Role::Voice => &mut rules.voices,
+                };
+                if *on {
+                    set.insert(holder.clone());
+                } else {
+                    set.remove(holder);
+                }
+            }
+            Change::Mute { holder, until } => match until {
+                Some(u) => drop(rules.mutes.insert(holder.clone(), *u)),
+                None => drop(rules.mutes.remove(holder)),
+            },
+            Change::Kick { target, reason } => {
+                metrics::counter!("netkit_chat_kicks_total").increment(1);
+                out.push((*target, format!("you were kicked from #{room}{reason}")));
+            }
+            Change::Ban { key, ban, kick, .. } => {
+                metrics::counter!("netkit_chat_bans_total").increment(1);
+                rules.bans.insert(key.clone(), ban.clone());
+                if let Some(t) = kick {
+                    out.push((
+                        *t,
+                        format!("you are banned from #{room} {}", ban_terms(ban)),
+                    ));
+                }
+            }
+            Change::Unban { key } => drop(rules.bans.remove(key)),
+            Change::Mode {
+                moderated,
+                invite_only,
+            } => {
+                rules.moderated = *moderated;
+                rules.invite_only = *invite_only;
+            }
+            Change::Invite { holder, target } => {
+                rules.invites.insert(holder.clone());
+                if let Some(t) = target {
+                    let text = format!(
+                        "{} invited you to #{room}; /join {room}",
+                        m.notice
+                            .as_ref()
+                            .map(|n| n.from.as_str())
+                            .unwrap_or_default()
+                    );
+                    let ev = Event::new(ServerMsg::Info { text });
+                    shared.deliver_locked(st, &[*t], &ev);
+                }
+            }
+            Change::Close { reason } => {
+                rules.ops.clear();
+                rules.moderated = false;
+                rules.invite_only = true;
+                for &id in &r.members {
+                    out.push((id, format!("#{room} was closed by an admin{reason}")));
+                }
+            }
+        }
+    }
+    for (id, why) in out {
+        shared.put_out_locked(st, id, room, why);
+    }
+    shared.send_modes(st, room);
+}
+
+impl Shared {
+    /// Takes client `id` out of `room` (a kick, a ban, a closed room): the
+    /// room is told it left, and it gets `parted` and an error saying why.
+    pub(super) fn put_out_locked(&self, st: &mut State, id: ClientId, room: &str, why: String) {
+        let Some(c) = st.clients.get_mut(&id) else {
+            return;
+        };
+        if !c.rooms.remove(room) {
+            return;
+        }
+        if c.current.as_deref() == Some(room) {
+            c.current = c.rooms.last().cloned();
+        }
+        let nick = c.nick.clone();
+        self.presence_changed();
+        self.leave_locked(st, id, room, &nick);
+        let parted = Event::new(ServerMsg::Parted {
+            room: room.to_string(),
+        });
+        self.deliver_locked(st, &[id], &parted);
+        self.deliver_locked(st, &[id], &Event::new(ServerMsg::error("kicked", why)));
+    }
+}
