@@ -9,27 +9,19 @@ use files_util::{Member, path_of, request};
 use proc_util::{LineUser, Netkit};
 
 fn serve(data_dir: &std::path::Path) -> Netkit {
-    Netkit::spawn(&[
-        "serve",
-        "--http",
-        "127.0.0.1:0",
-        "--chat",
-        "127.0.0.1:0",
-        "--tcp",
-        "off",
-        "--udp",
-        "off",
-        "--drop",
-        "off",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--file-max-size",
-        "1KiB",
-        "--file-rooms",
-        "lobby,team",
-        "--file-min-free",
-        "0",
-    ])
+    // The shared chat-only start (it also turns the relay door off, which
+    // would otherwise take the fixed port 8334 and clash with another run).
+    Netkit::serve_chat(
+        data_dir,
+        &[
+            "--file-max-size",
+            "1KiB",
+            "--file-rooms",
+            "lobby,team",
+            "--file-min-free",
+            "0",
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
