@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chat_util::{T, http_get};
 use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
-use netkit::chat::protocol::{ChatMessage, MessageKind, ServerMsg};
+use netkit::chat::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, ServerMsg};
 use netkit::cluster::broker::{self, Broker, BrokerArgs};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -182,6 +182,26 @@ async fn joined(inbox: &mut Inbox) -> (bool, Vec<ChatMessage>) {
             return (truncated, v);
         }
     }
+}
+
+/// The next event in `inbox` that `want` picks (others are passed over).
+async fn next_event<F: Fn(&ServerMsg) -> bool>(
+    inbox: &mut Inbox,
+    what: &str,
+    want: F,
+) -> ServerMsg {
+    let wait = async {
+        loop {
+            match inbox.recv().await {
+                Received::Event(ev) if want(&ev.msg) => return ev.msg.clone(),
+                Received::Event(_) => {}
+                other => panic!("client gone while waiting for {what}: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(T, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {what}"))
 }
 
 /// No room message waits in `inbox` now.
@@ -422,6 +442,116 @@ async fn a_stopped_server_fails_sends_fast_and_delivery_resumes_without_gaps() {
     }
     a.stop().await;
     b.stop().await;
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_nicks_topics_kicks_and_directs_cross_hubs() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let (a, b) = (
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+    );
+    let a_node = Some(a.broker.node().to_string());
+    let (_bob, mut bob_in) = b.client("bob", None).await;
+    // The first member of the room on hub A is its operator there.
+    let (mut op, _op_in) = a.client("op", None).await;
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let msg = next_event(&mut bob_in, "ann's join", |m| {
+        matches!(m, ServerMsg::Presence { nick, event: PresenceEvent::Join, .. } if nick == "ann")
+    })
+    .await;
+    let ServerMsg::Presence { room, node, .. } = msg else {
+        unreachable!()
+    };
+    assert_eq!((room.as_str(), node), ("lobby", a_node.clone()));
+
+    ann.set_nick("anna").unwrap();
+    let msg = next_event(&mut bob_in, "the rename", |m| {
+        matches!(m, ServerMsg::Nick { .. })
+    })
+    .await;
+    assert_eq!(
+        msg,
+        ServerMsg::Nick {
+            old: "ann".into(),
+            new: "anna".into(),
+            node: a_node.clone()
+        }
+    );
+
+    ann.topic("lobby", "crossing hubs".into()).await.unwrap();
+    let msg = next_event(&mut bob_in, "the topic", |m| {
+        matches!(m, ServerMsg::Topic { .. })
+    })
+    .await;
+    assert_eq!(
+        msg,
+        ServerMsg::Topic {
+            room: "lobby".into(),
+            topic: "crossing hubs".into(),
+            by: "anna".into()
+        }
+    );
+    let lobby = b
+        .hub
+        .rooms()
+        .into_iter()
+        .find(|r| r.name == "lobby")
+        .unwrap();
+    assert_eq!(lobby.topic, "crossing hubs", "stored on hub B too");
+
+    ann.direct("bob", "psst".into()).unwrap();
+    let msg = next_event(&mut bob_in, "the direct message", |m| {
+        matches!(m, ServerMsg::Direct { .. })
+    })
+    .await;
+    let ServerMsg::Direct { from, to, text, .. } = msg else {
+        unreachable!()
+    };
+    assert_eq!(
+        (from.as_str(), to.as_str(), text.as_str()),
+        ("anna", "bob", "psst")
+    );
+
+    op.handle(ClientMsg::Kick {
+        room: "lobby".into(),
+        nick: "anna".into(),
+        reason: Some("enough".into()),
+    })
+    .await
+    .unwrap();
+    // The leave (presence) and the notice (the stream) come in either order.
+    let (mut notice, mut left) = (None, false);
+    while notice.is_none() || !left {
+        let msg = next_event(&mut bob_in, "the kick's notice and leave", |m| {
+            matches!(m, ServerMsg::Message(_) | ServerMsg::Presence { .. })
+        })
+        .await;
+        match msg {
+            ServerMsg::Message(m) => notice = Some(m),
+            ServerMsg::Presence {
+                nick,
+                event: PresenceEvent::Leave,
+                ..
+            } if nick == "anna" => left = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let notice = notice.unwrap();
+    assert_eq!(notice.kind, MessageKind::Notice);
+    assert!(notice.text.contains("anna"), "{}", notice.text);
+    next_event(&mut ann_in, "anna's parted", |m| {
+        matches!(m, ServerMsg::Parted { .. })
+    })
+    .await;
+    for n in [a, b] {
+        n.stop().await;
+    }
     nats.stop().await;
 }
 

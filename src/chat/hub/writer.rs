@@ -52,6 +52,8 @@ pub(super) enum WriteCmd {
         client: ClientId,
         room: String,
         topic: String,
+        /// Who set it, for a topic set on another hub ([`REMOTE`]).
+        by: Option<String>,
     },
     /// A moderation change and its notice ([`super::moderation`]).
     Moderate(Box<super::moderation::ModWrite>),
@@ -203,7 +205,9 @@ fn check_members(shared: &Shared, batch: &[WriteCmd]) -> Vec<bool> {
     batch
         .iter()
         .map(|cmd| match cmd {
-            WriteCmd::Say(Post { client: REMOTE, .. }) => true,
+            WriteCmd::Say(Post { client: REMOTE, .. }) | WriteCmd::Topic { client: REMOTE, .. } => {
+                true
+            }
             WriteCmd::Say(Post { client, room, .. }) | WriteCmd::Topic { client, room, .. } => {
                 joining.contains(&(*client, room.as_str()))
                     || st
@@ -500,7 +504,8 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
                 client,
                 room,
                 topic,
-            } => apply_topic(shared, &mut st, *client, room, topic),
+                by,
+            } => apply_topic(shared, &mut st, *client, room, topic, by.as_deref()),
             WriteCmd::Moderate(m) => {
                 if let Some(n) = m.notice() {
                     apply_say(shared, &mut st, n, id);
@@ -568,13 +573,28 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
     shared.deliver_locked(st, &members, &ev);
 }
 
-/// Sets a stored topic and tells the room's members who set it.
-fn apply_topic(shared: &Shared, st: &mut State, client: ClientId, room: &str, topic: &str) {
-    let by = st
-        .clients
-        .get(&client)
-        .map(|c| c.nick.clone())
-        .unwrap_or_default();
+/// Sets a stored topic and tells the room's members who set it (`by` for
+/// a topic from another hub); a local one is also handed to the broker.
+fn apply_topic(
+    shared: &Shared,
+    st: &mut State,
+    client: ClientId,
+    room: &str,
+    topic: &str,
+    by: Option<&str>,
+) {
+    let by = match by {
+        Some(by) => by.to_string(),
+        None => {
+            let nick = st
+                .clients
+                .get(&client)
+                .map(|c| c.nick.clone())
+                .unwrap_or_default();
+            shared.topic_set_here(room, topic, &nick);
+            nick
+        }
+    };
     let r = st.room_mut(room);
     r.topic = topic.to_string();
     let members: Vec<ClientId> = r.members.iter().copied().collect();

@@ -1,7 +1,9 @@
 //! Broker mode (`netkit serve --broker nats://…`): room messages go through
 //! one NATS JetStream stream that every hub appends to and reads in order;
 //! the stream sequence is the message id on every hub (docs/cluster.md).
+//! Presence, direct messages and topics go on plain subjects ([`events`]).
 
+pub mod events;
 pub mod wire;
 
 use std::sync::Arc;
@@ -42,7 +44,10 @@ pub struct BrokerArgs {
 pub struct Broker {
     /// Whether the client is connected now (set by its events).
     connected: Arc<tokio::sync::watch::Sender<bool>>,
+    client: async_nats::Client,
     js: jetstream::Context,
+    /// This hub's name among the others (`hub-` and 8 hex digits, new each start).
+    node: String,
     origin: String,
     /// Message ids: this process's random tag and a counter.
     tag: u64,
@@ -114,11 +119,14 @@ impl Broker {
                  (is JetStream enabled? nats-server -js): {e}"
             )
         })?;
+        let tag: u64 = rand::random();
         Ok(Broker {
             connected,
+            client,
             js,
+            node: format!("hub-{:08x}", tag as u32),
             origin: format!("nats:{STREAM}"),
-            tag: rand::random(),
+            tag,
             next: AtomicU64::new(1),
             servers: servers.to_string(),
         })
@@ -128,6 +136,11 @@ impl Broker {
     /// loses and regains the connection.
     pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
         self.connected.subscribe()
+    }
+
+    /// This hub's name, as other hubs show its users' node.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The stream's newest sequence (0 when empty).
@@ -197,7 +210,8 @@ impl RoomLog for Arc<Broker> {
 }
 
 /// Connects to the broker, checks that the hub's store fits the stream,
-/// puts `hub` in broker mode and starts reading the stream into it.
+/// puts `hub` in broker mode and starts reading the stream into it and
+/// carrying presence, direct messages and topics.
 pub async fn start(
     args: &BrokerArgs,
     hub: &Hub,
@@ -210,8 +224,16 @@ pub async fn start(
     let broker = Arc::new(Broker::connect(servers, args.broker_max_per_room).await?);
     check_store(&broker, hub).await?;
     hub.set_room_log(Arc::new(broker.clone()));
+    let inputs = events::subscribe(&broker.client, &broker.node).await?;
+    tracker.spawn(events::run(
+        broker.client.clone(),
+        broker.node.clone(),
+        hub.clone(),
+        inputs,
+        shutdown.clone(),
+    ));
     tracker.spawn(consume(broker.clone(), hub.clone(), shutdown));
-    tracing::info!(servers = %servers, stream = STREAM, "broker: room messages go through NATS JetStream");
+    tracing::info!(servers = %servers, stream = STREAM, node = %broker.node, "broker: room messages go through NATS JetStream");
     Ok(Some(broker))
 }
 
