@@ -3,6 +3,7 @@
 //! server. Skipped, with a message, only where nats-server is not installed.
 
 mod chat_util;
+mod proc_util;
 mod ws_util;
 
 use std::collections::HashSet;
@@ -552,6 +553,114 @@ async fn presence_nicks_topics_kicks_and_directs_cross_hubs() {
     for n in [a, b] {
         n.stop().await;
     }
+    nats.stop().await;
+}
+
+/// Serves `hub`'s HTTP door (with `/ws`) on a free loopback port until `shutdown`.
+async fn serve_http(hub: &Hub, shutdown: &CancellationToken) -> std::net::SocketAddr {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    tokio::spawn({
+        let (hub, s) = (hub.clone(), shutdown.clone());
+        async move { netkit::http::run(http, hub, Default::default(), None, s).await }
+    });
+    addr
+}
+
+/// A WebSocket client `nick` on the hub at `http`, in room lobby (joined
+/// after `after`): the `joined` frame and the history frames after it.
+async fn ws_join(
+    http: std::net::SocketAddr,
+    nick: &str,
+    after: Option<u64>,
+) -> (ws_util::Ws, serde_json::Value, Vec<serde_json::Value>) {
+    let url = format!("ws://{http}/ws?nick={nick}");
+    let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ws_util::recv_type(&mut ws, "welcome").await["nick"], nick);
+    let mut join = serde_json::json!({"type": "join", "room": "lobby"});
+    if let Some(a) = after {
+        join["after"] = a.into();
+    }
+    ws_util::send(&mut ws, join).await;
+    let joined = ws_util::recv_type(&mut ws, "joined").await;
+    let mut history = Vec::new();
+    for _ in 0..joined["history"].as_u64().unwrap() {
+        history.push(ws_util::recv_type(&mut ws, "message").await);
+    }
+    (ws, joined, history)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hub_s_clients_resume_elsewhere_and_its_users_leave_in_bound() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let b = Node::start(&nats.url()).await;
+    let b_http = serve_http(&b.hub, &b.shutdown).await;
+    let (bob, mut bob_in) = b.client("bob", None).await;
+    // Hub K: the real binary, in broker mode on the same server.
+    let k_dir = tempfile::tempdir().unwrap();
+    let (url, dir) = (nats.url(), k_dir.path().to_path_buf());
+    let mut k = tokio::task::spawn_blocking(move || {
+        proc_util::Netkit::serve_chat(&dir, &["--broker", &url, "--chat-rate", "0"])
+    })
+    .await
+    .unwrap();
+    let k_http = k.ready.http.expect("http is on");
+    let (mut ann, _, _) = ws_join(k_http, "ann", None).await;
+    next_event(&mut bob_in, "ann's join from hub K", |m| {
+        matches!(m, ServerMsg::Presence { nick, event: PresenceEvent::Join, node: Some(_), .. } if nick == "ann")
+    })
+    .await;
+    ws_util::send(
+        &mut ann,
+        serde_json::json!({"type": "say", "room": "lobby", "text": "seen"}),
+    )
+    .await;
+    let seen = ws_util::recv_type(&mut ann, "message").await;
+    assert_eq!(seen["text"], "seen");
+    let last_id = seen["id"].as_u64().unwrap();
+
+    k.kill9();
+    let killed = std::time::Instant::now();
+    for i in 0..3 {
+        bob.say("lobby", format!("missed {i}"), MessageKind::Say)
+            .await
+            .unwrap();
+    }
+    let left = next_event(&mut bob_in, "ann's leave", |m| {
+        matches!(m, ServerMsg::Presence { nick, event: PresenceEvent::Leave, .. } if nick == "ann")
+    })
+    .await;
+    let took = killed.elapsed();
+    let ServerMsg::Presence { reason, .. } = left else {
+        unreachable!()
+    };
+    assert_eq!(reason.as_deref(), Some("node down"));
+    // The bound runs from the last heartbeat, which precedes the kill; the
+    // margin is for delivery on a busy machine.
+    let bound = broker::events::LEAVE_BOUND + std::time::Duration::from_secs(1);
+    assert!(took <= bound, "users left after {took:?}, bound {bound:?}");
+    drop(ann);
+
+    let (_ann, joined, history) = ws_join(b_http, "ann", Some(last_id)).await;
+    assert_ne!(joined["truncated"], true, "{joined}");
+    let texts: Vec<&str> = history
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["missed 0", "missed 1", "missed 2"],
+        "exactly what it missed"
+    );
+    assert!(history.iter().all(|m| m["id"].as_u64().unwrap() > last_id));
+    b.stop().await;
     nats.stop().await;
 }
 
