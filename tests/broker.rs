@@ -96,12 +96,18 @@ struct Node {
 
 impl Node {
     async fn start(url: &str) -> Node {
+        Node::start_keeping(url, 0).await
+    }
+
+    /// A hub whose `--broker-max-per-room` is `max_per_room` (it sets the
+    /// stream's limit if it creates the stream).
+    async fn start_keeping(url: &str, max_per_room: u64) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let (hub, writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let args = BrokerArgs {
             broker: Some(url.to_string()),
-            broker_max_per_room: 0,
+            broker_max_per_room: max_per_room,
         };
         let broker = broker::start(&args, &hub, shutdown.clone(), &tracker)
             .await
@@ -551,6 +557,52 @@ async fn presence_nicks_topics_kicks_and_directs_cross_hubs() {
     })
     .await;
     for n in [a, b] {
+        n.stop().await;
+    }
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_trimmed_from_the_stream_is_truncated_on_a_hub_that_never_held_it() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    // The first hub creates the stream, keeping 3 messages per room.
+    let a = Node::start_keeping(&nats.url(), 3).await;
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let mut ids = Vec::new();
+    for k in 0..6 {
+        ann.say("lobby", format!("m{k}"), MessageKind::Say)
+            .await
+            .unwrap();
+        ids.push(next_message(&mut ann_in).await.id);
+    }
+    // A hub started now reads only what the stream still holds: m3 to m5.
+    let c = Node::start_keeping(&nats.url(), 3).await;
+    c.applied(ids[5]).await;
+    let (_old, mut old_in) = c.client("old", Some(ids[1])).await;
+    let (truncated, history) = joined(&mut old_in).await;
+    assert!(
+        truncated,
+        "a position the stream no longer holds is truncated"
+    );
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["m3", "m4", "m5"], "then the newest page");
+    assert_eq!(history[0].id, ids[3]);
+    // A position it holds resumes exactly.
+    let (_new, mut new_in) = c.client("new", Some(ids[3])).await;
+    let (truncated, history) = joined(&mut new_in).await;
+    assert!(!truncated);
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["m4", "m5"]);
+    // The hub that saw every message still resumes from its own store.
+    let (_kept, mut kept_in) = a.client("kept", Some(ids[1])).await;
+    let (truncated, history) = joined(&mut kept_in).await;
+    assert!(!truncated);
+    assert_eq!(history.len(), 4, "m2 to m5 from hub A's store");
+    for n in [a, c] {
         n.stop().await;
     }
     nats.stop().await;
