@@ -716,6 +716,76 @@ async fn a_killed_hub_s_clients_resume_elsewhere_and_its_users_leave_in_bound() 
     nats.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let k_dir = tempfile::tempdir().unwrap();
+    let (url, dir) = (nats.url(), k_dir.path().to_path_buf());
+    let mut k = tokio::task::spawn_blocking(move || {
+        proc_util::Netkit::serve_chat(&dir, &["--broker", &url])
+    })
+    .await
+    .unwrap();
+    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let junk = b
+        .publish(broker::wire::subject("lobby"), "hello".into(), "junk-1")
+        .await
+        .unwrap();
+    let started = k.wait_for("broker: room messages go through", T);
+    let node = started
+        .split("node=")
+        .nth(1)
+        .and_then(|n| n.split_whitespace().next())
+        .expect("the hub logs its name")
+        .to_string();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let to_k = format!("{}{node}", broker::wire::DIRECT_PREFIX);
+    for (subject, payload) in [
+        ("netkit.presence.hub-0", "{\"version\": 1}"),
+        (to_k.as_str(), "not json"),
+        (broker::wire::TOPIC_SUBJECT, "[]"),
+    ] {
+        client
+            .publish(subject.to_string(), payload.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let k = tokio::task::spawn_blocking(move || {
+        let wait = std::time::Duration::from_secs(20);
+        k.wait_log(
+            &[&format!(
+                "broker: stream entry {junk} on netkit.room.lobby skipped"
+            )],
+            wait,
+        );
+        k.wait_for("broker: presence beat skipped", wait);
+        k.wait_for("broker: topic change skipped", wait);
+        k.wait_for("broker: direct message skipped", wait);
+        k
+    })
+    .await
+    .unwrap();
+    // Still up: a client of the hub sends and gets its message after the junk.
+    let (mut ann, _, _) = ws_join(k.ready.http.unwrap(), "ann", None).await;
+    ws_util::send(
+        &mut ann,
+        serde_json::json!({"type": "say", "room": "lobby", "text": "still up"}),
+    )
+    .await;
+    let m = ws_util::recv_type(&mut ann, "message").await;
+    assert_eq!(
+        (m["text"].as_str(), m["id"].as_u64()),
+        (Some("still up"), Some(junk + 1))
+    );
+    drop(k);
+    nats.stop().await;
+}
+
 #[tokio::test]
 async fn startup_fails_clearly_without_a_server() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
