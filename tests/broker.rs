@@ -608,6 +608,59 @@ async fn a_position_trimmed_from_the_stream_is_truncated_on_a_hub_that_never_hel
     nats.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_store_is_never_a_silent_mismatch() {
+    if !have_nats() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    let port = nats.port;
+    let a = Node::start(&nats.url()).await;
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let mut last = 0;
+    for k in 0..3 {
+        ann.say("lobby", format!("old {k}"), MessageKind::Say)
+            .await
+            .unwrap();
+        last = next_message(&mut ann_in).await.id;
+    }
+    nats.stop().await;
+    let fresh = tempfile::tempdir().unwrap();
+    let nats = Nats::start(fresh.path(), Some(port)).await;
+    // A hub started on the fresh server makes the stream again, from 1.
+    let c = Node::start(&nats.url()).await;
+    let (bob, _bob_in) = c.client("bob", None).await;
+    bob.say("lobby", "new 0".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    let mut replaced = a.broker.replaced();
+    let why = tokio::time::timeout(T, replaced.wait_for(Option::is_some))
+        .await
+        .expect("hub A finds the stream is another one")
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert!(why.contains("fresh --data-dir"), "{why}");
+    let refused = ann.say("lobby", "lost?".into(), MessageKind::Say).await;
+    assert!(
+        matches!(&refused, Err(HubError::Broker(e)) if e.contains("not the one this hub follows")),
+        "{refused:?}"
+    );
+    assert_eq!(end_of(&a), last, "hub A applied nothing of the new stream");
+    no_message(&mut ann_in);
+    // On the fresh hub, the old position is not held: truncated.
+    let (_ann2, mut ann2_in) = c.client("ann", Some(last)).await;
+    let (truncated, history) = joined(&mut ann2_in).await;
+    assert!(truncated, "a position of the old stream is reported gone");
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["new 0"]);
+    for n in [a, c] {
+        n.stop().await;
+    }
+    nats.stop().await;
+}
+
 /// Serves `hub`'s HTTP door (with `/ws`) on a free loopback port until `shutdown`.
 async fn serve_http(hub: &Hub, shutdown: &CancellationToken) -> std::net::SocketAddr {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

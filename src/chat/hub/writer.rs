@@ -421,16 +421,20 @@ fn prepare_join(
             behind: found.behind,
         };
     }
+    // Broker mode: a position this store does not hold (trimmed from the
+    // log, or from another log) gets the newest page, as a first join does.
+    let gone = logged && after.is_some_and(|a| !logged_holds(store, room, a));
     let (since, limit) = match after {
-        Some(a) => (a, cfg.resume_max),
-        None => (0, cfg.history_on_join),
+        Some(a) if !gone => (a, cfg.resume_max),
+        _ => (0, cfg.history_on_join),
     };
     let history = store.latest(room, since, upto, limit).unwrap_or_else(|e| {
         tracing::error!("chat: cannot read history of {room}: {e}");
         Vec::new()
     });
     let truncated = match after {
-        Some(_) if logged => logged_truncated(store, room, since, upto, &history),
+        Some(_) if gone => true,
+        Some(_) if logged => first_held(store, room, since, upto) != history.first().map(|m| m.id),
         Some(_) => history
             .first()
             .map_or(upto > since, |m| m.id > since.saturating_add(1)),
@@ -444,28 +448,23 @@ fn prepare_join(
     }
 }
 
-/// Whether a resume after `since` misses messages in broker mode, where ids
-/// are the log's sequence and so have gaps within a room: the message the
-/// client saw last is no longer held (trimmed, or never reached this store),
-/// or more messages follow it than `history` holds.
-fn logged_truncated(
-    store: &Store,
-    room: &str,
-    since: u64,
-    upto: u64,
-    history: &[ChatMessage],
-) -> bool {
-    let held = |after: u64, upto: u64| {
-        store
-            .earliest(room, after, upto, 1)
-            .map(|v| v.first().map(|m| m.id))
-            .unwrap_or_else(|e| {
-                tracing::error!("chat: cannot read history of {room}: {e}");
-                None
-            })
-    };
-    let gone = since > 0 && held(since - 1, since).is_none();
-    gone || held(since, upto) != history.first().map(|m| m.id)
+/// The id of the first message of `room` after `after` up to `upto`, if any.
+fn first_held(store: &Store, room: &str, after: u64, upto: u64) -> Option<u64> {
+    store
+        .earliest(room, after, upto, 1)
+        .map(|v| v.first().map(|m| m.id))
+        .unwrap_or_else(|e| {
+            tracing::error!("chat: cannot read history of {room}: {e}");
+            None
+        })
+}
+
+/// Whether the store holds message `id` of `room` (0, the start, always),
+/// in broker mode, where ids are the log's sequence and so have gaps within
+/// a room; a resume from a held id misses messages only if more follow it
+/// than the history holds.
+fn logged_holds(store: &Store, room: &str, id: u64) -> bool {
+    id == 0 || first_held(store, room, id - 1, id).is_some()
 }
 
 /// Applies a committed (or failed) batch in order under the member lock:

@@ -25,6 +25,10 @@ pub const STREAM: &str = "NETKIT";
 /// one retry (same message id) and then the error to the sender.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a hub checks that the stream is still the one it follows
+/// (also at each reconnection).
+const STREAM_CHECK: Duration = Duration::from_secs(2);
+
 /// The longest pause between two attempts to read the stream again.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -48,6 +52,12 @@ pub struct Broker {
     js: jetstream::Context,
     /// This hub's name among the others (`hub-` and 8 hex digits, new each start).
     node: String,
+    /// When the stream this hub follows was created (nanoseconds since the
+    /// epoch): a stream created later is another one ([`Broker::replaced`]).
+    created: i128,
+    /// Set once the stream turned out to be another one than this hub's
+    /// store follows: why; from then on every send fails with it.
+    replaced: tokio::sync::watch::Sender<Option<String>>,
     origin: String,
     /// Message ids: this process's random tag and a counter.
     tag: u64,
@@ -113,18 +123,21 @@ impl Broker {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        js.get_or_create_stream(config).await.map_err(|e| {
+        let stream = js.get_or_create_stream(config).await.map_err(|e| {
             anyhow::anyhow!(
                 "--broker: cannot open the JetStream stream {STREAM} at {servers} \
                  (is JetStream enabled? nats-server -js): {e}"
             )
         })?;
+        let created = stream.cached_info().created.unix_timestamp_nanos();
         let tag: u64 = rand::random();
         Ok(Broker {
             connected,
             client,
             js,
             node: format!("hub-{:08x}", tag as u32),
+            created,
+            replaced: tokio::sync::watch::channel(None).0,
             origin: format!("nats:{STREAM}"),
             tag,
             next: AtomicU64::new(1),
@@ -136,6 +149,12 @@ impl Broker {
     /// loses and regains the connection.
     pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
         self.connected.subscribe()
+    }
+
+    /// Why the stream is not the one this hub's store follows, once that
+    /// is found (then every send fails with it); `None` until then.
+    pub fn replaced(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.replaced.subscribe()
     }
 
     /// This hub's name, as other hubs show its users' node.
@@ -198,6 +217,9 @@ impl RoomLog for Arc<Broker> {
     }
 
     fn health(&self) -> Result<(), String> {
+        if let Some(why) = &*self.replaced.borrow() {
+            return Err(why.clone());
+        }
         if *self.connected.borrow() {
             Ok(())
         } else {
@@ -271,9 +293,15 @@ async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
         let failure = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = read => r,
+            r = check_stream(&broker, &hub) => r,
         };
         match failure {
             ReadEnd::HubGone => return,
+            ReadEnd::Replaced(why) => {
+                tracing::error!("broker: {why}");
+                broker.replaced.send_replace(Some(why));
+                return;
+            }
             ReadEnd::Failed(e) => {
                 tracing::warn!("broker: reading the stream from {next} failed ({e}); retrying")
             }
@@ -286,10 +314,57 @@ async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
     }
 }
 
+impl Broker {
+    /// Why `info` is not the stream this hub has applied up to `next - 1`,
+    /// if it is not: created at another time (the server's store was
+    /// replaced, or the stream deleted and made again), or ending before
+    /// what the hub has applied.
+    fn replaced_by(&self, info: &stream::Info, next: u64) -> Option<String> {
+        let applied = next - 1;
+        let last = info.state.last_sequence;
+        if info.created.unix_timestamp_nanos() == self.created && last >= applied {
+            return None;
+        }
+        Some(format!(
+            "the stream {STREAM} at {} is not the one this hub follows (made again, or a fresh \
+             server store; it ends at {last}, this hub applied up to {applied}): positions would \
+             mean other messages, so this hub stops sending and delivering; restart it with a \
+             fresh --data-dir",
+            self.servers
+        ))
+    }
+}
+
+/// Checks, at each reconnection and every [`STREAM_CHECK`], that the stream
+/// is still the one the hub's store follows; returns when it is not (the
+/// consumer alone would wait for its next sequence on a stream made again).
+async fn check_stream(broker: &Broker, hub: &Hub) -> ReadEnd {
+    let mut connected = broker.connected();
+    let mut tick = tokio::time::interval(STREAM_CHECK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Ok(()) = connected.changed() => {}
+        }
+        if !*connected.borrow_and_update() {
+            continue;
+        }
+        let Ok(stream) = broker.js.get_stream(STREAM).await else {
+            continue; // not there (yet): sends fail; look again later
+        };
+        let next = *hub.logged().borrow() + 1;
+        if let Some(why) = broker.replaced_by(stream.cached_info(), next) {
+            return ReadEnd::Replaced(why);
+        }
+    }
+}
+
 /// Why [`read_from`] stopped.
 enum ReadEnd {
     /// The hub shut down.
     HubGone,
+    /// The stream is another one than the hub's store follows.
+    Replaced(String),
     /// The stream could not be read; try again.
     Failed(String),
 }
@@ -301,6 +376,9 @@ async fn read_from(broker: &Broker, hub: &Hub, next: &mut u64, backoff: &mut Dur
         Ok(s) => s,
         Err(e) => return failed(&e),
     };
+    if let Some(why) = broker.replaced_by(stream.cached_info(), *next) {
+        return ReadEnd::Replaced(why);
+    }
     let config = consumer::pull::OrderedConfig {
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: *next,
