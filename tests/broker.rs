@@ -84,6 +84,40 @@ fn have_nats() -> bool {
     ok
 }
 
+/// A nats-server on a fresh store (kept as long as the directory is), or
+/// `None` if nats-server is not installed (the test is then skipped).
+async fn nats_on_fresh_store() -> Option<(tempfile::TempDir, Nats)> {
+    if !have_nats() {
+        return None;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    Some((store, nats))
+}
+
+/// Stops `nodes`, then the server.
+async fn stop_all<const N: usize>(nodes: [Node; N], nats: Nats) {
+    for n in nodes {
+        n.stop().await;
+    }
+    nats.stop().await;
+}
+
+/// `netkit serve --broker URL EXTRA…`, the real binary, with its own data dir.
+async fn serve_binary(url: &str, extra: &[&str]) -> (tempfile::TempDir, proc_util::Netkit) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--broker".to_string(), url.to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let path = dir.path().to_path_buf();
+    let k = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        proc_util::Netkit::serve_chat(&path, &args)
+    })
+    .await
+    .unwrap();
+    (dir, k)
+}
+
 /// A hub in broker mode with its own store.
 struct Node {
     hub: Hub,
@@ -224,11 +258,9 @@ fn no_message(inbox: &mut Inbox) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_hubs_show_every_message_once_in_one_order() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let nodes = [
         Node::start(&nats.url()).await,
         Node::start(&nats.url()).await,
@@ -262,19 +294,14 @@ async fn three_hubs_show_every_message_once_in_one_order() {
     }
     assert_eq!(seen[0], seen[1], "same ids and order on hubs 0 and 1");
     assert_eq!(seen[0], seen[2], "same ids and order on hubs 0 and 2");
-    for n in nodes {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all(nodes, nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let node = Node::start(&nats.url()).await;
     let (_s, mut inbox) = node.client("ann", None).await;
     let b = Broker::connect(&nats.url(), 0).await.unwrap();
@@ -319,11 +346,9 @@ async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_hub_with_exactly_what_it_missed() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let (a, b, c) = (
         Node::start(&nats.url()).await,
         Node::start(&nats.url()).await,
@@ -367,19 +392,14 @@ async fn a_client_resumes_on_another_hub_with_exactly_what_it_missed() {
         joined(&mut cy_in).await.0,
         "an unknown position is truncated"
     );
-    for n in [a, b, c] {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all([a, b, c], nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_server_fails_sends_fast_and_delivery_resumes_without_gaps() {
-    if !have_nats() {
+    let Some((store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let port = nats.port;
     let (a, b) = (
         Node::start(&nats.url()).await,
@@ -454,11 +474,9 @@ async fn a_stopped_server_fails_sends_fast_and_delivery_resumes_without_gaps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_nicks_topics_kicks_and_directs_cross_hubs() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let (a, b) = (
         Node::start(&nats.url()).await,
         Node::start(&nats.url()).await,
@@ -556,19 +574,14 @@ async fn presence_nicks_topics_kicks_and_directs_cross_hubs() {
         matches!(m, ServerMsg::Parted { .. })
     })
     .await;
-    for n in [a, b] {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all([a, b], nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_trimmed_from_the_stream_is_truncated_on_a_hub_that_never_held_it() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     // The first hub creates the stream, keeping 3 messages per room.
     let a = Node::start_keeping(&nats.url(), 3).await;
     let (ann, mut ann_in) = a.client("ann", None).await;
@@ -602,19 +615,14 @@ async fn a_position_trimmed_from_the_stream_is_truncated_on_a_hub_that_never_hel
     let (truncated, history) = joined(&mut kept_in).await;
     assert!(!truncated);
     assert_eq!(history.len(), 4, "m2 to m5 from hub A's store");
-    for n in [a, c] {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all([a, c], nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_server_store_is_never_a_silent_mismatch() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let port = nats.port;
     let a = Node::start(&nats.url()).await;
     let (ann, mut ann_in) = a.client("ann", None).await;
@@ -655,10 +663,7 @@ async fn a_fresh_server_store_is_never_a_silent_mismatch() {
     assert!(truncated, "a position of the old stream is reported gone");
     let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, ["new 0"]);
-    for n in [a, c] {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all([a, c], nats).await;
 }
 
 /// Serves `hub`'s HTTP door (with `/ws`) on a free loopback port until `shutdown`.
@@ -700,22 +705,14 @@ async fn ws_join(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hub_s_clients_resume_elsewhere_and_its_users_leave_in_bound() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let b = Node::start(&nats.url()).await;
     let b_http = serve_http(&b.hub, &b.shutdown).await;
     let (bob, mut bob_in) = b.client("bob", None).await;
     // Hub K: the real binary, in broker mode on the same server.
-    let k_dir = tempfile::tempdir().unwrap();
-    let (url, dir) = (nats.url(), k_dir.path().to_path_buf());
-    let mut k = tokio::task::spawn_blocking(move || {
-        proc_util::Netkit::serve_chat(&dir, &["--broker", &url, "--chat-rate", "0"])
-    })
-    .await
-    .unwrap();
+    let (_k_dir, mut k) = serve_binary(&nats.url(), &["--chat-rate", "0"]).await;
     let k_http = k.ready.http.expect("http is on");
     let (mut ann, _, _) = ws_join(k_http, "ann", None).await;
     next_event(&mut bob_in, "ann's join from hub K", |m| {
@@ -771,18 +768,10 @@ async fn a_killed_hub_s_clients_resume_elsewhere_and_its_users_leave_in_bound() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
-    let k_dir = tempfile::tempdir().unwrap();
-    let (url, dir) = (nats.url(), k_dir.path().to_path_buf());
-    let mut k = tokio::task::spawn_blocking(move || {
-        proc_util::Netkit::serve_chat(&dir, &["--broker", &url])
-    })
-    .await
-    .unwrap();
+    };
+    let (_k_dir, mut k) = serve_binary(&nats.url(), &[]).await;
     let b = Broker::connect(&nats.url(), 0).await.unwrap();
     let junk = b
         .publish(broker::wire::subject("lobby"), "hello".into(), "junk-1")
