@@ -21,6 +21,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A hub not heard for this long is taken as down: its users leave every room.
 pub const EXPIRY: Duration = Duration::from_secs(3);
 
+/// Least time between two presence beats of a hub (a burst of joins makes one).
+const MIN_BEAT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How often hubs not heard are looked for.
 const EXPIRY_CHECK: Duration = Duration::from_millis(250);
 
@@ -44,11 +47,14 @@ struct Others {
     lives: HashMap<String, u32>,
 }
 
-/// This hub's side: its name, the snapshot it last published.
+/// This hub's side: its name, the snapshot it last published and when.
 struct Mine {
     client: async_nats::Client,
     node: String,
     snap: Snapshot,
+    last_beat: Option<Instant>,
+    /// When to beat for a change (at most one beat per [`MIN_BEAT_INTERVAL`]).
+    due: Option<Instant>,
 }
 
 impl Mine {
@@ -58,7 +64,20 @@ impl Mine {
         if !now.same_users(&self.snap) {
             self.snap = now;
         }
+        self.due = None;
+        self.last_beat = Some(Instant::now());
         self.publish().await;
+    }
+
+    /// The hub's presence changed: beat soon.
+    fn schedule(&mut self) {
+        if self.due.is_none() {
+            let now = Instant::now();
+            let earliest = self
+                .last_beat
+                .map_or(now, |at| (at + MIN_BEAT_INTERVAL).max(now));
+            self.due = Some(earliest);
+        }
     }
 
     async fn publish(&self) {
@@ -172,6 +191,8 @@ pub(super) async fn run(
             version: 0,
             users: Vec::new(),
         },
+        last_beat: None,
+        due: None,
     };
     let mut others = Others {
         table: PresenceTable::default(),
@@ -184,7 +205,8 @@ pub(super) async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = beat.tick() => mine.beat(&hub).await,
-            Ok(()) = changes.changed() => mine.beat(&hub).await,
+            Ok(()) = changes.changed() => mine.schedule(),
+            _ = sleep_until(mine.due) => mine.beat(&hub).await,
             _ = check.tick() => others.expire(&hub),
             Some(m) = inputs.beats.next() => match wire::decode_beat(m.subject.as_str(), &m.payload) {
                 Ok((from, _)) if from == mine.node => {}
@@ -206,6 +228,14 @@ pub(super) async fn run(
         }
     }
     mine.farewell().await;
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next item of a receiver this task may not have got (never, then).
