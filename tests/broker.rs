@@ -3,6 +3,7 @@
 //! server. Skipped, with a message, only where nats-server is not installed.
 
 mod chat_util;
+mod proc_util;
 mod ws_util;
 
 use std::collections::HashSet;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use chat_util::{T, http_get};
 use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
-use netkit::chat::protocol::{ChatMessage, MessageKind, ServerMsg};
+use netkit::chat::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, ServerMsg};
 use netkit::cluster::broker::{self, Broker, BrokerArgs};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -83,6 +84,40 @@ fn have_nats() -> bool {
     ok
 }
 
+/// A nats-server on a fresh store (kept as long as the directory is), or
+/// `None` if nats-server is not installed (the test is then skipped).
+async fn nats_on_fresh_store() -> Option<(tempfile::TempDir, Nats)> {
+    if !have_nats() {
+        return None;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let nats = Nats::start(store.path(), None).await;
+    Some((store, nats))
+}
+
+/// Stops `nodes`, then the server.
+async fn stop_all<const N: usize>(nodes: [Node; N], nats: Nats) {
+    for n in nodes {
+        n.stop().await;
+    }
+    nats.stop().await;
+}
+
+/// `netkit serve --broker URL EXTRA…`, the real binary, with its own data dir.
+async fn serve_binary(url: &str, extra: &[&str]) -> (tempfile::TempDir, proc_util::Netkit) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--broker".to_string(), url.to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let path = dir.path().to_path_buf();
+    let k = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        proc_util::Netkit::serve_chat(&path, &args)
+    })
+    .await
+    .unwrap();
+    (dir, k)
+}
+
 /// A hub in broker mode with its own store.
 struct Node {
     hub: Hub,
@@ -95,12 +130,18 @@ struct Node {
 
 impl Node {
     async fn start(url: &str) -> Node {
+        Node::start_keeping(url, 0).await
+    }
+
+    /// A hub whose `--broker-max-per-room` is `max_per_room` (it sets the
+    /// stream's limit if it creates the stream).
+    async fn start_keeping(url: &str, max_per_room: u64) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let (hub, writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let args = BrokerArgs {
             broker: Some(url.to_string()),
-            broker_max_per_room: 0,
+            broker_max_per_room: max_per_room,
         };
         let broker = broker::start(&args, &hub, shutdown.clone(), &tracker)
             .await
@@ -184,6 +225,26 @@ async fn joined(inbox: &mut Inbox) -> (bool, Vec<ChatMessage>) {
     }
 }
 
+/// The next event in `inbox` that `want` picks (others are passed over).
+async fn next_event<F: Fn(&ServerMsg) -> bool>(
+    inbox: &mut Inbox,
+    what: &str,
+    want: F,
+) -> ServerMsg {
+    let wait = async {
+        loop {
+            match inbox.recv().await {
+                Received::Event(ev) if want(&ev.msg) => return ev.msg.clone(),
+                Received::Event(_) => {}
+                other => panic!("client gone while waiting for {what}: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(T, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {what}"))
+}
+
 /// No room message waits in `inbox` now.
 fn no_message(inbox: &mut Inbox) {
     while let Some(ev) = inbox.try_recv() {
@@ -197,11 +258,9 @@ fn no_message(inbox: &mut Inbox) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_hubs_show_every_message_once_in_one_order() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let nodes = [
         Node::start(&nats.url()).await,
         Node::start(&nats.url()).await,
@@ -235,19 +294,14 @@ async fn three_hubs_show_every_message_once_in_one_order() {
     }
     assert_eq!(seen[0], seen[1], "same ids and order on hubs 0 and 1");
     assert_eq!(seen[0], seen[2], "same ids and order on hubs 0 and 2");
-    for n in nodes {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all(nodes, nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let node = Node::start(&nats.url()).await;
     let (_s, mut inbox) = node.client("ann", None).await;
     let b = Broker::connect(&nats.url(), 0).await.unwrap();
@@ -292,11 +346,9 @@ async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_hub_with_exactly_what_it_missed() {
-    if !have_nats() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let (a, b, c) = (
         Node::start(&nats.url()).await,
         Node::start(&nats.url()).await,
@@ -340,19 +392,14 @@ async fn a_client_resumes_on_another_hub_with_exactly_what_it_missed() {
         joined(&mut cy_in).await.0,
         "an unknown position is truncated"
     );
-    for n in [a, b, c] {
-        n.stop().await;
-    }
-    nats.stop().await;
+    stop_all([a, b, c], nats).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_server_fails_sends_fast_and_delivery_resumes_without_gaps() {
-    if !have_nats() {
+    let Some((store, nats)) = nats_on_fresh_store().await else {
         return;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
+    };
     let port = nats.port;
     let (a, b) = (
         Node::start(&nats.url()).await,
@@ -422,6 +469,362 @@ async fn a_stopped_server_fails_sends_fast_and_delivery_resumes_without_gaps() {
     }
     a.stop().await;
     b.stop().await;
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_nicks_topics_kicks_and_directs_cross_hubs() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (a, b) = (
+        Node::start(&nats.url()).await,
+        Node::start(&nats.url()).await,
+    );
+    let a_node = Some(a.broker.node().to_string());
+    let (_bob, mut bob_in) = b.client("bob", None).await;
+    // The first member of the room on hub A is its operator there.
+    let (mut op, _op_in) = a.client("op", None).await;
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let msg = next_event(&mut bob_in, "ann's join", |m| {
+        matches!(m, ServerMsg::Presence { nick, event: PresenceEvent::Join, .. } if nick == "ann")
+    })
+    .await;
+    let ServerMsg::Presence { room, node, .. } = msg else {
+        unreachable!()
+    };
+    assert_eq!((room.as_str(), node), ("lobby", a_node.clone()));
+
+    ann.set_nick("anna").unwrap();
+    let msg = next_event(&mut bob_in, "the rename", |m| {
+        matches!(m, ServerMsg::Nick { .. })
+    })
+    .await;
+    assert_eq!(
+        msg,
+        ServerMsg::Nick {
+            old: "ann".into(),
+            new: "anna".into(),
+            node: a_node.clone()
+        }
+    );
+
+    ann.topic("lobby", "crossing hubs".into()).await.unwrap();
+    let msg = next_event(&mut bob_in, "the topic", |m| {
+        matches!(m, ServerMsg::Topic { .. })
+    })
+    .await;
+    assert_eq!(
+        msg,
+        ServerMsg::Topic {
+            room: "lobby".into(),
+            topic: "crossing hubs".into(),
+            by: "anna".into()
+        }
+    );
+    let lobby = b
+        .hub
+        .rooms()
+        .into_iter()
+        .find(|r| r.name == "lobby")
+        .unwrap();
+    assert_eq!(lobby.topic, "crossing hubs", "stored on hub B too");
+
+    ann.direct("bob", "psst".into()).unwrap();
+    let msg = next_event(&mut bob_in, "the direct message", |m| {
+        matches!(m, ServerMsg::Direct { .. })
+    })
+    .await;
+    let ServerMsg::Direct { from, to, text, .. } = msg else {
+        unreachable!()
+    };
+    assert_eq!(
+        (from.as_str(), to.as_str(), text.as_str()),
+        ("anna", "bob", "psst")
+    );
+
+    op.handle(ClientMsg::Kick {
+        room: "lobby".into(),
+        nick: "anna".into(),
+        reason: Some("enough".into()),
+    })
+    .await
+    .unwrap();
+    // The leave (presence) and the notice (the stream) come in either order.
+    let (mut notice, mut left) = (None, false);
+    while notice.is_none() || !left {
+        let msg = next_event(&mut bob_in, "the kick's notice and leave", |m| {
+            matches!(m, ServerMsg::Message(_) | ServerMsg::Presence { .. })
+        })
+        .await;
+        match msg {
+            ServerMsg::Message(m) => notice = Some(m),
+            ServerMsg::Presence {
+                nick,
+                event: PresenceEvent::Leave,
+                ..
+            } if nick == "anna" => left = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let notice = notice.unwrap();
+    assert_eq!(notice.kind, MessageKind::Notice);
+    assert!(notice.text.contains("anna"), "{}", notice.text);
+    next_event(&mut ann_in, "anna's parted", |m| {
+        matches!(m, ServerMsg::Parted { .. })
+    })
+    .await;
+    stop_all([a, b], nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_trimmed_from_the_stream_is_truncated_on_a_hub_that_never_held_it() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    // The first hub creates the stream, keeping 3 messages per room.
+    let a = Node::start_keeping(&nats.url(), 3).await;
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let mut ids = Vec::new();
+    for k in 0..6 {
+        ann.say("lobby", format!("m{k}"), MessageKind::Say)
+            .await
+            .unwrap();
+        ids.push(next_message(&mut ann_in).await.id);
+    }
+    // A hub started now reads only what the stream still holds: m3 to m5.
+    let c = Node::start_keeping(&nats.url(), 3).await;
+    c.applied(ids[5]).await;
+    let (_old, mut old_in) = c.client("old", Some(ids[1])).await;
+    let (truncated, history) = joined(&mut old_in).await;
+    assert!(
+        truncated,
+        "a position the stream no longer holds is truncated"
+    );
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["m3", "m4", "m5"], "then the newest page");
+    assert_eq!(history[0].id, ids[3]);
+    // A position it holds resumes exactly.
+    let (_new, mut new_in) = c.client("new", Some(ids[3])).await;
+    let (truncated, history) = joined(&mut new_in).await;
+    assert!(!truncated);
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["m4", "m5"]);
+    // The hub that saw every message still resumes from its own store.
+    let (_kept, mut kept_in) = a.client("kept", Some(ids[1])).await;
+    let (truncated, history) = joined(&mut kept_in).await;
+    assert!(!truncated);
+    assert_eq!(history.len(), 4, "m2 to m5 from hub A's store");
+    stop_all([a, c], nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_server_store_is_never_a_silent_mismatch() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let port = nats.port;
+    let a = Node::start(&nats.url()).await;
+    let (ann, mut ann_in) = a.client("ann", None).await;
+    let mut last = 0;
+    for k in 0..3 {
+        ann.say("lobby", format!("old {k}"), MessageKind::Say)
+            .await
+            .unwrap();
+        last = next_message(&mut ann_in).await.id;
+    }
+    nats.stop().await;
+    let fresh = tempfile::tempdir().unwrap();
+    let nats = Nats::start(fresh.path(), Some(port)).await;
+    // A hub started on the fresh server makes the stream again, from 1.
+    let c = Node::start(&nats.url()).await;
+    let (bob, _bob_in) = c.client("bob", None).await;
+    bob.say("lobby", "new 0".into(), MessageKind::Say)
+        .await
+        .unwrap();
+    let mut replaced = a.broker.replaced();
+    let why = tokio::time::timeout(T, replaced.wait_for(Option::is_some))
+        .await
+        .expect("hub A finds the stream is another one")
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert!(why.contains("fresh --data-dir"), "{why}");
+    let refused = ann.say("lobby", "lost?".into(), MessageKind::Say).await;
+    assert!(
+        matches!(&refused, Err(HubError::Broker(e)) if e.contains("not the one this hub follows")),
+        "{refused:?}"
+    );
+    assert_eq!(end_of(&a), last, "hub A applied nothing of the new stream");
+    no_message(&mut ann_in);
+    // On the fresh hub, the old position is not held: truncated.
+    let (_ann2, mut ann2_in) = c.client("ann", Some(last)).await;
+    let (truncated, history) = joined(&mut ann2_in).await;
+    assert!(truncated, "a position of the old stream is reported gone");
+    let texts: Vec<&str> = history.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["new 0"]);
+    stop_all([a, c], nats).await;
+}
+
+/// Serves `hub`'s HTTP door (with `/ws`) on a free loopback port until `shutdown`.
+async fn serve_http(hub: &Hub, shutdown: &CancellationToken) -> std::net::SocketAddr {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    tokio::spawn({
+        let (hub, s) = (hub.clone(), shutdown.clone());
+        async move { netkit::http::run(http, hub, Default::default(), None, s).await }
+    });
+    addr
+}
+
+/// A WebSocket client `nick` on the hub at `http`, in room lobby (joined
+/// after `after`): the `joined` frame and the history frames after it.
+async fn ws_join(
+    http: std::net::SocketAddr,
+    nick: &str,
+    after: Option<u64>,
+) -> (ws_util::Ws, serde_json::Value, Vec<serde_json::Value>) {
+    let url = format!("ws://{http}/ws?nick={nick}");
+    let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ws_util::recv_type(&mut ws, "welcome").await["nick"], nick);
+    let mut join = serde_json::json!({"type": "join", "room": "lobby"});
+    if let Some(a) = after {
+        join["after"] = a.into();
+    }
+    ws_util::send(&mut ws, join).await;
+    let joined = ws_util::recv_type(&mut ws, "joined").await;
+    let mut history = Vec::new();
+    for _ in 0..joined["history"].as_u64().unwrap() {
+        history.push(ws_util::recv_type(&mut ws, "message").await);
+    }
+    (ws, joined, history)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hub_s_clients_resume_elsewhere_and_its_users_leave_in_bound() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let b = Node::start(&nats.url()).await;
+    let b_http = serve_http(&b.hub, &b.shutdown).await;
+    let (bob, mut bob_in) = b.client("bob", None).await;
+    // Hub K: the real binary, in broker mode on the same server.
+    let (_k_dir, mut k) = serve_binary(&nats.url(), &["--chat-rate", "0"]).await;
+    let k_http = k.ready.http.expect("http is on");
+    let (mut ann, _, _) = ws_join(k_http, "ann", None).await;
+    next_event(&mut bob_in, "ann's join from hub K", |m| {
+        matches!(m, ServerMsg::Presence { nick, event: PresenceEvent::Join, node: Some(_), .. } if nick == "ann")
+    })
+    .await;
+    ws_util::send(
+        &mut ann,
+        serde_json::json!({"type": "say", "room": "lobby", "text": "seen"}),
+    )
+    .await;
+    let seen = ws_util::recv_type(&mut ann, "message").await;
+    assert_eq!(seen["text"], "seen");
+    let last_id = seen["id"].as_u64().unwrap();
+
+    k.kill9();
+    let killed = std::time::Instant::now();
+    for i in 0..3 {
+        bob.say("lobby", format!("missed {i}"), MessageKind::Say)
+            .await
+            .unwrap();
+    }
+    let left = next_event(&mut bob_in, "ann's leave", |m| {
+        matches!(m, ServerMsg::Presence { nick, event: PresenceEvent::Leave, .. } if nick == "ann")
+    })
+    .await;
+    let took = killed.elapsed();
+    let ServerMsg::Presence { reason, .. } = left else {
+        unreachable!()
+    };
+    assert_eq!(reason.as_deref(), Some("node down"));
+    // The bound runs from the last heartbeat, which precedes the kill; the
+    // margin is for delivery on a busy machine.
+    let bound = broker::events::LEAVE_BOUND + std::time::Duration::from_secs(1);
+    assert!(took <= bound, "users left after {took:?}, bound {bound:?}");
+    drop(ann);
+
+    let (_ann, joined, history) = ws_join(b_http, "ann", Some(last_id)).await;
+    assert_ne!(joined["truncated"], true, "{joined}");
+    let texts: Vec<&str> = history
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["missed 0", "missed 1", "missed 2"],
+        "exactly what it missed"
+    );
+    assert!(history.iter().all(|m| m["id"].as_u64().unwrap() > last_id));
+    b.stop().await;
+    nats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (_k_dir, mut k) = serve_binary(&nats.url(), &[]).await;
+    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let junk = b
+        .publish(broker::wire::subject("lobby"), "hello".into(), "junk-1")
+        .await
+        .unwrap();
+    let started = k.wait_for("broker: room messages go through", T);
+    let node = started
+        .split("node=")
+        .nth(1)
+        .and_then(|n| n.split_whitespace().next())
+        .expect("the hub logs its name")
+        .to_string();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let to_k = format!("{}{node}", broker::wire::DIRECT_PREFIX);
+    for (subject, payload) in [
+        ("netkit.presence.hub-0", "{\"version\": 1}"),
+        (to_k.as_str(), "not json"),
+        (broker::wire::TOPIC_SUBJECT, "[]"),
+    ] {
+        client
+            .publish(subject.to_string(), payload.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let k = tokio::task::spawn_blocking(move || {
+        let wait = std::time::Duration::from_secs(20);
+        k.wait_log(
+            &[&format!(
+                "broker: stream entry {junk} on netkit.room.lobby skipped"
+            )],
+            wait,
+        );
+        k.wait_for("broker: presence beat skipped", wait);
+        k.wait_for("broker: topic change skipped", wait);
+        k.wait_for("broker: direct message skipped", wait);
+        k
+    })
+    .await
+    .unwrap();
+    // Still up: a client of the hub sends and gets its message after the junk.
+    let (mut ann, _, _) = ws_join(k.ready.http.unwrap(), "ann", None).await;
+    ws_util::send(
+        &mut ann,
+        serde_json::json!({"type": "say", "room": "lobby", "text": "still up"}),
+    )
+    .await;
+    let m = ws_util::recv_type(&mut ann, "message").await;
+    assert_eq!(
+        (m["text"].as_str(), m["id"].as_u64()),
+        (Some("still up"), Some(junk + 1))
+    );
+    drop(k);
     nats.stop().await;
 }
 

@@ -7,10 +7,18 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+use tokio::sync::mpsc;
+
 use super::origin::{REMOTE, RemoteOrigin};
 use super::writer::{Post, WriteCmd};
-use super::{Hub, HubError};
-use crate::chat::protocol::{MessageKind, valid_room};
+use super::{Hub, HubError, Shared};
+use crate::chat::protocol::{MessageKind, valid_nick, valid_room};
+
+/// Capacity of the queue of topics set here for the broker to carry.
+const OUTGOING_TOPICS: usize = 256;
+
+/// Longest topic a hub accepts (from a client or another hub).
+pub(super) const MAX_TOPIC: usize = 200;
 
 /// How long a sender waits, after the log acknowledged its message, for this
 /// hub to apply it (so the client sees its own message before its next
@@ -32,6 +40,17 @@ pub struct LoggedPost {
     pub kind: MessageKind,
     /// Milliseconds since the Unix epoch, set by the sending hub.
     pub ts: i64,
+}
+
+/// A room topic set on one hub, as the broker carries it to the others.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopicChange {
+    /// The room.
+    pub room: String,
+    /// The new topic.
+    pub topic: String,
+    /// Who set it.
+    pub by: String,
 }
 
 /// An append-only log every hub of a deployment shares (a JetStream stream).
@@ -121,5 +140,55 @@ impl Hub {
         let mut applied = self.shared.logged.subscribe();
         let _ = tokio::time::timeout(OWN_APPLY_WAIT, applied.wait_for(|&v| v >= seq)).await;
         Ok(())
+    }
+
+    /// The topics set on this hub from now on, for the broker to carry to
+    /// the others; `None` after the first call.
+    pub fn take_outgoing_topics(&self) -> Option<mpsc::Receiver<TopicChange>> {
+        let (tx, rx) = mpsc::channel(OUTGOING_TOPICS);
+        self.shared.topics_out.set(tx).ok().map(|()| rx)
+    }
+
+    /// Queues a topic set on another hub: stored here and announced to the
+    /// room's local members as set by `change.by`, in order with this hub's
+    /// own writes.
+    pub async fn apply_remote_topic(&self, change: TopicChange) -> Result<(), HubError> {
+        if !valid_room(&change.room) {
+            return Err(HubError::bad_room(&change.room));
+        }
+        if change.topic.len() > MAX_TOPIC || !valid_nick(&change.by) {
+            return Err(HubError::Broker("malformed topic change".into()));
+        }
+        let cmd = WriteCmd::Topic {
+            client: REMOTE,
+            room: change.room,
+            topic: change.topic,
+            by: Some(change.by),
+        };
+        self.writer
+            .send((cmd, None))
+            .await
+            .map_err(|_| HubError::ShuttingDown)
+    }
+}
+
+impl Shared {
+    /// A topic set by a local client was committed: hand it to the broker,
+    /// if one takes them (a full queue drops it, with a log line).
+    pub(super) fn topic_set_here(&self, room: &str, topic: &str, by: &str) {
+        let Some(out) = self.topics_out.get() else {
+            return;
+        };
+        let change = TopicChange {
+            room: room.to_string(),
+            topic: topic.to_string(),
+            by: by.to_string(),
+        };
+        if out.try_send(change).is_err() {
+            tracing::warn!(
+                room,
+                "broker: topic change not carried to other hubs (queue full)"
+            );
+        }
     }
 }

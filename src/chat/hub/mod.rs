@@ -57,7 +57,7 @@ use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
 pub use files::{TICKET_LIFETIME, TicketError, Uploader};
-pub use log::{LoggedPost, RoomLog};
+pub use log::{LoggedPost, RoomLog, TopicChange};
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
 pub use session::{Inbox, Received, Session};
 pub use writer::HubWriter;
@@ -455,6 +455,8 @@ struct Shared {
     room_log: OnceLock<Arc<dyn log::RoomLog>>,
     /// The newest sequence of that log applied here.
     logged: tokio::sync::watch::Sender<u64>,
+    /// Topics set here, for the broker to carry to other hubs (once taken).
+    topics_out: OnceLock<mpsc::Sender<log::TopicChange>>,
     /// The random key upload tickets are signed with ([`files`]).
     ticket_key: [u8; 32],
     /// Registered nicks (with `--chat-auth accounts` or `required`).
@@ -547,6 +549,7 @@ impl Hub {
             origin: OnceLock::new(),
             room_log: OnceLock::new(),
             logged: tokio::sync::watch::channel(0).0,
+            topics_out: OnceLock::new(),
             ticket_key: rand::random(),
         });
         let (writer, handle) = writer::start(shared.clone(), writer_store, checkpointer);

@@ -560,10 +560,10 @@ impl Session {
 
     /// Sets `room`'s topic (stored; announced to its members).
     pub async fn topic(&self, room: &str, topic: String) -> Result<(), HubError> {
-        if topic.len() > 200 {
+        if topic.len() > super::log::MAX_TOPIC {
             return Err(HubError::BadText {
                 got: topic.len(),
-                max: 200,
+                max: super::log::MAX_TOPIC,
             });
         }
         if !valid_room(room) {
@@ -573,6 +573,7 @@ impl Session {
             client: self.id,
             room: room.to_string(),
             topic,
+            by: None,
         })
         .await
     }

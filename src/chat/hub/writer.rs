@@ -52,6 +52,8 @@ pub(super) enum WriteCmd {
         client: ClientId,
         room: String,
         topic: String,
+        /// Who set it, for a topic set on another hub ([`REMOTE`]).
+        by: Option<String>,
     },
     /// A moderation change and its notice ([`super::moderation`]).
     Moderate(Box<super::moderation::ModWrite>),
@@ -203,7 +205,9 @@ fn check_members(shared: &Shared, batch: &[WriteCmd]) -> Vec<bool> {
     batch
         .iter()
         .map(|cmd| match cmd {
-            WriteCmd::Say(Post { client: REMOTE, .. }) => true,
+            WriteCmd::Say(Post { client: REMOTE, .. }) | WriteCmd::Topic { client: REMOTE, .. } => {
+                true
+            }
             WriteCmd::Say(Post { client, room, .. }) | WriteCmd::Topic { client, room, .. } => {
                 joining.contains(&(*client, room.as_str()))
                     || st
@@ -417,16 +421,20 @@ fn prepare_join(
             behind: found.behind,
         };
     }
+    // Broker mode: a position this store does not hold (trimmed from the
+    // log, or from another log) gets the newest page, as a first join does.
+    let gone = logged && after.is_some_and(|a| !logged_holds(store, room, a));
     let (since, limit) = match after {
-        Some(a) => (a, cfg.resume_max),
-        None => (0, cfg.history_on_join),
+        Some(a) if !gone => (a, cfg.resume_max),
+        _ => (0, cfg.history_on_join),
     };
     let history = store.latest(room, since, upto, limit).unwrap_or_else(|e| {
         tracing::error!("chat: cannot read history of {room}: {e}");
         Vec::new()
     });
     let truncated = match after {
-        Some(_) if logged => logged_truncated(store, room, since, upto, &history),
+        Some(_) if gone => true,
+        Some(_) if logged => first_held(store, room, since, upto) != history.first().map(|m| m.id),
         Some(_) => history
             .first()
             .map_or(upto > since, |m| m.id > since.saturating_add(1)),
@@ -440,28 +448,23 @@ fn prepare_join(
     }
 }
 
-/// Whether a resume after `since` misses messages in broker mode, where ids
-/// are the log's sequence and so have gaps within a room: the message the
-/// client saw last is no longer held (trimmed, or never reached this store),
-/// or more messages follow it than `history` holds.
-fn logged_truncated(
-    store: &Store,
-    room: &str,
-    since: u64,
-    upto: u64,
-    history: &[ChatMessage],
-) -> bool {
-    let held = |after: u64, upto: u64| {
-        store
-            .earliest(room, after, upto, 1)
-            .map(|v| v.first().map(|m| m.id))
-            .unwrap_or_else(|e| {
-                tracing::error!("chat: cannot read history of {room}: {e}");
-                None
-            })
-    };
-    let gone = since > 0 && held(since - 1, since).is_none();
-    gone || held(since, upto) != history.first().map(|m| m.id)
+/// The id of the first message of `room` after `after` up to `upto`, if any.
+fn first_held(store: &Store, room: &str, after: u64, upto: u64) -> Option<u64> {
+    store
+        .earliest(room, after, upto, 1)
+        .map(|v| v.first().map(|m| m.id))
+        .unwrap_or_else(|e| {
+            tracing::error!("chat: cannot read history of {room}: {e}");
+            None
+        })
+}
+
+/// Whether the store holds message `id` of `room` (0, the start, always),
+/// in broker mode, where ids are the log's sequence and so have gaps within
+/// a room; a resume from a held id misses messages only if more follow it
+/// than the history holds.
+fn logged_holds(store: &Store, room: &str, id: u64) -> bool {
+    id == 0 || first_held(store, room, id - 1, id).is_some()
 }
 
 /// Applies a committed (or failed) batch in order under the member lock:
@@ -500,7 +503,8 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
                 client,
                 room,
                 topic,
-            } => apply_topic(shared, &mut st, *client, room, topic),
+                by,
+            } => apply_topic(shared, &mut st, *client, room, topic, by.as_deref()),
             WriteCmd::Moderate(m) => {
                 if let Some(n) = m.notice() {
                     apply_say(shared, &mut st, n, id);
@@ -568,13 +572,28 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
     shared.deliver_locked(st, &members, &ev);
 }
 
-/// Sets a stored topic and tells the room's members who set it.
-fn apply_topic(shared: &Shared, st: &mut State, client: ClientId, room: &str, topic: &str) {
-    let by = st
-        .clients
-        .get(&client)
-        .map(|c| c.nick.clone())
-        .unwrap_or_default();
+/// Sets a stored topic and tells the room's members who set it (`by` for
+/// a topic from another hub); a local one is also handed to the broker.
+fn apply_topic(
+    shared: &Shared,
+    st: &mut State,
+    client: ClientId,
+    room: &str,
+    topic: &str,
+    by: Option<&str>,
+) {
+    let by = match by {
+        Some(by) => by.to_string(),
+        None => {
+            let nick = st
+                .clients
+                .get(&client)
+                .map(|c| c.nick.clone())
+                .unwrap_or_default();
+            shared.topic_set_here(room, topic, &nick);
+            nick
+        }
+    };
     let r = st.room_mut(room);
     r.topic = topic.to_string();
     let members: Vec<ClientId> = r.members.iter().copied().collect();

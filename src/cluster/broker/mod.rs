@@ -1,7 +1,9 @@
 //! Broker mode (`netkit serve --broker nats://…`): room messages go through
 //! one NATS JetStream stream that every hub appends to and reads in order;
 //! the stream sequence is the message id on every hub (docs/cluster.md).
+//! Presence, direct messages and topics go on plain subjects ([`events`]).
 
+pub mod events;
 pub mod wire;
 
 use std::sync::Arc;
@@ -23,6 +25,10 @@ pub const STREAM: &str = "NETKIT";
 /// one retry (same message id) and then the error to the sender.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a hub checks that the stream is still the one it follows
+/// (also at each reconnection).
+const STREAM_CHECK: Duration = Duration::from_secs(2);
+
 /// The longest pause between two attempts to read the stream again.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -42,7 +48,16 @@ pub struct BrokerArgs {
 pub struct Broker {
     /// Whether the client is connected now (set by its events).
     connected: Arc<tokio::sync::watch::Sender<bool>>,
+    client: async_nats::Client,
     js: jetstream::Context,
+    /// This hub's name among the others (`hub-` and 8 hex digits, new each start).
+    node: String,
+    /// When the stream this hub follows was created (nanoseconds since the
+    /// epoch): a stream created later is another one ([`Broker::replaced`]).
+    created: i128,
+    /// Set once the stream turned out to be another one than this hub's
+    /// store follows: why; from then on every send fails with it.
+    replaced: tokio::sync::watch::Sender<Option<String>>,
     origin: String,
     /// Message ids: this process's random tag and a counter.
     tag: u64,
@@ -108,17 +123,23 @@ impl Broker {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        js.get_or_create_stream(config).await.map_err(|e| {
+        let stream = js.get_or_create_stream(config).await.map_err(|e| {
             anyhow::anyhow!(
                 "--broker: cannot open the JetStream stream {STREAM} at {servers} \
                  (is JetStream enabled? nats-server -js): {e}"
             )
         })?;
+        let created = stream.cached_info().created.unix_timestamp_nanos();
+        let tag: u64 = rand::random();
         Ok(Broker {
             connected,
+            client,
             js,
+            node: format!("hub-{:08x}", tag as u32),
+            created,
+            replaced: tokio::sync::watch::channel(None).0,
             origin: format!("nats:{STREAM}"),
-            tag: rand::random(),
+            tag,
             next: AtomicU64::new(1),
             servers: servers.to_string(),
         })
@@ -128,6 +149,17 @@ impl Broker {
     /// loses and regains the connection.
     pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
         self.connected.subscribe()
+    }
+
+    /// Why the stream is not the one this hub's store follows, once that
+    /// is found (then every send fails with it); `None` until then.
+    pub fn replaced(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.replaced.subscribe()
+    }
+
+    /// This hub's name, as other hubs show its users' node.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The stream's newest sequence (0 when empty).
@@ -185,6 +217,9 @@ impl RoomLog for Arc<Broker> {
     }
 
     fn health(&self) -> Result<(), String> {
+        if let Some(why) = &*self.replaced.borrow() {
+            return Err(why.clone());
+        }
         if *self.connected.borrow() {
             Ok(())
         } else {
@@ -197,7 +232,8 @@ impl RoomLog for Arc<Broker> {
 }
 
 /// Connects to the broker, checks that the hub's store fits the stream,
-/// puts `hub` in broker mode and starts reading the stream into it.
+/// puts `hub` in broker mode and starts reading the stream into it and
+/// carrying presence, direct messages and topics.
 pub async fn start(
     args: &BrokerArgs,
     hub: &Hub,
@@ -210,8 +246,16 @@ pub async fn start(
     let broker = Arc::new(Broker::connect(servers, args.broker_max_per_room).await?);
     check_store(&broker, hub).await?;
     hub.set_room_log(Arc::new(broker.clone()));
+    let inputs = events::subscribe(&broker.client, &broker.node).await?;
+    tracker.spawn(events::run(
+        broker.client.clone(),
+        broker.node.clone(),
+        hub.clone(),
+        inputs,
+        shutdown.clone(),
+    ));
     tracker.spawn(consume(broker.clone(), hub.clone(), shutdown));
-    tracing::info!(servers = %servers, stream = STREAM, "broker: room messages go through NATS JetStream");
+    tracing::info!(servers = %servers, stream = STREAM, node = %broker.node, "broker: room messages go through NATS JetStream");
     Ok(Some(broker))
 }
 
@@ -249,9 +293,15 @@ async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
         let failure = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = read => r,
+            r = check_stream(&broker, &hub) => r,
         };
         match failure {
             ReadEnd::HubGone => return,
+            ReadEnd::Replaced(why) => {
+                tracing::error!("broker: {why}");
+                broker.replaced.send_replace(Some(why));
+                return;
+            }
             ReadEnd::Failed(e) => {
                 tracing::warn!("broker: reading the stream from {next} failed ({e}); retrying")
             }
@@ -264,10 +314,57 @@ async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
     }
 }
 
+impl Broker {
+    /// Why `info` is not the stream this hub has applied up to `next - 1`,
+    /// if it is not: created at another time (the server's store was
+    /// replaced, or the stream deleted and made again), or ending before
+    /// what the hub has applied.
+    fn replaced_by(&self, info: &stream::Info, next: u64) -> Option<String> {
+        let applied = next - 1;
+        let last = info.state.last_sequence;
+        if info.created.unix_timestamp_nanos() == self.created && last >= applied {
+            return None;
+        }
+        Some(format!(
+            "the stream {STREAM} at {} is not the one this hub follows (made again, or a fresh \
+             server store; it ends at {last}, this hub applied up to {applied}): positions would \
+             mean other messages, so this hub stops sending and delivering; restart it with a \
+             fresh --data-dir",
+            self.servers
+        ))
+    }
+}
+
+/// Checks, at each reconnection and every [`STREAM_CHECK`], that the stream
+/// is still the one the hub's store follows; returns when it is not (the
+/// consumer alone would wait for its next sequence on a stream made again).
+async fn check_stream(broker: &Broker, hub: &Hub) -> ReadEnd {
+    let mut connected = broker.connected();
+    let mut tick = tokio::time::interval(STREAM_CHECK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Ok(()) = connected.changed() => {}
+        }
+        if !*connected.borrow_and_update() {
+            continue;
+        }
+        let Ok(stream) = broker.js.get_stream(STREAM).await else {
+            continue; // not there (yet): sends fail; look again later
+        };
+        let next = *hub.logged().borrow() + 1;
+        if let Some(why) = broker.replaced_by(stream.cached_info(), next) {
+            return ReadEnd::Replaced(why);
+        }
+    }
+}
+
 /// Why [`read_from`] stopped.
 enum ReadEnd {
     /// The hub shut down.
     HubGone,
+    /// The stream is another one than the hub's store follows.
+    Replaced(String),
     /// The stream could not be read; try again.
     Failed(String),
 }
@@ -279,6 +376,9 @@ async fn read_from(broker: &Broker, hub: &Hub, next: &mut u64, backoff: &mut Dur
         Ok(s) => s,
         Err(e) => return failed(&e),
     };
+    if let Some(why) = broker.replaced_by(stream.cached_info(), *next) {
+        return ReadEnd::Replaced(why);
+    }
     let config = consumer::pull::OrderedConfig {
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: *next,

@@ -1,10 +1,25 @@
-//! What a room message looks like on the stream: subject `netkit.room.<room>`
-//! and a JSON payload; anything else found on the stream is refused here.
+//! What netkit puts on NATS: room messages on the stream (subject
+//! `netkit.room.<room>`), and, outside it, presence beats, direct messages
+//! and topic changes; all JSON, and anything else found there is refused here.
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
-use crate::chat::LoggedPost;
-use crate::chat::protocol::valid_room;
+use crate::chat::protocol::{valid_nick, valid_room};
+use crate::chat::{LoggedPost, hub::TopicChange};
+use crate::cluster::relay::presence::Snapshot;
+
+/// Presence beats: `netkit.presence.<node>`, a snapshot of the node's users.
+pub const PRESENCE_PREFIX: &str = "netkit.presence.";
+
+/// Direct messages to the users of one node: `netkit.direct.<node>`.
+pub const DIRECT_PREFIX: &str = "netkit.direct.";
+
+/// Topic changes, from any node.
+pub const TOPIC_SUBJECT: &str = "netkit.topic";
+
+/// Longest hub name on the wire.
+const MAX_NODE: usize = 64;
 
 /// The subjects of the stream: one per room under this prefix.
 pub const SUBJECT_PREFIX: &str = "netkit.room.";
@@ -26,11 +41,14 @@ pub fn encode(post: &LoggedPost) -> Bytes {
 #[derive(Debug, thiserror::Error)]
 pub enum BadEntry {
     /// The payload is not a post.
-    #[error("not a netkit room message: {0}")]
+    #[error("not netkit's format: {0}")]
     Payload(#[from] serde_json::Error),
     /// The room name is not one a hub accepts.
     #[error("invalid room name")]
     Room,
+    /// Names or sizes a hub does not accept.
+    #[error("malformed content")]
+    Content,
     /// The subject does not match the room in the payload.
     #[error("subject {0} does not match the room in the message")]
     Subject(String),
@@ -46,6 +64,99 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<LoggedPost, BadEntry> {
         return Err(BadEntry::Subject(subject.chars().take(80).collect()));
     }
     Ok(post)
+}
+
+/// Whether `node` is a hub name netkit uses: 1 to 64 of `a-z`, `0-9`, `-`
+/// (one subject token).
+pub fn valid_node(node: &str) -> bool {
+    (1..=MAX_NODE).contains(&node.len())
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Any JSON payload of ours.
+fn json<T: Serialize>(value: &T) -> Bytes {
+    serde_json::to_vec(value)
+        .expect("a netkit payload always serializes")
+        .into()
+}
+
+/// The node a subject under `prefix` names, if valid.
+fn node_of<'a>(subject: &'a str, prefix: &str) -> Result<&'a str, BadEntry> {
+    subject
+        .strip_prefix(prefix)
+        .filter(|n| valid_node(n))
+        .ok_or_else(|| BadEntry::Subject(subject.chars().take(80).collect()))
+}
+
+/// The subject and payload of `node`'s presence beat.
+pub fn beat(node: &str, snapshot: &Snapshot) -> (String, Bytes) {
+    (format!("{PRESENCE_PREFIX}{node}"), json(snapshot))
+}
+
+/// Reads a presence beat: the node it is from and its snapshot (checked).
+pub fn decode_beat(subject: &str, payload: &[u8]) -> Result<(String, Snapshot), BadEntry> {
+    let node = node_of(subject, PRESENCE_PREFIX)?;
+    let snap: Snapshot = serde_json::from_slice(payload)?;
+    snap.validate().map_err(|_| BadEntry::Content)?;
+    Ok((node.to_string(), snap))
+}
+
+/// A direct message from a user of one hub to a user of another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Direct {
+    /// The sender's hub.
+    pub from_node: String,
+    /// The sender's nick.
+    pub from: String,
+    /// The recipient's nick (on the hub the subject names).
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch, set by the sending hub.
+    pub ts: i64,
+}
+
+/// The subject and payload of a direct message to a user of `to_node`.
+pub fn direct(to_node: &str, msg: &Direct) -> (String, Bytes) {
+    (format!("{DIRECT_PREFIX}{to_node}"), json(msg))
+}
+
+/// Reads a direct message (checked: names and a non-empty text).
+pub fn decode_direct(payload: &[u8]) -> Result<Direct, BadEntry> {
+    let d: Direct = serde_json::from_slice(payload)?;
+    let ok = valid_node(&d.from_node) && valid_nick(&d.from) && valid_nick(&d.to);
+    if !ok || d.text.is_empty() {
+        return Err(BadEntry::Content);
+    }
+    Ok(d)
+}
+
+/// A topic change as published: which node it is from, and the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topic {
+    /// The hub it was set on.
+    pub node: String,
+    /// The change.
+    pub change: TopicChange,
+}
+
+/// The payload of a topic change set on `node`.
+pub fn topic(node: &str, change: &TopicChange) -> Bytes {
+    json(&Topic {
+        node: node.to_string(),
+        change: change.clone(),
+    })
+}
+
+/// Reads a topic change (the hub checks the room, nick and length).
+pub fn decode_topic(payload: &[u8]) -> Result<Topic, BadEntry> {
+    let t: Topic = serde_json::from_slice(payload)?;
+    if !valid_node(&t.node) {
+        return Err(BadEntry::Content);
+    }
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -85,5 +196,44 @@ mod tests {
             decode("netkit.room.no room", &bad),
             Err(BadEntry::Room)
         ));
+    }
+
+    #[test]
+    fn beats_and_directs_come_back_and_bad_names_are_refused() {
+        let snap = Snapshot {
+            version: 3,
+            users: vec![crate::cluster::relay::presence::SnapshotUser {
+                id: 1,
+                nick: "ann".into(),
+                rooms: vec!["lobby".into()],
+            }],
+        };
+        let (subject, payload) = beat("hub-1", &snap);
+        assert_eq!(
+            decode_beat(&subject, &payload).unwrap(),
+            ("hub-1".into(), snap.clone())
+        );
+        assert!(decode_beat("netkit.presence.Hub 1", &payload).is_err());
+        assert!(decode_beat(&subject, b"{}").is_err());
+        let d = Direct {
+            from_node: "hub-1".into(),
+            from: "ann".into(),
+            to: "bob".into(),
+            text: "hi".into(),
+            ts: 1,
+        };
+        assert_eq!(decode_direct(&direct("hub-2", &d).1).unwrap(), d);
+        let empty = Direct {
+            text: String::new(),
+            ..d
+        };
+        assert!(decode_direct(&direct("hub-2", &empty).1).is_err());
+        let t = TopicChange {
+            room: "lobby".into(),
+            topic: "t".into(),
+            by: "ann".into(),
+        };
+        assert_eq!(decode_topic(&topic("hub-1", &t)).unwrap().change, t);
+        assert!(decode_topic(&topic("a.b", &t)).is_err());
     }
 }

@@ -1,0 +1,263 @@
+//! Broker mode, the rest of what crosses hubs: presence (each hub beats its
+//! users' snapshot every [`HEARTBEAT`]; a hub not heard for [`EXPIRY`] is
+//! down), direct messages and topics, on plain NATS subjects outside the stream.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::wire;
+use crate::chat::Hub;
+use crate::chat::hub::{OutgoingDirect, RemotePresence, TopicChange};
+use crate::chat::protocol::RemoteMember;
+use crate::cluster::relay::presence::{PresenceTable, Rejected, Snapshot};
+
+/// How often a hub publishes its presence when nothing changes.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A hub not heard for this long is taken as down: its users leave every room.
+pub const EXPIRY: Duration = Duration::from_secs(3);
+
+/// Least time between two presence beats of a hub (a burst of joins makes one).
+const MIN_BEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often hubs not heard are looked for.
+const EXPIRY_CHECK: Duration = Duration::from_millis(250);
+
+/// The most time between a hub's last beat and its users' leaves on every
+/// other hub (stated in docs/cluster.md).
+pub const LEAVE_BOUND: Duration = Duration::from_millis(3_250);
+
+/// The subscriptions a hub reads.
+pub(super) struct Inputs {
+    beats: async_nats::Subscriber,
+    directs: async_nats::Subscriber,
+    topics: async_nats::Subscriber,
+}
+
+/// The other hubs' presence as this hub knows it, with when each was last heard.
+struct Others {
+    table: PresenceTable<String>,
+    heard: HashMap<String, Instant>,
+    /// Per hub, how many times it was taken as down here: a hub heard again
+    /// after that is a new life in the table (whose old one is over).
+    lives: HashMap<String, u32>,
+}
+
+/// This hub's side: its name, the snapshot it last published and when.
+struct Mine {
+    client: async_nats::Client,
+    node: String,
+    snap: Snapshot,
+    last_beat: Option<Instant>,
+    /// When to beat for a change (at most one beat per [`MIN_BEAT_INTERVAL`]).
+    due: Option<Instant>,
+}
+
+impl Mine {
+    /// Publishes the hub's presence (a new version if it changed).
+    async fn beat(&mut self, hub: &Hub) {
+        let now = Snapshot::of(self.snap.version + 1, hub.local_presence());
+        if !now.same_users(&self.snap) {
+            self.snap = now;
+        }
+        self.due = None;
+        self.last_beat = Some(Instant::now());
+        self.publish().await;
+    }
+
+    /// The hub's presence changed: beat soon.
+    fn schedule(&mut self) {
+        if self.due.is_none() {
+            let now = Instant::now();
+            let earliest = self
+                .last_beat
+                .map_or(now, |at| (at + MIN_BEAT_INTERVAL).max(now));
+            self.due = Some(earliest);
+        }
+    }
+
+    async fn publish(&self) {
+        let (subject, payload) = wire::beat(&self.node, &self.snap);
+        if let Err(e) = self.client.publish(subject, payload).await {
+            tracing::debug!("broker: presence beat not sent: {e}");
+        }
+    }
+
+    /// Says this hub's users are gone (a clean stop).
+    async fn farewell(&mut self) {
+        self.snap = Snapshot {
+            version: self.snap.version + 1,
+            users: Vec::new(),
+        };
+        self.publish().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+
+    async fn send_direct(&self, d: OutgoingDirect) {
+        if !wire::valid_node(&d.to.node) {
+            return;
+        }
+        let msg = wire::Direct {
+            from_node: self.node.clone(),
+            from: d.from,
+            to: d.to.nick,
+            text: d.text,
+            ts: d.ts,
+        };
+        let (subject, payload) = wire::direct(&d.to.node, &msg);
+        if let Err(e) = self.client.publish(subject, payload).await {
+            tracing::warn!("broker: direct message not sent: {e}");
+        }
+    }
+
+    async fn send_topic(&self, t: TopicChange) {
+        let payload = wire::topic(&self.node, &t);
+        if let Err(e) = self.client.publish(wire::TOPIC_SUBJECT, payload).await {
+            tracing::warn!(room = %t.room, "broker: topic change not sent: {e}");
+        }
+    }
+}
+
+impl Others {
+    /// A beat from `node`: its presence is replaced by `snap`.
+    fn heard(&mut self, hub: &Hub, node: String, snap: Snapshot) {
+        self.heard.insert(node.clone(), Instant::now());
+        let life = *self.lives.entry(node.clone()).or_insert(1);
+        match self.table.apply(node.clone(), &node, life, snap) {
+            Ok(changes) => self.apply(hub, changes),
+            Err(Rejected::Stale) => {}
+            Err(e) => tracing::warn!(node = %node, "broker: presence beat skipped: {e}"),
+        }
+    }
+
+    /// Every hub not heard for [`EXPIRY`] is down: its users leave.
+    fn expire(&mut self, hub: &Hub) {
+        let now = Instant::now();
+        let gone: Vec<String> = self
+            .heard
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= EXPIRY)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in gone {
+            self.heard.remove(&node);
+            *self.lives.entry(node.clone()).or_insert(1) += 1;
+            tracing::info!(node = %node, "broker: hub not heard for {EXPIRY:?}; its users leave");
+            let changes = self.table.remove_node(&node, "node down");
+            self.apply(hub, changes);
+        }
+    }
+
+    fn apply(&self, hub: &Hub, changes: Vec<RemotePresence>) {
+        if !changes.is_empty() {
+            hub.apply_remote_presence(changes, self.table.users());
+        }
+    }
+}
+
+/// Subscribes to the subjects a hub reads.
+pub(super) async fn subscribe(client: &async_nats::Client, node: &str) -> anyhow::Result<Inputs> {
+    Ok(Inputs {
+        beats: client
+            .subscribe(format!("{}*", wire::PRESENCE_PREFIX))
+            .await?,
+        directs: client
+            .subscribe(format!("{}{node}", wire::DIRECT_PREFIX))
+            .await?,
+        topics: client.subscribe(wire::TOPIC_SUBJECT).await?,
+    })
+}
+
+/// Carries presence, direct messages and topics between `hub` and the
+/// other hubs until `shutdown`, then says this hub's users are gone.
+pub(super) async fn run(
+    client: async_nats::Client,
+    node: String,
+    hub: Hub,
+    mut inputs: Inputs,
+    shutdown: CancellationToken,
+) {
+    let mut directs_out = hub.take_outgoing_directs();
+    let mut topics_out = hub.take_outgoing_topics();
+    let mut changes = hub.presence_changes();
+    let mut mine = Mine {
+        client,
+        node,
+        snap: Snapshot {
+            version: 0,
+            users: Vec::new(),
+        },
+        last_beat: None,
+        due: None,
+    };
+    let mut others = Others {
+        table: PresenceTable::default(),
+        heard: HashMap::new(),
+        lives: HashMap::new(),
+    };
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut check = tokio::time::interval(EXPIRY_CHECK);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = beat.tick() => mine.beat(&hub).await,
+            Ok(()) = changes.changed() => mine.schedule(),
+            _ = sleep_until(mine.due) => mine.beat(&hub).await,
+            _ = check.tick() => others.expire(&hub),
+            Some(m) = inputs.beats.next() => match wire::decode_beat(m.subject.as_str(), &m.payload) {
+                Ok((from, _)) if from == mine.node => {}
+                Ok((from, snap)) => others.heard(&hub, from, snap),
+                Err(e) => tracing::warn!("broker: presence beat skipped: {e}"),
+            },
+            Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),
+            Some(m) = inputs.topics.next() => match wire::decode_topic(&m.payload) {
+                Ok(t) if t.node == mine.node => {}
+                Ok(t) => {
+                    if let Err(e) = hub.apply_remote_topic(t.change).await {
+                        tracing::warn!("broker: topic change from {} skipped: {e}", t.node);
+                    }
+                }
+                Err(e) => tracing::warn!("broker: topic change skipped: {e}"),
+            },
+            Some(d) = recv(&mut directs_out) => mine.send_direct(d).await,
+            Some(t) = recv(&mut topics_out) => mine.send_topic(t).await,
+        }
+    }
+    mine.farewell().await;
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next item of a receiver this task may not have got (never, then).
+async fn recv<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A direct message for a user of this hub.
+fn receive_direct(hub: &Hub, payload: &[u8]) {
+    match wire::decode_direct(payload) {
+        Ok(d) => {
+            let from = RemoteMember {
+                nick: d.from,
+                node: d.from_node,
+            };
+            if !hub.deliver_remote_direct(from, &d.to, d.text, d.ts) {
+                tracing::debug!(to = %d.to, "broker: direct message for a user not here");
+            }
+        }
+        Err(e) => tracing::warn!("broker: direct message skipped: {e}"),
+    }
+}
