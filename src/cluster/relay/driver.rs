@@ -19,7 +19,7 @@ use super::{Relay, RelayAction, RelayEvent, SERVE_BATCH, SUMMARY_INTERVAL};
 use crate::chat::hub::{Hub, OutgoingDirect};
 use crate::chat::protocol::RemoteMember;
 use crate::chat::store::Store;
-use crate::cluster::{MemberEvent, Membership, NodeId, Payload, sleep_until};
+use crate::cluster::{MemberEvent, MemberState, Membership, NodeId, Payload, sleep_until};
 
 /// Most local messages read from the log and sent in one turn of the loop;
 /// packets and timers are handled between turns.
@@ -208,7 +208,15 @@ impl Driver {
     async fn on_member_event(&mut self, got: Result<MemberEvent, RecvError>) -> bool {
         match got {
             Ok(ev) => {
-                self.feed(RelayEvent::MembersChanged, None).await;
+                let event = match ev.state {
+                    MemberState::Alive => Some(RelayEvent::MemberUp { peer: ev.id.addr }),
+                    // Nothing to catch up on while a member is only suspected.
+                    MemberState::Suspect => None,
+                    MemberState::Down | MemberState::Left => Some(RelayEvent::MembersChanged),
+                };
+                if let Some(event) = event {
+                    self.feed(event, None).await;
+                }
                 let (hub, membership) = (&self.hub, &self.membership);
                 self.presence.member_event(hub, membership, &ev).await;
             }

@@ -62,7 +62,8 @@ pub const PULL_RETRY: Duration = Duration::from_millis(500);
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long activity keeps summaries at [`SUMMARY_INTERVAL`].
 pub const BUSY_FOR: Duration = Duration::from_secs(10);
-/// How often a quiet node sends its summary.
+/// How often a quiet node sends one safety-net datagram: its summary and its
+/// presence snapshot in turn (so each goes every other interval).
 pub const QUIET_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What happened, for [`Relay::handle`].
@@ -94,7 +95,16 @@ pub enum RelayEvent<P> {
         /// Milliseconds since the Unix epoch.
         ts: i64,
     },
-    /// A member came, went or came back (or such events were missed).
+    /// Member `peer` is alive: new, or back after being down. It gets this
+    /// node's summary at once, so the two catch up on each other (the
+    /// receiver of a summary pulls and serves) without summaries to random
+    /// members every tick.
+    MemberUp {
+        /// The member's address.
+        peer: P,
+    },
+    /// A member went (or member events were missed): summaries every tick
+    /// for a while.
     MembersChanged,
     /// The periodic tick ([`SUMMARY_INTERVAL`]); `peer` is a live member
     /// picked at random, if there is one.
@@ -168,6 +178,9 @@ pub struct Relay<P = std::net::SocketAddr> {
     /// [`QUIET_SUMMARY_INTERVAL`] after.
     busy_until: Duration,
     last_summary: Duration,
+    /// Whether the last quiet tick sent the presence snapshot (the next one
+    /// sends the summary).
+    quiet_presence_turn: bool,
 }
 
 impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
@@ -183,8 +196,11 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
             directs: DirectLink::default(),
             directs_seen: DirectLink::default(),
             parts: Reassembly::default(),
-            busy_until: BUSY_FOR,
+            // Quiet from the start: every member that comes up gets a summary
+            // ([`RelayEvent::MemberUp`]), which is how a restarted node catches up.
+            busy_until: Duration::ZERO,
             last_summary: Duration::ZERO,
+            quiet_presence_turn: false,
         }
     }
 
@@ -228,6 +244,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
                 let packet = self.directs.send(peer.clone(), from, to, text, ts, now);
                 out.push(RelayAction::Send(peer, packet));
             }
+            RelayEvent::MemberUp { peer } => out.push(RelayAction::Send(peer, self.summary())),
             RelayEvent::MembersChanged => self.busy_until = now + BUSY_FOR,
             RelayEvent::Tick { peer } => self.on_tick(peer, now, &mut out),
         }
@@ -353,15 +370,22 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
         if given_up > 0 {
             out.push(RelayAction::DirectsGivenUp(given_up));
         }
-        let quiet_due = now >= self.last_summary + QUIET_SUMMARY_INTERVAL;
-        if let Some(peer) = peer
-            && (now < self.busy_until || quiet_due)
-        {
+        let Some(peer) = peer else { return };
+        if now < self.busy_until {
             self.last_summary = now;
-            out.push(RelayAction::Send(peer.clone(), self.summary()));
-            if quiet_due {
-                out.push(RelayAction::SendPresence(peer));
-            }
+            out.push(RelayAction::Send(peer, self.summary()));
+        } else if now >= self.last_summary + QUIET_SUMMARY_INTERVAL {
+            // A quiet node sends one datagram per interval, the summary and
+            // its presence snapshot in turn: both are only a safety net then
+            // (changes are sent when they happen), and a quiet cluster's
+            // traffic is the membership protocol's and little more.
+            self.last_summary = now;
+            self.quiet_presence_turn = !self.quiet_presence_turn;
+            out.push(if self.quiet_presence_turn {
+                RelayAction::SendPresence(peer)
+            } else {
+                RelayAction::Send(peer, self.summary())
+            });
         }
     }
 

@@ -325,3 +325,35 @@ fn duplicates_own_messages_and_garbage_are_ignored() {
     assert_eq!(RelayPacket::decode(&[MAGIC, 0xff, 0xff]), None);
     assert_eq!(RelayPacket::decode(&[]), None);
 }
+
+#[test]
+fn a_member_up_gets_a_summary_and_a_quiet_relay_sends_one_datagram_per_interval() {
+    let have = BTreeMap::from([("a".to_string(), 7), ("b".to_string(), 2)]);
+    let mut r = Relay::<u8>::new("a", have);
+    let summary = RelayPacket::Summary(vec![("a".into(), 7), ("b".into(), 2)]);
+    // A member that comes up is sent the summary at once, to it alone.
+    let got = r.handle(RelayEvent::MemberUp { peer: 3 }, Duration::from_millis(10));
+    assert_eq!(got, vec![RelayAction::Send(3, summary.clone())]);
+    // With no messages, ticks send nothing until the quiet interval is up:
+    // a quiet cluster does not pay a summary per node per second.
+    for s in 1..QUIET_SUMMARY_INTERVAL.as_secs() {
+        let t = r.handle(RelayEvent::Tick { peer: Some(4) }, Duration::from_secs(s));
+        assert!(t.is_empty(), "tick at {s} s sent {t:?}");
+    }
+    // Then one datagram per quiet interval: the presence snapshot and the
+    // summary in turn.
+    let q = QUIET_SUMMARY_INTERVAL;
+    let t = r.handle(RelayEvent::Tick { peer: Some(4) }, q);
+    assert_eq!(t, vec![RelayAction::SendPresence(4)]);
+    let t = r.handle(RelayEvent::Tick { peer: Some(4) }, q + q / 2);
+    assert!(t.is_empty(), "{t:?}");
+    let t = r.handle(RelayEvent::Tick { peer: Some(4) }, q * 2);
+    assert_eq!(t, vec![RelayAction::Send(4, summary)]);
+    // A member gone: summaries every tick for a while (catching up).
+    r.handle(RelayEvent::MembersChanged, q * 2);
+    let t = r.handle(
+        RelayEvent::Tick { peer: Some(5) },
+        q * 2 + Duration::from_secs(1),
+    );
+    assert_eq!(t.len(), 1, "{t:?}");
+}
