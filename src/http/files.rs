@@ -316,34 +316,13 @@ fn file_ref(app: &AppState, f: &StoredFile) -> FileRef {
         .as_ref()
         .and_then(|s| s.limits().public_url.clone())
         .unwrap_or_else(|| own_base(app));
-    let name = percent_encoding::utf8_percent_encode(&f.name, percent_encoding::NON_ALPHANUMERIC);
-    FileRef {
-        name: f.name.clone(),
-        size: f.size,
-        blake3: f.blake3.clone(),
-        url: format!("{base}/files/{}/{}/{name}", f.room, f.blake3),
-        mime: f.mime.clone(),
-    }
+    f.file_ref(&base)
 }
 
 /// `http(s)://ADDRESS` of this door, by its bound address (an unspecified
 /// one as loopback).
 fn own_base(app: &AppState) -> String {
-    let scheme = if app.config.door.is_tls() {
-        "https"
-    } else {
-        "http"
-    };
-    let addr = app.config.bound.map(|mut a| {
-        if a.ip().is_unspecified() {
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        a
-    });
-    match addr {
-        Some(a) => format!("{scheme}://{a}"),
-        None => format!("{scheme}://localhost"),
-    }
+    crate::chat::files::door_url(app.config.bound, app.config.door.is_tls())
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {

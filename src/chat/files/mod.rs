@@ -4,6 +4,7 @@
 //! `<data-dir>/rooms/<room>/files/<blake3>` that downloads read from.
 //! Transport-agnostic: `http::files` speaks HTTP over it.
 
+mod drop;
 pub mod names;
 mod upload;
 
@@ -16,12 +17,15 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{parse_duration, parse_size};
 
+pub use drop::RoomDrop;
 pub use upload::{Progress, StoredFile};
 
 /// Folder (inside a room's folder) of the files shared there.
 const FILES_DIR: &str = "files";
 /// Folder (inside a room's `files`) of uploads in progress.
 const PARTIAL_DIR: &str = ".partial";
+/// Folder (inside a room's `files`) the drop receives files into.
+const DROP_DIR: &str = ".drop";
 /// Most uploads in progress at once, on the whole server.
 pub const MAX_UPLOADS: usize = 1024;
 
@@ -114,6 +118,21 @@ impl FileArgs {
                 .as_ref()
                 .map(|u| u.trim_end_matches('/').to_string()),
         }
+    }
+}
+
+/// `http(s)://ADDRESS` of the HTTP door bound at `addr` (an unspecified
+/// address as loopback), the default base of download links.
+pub fn door_url(addr: Option<std::net::SocketAddr>, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    match addr {
+        Some(mut a) => {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("{scheme}://{a}")
+        }
+        None => format!("{scheme}://localhost"),
     }
 }
 
@@ -296,18 +315,9 @@ impl FileStore {
     /// the uploads in progress) and the free space; creates its empty part
     /// file. Unfinished uploads past the resume window are removed first.
     pub fn create(&self, room: &str, name: &str, size: u64) -> Result<Arc<Upload>, FileError> {
-        if let Some(rooms) = &self.limits.rooms
-            && !rooms.iter().any(|r| r == room)
-        {
-            return Err(FileError::RoomClosed(room.to_string()));
-        }
+        self.check_room(room)?;
         names::check_name(name)?;
-        if size > self.limits.max_size {
-            return Err(FileError::TooLarge {
-                size,
-                max: self.limits.max_size,
-            });
-        }
+        self.check_size(size)?;
         self.expire();
         let dir = self.files_dir(room);
         std::fs::create_dir_all(dir.join(PARTIAL_DIR))?;
@@ -316,6 +326,51 @@ impl FileStore {
         if uploads.len() >= MAX_UPLOADS {
             return Err(FileError::Busy);
         }
+        self.check_quota(&uploads, room, size)?;
+        let id = format!("{:032x}", rand::random::<u128>());
+        let part = upload::Part::create(dir.join(PARTIAL_DIR).join(&id))?;
+        let up = Arc::new(Upload {
+            id: id.clone(),
+            room: room.to_string(),
+            name: name.to_string(),
+            size,
+            offset: AtomicU64::new(0),
+            part: tokio::sync::Mutex::new(part),
+            touched: Mutex::new(Instant::now()),
+        });
+        uploads.insert(id, up.clone());
+        Ok(up)
+    }
+
+    /// Refuses a room that does not take files (`--file-rooms`).
+    pub fn check_room(&self, room: &str) -> Result<(), FileError> {
+        match &self.limits.rooms {
+            Some(rooms) if !rooms.iter().any(|r| r == room) => {
+                Err(FileError::RoomClosed(room.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a file over `--file-max-size`.
+    fn check_size(&self, size: u64) -> Result<(), FileError> {
+        if size > self.limits.max_size {
+            return Err(FileError::TooLarge {
+                size,
+                max: self.limits.max_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses `size` more bytes in `room` when its files and its uploads
+    /// in progress (`uploads`, the locked table) would pass its quota.
+    fn check_quota(
+        &self,
+        uploads: &HashMap<String, Arc<Upload>>,
+        room: &str,
+        size: u64,
+    ) -> Result<(), FileError> {
         let used = self.used_bytes(room)?;
         let reserved: u64 = uploads
             .values()
@@ -331,19 +386,54 @@ impl FileStore {
                 quota: self.limits.room_quota,
             });
         }
-        let id = format!("{:032x}", rand::random::<u128>());
-        let part = upload::Part::create(dir.join(PARTIAL_DIR).join(&id))?;
-        let up = Arc::new(Upload {
-            id: id.clone(),
+        Ok(())
+    }
+
+    /// Takes a complete, durable file received elsewhere (the drop) into
+    /// `room` under the same rules as an upload: room, name, size, quota.
+    /// `path` is moved into the store (or removed if identical content is there).
+    pub async fn adopt(
+        &self,
+        room: &str,
+        name: &str,
+        path: &Path,
+        size: u64,
+        hash: blake3::Hash,
+    ) -> Result<StoredFile, FileError> {
+        self.check_room(room)?;
+        names::check_name(name)?;
+        self.check_size(size)?;
+        self.check_quota(&lock(&self.uploads), room, size)?;
+        let head = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+                use std::io::Read;
+                let mut head = Vec::with_capacity(names::SNIFF_LEN);
+                std::fs::File::open(path)?
+                    .take(names::SNIFF_LEN as u64)
+                    .read_to_end(&mut head)?;
+                Ok(head)
+            })
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))??
+        };
+        let hex = hash.to_hex().to_string();
+        std::fs::create_dir_all(self.files_dir(room))?;
+        let deduplicated = self.commit(room, path, &hex, size)?;
+        Ok(StoredFile {
             room: room.to_string(),
             name: name.to_string(),
             size,
-            offset: AtomicU64::new(0),
-            part: tokio::sync::Mutex::new(part),
-            touched: Mutex::new(Instant::now()),
-        });
-        uploads.insert(id, up.clone());
-        Ok(up)
+            blake3: hex,
+            mime: names::sniff(&head),
+            deduplicated,
+        })
+    }
+
+    /// `<root>/<room>/files/.drop`: where the drop receives a room's files
+    /// (partial files stay there for a resume).
+    pub fn drop_dir(&self, room: &str) -> PathBuf {
+        self.files_dir(room).join(DROP_DIR)
     }
 
     /// The upload `id` of `room`.
