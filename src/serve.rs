@@ -225,6 +225,14 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
                     )
                 })?,
         );
+        if let Some(retention) = files.limits().retention {
+            tracker.spawn(crate::chat::files::run_retention(
+                files.clone(),
+                args.data_dir.clone(),
+                retention,
+                shutdown.clone(),
+            ));
+        }
         room_door = Some(Arc::new(crate::chat::files::RoomDrop::new(
             hub.clone(),
             files.clone(),

@@ -970,6 +970,7 @@ mod tests {
             blake3: "ab".repeat(32),
             url: "http://127.0.0.1:8080/files/r/x/report.pdf".into(),
             mime: "application/pdf".into(),
+            expired: false,
         };
         let m = ServerMsg::Message(super::super::protocol::ChatMessage {
             room: "r".into(),

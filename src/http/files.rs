@@ -115,6 +115,7 @@ fn file_error(e: FileError) -> Response {
         FileError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
         FileError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
         FileError::OverQuota { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "over_quota"),
+        FileError::OverUserQuota { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "over_user_quota"),
         FileError::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
         FileError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         FileError::NoSuchUpload(_) | FileError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
@@ -157,7 +158,7 @@ pub async fn create(
     {
         return file_error(FileError::SizeLie { size: q.size });
     }
-    let up = match files.create(&room, &q.name, q.size) {
+    let up = match files.create(&room, &by.nick, &q.name, q.size) {
         Ok(up) => up,
         Err(e) => return file_error(e),
     };

@@ -81,7 +81,7 @@ impl RoomShare for RoomSender {
         Box::pin(async move {
             let stored = door
                 .store
-                .adopt(&by.room, &name, &path, size, hash)
+                .adopt(&by.room, &by.nick, &name, &path, size, hash)
                 .await
                 .map_err(|e| e.to_string())?;
             let file = stored.file_ref(&door.base);

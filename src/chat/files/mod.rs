@@ -6,6 +6,7 @@
 
 mod drop;
 pub mod names;
+mod retention;
 mod upload;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::cli::{parse_duration, parse_size};
 
 pub use drop::RoomDrop;
+pub use retention::run_retention;
 pub use upload::{Progress, StoredFile};
 
 /// Folder (inside a room's folder) of the files shared there.
@@ -57,6 +59,14 @@ pub struct FileArgs {
     /// An unfinished upload untouched for this long is removed.
     #[arg(long, default_value = "1h", value_parser = parse_duration, env = "NETKIT_FILE_RESUME_WINDOW")]
     pub file_resume_window: Duration,
+    /// Most bytes of files one user (nick) may share per day (UTC), counted
+    /// from the start of each upload (a cancelled one is given back).
+    #[arg(long, default_value = "4GiB", value_parser = parse_size, env = "NETKIT_FILE_USER_DAILY_QUOTA")]
+    pub file_user_daily_quota: u64,
+    /// Remove files older than this many days that no message shared in
+    /// that time; their messages then say the file expired (0: keep forever).
+    #[arg(long, default_value_t = 0, env = "NETKIT_ROOM_FILES_RETENTION_DAYS")]
+    pub room_files_retention_days: u32,
     /// The URL the HTTP door is reached at (e.g. https://chat.example.org),
     /// for the links in file messages; by default the scheme and Host of
     /// the upload request.
@@ -81,6 +91,10 @@ pub struct FileLimits {
     pub resume_window: Duration,
     /// Base of download links, without a trailing `/`.
     pub public_url: Option<String>,
+    /// Most bytes per user per day.
+    pub user_daily_quota: u64,
+    /// How long an unshared file is kept; `None` keeps it forever.
+    pub retention: Option<Duration>,
 }
 
 impl Default for FileLimits {
@@ -93,6 +107,8 @@ impl Default for FileLimits {
             stall_timeout: Duration::from_secs(30),
             resume_window: Duration::from_secs(3600),
             public_url: None,
+            user_daily_quota: 4 << 30,
+            retention: None,
         }
     }
 }
@@ -117,6 +133,9 @@ impl FileArgs {
                 .public_url
                 .as_ref()
                 .map(|u| u.trim_end_matches('/').to_string()),
+            user_daily_quota: self.file_user_daily_quota,
+            retention: (self.room_files_retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(self.room_files_retention_days) * 86_400)),
         }
     }
 }
@@ -165,6 +184,20 @@ pub enum FileError {
         /// Bytes reserved by uploads in progress.
         reserved: u64,
         /// This upload's size.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// The user's bytes for today would pass `--file-user-daily-quota`.
+    #[error(
+        "{user} has shared {used} bytes today; {size} more would pass the daily quota of {quota} (--file-user-daily-quota)"
+    )]
+    OverUserQuota {
+        /// The user (nick).
+        user: String,
+        /// Bytes counted today.
+        used: u64,
+        /// This file's size.
         size: u64,
         /// The quota.
         quota: u64,
@@ -221,6 +254,8 @@ pub struct Upload {
     pub id: String,
     /// The room it goes to.
     pub room: String,
+    /// Who sends it (their daily quota is charged).
+    pub user: String,
     /// The file's name.
     pub name: String,
     /// The declared size.
@@ -252,6 +287,8 @@ pub struct FileStore {
     uploads: Mutex<HashMap<String, Arc<Upload>>>,
     /// Bytes stored per room (read from disk on first use).
     used: Mutex<HashMap<String, u64>>,
+    /// Bytes charged per user: (UTC day number, bytes that day).
+    daily: Mutex<HashMap<String, (i64, u64)>>,
 }
 
 impl std::fmt::Debug for FileStore {
@@ -284,6 +321,7 @@ impl FileStore {
             limits,
             uploads: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
+            daily: Mutex::new(HashMap::new()),
         })
     }
 
@@ -310,11 +348,18 @@ impl FileStore {
         }
     }
 
-    /// Starts an upload of `name` (`size` bytes) into `room` after checking
-    /// the room policy, the name, the size limit, the room's quota (with
-    /// the uploads in progress) and the free space; creates its empty part
-    /// file. Unfinished uploads past the resume window are removed first.
-    pub fn create(&self, room: &str, name: &str, size: u64) -> Result<Arc<Upload>, FileError> {
+    /// Starts an upload of `name` (`size` bytes) by `user` into `room`
+    /// after checking the room policy, the name, the size limit, the room's
+    /// quota (with the uploads in progress), the free space and the user's
+    /// daily quota (charged here); creates its empty part file. Unfinished
+    /// uploads past the resume window are removed first.
+    pub fn create(
+        &self,
+        room: &str,
+        user: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<Arc<Upload>, FileError> {
         self.check_room(room)?;
         names::check_name(name)?;
         self.check_size(size)?;
@@ -327,11 +372,19 @@ impl FileStore {
             return Err(FileError::Busy);
         }
         self.check_quota(&uploads, room, size)?;
+        self.charge(user, size)?;
         let id = format!("{:032x}", rand::random::<u128>());
-        let part = upload::Part::create(dir.join(PARTIAL_DIR).join(&id))?;
+        let part = match upload::Part::create(dir.join(PARTIAL_DIR).join(&id)) {
+            Ok(p) => p,
+            Err(e) => {
+                self.refund(user, size);
+                return Err(e.into());
+            }
+        };
         let up = Arc::new(Upload {
             id: id.clone(),
             room: room.to_string(),
+            user: user.to_string(),
             name: name.to_string(),
             size,
             offset: AtomicU64::new(0),
@@ -349,6 +402,33 @@ impl FileStore {
                 Err(FileError::RoomClosed(room.to_string()))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Charges `size` bytes to `user`'s quota of today, or refuses.
+    fn charge(&self, user: &str, size: u64) -> Result<(), FileError> {
+        let today = crate::chat::protocol::now_ms().div_euclid(86_400_000);
+        let mut daily = lock(&self.daily);
+        let entry = daily.entry(user.to_string()).or_insert((today, 0));
+        if entry.0 != today {
+            *entry = (today, 0);
+        }
+        if entry.1.saturating_add(size) > self.limits.user_daily_quota {
+            return Err(FileError::OverUserQuota {
+                user: user.to_string(),
+                used: entry.1,
+                size,
+                quota: self.limits.user_daily_quota,
+            });
+        }
+        entry.1 += size;
+        Ok(())
+    }
+
+    /// Gives back `size` bytes of `user`'s quota (an upload that did not finish).
+    fn refund(&self, user: &str, size: u64) {
+        if let Some(e) = lock(&self.daily).get_mut(user) {
+            e.1 = e.1.saturating_sub(size);
         }
     }
 
@@ -395,6 +475,7 @@ impl FileStore {
     pub async fn adopt(
         &self,
         room: &str,
+        user: &str,
         name: &str,
         path: &Path,
         size: u64,
@@ -404,6 +485,7 @@ impl FileStore {
         names::check_name(name)?;
         self.check_size(size)?;
         self.check_quota(&lock(&self.uploads), room, size)?;
+        self.charge(user, size)?;
         let head = {
             let path = path.to_path_buf();
             tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
@@ -450,6 +532,7 @@ impl FileStore {
     pub fn cancel(&self, up: &Upload) {
         if lock(&self.uploads).remove(&up.id).is_some() {
             let _ = std::fs::remove_file(self.part_path(up));
+            self.refund(&up.user, up.size);
         }
     }
 

@@ -78,6 +78,7 @@ impl StoredFile {
             blake3: self.blake3.clone(),
             url: format!("{base}/files/{}/{}/{name}", self.room, self.blake3),
             mime: self.mime.clone(),
+            expired: false,
         }
     }
 }
@@ -241,6 +242,11 @@ impl FileStore {
         let deduplicated = dest.is_file();
         if deduplicated {
             std::fs::remove_file(from)?;
+            // Reshared now: retention counts from here, not from the first upload.
+            File::options()
+                .write(true)
+                .open(&dest)?
+                .set_modified(std::time::SystemTime::now())?;
         } else {
             std::fs::rename(from, &dest)?;
             File::open(&dir)?.sync_all()?;
