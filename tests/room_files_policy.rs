@@ -93,12 +93,21 @@ fn retention_removes_old_unshared_files_and_their_messages_say_expired() {
     // Forty days on: the second file was shared again a day before.
     let later = now + 40 * day;
     file_message(&mut history, 3, &reshared, later - day);
+    let leftover = dir
+        .path()
+        .join("rooms/lobby/files/.drop/big.iso.netkit-part");
+    std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    std::fs::write(&leftover, b"half").unwrap();
     let week = Duration::from_secs(7 * 86_400);
     let removed = files.sweep(&mut history, later, week).unwrap();
     assert_eq!(removed, 2);
     assert!(files.stored("lobby", &old.blake3).is_err());
     assert!(files.stored("lobby", &orphan.blake3).is_err());
     assert!(files.stored("lobby", &reshared.blake3).is_ok());
+    assert!(
+        !leftover.exists(),
+        "an unfinished drop past the retention goes too"
+    );
     let msgs = history.latest("lobby", 0, u64::MAX, 10).unwrap();
     let first = msgs.iter().find(|m| m.id == 1).unwrap();
     assert!(first.file.as_ref().unwrap().expired);

@@ -1,6 +1,7 @@
 //! Retention (`--room-files-retention-days`): a stored file older than the
 //! retention that no message shared within it is removed, and the messages
 //! that shared it are marked expired first (so none points to a missing file).
+//! What the drop left unfinished in a room goes after the same time.
 
 use std::io;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{FILES_DIR, FileStore, lock};
+use super::{DROP_DIR, FILES_DIR, FileStore, lock};
 use crate::chat::store::Store;
 
 /// How often the sweep runs.
@@ -33,6 +34,7 @@ impl FileStore {
             let Some(name) = room.file_name().to_str().map(str::to_string) else {
                 continue;
             };
+            removed_drop_leftovers(&room.path().join(FILES_DIR).join(DROP_DIR), cutoff);
             for entry in std::fs::read_dir(room.path().join(FILES_DIR))
                 .into_iter()
                 .flatten()
@@ -80,6 +82,25 @@ impl FileStore {
         }
         tracing::info!(room, blake3 = hex, "files: expired and removed");
         Ok(true)
+    }
+}
+
+/// Removes what the drop left in a room's incoming folder (partial files
+/// never resumed, emptied folders of trees) untouched since `cutoff`.
+fn removed_drop_leftovers(incoming: &std::path::Path, cutoff: i64) {
+    for entry in std::fs::read_dir(incoming).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.modified().map(ms_of).unwrap_or(i64::MAX) >= cutoff {
+            continue;
+        }
+        let gone = if meta.is_dir() {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
+        if let Err(e) = gone {
+            tracing::warn!("files: cannot remove {}: {e}", entry.path().display());
+        }
     }
 }
 
