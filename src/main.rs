@@ -46,6 +46,9 @@ enum Command {
     Send(netkit::transfer::send::SendArgs),
     /// Receive files and folders from `netkit send` into a folder.
     Recv(netkit::transfer::recv::RecvArgs),
+    /// Download a file shared in a chat room (its link), resuming a cut
+    /// download and checking its BLAKE3.
+    Get(netkit::http::get::GetArgs),
     /// The relay where `netkit send` and `netkit recv CODE` meet when
     /// neither can reach the other; it only copies sealed bytes.
     Relay(netkit::transfer::relay::RelayArgs),
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             Command::Conns(args) => netkit::net::conns::run_command(args).await,
             Command::Send(args) => netkit::transfer::send::run_command(args).await,
             Command::Recv(args) => netkit::transfer::recv::run_command(args).await,
+            Command::Get(args) => netkit::http::get::run_command(args).await,
             Command::Relay(args) => netkit::transfer::relay::run_command(args).await,
             Command::Chat(args) => netkit::chat::client::run_command(args).await,
             Command::Members(args) => netkit::cluster::members::run_command(args).await,

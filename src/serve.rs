@@ -178,19 +178,10 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         remote_users: Default::default(),
     };
 
-    if let Some(listener) = drop_listener {
-        let files = args.data_dir.join("files");
-        crate::transfer::recv::prepare_dir(&files)?;
-        let mut config = args.drop_limits.config(files);
-        config.code = drop_password(&args.drop_limits, &listener)?;
-        tracker.spawn(crate::transfer::recv::run(
-            listener,
-            config,
-            shutdown.clone(),
-        ));
-    }
     // The hub exists only if a chat front door is open.
     let mut hub_writer = None;
+    // With a hub, the drop posts into its rooms (`netkit send --room`).
+    let mut room_door: Option<Arc<dyn crate::transfer::recv::RoomDoor>> = None;
     if http_listener.is_some() || chat_listener.is_some() {
         let mut hub_config = args.chat_limits.hub_config();
         hub_config.auth = args.chat_auth.auth_config()?;
@@ -225,21 +216,33 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             ));
         }
         let conn = args.chat_limits.conn_config();
+        let files = Arc::new(
+            crate::chat::files::FileStore::open(&args.data_dir, args.file_limits.limits())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open the room files under {}: {e} — check that --data-dir is writable",
+                        args.data_dir.join("rooms").display()
+                    )
+                })?,
+        );
+        if let Some(retention) = files.limits().retention {
+            tracker.spawn(crate::chat::files::run_retention(
+                files.clone(),
+                args.data_dir.clone(),
+                retention,
+                shutdown.clone(),
+            ));
+        }
+        room_door = Some(Arc::new(crate::chat::files::RoomDrop::new(
+            hub.clone(),
+            files.clone(),
+            &files_base(&args.file_limits, ready.http, tls.is_some()),
+        )));
         if let Some(listener) = http_listener {
             let mut config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
             let https = tls.as_ref().map(|t| t.with_alpn(&[b"http/1.1"]));
             config.door = crate::net::door::Door::new("http", https, per_ip);
-            let files = crate::chat::files::FileStore::open(
-                &args.data_dir,
-                args.file_limits.limits(),
-            )
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open the room files under {}: {e} — check that --data-dir is writable",
-                    args.data_dir.join("rooms").display()
-                )
-            })?;
-            config.files = Some(Arc::new(files));
+            config.files = Some(files.clone());
             let (hub, shutdown) = (hub.clone(), shutdown.clone());
             let cluster = cluster_info.clone();
             tracker.spawn(async move {
@@ -265,6 +268,20 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             hub.shutdown();
         });
     }
+    if let Some(listener) = drop_listener {
+        let files = args.data_dir.join("files");
+        crate::transfer::recv::prepare_dir(&files)?;
+        let mut config = args.drop_limits.config(files);
+        config.code = drop_password(&args.drop_limits, &listener)?;
+        config.rooms = room_door.take();
+        tracker.spawn(crate::transfer::recv::run(
+            listener,
+            config,
+            shutdown.clone(),
+        ));
+    }
+    // It holds a Hub clone, which would keep the hub's writer from ending.
+    drop(room_door);
     if let Some(listener) = tcp_listener {
         let config = tcp::server::Config {
             door: crate::net::door::Door::new("tcp", None, per_ip),
@@ -306,6 +323,20 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     }
     info!("netkit serve: stopped");
     Ok(())
+}
+
+/// The base of download links in file messages the drop posts:
+/// `--public-url`, else the HTTP door's bound address (loopback for an
+/// unspecified one).
+fn files_base(
+    files: &crate::chat::files::FileArgs,
+    http: Option<std::net::SocketAddr>,
+    tls: bool,
+) -> String {
+    if let Some(url) = &files.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    crate::chat::files::door_url(http, tls)
 }
 
 /// The drop's password (`--drop-password-file`), and a warning when a drop

@@ -43,6 +43,7 @@ fn opts() -> Options {
     Options {
         timeout: Duration::from_secs(5),
         progress: Mode::Off,
+        room: None,
     }
 }
 
@@ -351,6 +352,7 @@ async fn sender_times_out_on_a_silent_peer() {
     let o = Options {
         timeout: Duration::from_millis(300),
         progress: Mode::Off,
+        room: None,
     };
     let err = send::send(stream, entries, &o, |_| {}).await.unwrap_err();
     assert!(err.to_string().contains("sent nothing"), "{err}");

@@ -35,6 +35,7 @@ commands:
   /login NICK PASSWORD  log in to a registered nick
   /token TOKEN        log in with an application token
   /ignore NICK        stop showing NICK's messages (/unignore NICK)
+  /ticket [ROOM]      an upload ticket: netkit send FILE --room ROOM --ticket T --to DROP
 operators of the current room (the first member of a new room is one):
   /op NICK, /deop NICK, /voice NICK, /devoice NICK
   /kick NICK [REASON]
@@ -105,6 +106,13 @@ fn parse_command(cmd: &str, rest: &str, current: Option<&str>) -> Result<LineCom
             },
         },
         "rooms" | "list" => ClientMsg::Rooms,
+        "ticket" => ClientMsg::FileTicket {
+            room: if rest.is_empty() {
+                need_room(current)?
+            } else {
+                room_arg(rest)
+            },
+        },
         "who" | "names" => ClientMsg::Who {
             room: if rest.is_empty() {
                 need_room(current)?
@@ -867,6 +875,15 @@ mod tests {
             })
         );
         assert_eq!(parse_line("/quit", None).unwrap(), LineCommand::Quit);
+        assert_eq!(
+            parse_line("/ticket", Some("dev")).unwrap(),
+            LineCommand::Hub(ClientMsg::FileTicket { room: "dev".into() })
+        );
+        assert_eq!(
+            parse_line("/ticket #ops", Some("dev")).unwrap(),
+            LineCommand::Hub(ClientMsg::FileTicket { room: "ops".into() })
+        );
+        assert!(parse_line("/ticket", None).is_err());
         assert!(parse_line("/frobnicate", None).is_err());
         assert!(parse_line("/msg bob", None).is_err());
         assert_eq!(parse_line("   ", None).unwrap(), LineCommand::Nothing);
@@ -953,6 +970,7 @@ mod tests {
             blake3: "ab".repeat(32),
             url: "http://127.0.0.1:8080/files/r/x/report.pdf".into(),
             mime: "application/pdf".into(),
+            expired: false,
         };
         let m = ServerMsg::Message(super::super::protocol::ChatMessage {
             room: "r".into(),

@@ -322,12 +322,24 @@ pub struct FileRef {
     pub url: String,
     /// The media type sniffed from the content on the server.
     pub mime: String,
+    /// True once retention removed the file (`--room-files-retention-days`):
+    /// the link is gone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
 }
 
 impl FileRef {
     /// The message text of a file message: `shared NAME (SIZE) URL`, which
-    /// is what clients that know nothing of files show.
+    /// is what clients that know nothing of files show (`… (SIZE), expired`
+    /// once the file is removed).
     pub fn summary(&self) -> String {
+        if self.expired {
+            return format!(
+                "shared {} ({}), expired: the file is no longer kept",
+                self.name,
+                human_size(self.size)
+            );
+        }
         format!(
             "shared {} ({}) {}",
             self.name,

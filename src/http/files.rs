@@ -115,6 +115,7 @@ fn file_error(e: FileError) -> Response {
         FileError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
         FileError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
         FileError::OverQuota { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "over_quota"),
+        FileError::OverUserQuota { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "over_user_quota"),
         FileError::DiskFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
         FileError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         FileError::NoSuchUpload(_) | FileError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
@@ -157,7 +158,7 @@ pub async fn create(
     {
         return file_error(FileError::SizeLie { size: q.size });
     }
-    let up = match files.create(&room, &q.name, q.size) {
+    let up = match files.create(&room, &by.nick, &q.name, q.size) {
         Ok(up) => up,
         Err(e) => return file_error(e),
     };
@@ -316,34 +317,13 @@ fn file_ref(app: &AppState, f: &StoredFile) -> FileRef {
         .as_ref()
         .and_then(|s| s.limits().public_url.clone())
         .unwrap_or_else(|| own_base(app));
-    let name = percent_encoding::utf8_percent_encode(&f.name, percent_encoding::NON_ALPHANUMERIC);
-    FileRef {
-        name: f.name.clone(),
-        size: f.size,
-        blake3: f.blake3.clone(),
-        url: format!("{base}/files/{}/{}/{name}", f.room, f.blake3),
-        mime: f.mime.clone(),
-    }
+    f.file_ref(&base)
 }
 
 /// `http(s)://ADDRESS` of this door, by its bound address (an unspecified
 /// one as loopback).
 fn own_base(app: &AppState) -> String {
-    let scheme = if app.config.door.is_tls() {
-        "https"
-    } else {
-        "http"
-    };
-    let addr = app.config.bound.map(|mut a| {
-        if a.ip().is_unspecified() {
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        a
-    });
-    match addr {
-        Some(a) => format!("{scheme}://{a}"),
-        None => format!("{scheme}://localhost"),
-    }
+    crate::chat::files::door_url(app.config.bound, app.config.door.is_tls())
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {

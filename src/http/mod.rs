@@ -6,6 +6,7 @@
 pub mod api;
 pub mod assets;
 pub mod files;
+pub mod get;
 pub mod host;
 pub mod metrics;
 pub mod security;

@@ -281,6 +281,7 @@ impl Frame for SenderFrame {
             SenderFrame::Data(d) => format!("Data({} bytes)", d.len()),
             SenderFrame::Done { .. } => "Done".into(),
             SenderFrame::Bye => "Bye".into(),
+            SenderFrame::Room { room, .. } => format!("Room({room:?})"),
             SenderFrame::Error { reason } => format!("Error({reason})"),
         }
     }

@@ -170,6 +170,14 @@ pub enum SenderFrame {
     },
     /// The sender has nothing more to send.
     Bye,
+    /// Before the first offer: post each stored file into this chat room,
+    /// as the member who holds `ticket` (only a `netkit serve` drop takes it).
+    Room {
+        /// The room's name.
+        room: String,
+        /// An upload ticket the hub issued to a member of the room.
+        ticket: String,
+    },
     /// A fatal error; the sender closes after this.
     Error {
         /// Why.
@@ -228,6 +236,7 @@ mod tag {
     pub const DATA: u8 = 0x04;
     pub const DONE: u8 = 0x05;
     pub const BYE: u8 = 0x06;
+    pub const ROOM: u8 = 0x07;
     pub const ACCEPT: u8 = 0x41;
     pub const CHECK: u8 = 0x42;
     pub const REJECT: u8 = 0x43;
@@ -329,6 +338,14 @@ impl SenderFrame {
             }
             SenderFrame::Done { hash } => frame(tag::DONE, |p| p.put_slice(hash), out),
             SenderFrame::Bye => frame(tag::BYE, |_| {}, out),
+            SenderFrame::Room { room, ticket } => frame(
+                tag::ROOM,
+                |p| {
+                    put_str(p, room);
+                    put_str(p, ticket);
+                },
+                out,
+            ),
             SenderFrame::Error { reason } => {
                 frame(tag::ERROR, |p| put_str(p, clip_reason(reason)), out)
             }
@@ -377,6 +394,10 @@ impl SenderFrame {
                 hash: get_hash(&mut p, "Done")?,
             },
             tag::BYE => SenderFrame::Bye,
+            tag::ROOM => SenderFrame::Room {
+                room: get_str(&mut p, "Room")?,
+                ticket: get_str(&mut p, "Room")?,
+            },
             tag::ERROR => SenderFrame::Error {
                 reason: get_str(&mut p, "Error")?,
             },
@@ -472,6 +493,7 @@ fn frame_name(kind: u8) -> &'static str {
         tag::DATA => "Data",
         tag::DONE => "Done",
         tag::BYE => "Bye",
+        tag::ROOM => "Room",
         tag::ACCEPT => "Accept",
         tag::CHECK => "Check",
         tag::REJECT => "Reject",

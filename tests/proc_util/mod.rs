@@ -58,6 +58,11 @@ impl Netkit {
     /// Starts `netkit serve` with its HTTP and chat doors on free loopback
     /// ports, the other doors off, state in `data_dir`, and `extra` flags.
     pub fn serve_chat(data_dir: &std::path::Path, extra: &[&str]) -> Netkit {
+        Self::serve_chat_drop(data_dir, "off", extra)
+    }
+
+    /// [`Netkit::serve_chat`] with the drop door at `drop` (`off` or an address).
+    pub fn serve_chat_drop(data_dir: &std::path::Path, drop: &str, extra: &[&str]) -> Netkit {
         let dir = data_dir.to_str().unwrap();
         let mut args = vec![
             "serve",
@@ -72,7 +77,7 @@ impl Netkit {
             "--udp",
             "off",
             "--drop",
-            "off",
+            drop,
             "--data-dir",
             dir,
         ];

@@ -4,7 +4,9 @@
 //! `<data-dir>/rooms/<room>/files/<blake3>` that downloads read from.
 //! Transport-agnostic: `http::files` speaks HTTP over it.
 
+mod drop;
 pub mod names;
+mod retention;
 mod upload;
 
 use std::collections::HashMap;
@@ -16,12 +18,16 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{parse_duration, parse_size};
 
+pub use drop::RoomDrop;
+pub use retention::run_retention;
 pub use upload::{Progress, StoredFile};
 
 /// Folder (inside a room's folder) of the files shared there.
 const FILES_DIR: &str = "files";
 /// Folder (inside a room's `files`) of uploads in progress.
 const PARTIAL_DIR: &str = ".partial";
+/// Folder (inside a room's `files`) the drop receives files into.
+const DROP_DIR: &str = ".drop";
 /// Most uploads in progress at once, on the whole server.
 pub const MAX_UPLOADS: usize = 1024;
 
@@ -53,6 +59,14 @@ pub struct FileArgs {
     /// An unfinished upload untouched for this long is removed.
     #[arg(long, default_value = "1h", value_parser = parse_duration, env = "NETKIT_FILE_RESUME_WINDOW")]
     pub file_resume_window: Duration,
+    /// Most bytes of files one user (nick) may share per day (UTC), counted
+    /// from the start of each upload (a cancelled one is given back).
+    #[arg(long, default_value = "4GiB", value_parser = parse_size, env = "NETKIT_FILE_USER_DAILY_QUOTA")]
+    pub file_user_daily_quota: u64,
+    /// Remove files older than this many days that no message shared in
+    /// that time; their messages then say the file expired (0: keep forever).
+    #[arg(long, default_value_t = 0, env = "NETKIT_ROOM_FILES_RETENTION_DAYS")]
+    pub room_files_retention_days: u32,
     /// The URL the HTTP door is reached at (e.g. https://chat.example.org),
     /// for the links in file messages; by default the scheme and Host of
     /// the upload request.
@@ -77,6 +91,10 @@ pub struct FileLimits {
     pub resume_window: Duration,
     /// Base of download links, without a trailing `/`.
     pub public_url: Option<String>,
+    /// Most bytes per user per day.
+    pub user_daily_quota: u64,
+    /// How long an unshared file is kept; `None` keeps it forever.
+    pub retention: Option<Duration>,
 }
 
 impl Default for FileLimits {
@@ -89,6 +107,8 @@ impl Default for FileLimits {
             stall_timeout: Duration::from_secs(30),
             resume_window: Duration::from_secs(3600),
             public_url: None,
+            user_daily_quota: 4 << 30,
+            retention: None,
         }
     }
 }
@@ -113,7 +133,25 @@ impl FileArgs {
                 .public_url
                 .as_ref()
                 .map(|u| u.trim_end_matches('/').to_string()),
+            user_daily_quota: self.file_user_daily_quota,
+            retention: (self.room_files_retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(self.room_files_retention_days) * 86_400)),
         }
+    }
+}
+
+/// `http(s)://ADDRESS` of the HTTP door bound at `addr` (an unspecified
+/// address as loopback), the default base of download links.
+pub fn door_url(addr: Option<std::net::SocketAddr>, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    match addr {
+        Some(mut a) => {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("{scheme}://{a}")
+        }
+        None => format!("{scheme}://localhost"),
     }
 }
 
@@ -146,6 +184,20 @@ pub enum FileError {
         /// Bytes reserved by uploads in progress.
         reserved: u64,
         /// This upload's size.
+        size: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// The user's bytes for today would pass `--file-user-daily-quota`.
+    #[error(
+        "{user} has shared {used} bytes today; {size} more would pass the daily quota of {quota} (--file-user-daily-quota)"
+    )]
+    OverUserQuota {
+        /// The user (nick).
+        user: String,
+        /// Bytes counted today.
+        used: u64,
+        /// This file's size.
         size: u64,
         /// The quota.
         quota: u64,
@@ -202,6 +254,8 @@ pub struct Upload {
     pub id: String,
     /// The room it goes to.
     pub room: String,
+    /// Who sends it (their daily quota is charged).
+    pub user: String,
     /// The file's name.
     pub name: String,
     /// The declared size.
@@ -233,6 +287,8 @@ pub struct FileStore {
     uploads: Mutex<HashMap<String, Arc<Upload>>>,
     /// Bytes stored per room (read from disk on first use).
     used: Mutex<HashMap<String, u64>>,
+    /// Bytes charged per user: (UTC day number, bytes that day).
+    daily: Mutex<HashMap<String, (i64, u64)>>,
 }
 
 impl std::fmt::Debug for FileStore {
@@ -265,6 +321,7 @@ impl FileStore {
             limits,
             uploads: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
+            daily: Mutex::new(HashMap::new()),
         })
     }
 
@@ -291,23 +348,21 @@ impl FileStore {
         }
     }
 
-    /// Starts an upload of `name` (`size` bytes) into `room` after checking
-    /// the room policy, the name, the size limit, the room's quota (with
-    /// the uploads in progress) and the free space; creates its empty part
-    /// file. Unfinished uploads past the resume window are removed first.
-    pub fn create(&self, room: &str, name: &str, size: u64) -> Result<Arc<Upload>, FileError> {
-        if let Some(rooms) = &self.limits.rooms
-            && !rooms.iter().any(|r| r == room)
-        {
-            return Err(FileError::RoomClosed(room.to_string()));
-        }
+    /// Starts an upload of `name` (`size` bytes) by `user` into `room`
+    /// after checking the room policy, the name, the size limit, the room's
+    /// quota (with the uploads in progress), the free space and the user's
+    /// daily quota (charged here); creates its empty part file. Unfinished
+    /// uploads past the resume window are removed first.
+    pub fn create(
+        &self,
+        room: &str,
+        user: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<Arc<Upload>, FileError> {
+        self.check_room(room)?;
         names::check_name(name)?;
-        if size > self.limits.max_size {
-            return Err(FileError::TooLarge {
-                size,
-                max: self.limits.max_size,
-            });
-        }
+        self.check_size(size)?;
         self.expire();
         let dir = self.files_dir(room);
         std::fs::create_dir_all(dir.join(PARTIAL_DIR))?;
@@ -316,6 +371,86 @@ impl FileStore {
         if uploads.len() >= MAX_UPLOADS {
             return Err(FileError::Busy);
         }
+        self.check_quota(&uploads, room, size)?;
+        self.charge(user, size)?;
+        let id = format!("{:032x}", rand::random::<u128>());
+        let part = match upload::Part::create(dir.join(PARTIAL_DIR).join(&id)) {
+            Ok(p) => p,
+            Err(e) => {
+                self.refund(user, size);
+                return Err(e.into());
+            }
+        };
+        let up = Arc::new(Upload {
+            id: id.clone(),
+            room: room.to_string(),
+            user: user.to_string(),
+            name: name.to_string(),
+            size,
+            offset: AtomicU64::new(0),
+            part: tokio::sync::Mutex::new(part),
+            touched: Mutex::new(Instant::now()),
+        });
+        uploads.insert(id, up.clone());
+        Ok(up)
+    }
+
+    /// Refuses a room that does not take files (`--file-rooms`).
+    pub fn check_room(&self, room: &str) -> Result<(), FileError> {
+        match &self.limits.rooms {
+            Some(rooms) if !rooms.iter().any(|r| r == room) => {
+                Err(FileError::RoomClosed(room.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Charges `size` bytes to `user`'s quota of today, or refuses.
+    fn charge(&self, user: &str, size: u64) -> Result<(), FileError> {
+        let today = crate::chat::protocol::now_ms().div_euclid(86_400_000);
+        let mut daily = lock(&self.daily);
+        let entry = daily.entry(user.to_string()).or_insert((today, 0));
+        if entry.0 != today {
+            *entry = (today, 0);
+        }
+        if entry.1.saturating_add(size) > self.limits.user_daily_quota {
+            return Err(FileError::OverUserQuota {
+                user: user.to_string(),
+                used: entry.1,
+                size,
+                quota: self.limits.user_daily_quota,
+            });
+        }
+        entry.1 += size;
+        Ok(())
+    }
+
+    /// Gives back `size` bytes of `user`'s quota (an upload that did not finish).
+    fn refund(&self, user: &str, size: u64) {
+        if let Some(e) = lock(&self.daily).get_mut(user) {
+            e.1 = e.1.saturating_sub(size);
+        }
+    }
+
+    /// Refuses a file over `--file-max-size`.
+    fn check_size(&self, size: u64) -> Result<(), FileError> {
+        if size > self.limits.max_size {
+            return Err(FileError::TooLarge {
+                size,
+                max: self.limits.max_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses `size` more bytes in `room` when its files and its uploads
+    /// in progress (`uploads`, the locked table) would pass its quota.
+    fn check_quota(
+        &self,
+        uploads: &HashMap<String, Arc<Upload>>,
+        room: &str,
+        size: u64,
+    ) -> Result<(), FileError> {
         let used = self.used_bytes(room)?;
         let reserved: u64 = uploads
             .values()
@@ -331,19 +466,56 @@ impl FileStore {
                 quota: self.limits.room_quota,
             });
         }
-        let id = format!("{:032x}", rand::random::<u128>());
-        let part = upload::Part::create(dir.join(PARTIAL_DIR).join(&id))?;
-        let up = Arc::new(Upload {
-            id: id.clone(),
+        Ok(())
+    }
+
+    /// Takes a complete, durable file received elsewhere (the drop) into
+    /// `room` under the same rules as an upload: room, name, size, quota.
+    /// `path` is moved into the store (or removed if identical content is there).
+    pub async fn adopt(
+        &self,
+        room: &str,
+        user: &str,
+        name: &str,
+        path: &Path,
+        size: u64,
+        hash: blake3::Hash,
+    ) -> Result<StoredFile, FileError> {
+        self.check_room(room)?;
+        names::check_name(name)?;
+        self.check_size(size)?;
+        self.check_quota(&lock(&self.uploads), room, size)?;
+        self.charge(user, size)?;
+        let head = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+                use std::io::Read;
+                let mut head = Vec::with_capacity(names::SNIFF_LEN);
+                std::fs::File::open(path)?
+                    .take(names::SNIFF_LEN as u64)
+                    .read_to_end(&mut head)?;
+                Ok(head)
+            })
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))??
+        };
+        let hex = hash.to_hex().to_string();
+        std::fs::create_dir_all(self.files_dir(room))?;
+        let deduplicated = self.commit(room, path, &hex, size)?;
+        Ok(StoredFile {
             room: room.to_string(),
             name: name.to_string(),
             size,
-            offset: AtomicU64::new(0),
-            part: tokio::sync::Mutex::new(part),
-            touched: Mutex::new(Instant::now()),
-        });
-        uploads.insert(id, up.clone());
-        Ok(up)
+            blake3: hex,
+            mime: names::sniff(&head),
+            deduplicated,
+        })
+    }
+
+    /// `<root>/<room>/files/.drop`: where the drop receives a room's files
+    /// (partial files stay there for a resume).
+    pub fn drop_dir(&self, room: &str) -> PathBuf {
+        self.files_dir(room).join(DROP_DIR)
     }
 
     /// The upload `id` of `room`.
@@ -360,6 +532,7 @@ impl FileStore {
     pub fn cancel(&self, up: &Upload) {
         if lock(&self.uploads).remove(&up.id).is_some() {
             let _ = std::fs::remove_file(self.part_path(up));
+            self.refund(&up.user, up.size);
         }
     }
 

@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -64,6 +64,23 @@ pub struct StoredFile {
     pub mime: String,
     /// True if the room already held identical content (stored once).
     pub deduplicated: bool,
+}
+
+impl StoredFile {
+    /// The message's view of this file, its link under `base` (the HTTP
+    /// door's URL without a trailing `/`).
+    pub fn file_ref(&self, base: &str) -> crate::chat::protocol::FileRef {
+        let name =
+            percent_encoding::utf8_percent_encode(&self.name, percent_encoding::NON_ALPHANUMERIC);
+        crate::chat::protocol::FileRef {
+            name: self.name.clone(),
+            size: self.size,
+            blake3: self.blake3.clone(),
+            url: format!("{base}/files/{}/{}/{name}", self.room, self.blake3),
+            mime: self.mime.clone(),
+            expired: false,
+        }
+    }
 }
 
 /// How a request's body ended.
@@ -189,9 +206,8 @@ impl FileStore {
         part: PathBuf,
         hasher: blake3::Hasher,
     ) -> Result<StoredFile, FileError> {
-        let dir = self.files_dir(&up.room);
         let hex = hasher.finalize().to_hex().to_string();
-        let (size, dest) = (up.size, dir.join(&hex));
+        let size = up.size;
         let mime = tokio::task::spawn_blocking(move || -> io::Result<String> {
             let mut f = OpenOptions::new().read(true).write(true).open(&part)?;
             f.set_len(size)?;
@@ -202,20 +218,7 @@ impl FileStore {
         })
         .await
         .map_err(|e| io::Error::other(e.to_string()))??;
-        let part = self.part_path(up);
-        // Under the lock, so two identical uploads finishing together are counted once.
-        let mut used = lock(&self.used);
-        let deduplicated = dest.is_file();
-        if deduplicated {
-            std::fs::remove_file(&part)?;
-        } else {
-            std::fs::rename(&part, &dest)?;
-            File::open(&dir)?.sync_all()?;
-            if let Some(n) = used.get_mut(&up.room) {
-                *n = n.saturating_add(size);
-            }
-        }
-        drop(used);
+        let deduplicated = self.commit(&up.room, &self.part_path(up), &hex, size)?;
         Ok(StoredFile {
             room: up.room.clone(),
             name: up.name.clone(),
@@ -224,6 +227,34 @@ impl FileStore {
             mime,
             deduplicated,
         })
+    }
+}
+
+impl FileStore {
+    /// Moves the durable file `from` into `room`'s store as `hex` (or
+    /// removes it when identical content is there already, which it
+    /// returns as true), makes the folder entry durable and counts it.
+    pub(super) fn commit(&self, room: &str, from: &Path, hex: &str, size: u64) -> io::Result<bool> {
+        let dir = self.files_dir(room);
+        let dest = dir.join(hex);
+        // Under the lock, so two identical uploads finishing together are counted once.
+        let mut used = lock(&self.used);
+        let deduplicated = dest.is_file();
+        if deduplicated {
+            std::fs::remove_file(from)?;
+            // Reshared now: retention counts from here, not from the first upload.
+            File::options()
+                .write(true)
+                .open(&dest)?
+                .set_modified(std::time::SystemTime::now())?;
+        } else {
+            std::fs::rename(from, &dest)?;
+            File::open(&dir)?.sync_all()?;
+            if let Some(n) = used.get_mut(room) {
+                *n = n.saturating_add(size);
+            }
+        }
+        Ok(deduplicated)
     }
 }
 

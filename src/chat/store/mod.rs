@@ -4,6 +4,7 @@
 //! writes; readers open their own connection (WAL mode lets them read while it writes).
 
 mod batch;
+mod files;
 mod migrate;
 mod moderation;
 

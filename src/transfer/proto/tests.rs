@@ -45,6 +45,10 @@ fn sender_frames_roundtrip() {
     roundtrip_s(SenderFrame::Data(Bytes::new()));
     roundtrip_s(SenderFrame::Done { hash: [7; 32] });
     roundtrip_s(SenderFrame::Bye);
+    roundtrip_s(SenderFrame::Room {
+        room: "general".into(),
+        ticket: "1f.1700000000000.general.abcd".into(),
+    });
     roundtrip_s(SenderFrame::Error {
         reason: "disk on fire".into(),
     });

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use super::room::Dest;
 use super::{BusyGuard, Config, Shared};
 use crate::transfer::conn::Frame;
 use crate::transfer::disk::{self, Found, Meta, StoreRules, Target};
@@ -62,6 +63,7 @@ impl Outcome {
 pub(super) async fn handle_offer<S>(
     conn: &mut Conn<S>,
     offer: Offer,
+    dest: &Dest,
     shared: &Arc<Shared>,
 ) -> Result<FileReport, TransferError>
 where
@@ -71,8 +73,8 @@ where
     let out = match check_offer(&offer, &shared.config) {
         Err(reason) => reject(conn, reason).await?,
         Ok(comps) => match offer.kind {
-            EntryKind::Dir => receive_dir(conn, &offer, &comps, &shared.config).await?,
-            EntryKind::File => receive_file(conn, &offer, &comps, shared).await?,
+            EntryKind::Dir => receive_dir(conn, &offer, &comps, dest, &shared.config).await?,
+            EntryKind::File => receive_file(conn, &offer, &comps, dest, shared).await?,
         },
     };
     if let Some(r) = &out.reason {
@@ -115,12 +117,13 @@ async fn receive_dir<S>(
     conn: &mut Conn<S>,
     offer: &Offer,
     comps: &[&str],
+    dest: &Dest,
     config: &Config,
 ) -> Result<Outcome, TransferError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let root = config.dir.clone();
+    let root = dest.dir.clone();
     let path_comps: Vec<String> = comps.iter().map(|s| s.to_string()).collect();
     let meta = Meta::of(offer, config.umask);
     let res = tokio::task::spawn_blocking(move || disk::make_dir(&root, &path_comps, meta))
@@ -148,13 +151,14 @@ async fn receive_file<S>(
     conn: &mut Conn<S>,
     offer: &Offer,
     comps: &[&str],
+    dest: &Dest,
     shared: &Arc<Shared>,
 ) -> Result<Outcome, TransferError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let config = &shared.config;
-    let target = match Target::prepare(&config.dir, comps) {
+    let target = match Target::prepare(&dest.dir, comps) {
         Ok(t) => t,
         Err(e) => return reject(conn, format!("cannot store {}: {e}", offer.path)).await,
     };
@@ -215,7 +219,7 @@ where
         hasher,
         guard,
     };
-    receive_content(conn, incoming, shared).await
+    receive_content(conn, incoming, dest, shared).await
 }
 
 /// Reads the sender's choice after our answer: `Some(offset)` for `Start`
@@ -326,6 +330,7 @@ struct Incoming<'a> {
 async fn receive_content<S>(
     conn: &mut Conn<S>,
     inc: Incoming<'_>,
+    dest: &Dest,
     shared: &Shared,
 ) -> Result<Outcome, TransferError>
 where
@@ -361,7 +366,8 @@ where
             return failed(conn, offer, &target, span, reason).await;
         }
     };
-    if let Some(reason) = mismatch(offer, written, ours.finalize(), sent_hash) {
+    let hash = ours.finalize();
+    if let Some(reason) = mismatch(offer, written, hash, sent_hash) {
         return failed(conn, offer, &target, span, reason).await;
     }
 
@@ -377,7 +383,20 @@ where
         .unwrap_or_else(|e| Err(io::Error::other(e)));
     match fin {
         Ok(name) => {
-            let stored_as = target.stored_name(&name);
+            let stored_as = match &dest.share {
+                None => target.stored_name(&name),
+                // Posted before the sender is told: a Stored reply means the message is out.
+                Some(room) => {
+                    let (path, file_name) = (target.parent.join(&name), target.file_name.clone());
+                    match room.share(path.clone(), file_name, written, hash).await {
+                        Ok(link) => link,
+                        Err(reason) => {
+                            let _ = std::fs::remove_file(&path);
+                            return failed(conn, offer, &target, span, reason).await;
+                        }
+                    }
+                }
+            };
             conn.send(&ReceiverFrame::Stored {
                 name: stored_as.clone(),
                 size: written,

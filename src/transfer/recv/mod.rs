@@ -12,6 +12,9 @@
 
 mod admit;
 mod entry;
+mod room;
+
+pub use room::{RoomDoor, RoomShare};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -166,6 +169,8 @@ pub struct Config {
     pub json: bool,
     /// Require this code or password from every sender (then all is sealed).
     pub code: Option<super::CodeAuth>,
+    /// The chat rooms a sender may post its files into (`netkit serve`).
+    pub rooms: Option<Arc<dyn RoomDoor>>,
 }
 
 impl Config {
@@ -186,6 +191,7 @@ impl Config {
             durable: true,
             json: false,
             code: None,
+            rooms: None,
         }
     }
 }
@@ -461,13 +467,27 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut reports = Vec::new();
+    let mut dest = room::Dest::folder(&shared.config.dir);
     loop {
         match conn
             .read::<SenderFrame>("waiting for the next offer")
             .await?
         {
+            SenderFrame::Room { room, ticket } if reports.is_empty() && dest.share.is_none() => {
+                let Some(door) = &shared.config.rooms else {
+                    return Err(TransferError::Violation(
+                        "this receiver does not post into chat rooms; send to a `netkit serve` drop"
+                            .into(),
+                    ));
+                };
+                let share = door
+                    .open(&room, &ticket)
+                    .map_err(TransferError::Violation)?;
+                info!(peer, room, "posting into room '{room}'");
+                dest = room::Dest::room(share);
+            }
             SenderFrame::Offer(offer) => {
-                let report = entry::handle_offer(conn, offer, shared).await?;
+                let report = entry::handle_offer(conn, offer, &dest, shared).await?;
                 info!(
                     peer,
                     name = %report.name,
@@ -489,7 +509,7 @@ where
             SenderFrame::Error { reason } => return Err(TransferError::Peer(reason)),
             other => {
                 return Err(TransferError::Unexpected {
-                    expected: "Offer or Bye",
+                    expected: "Offer, Bye or (first) Room",
                     got: other.describe(),
                 });
             }

@@ -62,6 +62,14 @@ pub struct SendArgs {
     /// Print one JSON object per entry on stdout instead of a text line.
     #[arg(long)]
     pub json: bool,
+    /// Post each file into this chat room of the `netkit serve` at --to
+    /// (its drop door); needs --ticket.
+    #[arg(long, env = "NETKIT_SEND_ROOM", requires_all = ["ticket", "to"])]
+    pub room: Option<String>,
+    /// An upload ticket for --room, from the chat (`file_ticket`, or
+    /// `/ticket ROOM` on the line door); its holder must stay in the room.
+    #[arg(long, env = "NETKIT_SEND_TICKET", requires = "room")]
+    pub ticket: Option<String>,
 }
 
 /// Where an entry's content comes from.
@@ -93,6 +101,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Progress output.
     pub progress: Mode,
+    /// The chat room (and upload ticket) the receiver posts each file into.
+    pub room: Option<(String, String)>,
 }
 
 /// Runs `netkit send`.
@@ -116,6 +126,7 @@ pub async fn run_command(args: SendArgs) -> anyhow::Result<()> {
     let opts = Options {
         timeout: args.timeout,
         progress: if args.json { Mode::Off } else { Mode::detect() },
+        room: args.room.clone().zip(args.ticket.clone()),
     };
     let n = entries.len();
     let started = Instant::now();
@@ -415,6 +426,13 @@ pub async fn send_with_code(
             }
             e => e,
         })?;
+        if let Some((room, ticket)) = &opts.room {
+            conn.send(&SenderFrame::Room {
+                room: room.clone(),
+                ticket: ticket.clone(),
+            })
+            .await?;
+        }
         let mut reports = Vec::new();
         for entry in entries {
             let r = send_entry(&mut conn, entry, &progress).await?;
