@@ -143,7 +143,8 @@ impl Node {
             broker: Some(url.to_string()),
             broker_max_per_room: max_per_room,
         };
-        let broker = broker::start(&args, &hub, shutdown.clone(), &tracker)
+        let meta = netkit::cluster::NodeMeta::default();
+        let broker = broker::start(&args, &hub, meta, shutdown.clone(), &tracker)
             .await
             .unwrap()
             .unwrap();
@@ -840,4 +841,123 @@ async fn startup_fails_clearly_without_a_server() {
         e.to_string().contains("cannot reach the NATS server"),
         "{e}"
     );
+}
+
+/// `netkit members --json URL`, the real binary: the report it prints.
+async fn members_json(http: std::net::SocketAddr) -> serde_json::Value {
+    let url = format!("http://{http}");
+    let out = tokio::task::spawn_blocking(move || {
+        proc_util::bin()
+            .args(["members", "--json", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_shows_the_hubs_the_engine_shows() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (_a_dir, mut a) = serve_binary(&nats.url(), &[]).await;
+    let (_b_dir, mut b) = serve_binary(&nats.url(), &[]).await;
+    let name_of = |k: &mut proc_util::Netkit| {
+        let line = k.wait_for("broker: room messages go through", T);
+        line.split("node=")
+            .nth(1)
+            .and_then(|n| n.split_whitespace().next())
+            .expect("the hub logs its name")
+            .to_string()
+    };
+    let (a_name, b_name) = (name_of(&mut a), name_of(&mut b));
+    let (a_http, b_http) = (a.ready.http.unwrap(), b.ready.http.unwrap());
+    let (_ann, _, _) = ws_join(b_http, "ann", None).await;
+    // Hub A learns B and its user from B's presence beats (at most a second
+    // apart, or sooner after a join).
+    let deadline = std::time::Instant::now() + T;
+    let report = loop {
+        let r = members_json(a_http).await;
+        let members = r["members"].as_array().unwrap();
+        if members.len() == 2 && members[1]["users"] == serde_json::json!(["ann"]) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hub B never shown: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(report["clustering"], true, "{report}");
+    assert_eq!(report["broker"], true, "{report}");
+    assert_eq!(report["node"], a_name.as_str(), "{report}");
+    let (me, other) = (&report["members"][0], &report["members"][1]);
+    assert_eq!(
+        (me["self"].as_bool(), me["name"].as_str()),
+        (Some(true), Some(a_name.as_str()))
+    );
+    assert_eq!(me["http"], a_http.to_string());
+    assert_eq!(other["name"], b_name.as_str());
+    assert_eq!(other["state"], "alive");
+    assert_eq!(other["http"], b_http.to_string());
+    assert_eq!(other["chat"], b.ready.chat.unwrap().to_string());
+    assert!(other["last_heard_ms"].as_u64().unwrap() < 3_000, "{other}");
+    // The table shows when each hub was last heard instead of gossip addresses.
+    let url = format!("http://{a_http}");
+    let out = tokio::task::spawn_blocking(move || {
+        proc_util::bin().args(["members", &url]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("HEARD"), "{table}");
+    assert!(lines[1].starts_with(&format!("{a_name} *")), "{table}");
+    assert!(
+        lines[2].starts_with(&b_name) && lines[2].contains("s ago"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains(&b_http.to_string()) && lines[2].ends_with("ann"),
+        "{table}"
+    );
+
+    // A hub that stops is no longer shown once it has not been heard for the expiry.
+    b.terminate();
+    let deadline = std::time::Instant::now() + broker::events::LEAVE_BOUND + T;
+    loop {
+        let r = members_json(a_http).await;
+        if r["members"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hub B still shown: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(a);
+    nats.stop().await;
+}
+
+#[test]
+fn broker_with_gossip_flags_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for gossip in [["--join", ""], ["--cluster-listen", "127.0.0.1:0"]] {
+        let out = proc_util::bin()
+            .args(["serve", "--broker", "nats://127.0.0.1:1", "--data-dir"])
+            .arg(dir.path())
+            .args(gossip)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--broker replaces the gossip cluster") && err.contains("drop --join"),
+            "{err}"
+        );
+    }
 }

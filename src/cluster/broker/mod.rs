@@ -4,6 +4,7 @@
 //! Presence, direct messages and topics go on plain subjects ([`events`]).
 
 pub mod events;
+pub mod hubs;
 pub mod wire;
 
 use std::sync::Arc;
@@ -50,8 +51,9 @@ pub struct Broker {
     connected: Arc<tokio::sync::watch::Sender<bool>>,
     client: async_nats::Client,
     js: jetstream::Context,
-    /// This hub's name among the others (`hub-` and 8 hex digits, new each start).
-    node: String,
+    /// This hub's name among the others (`hub-` and 8 hex digits, new each
+    /// start), and the other hubs heard.
+    hubs: hubs::HubsView,
     /// When the stream this hub follows was created (nanoseconds since the
     /// epoch): a stream created later is another one ([`Broker::replaced`]).
     created: i128,
@@ -135,7 +137,7 @@ impl Broker {
             connected,
             client,
             js,
-            node: format!("hub-{:08x}", tag as u32),
+            hubs: hubs::HubsView::new(format!("hub-{:08x}", tag as u32)),
             created,
             replaced: tokio::sync::watch::channel(None).0,
             origin: format!("nats:{STREAM}"),
@@ -159,7 +161,12 @@ impl Broker {
 
     /// This hub's name, as other hubs show its users' node.
     pub fn node(&self) -> &str {
-        &self.node
+        self.hubs.me()
+    }
+
+    /// The hubs as the engine shows them (this one's name, the others heard).
+    pub fn hubs(&self) -> hubs::HubsView {
+        self.hubs.clone()
     }
 
     /// The stream's newest sequence (0 when empty).
@@ -233,10 +240,12 @@ impl RoomLog for Arc<Broker> {
 
 /// Connects to the broker, checks that the hub's store fits the stream,
 /// puts `hub` in broker mode and starts reading the stream into it and
-/// carrying presence, direct messages and topics.
+/// carrying presence, direct messages and topics (telling the other hubs
+/// where this one's doors listen, `meta`).
 pub async fn start(
     args: &BrokerArgs,
     hub: &Hub,
+    meta: crate::cluster::NodeMeta,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Option<Arc<Broker>>> {
@@ -246,16 +255,17 @@ pub async fn start(
     let broker = Arc::new(Broker::connect(servers, args.broker_max_per_room).await?);
     check_store(&broker, hub).await?;
     hub.set_room_log(Arc::new(broker.clone()));
-    let inputs = events::subscribe(&broker.client, &broker.node).await?;
+    let inputs = events::subscribe(&broker.client, broker.node()).await?;
     tracker.spawn(events::run(
         broker.client.clone(),
-        broker.node.clone(),
+        broker.hubs(),
+        meta,
         hub.clone(),
         inputs,
         shutdown.clone(),
     ));
     tracker.spawn(consume(broker.clone(), hub.clone(), shutdown));
-    tracing::info!(servers = %servers, stream = STREAM, node = %broker.node, "broker: room messages go through NATS JetStream");
+    tracing::info!(servers = %servers, stream = STREAM, node = %broker.node(), "broker: room messages go through NATS JetStream");
     Ok(Some(broker))
 }
 
