@@ -2,209 +2,23 @@
 //! (JetStream on a loopback port, its own store dir), each test with its own
 //! server. Skipped, with a message, only where nats-server is not installed.
 
+mod broker_util;
 mod chat_util;
 mod proc_util;
 mod ws_util;
 
 use std::collections::HashSet;
-use std::process::Stdio;
-use std::sync::Arc;
 
+use broker_util::{Nats, Node, nats_on_fresh_store, next_message, serve_binary, stop_all};
 use chat_util::{T, http_get};
-use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
+use netkit::chat::hub::{Hub, HubError, Inbox, Received};
 use netkit::chat::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, ServerMsg};
-use netkit::cluster::broker::{self, Broker, BrokerArgs};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use netkit::cluster::broker::{self, Broker};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// A nats-server with JetStream on 127.0.0.1, storing under `store`.
-struct Nats {
-    child: Child,
-    port: u16,
-}
-
-impl Nats {
-    /// Starts one on `port` (a random free port if `None`); returns once it
-    /// has said it is ready.
-    async fn start(store: &std::path::Path, port: Option<u16>) -> Nats {
-        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
-        let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut port = None;
-        let ready = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(at) = line.split("Listening for client connections on ").nth(1) {
-                    port = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
-                }
-                if line.contains("Server is ready") {
-                    return;
-                }
-            }
-            panic!("nats-server ended before it was ready");
-        };
-        tokio::time::timeout(T, ready)
-            .await
-            .expect("nats-server ready");
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Nats {
-            child,
-            port: port.expect("nats-server logged its port"),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (by its pid) and waits for it to end.
-    async fn stop(mut self) {
-        self.child.kill().await.unwrap();
-    }
-}
-
-/// True if nats-server is installed; else says why the test is skipped.
-fn have_nats() -> bool {
-    let ok = std::process::Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
-    }
-    ok
-}
-
-/// A nats-server on a fresh store (kept as long as the directory is), or
-/// `None` if nats-server is not installed (the test is then skipped).
-async fn nats_on_fresh_store() -> Option<(tempfile::TempDir, Nats)> {
-    if !have_nats() {
-        return None;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
-    Some((store, nats))
-}
-
-/// Stops `nodes`, then the server.
-async fn stop_all<const N: usize>(nodes: [Node; N], nats: Nats) {
-    for n in nodes {
-        n.stop().await;
-    }
-    nats.stop().await;
-}
-
-/// `netkit serve --broker URL EXTRA…`, the real binary, with its own data dir.
-async fn serve_binary(url: &str, extra: &[&str]) -> (tempfile::TempDir, proc_util::Netkit) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["--broker".to_string(), url.to_string()];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    let path = dir.path().to_path_buf();
-    let k = tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        proc_util::Netkit::serve_chat(&path, &args)
-    })
-    .await
-    .unwrap();
-    (dir, k)
-}
-
-/// A hub in broker mode with its own store.
-struct Node {
-    hub: Hub,
-    broker: Arc<Broker>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-    _writer: HubWriter,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn start(url: &str) -> Node {
-        Node::start_keeping(url, 0).await
-    }
-
-    /// A hub whose `--broker-max-per-room` is `max_per_room` (it sets the
-    /// stream's limit if it creates the stream).
-    async fn start_keeping(url: &str, max_per_room: u64) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let (hub, writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
-        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let args = BrokerArgs {
-            broker: Some(url.to_string()),
-            broker_max_per_room: max_per_room,
-        };
-        let meta = netkit::cluster::NodeMeta::default();
-        let broker = broker::start(&args, &hub, meta, shutdown.clone(), &tracker)
-            .await
-            .unwrap()
-            .unwrap();
-        Node {
-            hub,
-            broker,
-            shutdown,
-            tracker,
-            _writer: writer,
-            _dir: dir,
-        }
-    }
-
-    /// A client `nick` in room `lobby` (joined after `after`, if given).
-    async fn client(&self, nick: &str, after: Option<u64>) -> (Session, Inbox) {
-        let (s, inbox) = self.hub.connect(Some(nick)).unwrap();
-        s.join("lobby", after).await.unwrap();
-        s.settle().await;
-        (s, inbox)
-    }
-
-    /// Waits until this hub has applied the stream up to `seq`.
-    async fn applied(&self, seq: u64) {
-        let mut w = self.hub.logged();
-        tokio::time::timeout(T, w.wait_for(|&v| v >= seq))
-            .await
-            .expect("hub applies the stream")
-            .unwrap();
-    }
-
-    /// Stops reading the stream; the writer ends with the last hub handle
-    /// (sessions of the test hold some).
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.hub.shutdown();
-        self.tracker.close();
-        tokio::time::timeout(T, self.tracker.wait()).await.unwrap();
-    }
-}
 
 /// The newest stream entry `node` has applied.
 fn end_of(node: &Node) -> u64 {
     *node.hub.logged().borrow()
-}
-
-/// The next room message in `inbox` (other events are passed over).
-async fn next_message(inbox: &mut Inbox) -> ChatMessage {
-    loop {
-        match tokio::time::timeout(T, inbox.recv())
-            .await
-            .expect("a message")
-        {
-            Received::Event(ev) => {
-                if let ServerMsg::Message(m) = &ev.msg {
-                    return m.clone();
-                }
-            }
-            other => panic!("client gone: {other:?}"),
-        }
-    }
 }
 
 /// The `joined` reply in `inbox` and the history after it.
@@ -305,7 +119,7 @@ async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
     };
     let node = Node::start(&nats.url()).await;
     let (_s, mut inbox) = node.client("ann", None).await;
-    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let b = Broker::connect(&nats.url(), 0, 1).await.unwrap();
     let post = netkit::chat::LoggedPost {
         room: "lobby".into(),
         from: "ann".into(),
@@ -773,7 +587,7 @@ async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
         return;
     };
     let (_k_dir, mut k) = serve_binary(&nats.url(), &[]).await;
-    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let b = Broker::connect(&nats.url(), 0, 1).await.unwrap();
     let junk = b
         .publish(broker::wire::subject("lobby"), "hello".into(), "junk-1")
         .await
@@ -834,7 +648,7 @@ async fn startup_fails_clearly_without_a_server() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
     drop(free);
-    let Err(e) = Broker::connect(&format!("nats://127.0.0.1:{port}"), 0).await else {
+    let Err(e) = Broker::connect(&format!("nats://127.0.0.1:{port}"), 0, 1).await else {
         panic!("connected to nothing");
     };
     assert!(
