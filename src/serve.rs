@@ -90,6 +90,13 @@ pub async fn run_command(args: ServeArgs) -> anyhow::Result<()> {
 /// Binding happens first, so a taken port fails the whole command before
 /// anything is served.
 pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.broker.broker.is_some() && args.cluster.enabled() {
+        anyhow::bail!(
+            "--broker replaces the gossip cluster: hubs find each other through the message \
+             broker, and gossip would relay every room message a second time; drop --join and \
+             --cluster-listen (see docs/cluster.md, \"Broker mode\")"
+        );
+    }
     std::fs::create_dir_all(&args.data_dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot create data dir {}: {e} — pass --data-dir DIR",
@@ -167,7 +174,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         )?),
         None => None,
     };
-    let cluster_info = crate::cluster::ClusterInfo {
+    let mut cluster_info = crate::cluster::ClusterInfo {
         name: args
             .cluster
             .node_name
@@ -176,6 +183,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         meta,
         membership,
         remote_users: Default::default(),
+        broker: None,
     };
 
     // The hub exists only if a chat front door is open.
@@ -193,13 +201,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
             )
         })?;
         hub_writer = Some(writer);
-        if args.broker.broker.is_some() && cluster_info.membership.is_some() {
-            anyhow::bail!(
-                "--broker does not combine with the gossip cluster (--join, --cluster-listen) yet"
-            );
-        }
         // Before any client connects: room messages go through the stream.
-        crate::cluster::broker::start(&args.broker, &hub, shutdown.clone(), &tracker).await?;
+        let meta = cluster_info.meta.clone();
+        let broker =
+            crate::cluster::broker::start(&args.broker, &hub, meta, shutdown.clone(), &tracker)
+                .await?;
+        // Then /api/cluster shows the hubs the engine shows.
+        cluster_info.broker = broker.map(|b| b.hubs());
         // Rooms span the cluster: the relay carries messages between nodes.
         if let Some(membership) = &cluster_info.membership {
             // The relay reads the hub's store (the one message log) on a

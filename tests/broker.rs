@@ -2,208 +2,23 @@
 //! (JetStream on a loopback port, its own store dir), each test with its own
 //! server. Skipped, with a message, only where nats-server is not installed.
 
+mod broker_util;
 mod chat_util;
 mod proc_util;
 mod ws_util;
 
 use std::collections::HashSet;
-use std::process::Stdio;
-use std::sync::Arc;
 
+use broker_util::{Nats, Node, nats_on_fresh_store, next_message, serve_binary, stop_all};
 use chat_util::{T, http_get};
-use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
+use netkit::chat::hub::{Hub, HubError, Inbox, Received};
 use netkit::chat::protocol::{ChatMessage, ClientMsg, MessageKind, PresenceEvent, ServerMsg};
-use netkit::cluster::broker::{self, Broker, BrokerArgs};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use netkit::cluster::broker::{self, Broker};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// A nats-server with JetStream on 127.0.0.1, storing under `store`.
-struct Nats {
-    child: Child,
-    port: u16,
-}
-
-impl Nats {
-    /// Starts one on `port` (a random free port if `None`); returns once it
-    /// has said it is ready.
-    async fn start(store: &std::path::Path, port: Option<u16>) -> Nats {
-        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
-        let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server starts");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut port = None;
-        let ready = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(at) = line.split("Listening for client connections on ").nth(1) {
-                    port = at.trim().rsplit(':').next().and_then(|p| p.parse().ok());
-                }
-                if line.contains("Server is ready") {
-                    return;
-                }
-            }
-            panic!("nats-server ended before it was ready");
-        };
-        tokio::time::timeout(T, ready)
-            .await
-            .expect("nats-server ready");
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Nats {
-            child,
-            port: port.expect("nats-server logged its port"),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the server (by its pid) and waits for it to end.
-    async fn stop(mut self) {
-        self.child.kill().await.unwrap();
-    }
-}
-
-/// True if nats-server is installed; else says why the test is skipped.
-fn have_nats() -> bool {
-    let ok = std::process::Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
-    }
-    ok
-}
-
-/// A nats-server on a fresh store (kept as long as the directory is), or
-/// `None` if nats-server is not installed (the test is then skipped).
-async fn nats_on_fresh_store() -> Option<(tempfile::TempDir, Nats)> {
-    if !have_nats() {
-        return None;
-    }
-    let store = tempfile::tempdir().unwrap();
-    let nats = Nats::start(store.path(), None).await;
-    Some((store, nats))
-}
-
-/// Stops `nodes`, then the server.
-async fn stop_all<const N: usize>(nodes: [Node; N], nats: Nats) {
-    for n in nodes {
-        n.stop().await;
-    }
-    nats.stop().await;
-}
-
-/// `netkit serve --broker URL EXTRA…`, the real binary, with its own data dir.
-async fn serve_binary(url: &str, extra: &[&str]) -> (tempfile::TempDir, proc_util::Netkit) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["--broker".to_string(), url.to_string()];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    let path = dir.path().to_path_buf();
-    let k = tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        proc_util::Netkit::serve_chat(&path, &args)
-    })
-    .await
-    .unwrap();
-    (dir, k)
-}
-
-/// A hub in broker mode with its own store.
-struct Node {
-    hub: Hub,
-    broker: Arc<Broker>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-    _writer: HubWriter,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn start(url: &str) -> Node {
-        Node::start_keeping(url, 0).await
-    }
-
-    /// A hub whose `--broker-max-per-room` is `max_per_room` (it sets the
-    /// stream's limit if it creates the stream).
-    async fn start_keeping(url: &str, max_per_room: u64) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let (hub, writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
-        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let args = BrokerArgs {
-            broker: Some(url.to_string()),
-            broker_max_per_room: max_per_room,
-        };
-        let broker = broker::start(&args, &hub, shutdown.clone(), &tracker)
-            .await
-            .unwrap()
-            .unwrap();
-        Node {
-            hub,
-            broker,
-            shutdown,
-            tracker,
-            _writer: writer,
-            _dir: dir,
-        }
-    }
-
-    /// A client `nick` in room `lobby` (joined after `after`, if given).
-    async fn client(&self, nick: &str, after: Option<u64>) -> (Session, Inbox) {
-        let (s, inbox) = self.hub.connect(Some(nick)).unwrap();
-        s.join("lobby", after).await.unwrap();
-        s.settle().await;
-        (s, inbox)
-    }
-
-    /// Waits until this hub has applied the stream up to `seq`.
-    async fn applied(&self, seq: u64) {
-        let mut w = self.hub.logged();
-        tokio::time::timeout(T, w.wait_for(|&v| v >= seq))
-            .await
-            .expect("hub applies the stream")
-            .unwrap();
-    }
-
-    /// Stops reading the stream; the writer ends with the last hub handle
-    /// (sessions of the test hold some).
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.hub.shutdown();
-        self.tracker.close();
-        tokio::time::timeout(T, self.tracker.wait()).await.unwrap();
-    }
-}
 
 /// The newest stream entry `node` has applied.
 fn end_of(node: &Node) -> u64 {
     *node.hub.logged().borrow()
-}
-
-/// The next room message in `inbox` (other events are passed over).
-async fn next_message(inbox: &mut Inbox) -> ChatMessage {
-    loop {
-        match tokio::time::timeout(T, inbox.recv())
-            .await
-            .expect("a message")
-        {
-            Received::Event(ev) => {
-                if let ServerMsg::Message(m) = &ev.msg {
-                    return m.clone();
-                }
-            }
-            other => panic!("client gone: {other:?}"),
-        }
-    }
 }
 
 /// The `joined` reply in `inbox` and the history after it.
@@ -304,7 +119,7 @@ async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
     };
     let node = Node::start(&nats.url()).await;
     let (_s, mut inbox) = node.client("ann", None).await;
-    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let b = Broker::connect(&nats.url(), 0, 1).await.unwrap();
     let post = netkit::chat::LoggedPost {
         room: "lobby".into(),
         from: "ann".into(),
@@ -772,7 +587,7 @@ async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
         return;
     };
     let (_k_dir, mut k) = serve_binary(&nats.url(), &[]).await;
-    let b = Broker::connect(&nats.url(), 0).await.unwrap();
+    let b = Broker::connect(&nats.url(), 0, 1).await.unwrap();
     let junk = b
         .publish(broker::wire::subject("lobby"), "hello".into(), "junk-1")
         .await
@@ -833,11 +648,130 @@ async fn startup_fails_clearly_without_a_server() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
     drop(free);
-    let Err(e) = Broker::connect(&format!("nats://127.0.0.1:{port}"), 0).await else {
+    let Err(e) = Broker::connect(&format!("nats://127.0.0.1:{port}"), 0, 1).await else {
         panic!("connected to nothing");
     };
     assert!(
         e.to_string().contains("cannot reach the NATS server"),
         "{e}"
     );
+}
+
+/// `netkit members --json URL`, the real binary: the report it prints.
+async fn members_json(http: std::net::SocketAddr) -> serde_json::Value {
+    let url = format!("http://{http}");
+    let out = tokio::task::spawn_blocking(move || {
+        proc_util::bin()
+            .args(["members", "--json", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_shows_the_hubs_the_engine_shows() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (_a_dir, mut a) = serve_binary(&nats.url(), &[]).await;
+    let (_b_dir, mut b) = serve_binary(&nats.url(), &[]).await;
+    let name_of = |k: &mut proc_util::Netkit| {
+        let line = k.wait_for("broker: room messages go through", T);
+        line.split("node=")
+            .nth(1)
+            .and_then(|n| n.split_whitespace().next())
+            .expect("the hub logs its name")
+            .to_string()
+    };
+    let (a_name, b_name) = (name_of(&mut a), name_of(&mut b));
+    let (a_http, b_http) = (a.ready.http.unwrap(), b.ready.http.unwrap());
+    let (_ann, _, _) = ws_join(b_http, "ann", None).await;
+    // Hub A learns B and its user from B's presence beats (at most a second
+    // apart, or sooner after a join).
+    let deadline = std::time::Instant::now() + T;
+    let report = loop {
+        let r = members_json(a_http).await;
+        let members = r["members"].as_array().unwrap();
+        if members.len() == 2 && members[1]["users"] == serde_json::json!(["ann"]) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hub B never shown: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(report["clustering"], true, "{report}");
+    assert_eq!(report["broker"], true, "{report}");
+    assert_eq!(report["node"], a_name.as_str(), "{report}");
+    let (me, other) = (&report["members"][0], &report["members"][1]);
+    assert_eq!(
+        (me["self"].as_bool(), me["name"].as_str()),
+        (Some(true), Some(a_name.as_str()))
+    );
+    assert_eq!(me["http"], a_http.to_string());
+    assert_eq!(other["name"], b_name.as_str());
+    assert_eq!(other["state"], "alive");
+    assert_eq!(other["http"], b_http.to_string());
+    assert_eq!(other["chat"], b.ready.chat.unwrap().to_string());
+    assert!(other["last_heard_ms"].as_u64().unwrap() < 3_000, "{other}");
+    // The table shows when each hub was last heard instead of gossip addresses.
+    let url = format!("http://{a_http}");
+    let out = tokio::task::spawn_blocking(move || {
+        proc_util::bin().args(["members", &url]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("HEARD"), "{table}");
+    assert!(lines[1].starts_with(&format!("{a_name} *")), "{table}");
+    assert!(
+        lines[2].starts_with(&b_name) && lines[2].contains("s ago"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains(&b_http.to_string()) && lines[2].ends_with("ann"),
+        "{table}"
+    );
+
+    // A hub that stops is no longer shown once it has not been heard for the expiry.
+    b.terminate();
+    let deadline = std::time::Instant::now() + broker::events::LEAVE_BOUND + T;
+    loop {
+        let r = members_json(a_http).await;
+        if r["members"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hub B still shown: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(a);
+    nats.stop().await;
+}
+
+#[test]
+fn broker_with_gossip_flags_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for gossip in [["--join", ""], ["--cluster-listen", "127.0.0.1:0"]] {
+        let out = proc_util::bin()
+            .args(["serve", "--broker", "nats://127.0.0.1:1", "--data-dir"])
+            .arg(dir.path())
+            .args(gossip)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--broker replaces the gossip cluster") && err.contains("drop --join"),
+            "{err}"
+        );
+    }
 }

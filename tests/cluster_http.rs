@@ -133,6 +133,7 @@ async fn router_reports_members_of_a_live_cluster() {
             meta: a_meta,
             membership: Some(a),
             remote_users: Default::default(),
+            broker: None,
         },
     );
     let deadline = Instant::now() + DEADLINE;

@@ -699,6 +699,10 @@
       const state = document.createElement("span");
       state.className = "node-state";
       state.textContent = m.state;
+      if (typeof m.last_heard_ms === "number") {
+        // Broker mode: when this hub's last presence beat arrived.
+        state.title = "heard " + (m.last_heard_ms / 1000).toFixed(1) + " s ago";
+      }
       const addr = document.createElement("span");
       addr.className = "node-addr";
       if (m.http && !m.self && m.state === "alive") {

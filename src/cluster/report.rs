@@ -1,10 +1,12 @@
 //! The cluster as one node reports it: the JSON of `GET /api/cluster`, built
-//! from the membership view, and read back by `netkit members`.
+//! from the membership view (or, in broker mode, the hubs the engine shows),
+//! and read back by `netkit members`.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::broker::hubs::HubsView;
 use super::id::NodeMeta;
 use super::membership::Membership;
 use super::relay::presence::{self, SharedPresence};
@@ -22,6 +24,9 @@ pub struct ClusterInfo {
     /// Users connected to other nodes, by gossip address: the relay's
     /// presence table, which the relay fills.
     pub remote_users: SharedPresence,
+    /// In broker mode, the hubs heard through the engine (then reported
+    /// instead of gossip members, which broker mode does not run).
+    pub broker: Option<HubsView>,
 }
 
 impl ClusterInfo {
@@ -32,6 +37,7 @@ impl ClusterInfo {
             meta,
             membership: None,
             remote_users: SharedPresence::default(),
+            broker: None,
         }
     }
 
@@ -45,10 +51,15 @@ impl ClusterInfo {
             http: self.meta.http,
             chat: self.meta.chat,
             users: Some(users),
+            last_heard_ms: None,
         };
+        if let Some(hubs) = &self.broker {
+            return broker_report(me, hubs);
+        }
         let Some(membership) = &self.membership else {
             return ClusterReport {
                 clustering: false,
+                broker: false,
                 node: self.name.clone(),
                 members: vec![me],
             };
@@ -70,20 +81,49 @@ impl ClusterInfo {
             } else {
                 None
             },
+            last_heard_ms: None,
         }));
         ClusterReport {
             clustering: true,
+            broker: false,
             node: view.me.name,
             members,
         }
     }
 }
 
+/// The report in broker mode: this hub (under its name among hubs) first,
+/// then every other hub heard within the expiry, as `alive`.
+fn broker_report(mut me: MemberReport, hubs: &HubsView) -> ClusterReport {
+    me.name = hubs.me().to_string();
+    let mut members = vec![me];
+    members.extend(hubs.others().into_iter().map(|(name, h)| MemberReport {
+        name,
+        is_self: false,
+        state: "alive".into(),
+        gossip: None,
+        http: h.meta.http,
+        chat: h.meta.chat,
+        users: Some(h.users),
+        last_heard_ms: Some(u64::try_from(h.heard.elapsed().as_millis()).unwrap_or(u64::MAX)),
+    }));
+    ClusterReport {
+        clustering: true,
+        broker: true,
+        node: hubs.me().to_string(),
+        members,
+    }
+}
+
 /// The body of `GET /api/cluster`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterReport {
-    /// Whether this node runs gossip membership.
+    /// Whether this node is part of a cluster (gossip or broker mode).
     pub clustering: bool,
+    /// Whether the members are hubs heard through the message broker
+    /// (`--broker`) rather than gossip members.
+    #[serde(default)]
+    pub broker: bool,
     /// The answering node's name.
     pub node: String,
     /// This node first, then every member it knows (down and left ones included), by name.
@@ -110,6 +150,10 @@ pub struct MemberReport {
     /// member once the chat relay has heard its list (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<Vec<String>>,
+    /// Broker mode: milliseconds since this hub's last presence beat arrived
+    /// (absent for the answering node and in gossip mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_ms: Option<u64>,
 }
 
 impl ClusterReport {
@@ -119,7 +163,7 @@ impl ClusterReport {
         let mut rows = vec![[
             "NAME".to_string(),
             "STATE".to_string(),
-            "GOSSIP".to_string(),
+            if self.broker { "HEARD" } else { "GOSSIP" }.to_string(),
             "HTTP".to_string(),
             "CHAT".to_string(),
             "USERS".to_string(),
@@ -135,10 +179,15 @@ impl ClusterReport {
                 Some(u) if u.is_empty() => "-".to_string(),
                 Some(u) => u.join(","),
             };
+            let third = match (self.broker, m.last_heard_ms) {
+                (false, _) => cell(m.gossip),
+                (true, Some(ms)) => format!("{:.1}s ago", ms as f64 / 1000.0),
+                (true, None) => "-".to_string(),
+            };
             rows.push([
                 name,
                 m.state.clone(),
-                cell(m.gossip),
+                third,
                 cell(m.http),
                 cell(m.chat),
                 users,
@@ -165,6 +214,9 @@ impl ClusterReport {
         }
         if !self.clustering {
             out.push_str("(clustering is off on this node)\n");
+        }
+        if self.broker {
+            out.push_str("(broker mode: hubs as the message broker shows them)\n");
         }
         out
     }
@@ -197,5 +249,45 @@ mod tests {
         assert_eq!(json["members"][0]["chat"], serde_json::Value::Null);
         let back: ClusterReport = serde_json::from_value(json).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn broker_report_lists_the_hubs_heard() {
+        let meta = NodeMeta {
+            http: Some("127.0.0.1:8080".parse().unwrap()),
+            chat: None,
+        };
+        let mut info = ClusterInfo::standalone("host", meta);
+        let hubs = HubsView::new("hub-00000001");
+        let other = NodeMeta {
+            http: Some("127.0.0.1:9090".parse().unwrap()),
+            chat: Some("127.0.0.1:9091".parse().unwrap()),
+        };
+        hubs.heard("hub-00000002", other, vec!["bob".into()]);
+        info.broker = Some(hubs.clone());
+        let r = info.report(vec!["ann".into()]);
+        assert!(r.clustering && r.broker);
+        assert_eq!(r.node, "hub-00000001");
+        assert_eq!(r.members.len(), 2);
+        assert_eq!(r.members[1].name, "hub-00000002");
+        assert_eq!(
+            r.members[1].users.as_deref(),
+            Some(&["bob".to_string()][..])
+        );
+        assert!(r.members[1].last_heard_ms.unwrap() < 60_000);
+        let t = r.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("HEARD"), "{t}");
+        assert!(lines[1].starts_with("hub-00000001 *"), "{t}");
+        assert!(
+            lines[2].contains("s ago") && lines[2].ends_with("bob"),
+            "{t}"
+        );
+        assert!(t.contains("broker mode"), "{t}");
+        let back: ClusterReport =
+            serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        hubs.gone("hub-00000002");
+        assert_eq!(info.report(vec![]).members.len(), 1);
     }
 }

@@ -9,10 +9,12 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::hubs::HubsView;
 use super::wire;
 use crate::chat::Hub;
 use crate::chat::hub::{OutgoingDirect, RemotePresence, TopicChange};
 use crate::chat::protocol::RemoteMember;
+use crate::cluster::NodeMeta;
 use crate::cluster::relay::presence::{PresenceTable, Rejected, Snapshot};
 
 /// How often a hub publishes its presence when nothing changes.
@@ -45,12 +47,16 @@ struct Others {
     /// Per hub, how many times it was taken as down here: a hub heard again
     /// after that is a new life in the table (whose old one is over).
     lives: HashMap<String, u32>,
+    /// The live hubs as `/api/cluster` shows them.
+    view: HubsView,
 }
 
 /// This hub's side: its name, the snapshot it last published and when.
 struct Mine {
     client: async_nats::Client,
     node: String,
+    /// Where this hub's doors listen, sent with every beat.
+    meta: NodeMeta,
     snap: Snapshot,
     last_beat: Option<Instant>,
     /// When to beat for a change (at most one beat per [`MIN_BEAT_INTERVAL`]).
@@ -81,7 +87,11 @@ impl Mine {
     }
 
     async fn publish(&self) {
-        let (subject, payload) = wire::beat(&self.node, &self.snap);
+        let beat = wire::Beat {
+            snapshot: self.snap.clone(),
+            meta: self.meta.clone(),
+        };
+        let (subject, payload) = wire::beat(&self.node, &beat);
         if let Err(e) = self.client.publish(subject, payload).await {
             tracing::debug!("broker: presence beat not sent: {e}");
         }
@@ -123,15 +133,20 @@ impl Mine {
 }
 
 impl Others {
-    /// A beat from `node`: its presence is replaced by `snap`.
-    fn heard(&mut self, hub: &Hub, node: String, snap: Snapshot) {
+    /// A beat from `node`: its presence is replaced by its snapshot.
+    fn heard(&mut self, hub: &Hub, node: String, beat: wire::Beat) {
         self.heard.insert(node.clone(), Instant::now());
         let life = *self.lives.entry(node.clone()).or_insert(1);
-        match self.table.apply(node.clone(), &node, life, snap) {
+        match self.table.apply(node.clone(), &node, life, beat.snapshot) {
             Ok(changes) => self.apply(hub, changes),
             Err(Rejected::Stale) => {}
-            Err(e) => tracing::warn!(node = %node, "broker: presence beat skipped: {e}"),
+            Err(e) => {
+                tracing::warn!(node = %node, "broker: presence beat skipped: {e}");
+                return;
+            }
         }
+        let users = self.table.nicks_of(&node).unwrap_or_default();
+        self.view.heard(&node, beat.meta, users);
     }
 
     /// Every hub not heard for [`EXPIRY`] is down: its users leave.
@@ -145,6 +160,7 @@ impl Others {
             .collect();
         for node in gone {
             self.heard.remove(&node);
+            self.view.gone(&node);
             *self.lives.entry(node.clone()).or_insert(1) += 1;
             tracing::info!(node = %node, "broker: hub not heard for {EXPIRY:?}; its users leave");
             let changes = self.table.remove_node(&node, "node down");
@@ -173,10 +189,13 @@ pub(super) async fn subscribe(client: &async_nats::Client, node: &str) -> anyhow
 }
 
 /// Carries presence, direct messages and topics between `hub` and the
-/// other hubs until `shutdown`, then says this hub's users are gone.
+/// other hubs until `shutdown`, then says this hub's users are gone; keeps
+/// `view` (named after this hub) up to date with the hubs heard, and tells
+/// them this hub's doors (`meta`).
 pub(super) async fn run(
     client: async_nats::Client,
-    node: String,
+    view: HubsView,
+    meta: NodeMeta,
     hub: Hub,
     mut inputs: Inputs,
     shutdown: CancellationToken,
@@ -186,7 +205,8 @@ pub(super) async fn run(
     let mut changes = hub.presence_changes();
     let mut mine = Mine {
         client,
-        node,
+        node: view.me().to_string(),
+        meta,
         snap: Snapshot {
             version: 0,
             users: Vec::new(),
@@ -198,6 +218,7 @@ pub(super) async fn run(
         table: PresenceTable::default(),
         heard: HashMap::new(),
         lives: HashMap::new(),
+        view,
     };
     let mut beat = tokio::time::interval(HEARTBEAT);
     let mut check = tokio::time::interval(EXPIRY_CHECK);
@@ -210,7 +231,7 @@ pub(super) async fn run(
             _ = check.tick() => others.expire(&hub),
             Some(m) = inputs.beats.next() => match wire::decode_beat(m.subject.as_str(), &m.payload) {
                 Ok((from, _)) if from == mine.node => {}
-                Ok((from, snap)) => others.heard(&hub, from, snap),
+                Ok((from, beat)) => others.heard(&hub, from, beat),
                 Err(e) => tracing::warn!("broker: presence beat skipped: {e}"),
             },
             Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),

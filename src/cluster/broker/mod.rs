@@ -4,6 +4,7 @@
 //! Presence, direct messages and topics go on plain subjects ([`events`]).
 
 pub mod events;
+pub mod hubs;
 pub mod wire;
 
 use std::sync::Arc;
@@ -42,6 +43,11 @@ pub struct BrokerArgs {
     /// Messages the stream keeps per room (older ones are dropped; 0 = no limit).
     #[arg(long, default_value_t = 100_000, env = "NETKIT_BROKER_MAX_PER_ROOM")]
     pub broker_max_per_room: u64,
+    /// Copies of the stream a JetStream cluster keeps (3 on a three-server
+    /// cluster survives losing one); used when the stream is created.
+    #[arg(long, default_value_t = 1, env = "NETKIT_BROKER_REPLICAS",
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub broker_replicas: u8,
 }
 
 /// A hub's link to the stream: appends room messages ([`RoomLog`]).
@@ -50,8 +56,9 @@ pub struct Broker {
     connected: Arc<tokio::sync::watch::Sender<bool>>,
     client: async_nats::Client,
     js: jetstream::Context,
-    /// This hub's name among the others (`hub-` and 8 hex digits, new each start).
-    node: String,
+    /// This hub's name among the others (`hub-` and 8 hex digits, new each
+    /// start), and the other hubs heard.
+    hubs: hubs::HubsView,
     /// When the stream this hub follows was created (nanoseconds since the
     /// epoch): a stream created later is another one ([`Broker::replaced`]).
     created: i128,
@@ -84,9 +91,10 @@ pub fn parse_servers(list: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> 
 }
 
 impl Broker {
-    /// Connects to the servers of `args` and makes sure the stream exists;
-    /// fails with a clear error if no server answers or JetStream is off.
-    pub async fn connect(servers: &str, max_per_room: u64) -> anyhow::Result<Broker> {
+    /// Connects to `servers` and makes sure the stream exists (created
+    /// with `max_per_room` and `replicas`, 0 taken as 1); fails with a
+    /// clear error if no server answers or JetStream is off.
+    pub async fn connect(servers: &str, max_per_room: u64, replicas: u8) -> anyhow::Result<Broker> {
         let addrs = parse_servers(servers)?;
         let connected = Arc::new(tokio::sync::watch::channel(true).0);
         let events = connected.clone();
@@ -121,21 +129,32 @@ impl Broker {
                 i64::try_from(max_per_room).unwrap_or(i64::MAX)
             },
             duplicate_window: Duration::from_secs(120),
+            num_replicas: usize::from(replicas.max(1)),
             ..Default::default()
         };
+        let asked = config.num_replicas;
         let stream = js.get_or_create_stream(config).await.map_err(|e| {
             anyhow::anyhow!(
                 "--broker: cannot open the JetStream stream {STREAM} at {servers} \
                  (is JetStream enabled? nats-server -js): {e}"
             )
         })?;
-        let created = stream.cached_info().created.unix_timestamp_nanos();
+        let info = stream.cached_info();
+        if info.config.num_replicas != asked {
+            tracing::warn!(
+                "broker: the stream {STREAM} keeps {} replicas, not the {} asked \
+                 (--broker-replicas applies when the stream is created)",
+                info.config.num_replicas,
+                asked
+            );
+        }
+        let created = info.created.unix_timestamp_nanos();
         let tag: u64 = rand::random();
         Ok(Broker {
             connected,
             client,
             js,
-            node: format!("hub-{:08x}", tag as u32),
+            hubs: hubs::HubsView::new(format!("hub-{:08x}", tag as u32)),
             created,
             replaced: tokio::sync::watch::channel(None).0,
             origin: format!("nats:{STREAM}"),
@@ -159,7 +178,12 @@ impl Broker {
 
     /// This hub's name, as other hubs show its users' node.
     pub fn node(&self) -> &str {
-        &self.node
+        self.hubs.me()
+    }
+
+    /// The hubs as the engine shows them (this one's name, the others heard).
+    pub fn hubs(&self) -> hubs::HubsView {
+        self.hubs.clone()
     }
 
     /// The stream's newest sequence (0 when empty).
@@ -233,29 +257,33 @@ impl RoomLog for Arc<Broker> {
 
 /// Connects to the broker, checks that the hub's store fits the stream,
 /// puts `hub` in broker mode and starts reading the stream into it and
-/// carrying presence, direct messages and topics.
+/// carrying presence, direct messages and topics (telling the other hubs
+/// where this one's doors listen, `meta`).
 pub async fn start(
     args: &BrokerArgs,
     hub: &Hub,
+    meta: crate::cluster::NodeMeta,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Option<Arc<Broker>>> {
     let Some(servers) = &args.broker else {
         return Ok(None);
     };
-    let broker = Arc::new(Broker::connect(servers, args.broker_max_per_room).await?);
+    let broker =
+        Arc::new(Broker::connect(servers, args.broker_max_per_room, args.broker_replicas).await?);
     check_store(&broker, hub).await?;
     hub.set_room_log(Arc::new(broker.clone()));
-    let inputs = events::subscribe(&broker.client, &broker.node).await?;
+    let inputs = events::subscribe(&broker.client, broker.node()).await?;
     tracker.spawn(events::run(
         broker.client.clone(),
-        broker.node.clone(),
+        broker.hubs(),
+        meta,
         hub.clone(),
         inputs,
         shutdown.clone(),
     ));
     tracker.spawn(consume(broker.clone(), hub.clone(), shutdown));
-    tracing::info!(servers = %servers, stream = STREAM, node = %broker.node, "broker: room messages go through NATS JetStream");
+    tracing::info!(servers = %servers, stream = STREAM, node = %broker.node(), "broker: room messages go through NATS JetStream");
     Ok(Some(broker))
 }
 

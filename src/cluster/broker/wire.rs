@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::protocol::{valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
+use crate::cluster::NodeMeta;
 use crate::cluster::relay::presence::Snapshot;
 
 /// Presence beats: `netkit.presence.<node>`, a snapshot of the node's users.
@@ -90,17 +91,29 @@ fn node_of<'a>(subject: &'a str, prefix: &str) -> Result<&'a str, BadEntry> {
         .ok_or_else(|| BadEntry::Subject(subject.chars().take(80).collect()))
 }
 
-/// The subject and payload of `node`'s presence beat.
-pub fn beat(node: &str, snapshot: &Snapshot) -> (String, Bytes) {
-    (format!("{PRESENCE_PREFIX}{node}"), json(snapshot))
+/// A presence beat: the hub's snapshot and where its doors listen (for
+/// `/api/cluster`), one JSON object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    /// The hub's users.
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+    /// The hub's HTTP and line-chat addresses (absent fields: none).
+    #[serde(flatten)]
+    pub meta: NodeMeta,
 }
 
-/// Reads a presence beat: the node it is from and its snapshot (checked).
-pub fn decode_beat(subject: &str, payload: &[u8]) -> Result<(String, Snapshot), BadEntry> {
+/// The subject and payload of `node`'s presence beat.
+pub fn beat(node: &str, beat: &Beat) -> (String, Bytes) {
+    (format!("{PRESENCE_PREFIX}{node}"), json(beat))
+}
+
+/// Reads a presence beat: the node it is from and its beat (checked).
+pub fn decode_beat(subject: &str, payload: &[u8]) -> Result<(String, Beat), BadEntry> {
     let node = node_of(subject, PRESENCE_PREFIX)?;
-    let snap: Snapshot = serde_json::from_slice(payload)?;
-    snap.validate().map_err(|_| BadEntry::Content)?;
-    Ok((node.to_string(), snap))
+    let beat: Beat = serde_json::from_slice(payload)?;
+    beat.snapshot.validate().map_err(|_| BadEntry::Content)?;
+    Ok((node.to_string(), beat))
 }
 
 /// A direct message from a user of one hub to a user of another.
@@ -208,10 +221,23 @@ mod tests {
                 rooms: vec!["lobby".into()],
             }],
         };
-        let (subject, payload) = beat("hub-1", &snap);
+        let b = Beat {
+            snapshot: snap.clone(),
+            meta: NodeMeta {
+                http: Some("127.0.0.1:8080".parse().unwrap()),
+                chat: None,
+            },
+        };
+        let (subject, payload) = beat("hub-1", &b);
         assert_eq!(
             decode_beat(&subject, &payload).unwrap(),
-            ("hub-1".into(), snap.clone())
+            ("hub-1".into(), b.clone())
+        );
+        // A beat without addresses is one with none.
+        let bare = serde_json::to_vec(&snap).unwrap();
+        assert_eq!(
+            decode_beat(&subject, &bare).unwrap().1.meta,
+            NodeMeta::default()
         );
         assert!(decode_beat("netkit.presence.Hub 1", &payload).is_err());
         assert!(decode_beat(&subject, b"{}").is_err());
