@@ -11,9 +11,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 /// The `Host` values (and `Origin` authorities) this server answers to.
@@ -107,33 +106,29 @@ fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
     Some((host.to_string(), port))
 }
 
-/// Middleware: refuses a request whose `Host` this server does not answer
-/// to with 421 Misdirected Request and how to allow it.
-pub async fn check_host(
-    State(hosts): State<std::sync::Arc<AllowedHosts>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string())
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    match host {
-        Some(h) if !hosts.allows(&h, 80) => {
-            let shown: String = h.chars().take(100).collect();
-            tracing::info!(host = %shown, "http: unknown host refused");
-            (
-                StatusCode::MISDIRECTED_REQUEST,
-                format!(
-                    "this server does not answer to host '{shown}'; if that is its public name, \
-                     start it with --http-host {shown}\n"
-                ),
-            )
-                .into_response()
-        }
-        _ => next.run(req).await,
+/// The 421 Misdirected Request answer (saying how to allow the name) for a
+/// request whose `Host` (or, without one, URI authority) this server does not
+/// answer to; `None` lets the request through.
+pub fn refusal(hosts: &AllowedHosts, req: &Request) -> Option<Response> {
+    let host = match req.headers().get(header::HOST) {
+        Some(v) => v.to_str().unwrap_or("\u{fffd}"),
+        None => req.uri().authority()?.as_str(),
+    };
+    if hosts.allows(host, 80) {
+        return None;
     }
+    let shown: String = host.chars().take(100).collect();
+    tracing::info!(host = %shown, "http: unknown host refused");
+    Some(
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this server does not answer to host '{shown}'; if that is its public name, \
+                 start it with --http-host {shown}\n"
+            ),
+        )
+            .into_response(),
+    )
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod api;
 pub mod assets;
 pub mod files;
 pub mod get;
+pub mod guard;
 pub mod host;
 pub mod metrics;
 pub mod security;
@@ -162,19 +163,10 @@ pub struct AppState {
 /// concurrency limit, but not the request timeout or the body limit.
 pub fn router(state: AppState) -> Router {
     let cfg = state.config.clone();
-    let hosts = Arc::new(cfg.allowed_hosts());
-    let guarded = |r: Router| {
-        r.layer(axum::middleware::from_fn_with_state(
-            cfg.door.is_tls(),
-            security::add_headers,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            hosts.clone(),
-            host::check_host,
-        ))
-        .layer(axum::middleware::from_fn(count_requests))
-    };
-    let files = guarded(files::routes().with_state(state.clone()));
+    let guard = guard::GuardLayer::new(cfg.allowed_hosts(), cfg.door.is_tls());
+    let files = files::routes()
+        .with_state(state.clone())
+        .layer(guard.clone());
     let api = Router::new()
         .route("/", get(assets::index))
         .route("/app.js", get(assets::app_js))
@@ -188,7 +180,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try / or /api/rooms\n") })
         .with_state(state);
-    guarded(api)
+    api.layer(guard)
         .layer(RequestBodyLimitLayer::new(cfg.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -309,20 +301,6 @@ pub async fn run(
     sessions.wait().await;
     info!("http: stopped");
     Ok(())
-}
-
-/// Counts requests by status class for `/metrics`.
-async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let resp = next.run(req).await;
-    let class = match resp.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    ::metrics::counter!("netkit_http_requests_total", "status" => class).increment(1);
-    resp
 }
 
 async fn metrics_text() -> Response {

@@ -2,10 +2,9 @@
 //! (no inline script or style; connections only to the page's own origin,
 //! `/ws` included), nosniff, no referrer, no framing, and HSTS when serving TLS.
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
-use axum::response::Response;
+use std::cell::RefCell;
+
+use axum::http::{HeaderMap, HeaderValue, header};
 
 /// How long browsers should insist on HTTPS once they saw it (one year).
 const HSTS: &str = "max-age=31536000";
@@ -28,18 +27,39 @@ pub fn content_security_policy(host: Option<&str>, tls: bool) -> String {
     )
 }
 
-/// Middleware: adds the hardening headers; `tls` adds Strict-Transport-Security.
-pub async fn add_headers(State(tls): State<bool>, req: Request, next: Next) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
-    // A handler's own, stricter policy (a shared file's `sandbox`) stays.
-    if !h.contains_key(header::CONTENT_SECURITY_POLICY)
-        && let Ok(v) = HeaderValue::from_str(&content_security_policy(host.as_deref(), tls))
+/// A policy made for (Host bytes, TLS).
+type MadePolicy = (Box<[u8]>, bool, HeaderValue);
+
+thread_local! {
+    /// The last policy made on this thread and the (Host, TLS) it was made
+    /// for: a keep-alive client sends the same Host on every request.
+    static LAST_POLICY: RefCell<Option<MadePolicy>> = const { RefCell::new(None) };
+}
+
+/// The Content-Security-Policy header for a request with this `Host`
+/// ([`content_security_policy`]), reused while the Host stays the same.
+pub fn policy_for(host: Option<&HeaderValue>, tls: bool) -> Option<HeaderValue> {
+    let key = host.map_or(&[][..], HeaderValue::as_bytes);
+    LAST_POLICY.with_borrow_mut(|last| {
+        if let Some((h, t, v)) = last.as_ref()
+            && *t == tls
+            && **h == *key
+        {
+            return Some(v.clone());
+        }
+        let host = host.and_then(|v| v.to_str().ok());
+        let v = HeaderValue::from_str(&content_security_policy(host, tls)).ok()?;
+        *last = Some((key.into(), tls, v.clone()));
+        Some(v)
+    })
+}
+
+/// Adds the hardening headers to a response: `csp` (from [`policy_for`])
+/// unless the handler set its own, stricter policy (a shared file's
+/// `sandbox`), and Strict-Transport-Security when `tls`.
+pub fn harden(h: &mut HeaderMap, csp: Option<HeaderValue>, tls: bool) {
+    if let Some(v) = csp
+        && !h.contains_key(header::CONTENT_SECURITY_POLICY)
     {
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
@@ -58,7 +78,6 @@ pub async fn add_headers(State(tls): State<bool>, req: Request, next: Next) -> R
             HeaderValue::from_static(HSTS),
         );
     }
-    resp
 }
 
 #[cfg(test)]
@@ -79,5 +98,29 @@ mod tests {
         // A Host with odd characters is left out rather than echoed.
         let p = content_security_policy(Some("a; script-src *"), false);
         assert!(p.contains("connect-src 'self';"), "{p}");
+    }
+
+    #[test]
+    fn the_reused_policy_follows_host_and_tls() {
+        let a = HeaderValue::from_static("a:1");
+        let b = HeaderValue::from_static("b:2");
+        let p = |h: Option<&HeaderValue>, tls| policy_for(h, tls).unwrap();
+        assert_eq!(
+            p(Some(&a), false),
+            content_security_policy(Some("a:1"), false)
+        );
+        assert_eq!(
+            p(Some(&a), false),
+            content_security_policy(Some("a:1"), false)
+        );
+        assert_eq!(
+            p(Some(&a), true),
+            content_security_policy(Some("a:1"), true)
+        );
+        assert_eq!(
+            p(Some(&b), true),
+            content_security_policy(Some("b:2"), true)
+        );
+        assert_eq!(p(None, true), content_security_policy(None, true));
     }
 }
