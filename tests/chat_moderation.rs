@@ -1,8 +1,8 @@
 //! Room moderation without sockets: the first member is operator, kicks,
 //! bans by account across a nick change and a restart, mutes, `+m` with
-//! voice, `+i` with invitations, operator succession, admin powers, a
-//! non-operator refused, and the abuse limits (repeated text, guests per
-//! address). One rule per test.
+//! voice, `+i` with invitations (an account's kept across a restart),
+//! operator succession, admin powers, a non-operator refused, and the abuse
+//! limits (repeated text, guests per address). One rule per test.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -470,6 +470,46 @@ async fn an_invite_only_room_admits_the_invited() {
     .await;
     assert_eq!(told, "ann invited you to #dev; /join dev");
     join(&mut carl, &mut ci, "dev").await;
+}
+
+#[tokio::test]
+async fn an_invited_account_is_still_invited_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (hub, writer) = open(dir.path(), config(&[]));
+        let (mut ann, mut ai) = account(&hub, "ann").await;
+        join(&mut ann, &mut ai, "dev").await;
+        ann.handle(mode("dev", "+i")).await.unwrap();
+        assert_eq!(notice(&mut ai).await.text, "ann set mode +i");
+        let (bob, bi) = account(&hub, "bob").await;
+        ann.handle(ClientMsg::Invite {
+            room: "dev".into(),
+            nick: "bob".into(),
+        })
+        .await
+        .unwrap();
+        // The notice comes after the change is committed.
+        assert_eq!(notice(&mut ai).await.text, "ann invited bob to #dev");
+        drop((ann, ai, bob, bi));
+        drop(hub);
+        writer.join();
+    }
+    let (hub, _w) = open(dir.path(), config(&[]));
+    assert!(hub.rooms().iter().any(|r| r.name == "dev" && r.invite_only));
+    // A guest named bob is not bob's account, and is not invited.
+    let (mut guest, _gi) = connect(&hub, "bob");
+    assert_eq!(
+        guest.handle(join_msg("dev")).await,
+        Err(HubError::InviteOnly("dev".into()))
+    );
+    drop(guest);
+    let (mut carl, _ci) = account(&hub, "carl").await;
+    assert_eq!(
+        carl.handle(join_msg("dev")).await,
+        Err(HubError::InviteOnly("dev".into()))
+    );
+    let (mut bob, mut bi) = account(&hub, "bob").await;
+    join(&mut bob, &mut bi, "dev").await;
 }
 
 #[tokio::test]

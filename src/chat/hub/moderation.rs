@@ -56,7 +56,7 @@ pub(super) struct Rules {
     pub(super) mutes: HashMap<Holder, Option<i64>>,
     /// Bans by name key.
     pub(super) bans: HashMap<String, Ban>,
-    /// Invited holders (kept in memory only).
+    /// Invited holders (accounts stored, guests in memory only).
     pub(super) invites: HashSet<Holder>,
     pub(super) moderated: bool,
     pub(super) invite_only: bool,
@@ -82,7 +82,7 @@ impl Rules {
                     (b.key, ban)
                 })
                 .collect(),
-            invites: HashSet::new(),
+            invites: s.invites.into_iter().map(acc).collect(),
             moderated: s.moderated,
             invite_only: s.invite_only,
         }

@@ -112,6 +112,10 @@ pub(super) fn store_change(tx: &Batch<'_>, m: &ModWrite) -> Result<(), StoreErro
             },
         ),
         Change::Unban { key } => tx.remove_ban(room, key),
+        Change::Invite {
+            holder: Holder::Account(key),
+            ..
+        } => tx.add_invite(room, key),
         Change::Mode {
             moderated,
             invite_only,
@@ -121,7 +125,7 @@ pub(super) fn store_change(tx: &Batch<'_>, m: &ModWrite) -> Result<(), StoreErro
             let moderated = false;
             tx.set_modes(room, moderated, true)
         }
-        // Guests' roles and mutes, invitations and kicks are not stored.
+        // Guests' roles, mutes and invitations, and kicks are not stored.
         Change::Role { .. } | Change::Mute { .. } | Change::Invite { .. } | Change::Kick { .. } => {
             Ok(())
         }

@@ -1,5 +1,5 @@
-//! Room moderation in SQLite: operators and voiced accounts, mutes, bans
-//! and modes per room. The hub's writer writes them in its batches
+//! Room moderation in SQLite: operators and voiced accounts, mutes, bans,
+//! invited accounts and modes per room. The hub's writer writes them in its batches
 //! ([`Batch`]); the hub reads them all once at start ([`Store::room_rules`]).
 
 use std::collections::HashMap;
@@ -30,6 +30,11 @@ pub(super) fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
              until_ms INTEGER,
              reason TEXT NOT NULL DEFAULT '',
              by TEXT NOT NULL DEFAULT '',
+             PRIMARY KEY (room, key)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS room_invites (
+             room TEXT NOT NULL,
+             key TEXT NOT NULL,
              PRIMARY KEY (room, key)
          ) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS room_modes (
@@ -84,6 +89,8 @@ pub struct StoredRules {
     pub mutes: Vec<(String, Option<i64>)>,
     /// Bans.
     pub bans: Vec<StoredBan>,
+    /// Accounts (name keys) invited to the room (`+i`).
+    pub invites: Vec<String>,
     /// `+m`.
     pub moderated: bool,
     /// `+i`.
@@ -146,6 +153,16 @@ impl Store {
         for row in rows {
             let (room, ban) = row.map_err(e)?;
             out.entry(room).or_default().bans.push(ban);
+        }
+        let mut stmt = conn
+            .prepare("SELECT room, key FROM room_invites")
+            .map_err(e)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))
+            .map_err(e)?;
+        for row in rows {
+            let (room, key) = row.map_err(e)?;
+            out.entry(room).or_default().invites.push(key);
         }
         let mut stmt = conn
             .prepare("SELECT room, moderated, invite_only FROM room_modes")
@@ -226,6 +243,14 @@ impl Batch<'_> {
     pub fn remove_ban(&self, room: &str, key: &str) -> Result<(), StoreError> {
         self.exec(
             "DELETE FROM room_bans WHERE room = ?1 AND key = ?2",
+            params![room, key],
+        )
+    }
+
+    /// Invites an account (name key) to a room.
+    pub fn add_invite(&self, room: &str, key: &str) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT OR IGNORE INTO room_invites (room, key) VALUES (?1, ?2)",
             params![room, key],
         )
     }
