@@ -466,6 +466,57 @@ async fn http_api_pages_assets_and_origin() {
     srv.stop().await;
 }
 
+/// The newest page is served from a cache while nothing was committed: a new
+/// message, a change another connection commits (as the retention sweep
+/// does) and another limit are never answered with a stale page.
+#[tokio::test]
+async fn the_newest_page_follows_every_commit_from_any_connection() {
+    let srv = Server::start(open_hub(), ConnConfig::default()).await;
+    let texts = |b: String| -> Vec<String> {
+        serde_json::from_str::<Value>(&b).unwrap()["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut ws = srv.ws("ann").await;
+    send(&mut ws, json!({"type":"join","room":"dev"})).await;
+    recv_type(&mut ws, "joined").await;
+    send(&mut ws, json!({"type":"say","room":"dev","text":"m1"})).await;
+    recv_type(&mut ws, "message").await;
+    for _ in 0..3 {
+        assert_eq!(texts(srv.get("/api/rooms/dev/messages").await.1), ["m1"]);
+    }
+    send(&mut ws, json!({"type":"say","room":"dev","text":"m2"})).await;
+    recv_type(&mut ws, "message").await;
+    assert_eq!(
+        texts(srv.get("/api/rooms/dev/messages").await.1),
+        ["m1", "m2"]
+    );
+    assert_eq!(
+        texts(srv.get("/api/rooms/dev/messages?limit=1").await.1),
+        ["m2"]
+    );
+    // Another connection to the same file changes a stored row.
+    let other = rusqlite::Connection::open(srv.data_dir().join("chat.sqlite3")).unwrap();
+    other
+        .execute(
+            "UPDATE messages SET text = 'edited' WHERE room = 'dev' AND id = 1",
+            [],
+        )
+        .unwrap();
+    assert_eq!(
+        texts(srv.get("/api/rooms/dev/messages").await.1),
+        ["edited", "m2"]
+    );
+    assert_eq!(
+        texts(srv.get("/api/rooms/dev/messages?before=2").await.1),
+        ["edited"]
+    );
+    assert!(texts(srv.get("/api/rooms/other/messages").await.1).is_empty());
+}
+
 #[tokio::test]
 async fn shutdown_closes_clients_with_a_reason() {
     let srv = Server::start(open_hub(), ConnConfig::default()).await;

@@ -31,6 +31,7 @@ fn state(hub: Hub, cluster: ClusterInfo) -> AppState {
         sessions: TaskTracker::new(),
         shutdown: CancellationToken::new(),
         cluster: std::sync::Arc::new(cluster),
+        pages: Default::default(),
     }
 }
 

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -31,9 +32,9 @@ struct Page<'a> {
     messages: &'a [ChatMessage],
 }
 
-/// `page` as a JSON response, written into a buffer sized for it at once
-/// (growing one from axum's 128 bytes took a copy and a large allocation per doubling).
-fn page_json(page: &Page<'_>) -> Response {
+/// `page` as JSON, written into a buffer sized for it at once (growing one
+/// from axum's 128 bytes took a copy and a large allocation per doubling).
+fn page_body(page: &Page<'_>) -> serde_json::Result<Bytes> {
     let mut body = Vec::with_capacity(
         64 + page
             .messages
@@ -41,10 +42,12 @@ fn page_json(page: &Page<'_>) -> Response {
             .map(|m| 96 + m.text.len())
             .sum::<usize>(),
     );
-    match serde_json::to_writer(&mut body, page) {
-        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    }
+    serde_json::to_writer(&mut body, page)?;
+    Ok(body.into())
+}
+
+fn json_response(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// A JSON error: `{"error":{"code","message"}}` with `status`.
@@ -75,19 +78,37 @@ pub async fn messages(
         );
     }
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    // The newest page (what the chat page and most clients ask for) comes
+    // from the cache while nothing was committed since it was read; a store
+    // error falls through to the blocking read, which reports it.
+    let newest = q.after.is_none() && q.before.is_none();
+    if newest
+        && let Ok(version) = app.hub.data_version_now()
+        && let Some(body) = app.pages.get(&room, limit, version)
+    {
+        return json_response(body);
+    }
     let hub = app.hub.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let page = hub.history(&room, q.after, q.before, limit);
+        let page = hub.history_versioned(&room, q.after, q.before, limit);
         (room, page)
     })
     .await;
     match result {
         // Serialised straight from the messages (not through a `json!` tree,
         // which copied every field of all of them once more).
-        Ok((room, Ok(messages))) => page_json(&Page {
+        Ok((room, Ok((version, messages)))) => match page_body(&Page {
             room: &room,
             messages: &messages,
-        }),
+        }) {
+            Ok(body) => {
+                if newest {
+                    app.pages.put(&room, limit, version, body.clone());
+                }
+                json_response(body)
+            }
+            Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        },
         Ok((_, Err(e))) => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store_failed",

@@ -10,6 +10,7 @@ pub mod get;
 pub mod guard;
 pub mod host;
 pub mod metrics;
+pub mod page_cache;
 pub mod security;
 
 use std::net::SocketAddr;
@@ -156,6 +157,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// This node and, when clustering is on, the membership (`GET /api/cluster`).
     pub cluster: Arc<ClusterInfo>,
+    /// The newest page of each room's history, as last served.
+    pub pages: Arc<page_cache::PageCache>,
 }
 
 /// The router with every route and layer. The file routes ([`files::routes`])
@@ -240,6 +243,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         // Behind an Arc: axum clones the state for every request.
         cluster: Arc::new(cluster),
+        pages: Default::default(),
     };
     let sessions = state.sessions.clone();
     let header_timeout = state.config.header_timeout;

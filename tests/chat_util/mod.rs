@@ -64,6 +64,12 @@ impl Server {
         }
     }
 
+    /// The hub's data directory (its SQLite file is `chat.sqlite3` there).
+    #[allow(dead_code)]
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub async fn ws(&self, nick: &str) -> Ws {
         let url = format!("ws://{}/ws?nick={nick}", self.http);
         let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))

@@ -27,6 +27,7 @@
 mod abuse_limits;
 mod deliver;
 mod files;
+mod history;
 mod log;
 mod login;
 mod moderation;
@@ -50,7 +51,7 @@ use super::auth::{AuthConfig, AuthMode, LoginLimiter};
 use super::frame::{frame_header_len, text_frame};
 use super::moderation::ModerationConfig;
 use super::names::{check_nick, check_room, name_key};
-use super::protocol::{ChatMessage, RemoteMember, RoomInfo, ServerMsg, valid_nick};
+use super::protocol::{RemoteMember, RoomInfo, ServerMsg, valid_nick};
 use super::store::{Store, StoreError};
 use deliver::Outbox;
 use remote::{OUTGOING_DIRECTS, Remote};
@@ -439,6 +440,9 @@ struct Shared {
     stats: HubStats,
     next_client: AtomicU64,
     reader: Mutex<Store>,
+    /// A connection only for `PRAGMA data_version` ([`Hub::data_version_now`]):
+    /// never held for a page, so asking it does not wait behind the reader.
+    versions: Mutex<Store>,
     /// The newest log sequence of messages posted on this node, set after
     /// each commit (for the cluster relay, which reads them from the store).
     local_seq: tokio::sync::watch::Sender<u64>,
@@ -497,6 +501,7 @@ impl Hub {
         }
         writer_store.disable_autocheckpoint()?;
         let reader = Store::open_in(data_dir)?;
+        let versions = Store::open_in(data_dir)?;
         let checkpointer = Store::open_in(data_dir)?;
         let mut state = State::default();
         let accounts = match config.auth.mode {
@@ -542,6 +547,7 @@ impl Hub {
             stats: HubStats::default(),
             next_client: AtomicU64::new(1),
             reader: Mutex::new(reader),
+            versions: Mutex::new(versions),
             local_seq: tokio::sync::watch::channel(0).0,
             presence: tokio::sync::watch::channel(0).0,
             directs: directs_tx,
@@ -670,25 +676,6 @@ impl Hub {
         }
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
-    }
-
-    /// Stored messages of `room`, oldest first. With `after` alone it pages
-    /// forward (the oldest `limit` after it); otherwise it returns the newest
-    /// `limit` below `before` (exclusive) and above `after`. Blocking: call it
-    /// from `spawn_blocking`.
-    pub fn history(
-        &self,
-        room: &str,
-        after: Option<u64>,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<ChatMessage>, StoreError> {
-        let store = self.shared.reader();
-        let upto = before.map(|b| b.saturating_sub(1)).unwrap_or(u64::MAX);
-        match (after, before) {
-            (Some(a), None) => store.earliest(room, a, upto, limit),
-            (a, _) => store.latest(room, a.unwrap_or(0), upto, limit),
-        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
