@@ -15,7 +15,7 @@ use axum::http::Request;
 use clap::Parser;
 use netkit::chat::hub::{Hub, HubConfig};
 use netkit::cluster::{ClusterArgs, ClusterInfo, NodeMeta};
-use netkit::http::{AppState, HttpConfig, router};
+use netkit::http::{AppParts, AppState, HttpConfig, router};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +24,7 @@ use tower::ServiceExt;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn state(hub: Hub, cluster: ClusterInfo) -> AppState {
-    AppState {
+    AppState::from(AppParts {
         hub,
         config: std::sync::Arc::new(HttpConfig::default()),
         started: std::time::Instant::now(),
@@ -32,7 +32,7 @@ fn state(hub: Hub, cluster: ClusterInfo) -> AppState {
         shutdown: CancellationToken::new(),
         cluster: std::sync::Arc::new(cluster),
         pages: Default::default(),
-    }
+    })
 }
 
 async fn get_json(app: &AppState, path: &str) -> Value {
