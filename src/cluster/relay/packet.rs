@@ -77,9 +77,25 @@ impl RelayPacket {
     /// Parses a datagram; `None` if it is not a relay packet or is malformed.
     pub fn decode(data: &[u8]) -> Option<RelayPacket> {
         match data.split_first() {
-            Some((&MAGIC, rest)) => postcard::from_bytes(rest).ok(),
+            Some((&MAGIC, rest)) => RelayPacket::decode_body(rest),
             _ => None,
         }
+    }
+
+    /// Parses a packet's postcard bytes. A message from a node that
+    /// predates [`RelayedMessage::moderation`] (its last field) lacks the
+    /// field's byte: it is read as a message without a change.
+    pub fn decode_body(body: &[u8]) -> Option<RelayPacket> {
+        if let Ok(p) = postcard::from_bytes(body) {
+            return Some(p);
+        }
+        // Variant 0 is `Msg`; `None` is a single 0 byte.
+        if body.first() != Some(&0) {
+            return None;
+        }
+        let mut legacy = body.to_vec();
+        legacy.push(0);
+        postcard::from_bytes(&legacy).ok()
     }
 }
 
