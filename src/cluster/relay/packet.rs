@@ -135,4 +135,35 @@ mod tests {
         huge.extend([0u8; 16]);
         assert_eq!(RelayPacket::decode(&huge), None);
     }
+
+    #[test]
+    fn messages_with_and_without_a_moderation_change_decode() {
+        use crate::chat::protocol::MessageKind;
+        let m = RelayedMessage {
+            origin: "b/2".into(),
+            seq: 3,
+            room: "dev".into(),
+            from: "ann".into(),
+            text: "ann banned bob".into(),
+            kind: MessageKind::Notice,
+            ts: 9,
+            origin_id: 4,
+            moderation: Some(r#"{"kind":"unban","key":"bob"}"#.into()),
+        };
+        let with = RelayPacket::Msg(m.clone());
+        assert_eq!(RelayPacket::decode(&with.encode()), Some(with));
+        // From a node that predates the field: the same bytes, minus the
+        // last one (`None`), read as a message without a change.
+        let without = RelayPacket::Msg(RelayedMessage {
+            moderation: None,
+            ..m
+        });
+        let mut legacy = without.encode();
+        assert_eq!(legacy.pop(), Some(0));
+        assert_eq!(RelayPacket::decode(&legacy), Some(without));
+        // Other packets get no such help.
+        let mut summary = RelayPacket::Summary(vec![("a".into(), 1)]).encode();
+        summary.pop();
+        assert_eq!(RelayPacket::decode(&summary), None);
+    }
 }
