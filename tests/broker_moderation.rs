@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use broker_util::{Node, nats_on_fresh_store, stop_all};
 use chat_util::T;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use netkit::chat::auth::{AuthConfig, AuthMode, TokenVerifier};
 use netkit::chat::hub::{HubConfig, HubError, Inbox, Received, Session};
 use netkit::chat::protocol::{ClientMsg, MessageKind, PresenceEvent, ServerMsg};
@@ -40,17 +39,7 @@ async fn hub(url: &str) -> Node {
 }
 
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({ "sub": sub, "exp": exp }),
-        &EncodingKey::from_secret(SECRET).unwrap(),
-    )
-    .unwrap()
+    proc_util::hs256_token(SECRET, sub)
 }
 
 /// The next event `want` picks (others are passed over).

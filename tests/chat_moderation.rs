@@ -4,10 +4,11 @@
 //! operator succession, admin powers, a non-operator refused, and the abuse
 //! limits (repeated text, guests per address). One rule per test.
 
+mod proc_util;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use netkit::chat::auth::{AuthConfig, AuthMode, TokenVerifier};
 use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
 use netkit::chat::moderation::ModerationConfig;
@@ -36,17 +37,7 @@ fn open(dir: &std::path::Path, cfg: HubConfig) -> (Hub, HubWriter) {
 }
 
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({ "sub": sub, "exp": exp }),
-        &EncodingKey::from_secret(SECRET).unwrap(),
-    )
-    .unwrap()
+    proc_util::hs256_token(SECRET, sub)
 }
 
 async fn until<T>(inbox: &mut Inbox, mut f: impl FnMut(&ServerMsg) -> Option<T>) -> T {

@@ -8,7 +8,6 @@ mod proc_util;
 
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use proc_util::{ClusterNode, LineUser, Netkit, cluster_node_command, wait_until};
 
 const SECRET: &str = "a deployment secret of 32 bytes or more";
@@ -29,17 +28,7 @@ fn node(name: &str, data: &std::path::Path, join: &str) -> ClusterNode {
 }
 
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    proc_util::hs256_token(SECRET.as_bytes(), sub)
 }
 
 /// A user of `node` that has joined `room`.

@@ -146,8 +146,7 @@ pub(super) fn store_change(tx: &Batch<'_>, m: &ModWrite) -> Result<(), StoreErro
 pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
     let room = m.room.as_str();
     let mut out: Vec<(ClientId, String)> = Vec::new();
-    // A kick or ban by name key: the local members it covers.
-    let mut kicks: Option<(String, Option<std::net::IpAddr>, String)> = None;
+    let mut put_out = None;
     if let Some(r) = st.rooms.get_mut(room)
         && !m.in_force
     {
@@ -168,34 +167,7 @@ pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
                 Some(u) => drop(rules.mutes.insert(holder.clone(), *u)),
                 None => drop(rules.mutes.remove(holder)),
             },
-            Change::Kick {
-                target,
-                key,
-                reason,
-            } => {
-                if !m.remote {
-                    metrics::counter!("netkit_chat_kicks_total").increment(1);
-                }
-                let why = format!("you were kicked from #{room}{reason}");
-                match target {
-                    Some(t) => out.push((*t, why)),
-                    None => kicks = Some((key.clone(), None, why)),
-                }
-            }
-            Change::Ban { key, ban, kick, .. } => {
-                if !m.remote {
-                    metrics::counter!("netkit_chat_bans_total").increment(1);
-                }
-                rules.bans.insert(key.clone(), ban.clone());
-                let why = format!("you are banned from #{room} {}", ban_terms(ban));
-                match kick {
-                    Some(t) => out.push((*t, why)),
-                    None if m.remote && ban.active(now_ms()) => {
-                        kicks = Some((key.clone(), ban.addr, why));
-                    }
-                    None => {}
-                }
-            }
+            Change::Kick { .. } | Change::Ban { .. } => put_out = kick_or_ban(m, rules),
             Change::Unban { key } => drop(rules.bans.remove(key)),
             Change::Mode {
                 moderated,
@@ -229,14 +201,64 @@ pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
             }
         }
     }
-    if let Some((key, addr, why)) = kicks {
-        let ids = super::moderation_sync::covered_members(shared, st, room, &key, addr);
-        out.extend(ids.into_iter().map(|id| (id, why.clone())));
+    match put_out {
+        Some(PutOut::Client(id, why)) => out.push((id, why)),
+        Some(PutOut::Covered(key, addr, why)) => {
+            let ids = super::moderation_sync::covered_members(shared, st, room, &key, addr);
+            out.extend(ids.into_iter().map(|id| (id, why.clone())));
+        }
+        None => {}
     }
     for (id, why) in out {
         shared.put_out_locked(st, id, room, why);
     }
     shared.send_modes(st, room);
+}
+
+/// Who a kick or a ban puts out, and why.
+enum PutOut {
+    /// Its target, a client of this hub.
+    Client(ClientId, String),
+    /// The local members a name key (and address) covers: a change from
+    /// another hub, or a kick of a member of another hub.
+    Covered(String, Option<std::net::IpAddr>, String),
+}
+
+/// A kick or ban: the ban goes into `rules`, it is counted (where it was
+/// made), and whom it puts out.
+fn kick_or_ban(m: &ModWrite, rules: &mut Rules) -> Option<PutOut> {
+    let room = m.room.as_str();
+    match &m.change {
+        Change::Kick {
+            target,
+            key,
+            reason,
+        } => {
+            if !m.remote {
+                metrics::counter!("netkit_chat_kicks_total").increment(1);
+            }
+            let why = format!("you were kicked from #{room}{reason}");
+            Some(match target {
+                Some(t) => PutOut::Client(*t, why),
+                None => PutOut::Covered(key.clone(), None, why),
+            })
+        }
+        Change::Ban { key, ban, kick, .. } => {
+            if !m.remote {
+                metrics::counter!("netkit_chat_bans_total").increment(1);
+            }
+            rules.bans.insert(key.clone(), ban.clone());
+            let why = format!("you are banned from #{room} {}", ban_terms(ban));
+            match kick {
+                Some(t) => Some(PutOut::Client(*t, why)),
+                None if m.remote && ban.active(now_ms()) => {
+                    Some(PutOut::Covered(key.clone(), ban.addr, why))
+                }
+                None => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 impl Shared {
