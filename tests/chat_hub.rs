@@ -898,6 +898,7 @@ async fn a_message_relayed_twice_is_stored_and_shown_once() {
         kind: MessageKind::Say,
         ts: 1,
         origin_id: seq + 10,
+        moderation: None,
     };
     for m in [from_b(1, "one"), from_b(1, "one"), from_b(2, "two")] {
         hub.apply_remote(m).await.unwrap();

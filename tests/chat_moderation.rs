@@ -4,10 +4,11 @@
 //! operator succession, admin powers, a non-operator refused, and the abuse
 //! limits (repeated text, guests per address). One rule per test.
 
+mod proc_util;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use netkit::chat::auth::{AuthConfig, AuthMode, TokenVerifier};
 use netkit::chat::hub::{Hub, HubConfig, HubError, HubWriter, Inbox, Received, Session};
 use netkit::chat::moderation::ModerationConfig;
@@ -36,17 +37,7 @@ fn open(dir: &std::path::Path, cfg: HubConfig) -> (Hub, HubWriter) {
 }
 
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({ "sub": sub, "exp": exp }),
-        &EncodingKey::from_secret(SECRET).unwrap(),
-    )
-    .unwrap()
+    proc_util::hs256_token(SECRET, sub)
 }
 
 async fn until<T>(inbox: &mut Inbox, mut f: impl FnMut(&ServerMsg) -> Option<T>) -> T {
@@ -754,4 +745,121 @@ async fn in_broker_mode_a_notice_goes_through_the_log() {
         ]
     );
     drop(bob);
+}
+
+#[tokio::test]
+async fn a_closed_room_forgets_its_invitations() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (hub, writer) = open(dir.path(), config(&["root"]));
+        let (mut ann, mut ai) = account(&hub, "ann").await;
+        join(&mut ann, &mut ai, "dev").await;
+        ann.handle(mode("dev", "+i")).await.unwrap();
+        assert_eq!(notice(&mut ai).await.text, "ann set mode +i");
+        let (bob, bi) = account(&hub, "bob").await;
+        let invite = ClientMsg::Invite {
+            room: "dev".into(),
+            nick: "bob".into(),
+        };
+        ann.handle(invite).await.unwrap();
+        assert_eq!(notice(&mut ai).await.text, "ann invited bob to #dev");
+        let (mut root, _ri) = account(&hub, "root").await;
+        let close = ClientMsg::Close {
+            room: "dev".into(),
+            reason: None,
+        };
+        root.handle(close).await.unwrap();
+        assert_eq!(notice(&mut ai).await.text, "root closed #dev");
+        drop((bob, bi));
+        let (mut bob, _bi) = account(&hub, "bob").await;
+        assert_eq!(
+            bob.handle(join_msg("dev")).await,
+            Err(HubError::InviteOnly("dev".into()))
+        );
+        drop((ann, ai, bob, root));
+        drop(hub);
+        writer.join();
+    }
+    // Nor is the invitation back after a restart.
+    let (hub, _w) = open(dir.path(), config(&[]));
+    let (mut bob, _bi) = account(&hub, "bob").await;
+    assert_eq!(
+        bob.handle(join_msg("dev")).await,
+        Err(HubError::InviteOnly("dev".into()))
+    );
+}
+
+/// A notice of node b carrying `change` (JSON), as the relay hands it over.
+fn from_b(seq: u64, ts: i64, text: &str, change: &str) -> netkit::chat::store::LogMessage {
+    netkit::chat::store::LogMessage {
+        origin: "b/2".into(),
+        seq,
+        room: "dev".into(),
+        from: "ann".into(),
+        text: text.into(),
+        kind: MessageKind::Notice,
+        ts,
+        origin_id: seq,
+        moderation: Some(change.into()),
+    }
+}
+
+#[tokio::test]
+async fn a_ban_from_another_node_puts_the_member_out_and_the_latest_change_wins() {
+    let Room {
+        _dir,
+        hub,
+        mut ann,
+        mut ai,
+        mut bob,
+        mut bi,
+        ..
+    } = room_of_ann_and_bob().await;
+    assert!(hub.set_origin("a/1".into()));
+    let now = netkit::chat::protocol::now_ms();
+    let ban = r#"{"kind":"ban","key":"bob","addr":null,"until":null,"reason":"spam","by":"ann"}"#;
+    hub.apply_remote(from_b(1, now, "ann banned bob", ban))
+        .await
+        .unwrap();
+    assert_eq!(notice(&mut ai).await.text, "ann banned bob");
+    assert_eq!(error(&mut bi).await, "kicked");
+    assert!(bob.rooms().is_empty());
+    assert!(matches!(
+        bob.handle(join_msg("dev")).await,
+        Err(HubError::Banned(..))
+    ));
+    // Junk and malformed changes are skipped; their notices are still shown.
+    for (seq, junk) in [(2, "not json"), (3, r#"{"kind":"ban","key":""}"#)] {
+        hub.apply_remote(from_b(seq, now, "junk", junk))
+            .await
+            .unwrap();
+        assert_eq!(notice(&mut ai).await.text, "junk");
+    }
+    // An unban older than the ban (seen late, from another node) loses.
+    let unban = r#"{"kind":"unban","key":"bob"}"#;
+    hub.apply_remote(from_b(4, now - 1000, "old unban", unban))
+        .await
+        .unwrap();
+    assert_eq!(notice(&mut ai).await.text, "old unban");
+    assert!(matches!(
+        bob.handle(join_msg("dev")).await,
+        Err(HubError::Banned(..))
+    ));
+    hub.apply_remote(from_b(5, now + 1, "new unban", unban))
+        .await
+        .unwrap();
+    assert_eq!(notice(&mut ai).await.text, "new unban");
+    join(&mut bob, &mut bi, "dev").await;
+    // A local change is stamped too: an older remote one does not undo it.
+    ann.handle(mode("dev", "+m")).await.unwrap();
+    assert_eq!(notice(&mut ai).await.text, "ann set mode +m");
+    let unmoderate = r#"{"kind":"mode","moderated":false,"invite_only":false}"#;
+    hub.apply_remote(from_b(6, now - 5000, "old -m", unmoderate))
+        .await
+        .unwrap();
+    assert_eq!(notice(&mut ai).await.text, "old -m");
+    assert_eq!(
+        bob.handle(say("dev", "hi")).await,
+        Err(HubError::Moderated("dev".into()))
+    );
 }

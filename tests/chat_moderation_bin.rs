@@ -6,7 +6,6 @@ mod proc_util;
 
 use std::io::{Read, Write};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use proc_util::{LineUser, Netkit, http_get_json};
 
 const SECRET: &str = "a deployment secret of 32 bytes or more";
@@ -26,17 +25,7 @@ fn serve(dir: &std::path::Path) -> Netkit {
 }
 
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &serde_json::json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    proc_util::hs256_token(SECRET.as_bytes(), sub)
 }
 
 /// The body of `GET path` (any content type).

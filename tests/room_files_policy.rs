@@ -55,6 +55,7 @@ fn file_message(history: &mut Store, id: u64, file: &FileRef, ts: i64) {
                 kind: MessageKind::Say,
                 origin: None,
                 file: Some(file),
+                moderation: None,
             }],
             &[],
             ts,

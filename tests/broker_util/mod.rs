@@ -166,8 +166,13 @@ impl Node {
 
     /// A hub started with the broker flags `args`.
     pub async fn start_with(args: BrokerArgs) -> Node {
+        Node::start_configured(args, HubConfig::default()).await
+    }
+
+    /// A hub with settings `cfg`, started with the broker flags `args`.
+    pub async fn start_configured(args: BrokerArgs, cfg: HubConfig) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let (hub, writer) = Hub::open(dir.path(), HubConfig::default()).unwrap();
+        let (hub, writer) = Hub::open(dir.path(), cfg).unwrap();
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let meta = netkit::cluster::NodeMeta::default();
         let broker = broker::start(&args, &hub, meta, shutdown.clone(), &tracker)

@@ -564,3 +564,19 @@ pub fn recv(dir: &std::path::Path, flags: &[&str]) -> (Netkit, SocketAddr) {
     let addr = p.ready.recv.expect("recv's ready line");
     (p, addr)
 }
+
+/// An application token (HS256 with `secret`) for `sub`, valid for 10 minutes.
+pub fn hs256_token(secret: &[u8], sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap()
+}

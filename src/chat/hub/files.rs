@@ -150,6 +150,7 @@ impl Hub {
             ts: now_ms(),
             origin: None,
             file: Some(Box::new(FileShare { file, posted: tx })),
+            moderation: None,
         };
         self.writer
             .send((WriteCmd::Say(post), None))

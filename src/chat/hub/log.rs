@@ -40,6 +40,11 @@ pub struct LoggedPost {
     pub kind: MessageKind,
     /// Milliseconds since the Unix epoch, set by the sending hub.
     pub ts: i64,
+    /// For a moderation notice: the change it records (JSON), applied by
+    /// every hub in log order. Absent from the payload when `None`, so
+    /// other posts are encoded as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moderation: Option<String>,
 }
 
 /// A room topic set on one hub, as the broker carries it to the others.
@@ -116,6 +121,7 @@ impl Hub {
             ts: post.ts,
             origin,
             file: None,
+            moderation: post.moderation,
         });
         self.writer
             .send((cmd, None))

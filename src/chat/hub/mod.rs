@@ -33,6 +33,7 @@ mod login;
 mod moderation;
 mod moderation_change;
 mod moderation_cmds;
+mod moderation_sync;
 mod origin;
 mod remote;
 mod session;

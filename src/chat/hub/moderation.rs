@@ -269,6 +269,7 @@ impl Shared {
             },
             notice: None,
             in_force: true,
+            remote: false,
         };
         let sent = self
             .writer

@@ -22,6 +22,7 @@ pub(super) fn notice(client: ClientId, room: &str, by: &str, text: String) -> Po
         ts: now_ms(),
         origin: None,
         file: None,
+        moderation: None,
     }
 }
 
@@ -36,6 +37,9 @@ pub(super) struct ModWrite {
     pub(super) notice: Option<Post>,
     /// Already applied in memory (an operator the hub chose): only stored.
     pub(super) in_force: bool,
+    /// Made on another hub ([`super::moderation_sync`]): kicks and bans
+    /// put out the local members they cover.
+    pub(super) remote: bool,
 }
 
 /// What a moderation request changes.
@@ -50,8 +54,11 @@ pub(super) enum Change {
         holder: Holder,
         until: Option<Option<i64>>,
     },
+    /// A kick of a member here (`target`), or by name key of a member of
+    /// another hub (applied there).
     Kick {
-        target: ClientId,
+        target: Option<ClientId>,
+        key: String,
         reason: String,
     },
     Ban {
@@ -122,6 +129,7 @@ pub(super) fn store_change(tx: &Batch<'_>, m: &ModWrite) -> Result<(), StoreErro
         } => tx.set_modes(room, *moderated, *invite_only),
         Change::Close { .. } => {
             tx.clear_ops(room)?;
+            tx.clear_invites(room)?;
             let moderated = false;
             tx.set_modes(room, moderated, true)
         }
@@ -138,6 +146,7 @@ pub(super) fn store_change(tx: &Batch<'_>, m: &ModWrite) -> Result<(), StoreErro
 pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
     let room = m.room.as_str();
     let mut out: Vec<(ClientId, String)> = Vec::new();
+    let mut put_out = None;
     if let Some(r) = st.rooms.get_mut(room)
         && !m.in_force
     {
@@ -158,20 +167,7 @@ pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
                 Some(u) => drop(rules.mutes.insert(holder.clone(), *u)),
                 None => drop(rules.mutes.remove(holder)),
             },
-            Change::Kick { target, reason } => {
-                metrics::counter!("netkit_chat_kicks_total").increment(1);
-                out.push((*target, format!("you were kicked from #{room}{reason}")));
-            }
-            Change::Ban { key, ban, kick, .. } => {
-                metrics::counter!("netkit_chat_bans_total").increment(1);
-                rules.bans.insert(key.clone(), ban.clone());
-                if let Some(t) = kick {
-                    out.push((
-                        *t,
-                        format!("you are banned from #{room} {}", ban_terms(ban)),
-                    ));
-                }
-            }
+            Change::Kick { .. } | Change::Ban { .. } => put_out = kick_or_ban(m, rules),
             Change::Unban { key } => drop(rules.bans.remove(key)),
             Change::Mode {
                 moderated,
@@ -196,6 +192,7 @@ pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
             }
             Change::Close { reason } => {
                 rules.ops.clear();
+                rules.invites.clear();
                 rules.moderated = false;
                 rules.invite_only = true;
                 for &id in &r.members {
@@ -204,10 +201,64 @@ pub(super) fn apply_change(shared: &Shared, st: &mut State, m: &ModWrite) {
             }
         }
     }
+    match put_out {
+        Some(PutOut::Client(id, why)) => out.push((id, why)),
+        Some(PutOut::Covered(key, addr, why)) => {
+            let ids = super::moderation_sync::covered_members(shared, st, room, &key, addr);
+            out.extend(ids.into_iter().map(|id| (id, why.clone())));
+        }
+        None => {}
+    }
     for (id, why) in out {
         shared.put_out_locked(st, id, room, why);
     }
     shared.send_modes(st, room);
+}
+
+/// Who a kick or a ban puts out, and why.
+enum PutOut {
+    /// Its target, a client of this hub.
+    Client(ClientId, String),
+    /// The local members a name key (and address) covers: a change from
+    /// another hub, or a kick of a member of another hub.
+    Covered(String, Option<std::net::IpAddr>, String),
+}
+
+/// A kick or ban: the ban goes into `rules`, it is counted (where it was
+/// made), and whom it puts out.
+fn kick_or_ban(m: &ModWrite, rules: &mut Rules) -> Option<PutOut> {
+    let room = m.room.as_str();
+    match &m.change {
+        Change::Kick {
+            target,
+            key,
+            reason,
+        } => {
+            if !m.remote {
+                metrics::counter!("netkit_chat_kicks_total").increment(1);
+            }
+            let why = format!("you were kicked from #{room}{reason}");
+            Some(match target {
+                Some(t) => PutOut::Client(*t, why),
+                None => PutOut::Covered(key.clone(), None, why),
+            })
+        }
+        Change::Ban { key, ban, kick, .. } => {
+            if !m.remote {
+                metrics::counter!("netkit_chat_bans_total").increment(1);
+            }
+            rules.bans.insert(key.clone(), ban.clone());
+            let why = format!("you are banned from #{room} {}", ban_terms(ban));
+            match kick {
+                Some(t) => Some(PutOut::Client(*t, why)),
+                None if m.remote && ban.active(now_ms()) => {
+                    Some(PutOut::Covered(key.clone(), ban.addr, why))
+                }
+                None => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 impl Shared {

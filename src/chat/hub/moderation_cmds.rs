@@ -122,13 +122,16 @@ pub(super) fn parse_mode(
 }
 
 /// The target of a role, mute or invite: a connected nick's holder, or a
-/// registered account's; its client if connected.
+/// registered account's (or a user's of another hub, by account); its
+/// client if connected here.
 pub(super) fn target(st: &State, nick: &str) -> Result<(Holder, Option<ClientId>), HubError> {
     let key = name_key(nick);
     if let Some(&id) = st.nicks.get(&key) {
         return Ok((holder(st, id), Some(id)));
     }
-    if st.registered.contains(&key) {
+    // A registered account here, or a user of another hub (roles, mutes
+    // and invitations cross hubs by account; a guest there holds none).
+    if st.registered.contains(&key) || st.remote.has_nick(nick) {
         return Ok((Holder::Account(key), None));
     }
     Err(HubError::NoSuchUser(super::truncate(nick)))
@@ -222,6 +225,7 @@ impl Session {
             text: n.text,
             kind: n.kind,
             ts: n.ts,
+            moderation: n.moderation,
         };
         self.hub.say_logged(&log, post).await
     }
@@ -271,12 +275,15 @@ impl Session {
             }
             other => plan_targeted(st, room, &me, other)?,
         };
+        let mut notice = notice(self.id, room, &me, text);
+        notice.moderation = super::moderation_sync::ModAction::of(&change).map(|a| a.to_json());
         Ok(ModWrite {
             client: self.id,
             room: room.to_string(),
             change,
-            notice: Some(notice(self.id, room, &me, text)),
+            notice: Some(notice),
             in_force: false,
+            remote: false,
         })
     }
 
@@ -290,21 +297,46 @@ impl Session {
         reason: &Option<String>,
     ) -> Result<(Change, String), HubError> {
         let shared = &self.hub.shared;
-        let id = st
+        let key = name_key(nick);
+        let local = st
             .nicks
-            .get(&name_key(nick))
+            .get(&key)
             .copied()
-            .filter(|id| st.rooms.get(room).is_some_and(|r| r.members.contains(id)))
-            .ok_or_else(|| HubError::NotInRoom(super::truncate(nick), room.to_string()))?;
+            .filter(|id| st.rooms.get(room).is_some_and(|r| r.members.contains(id)));
+        let why = because(reason);
+        let Some(id) = local else {
+            // A member on another hub: that hub puts it out.
+            let member = st
+                .remote
+                .rooms
+                .get(room)
+                .and_then(|set| set.iter().find(|m| name_key(&m.nick) == key))
+                .ok_or_else(|| HubError::NotInRoom(super::truncate(nick), room.to_string()))?;
+            let text = format!("{me} kicked {} from #{room}{why}", member.nick);
+            let target = None;
+            let reason = why;
+            return Ok((
+                Change::Kick {
+                    target,
+                    key,
+                    reason,
+                },
+                text,
+            ));
+        };
         if shared.is_admin(st, id) && !shared.is_admin(st, self.id) {
             return Err(HubError::NotAdmin);
         }
         let who = nick_of(st, id);
-        let why = because(reason);
         let text = format!("{me} kicked {who} from #{room}{why}");
         Ok((
             Change::Kick {
-                target: id,
+                target: Some(id),
+                key: st
+                    .clients
+                    .get(&id)
+                    .and_then(|c| c.login.clone())
+                    .unwrap_or(key),
                 reason: why,
             },
             text,

@@ -153,6 +153,7 @@ impl Hub {
                     ts: m.ts,
                     origin,
                     file: None,
+                    moderation: m.moderation,
                 }),
                 None,
             ))

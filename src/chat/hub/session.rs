@@ -470,6 +470,7 @@ impl Session {
             ts: now_ms(),
             origin: None,
             file: None,
+            moderation: None,
         }))
         .await
     }
@@ -495,6 +496,7 @@ impl Session {
             text,
             kind,
             ts: now_ms(),
+            moderation: None,
         };
         self.hub.say_logged(log, post).await
     }

@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::moderation::ModWrite;
+use super::moderation_sync;
 use super::origin::{REMOTE, RemoteOrigin, members_past_floors, message_origin};
 use super::{ClientId, Event, HubConfig, HubError, Shared, State, member_nicks_upto, truncate};
 use crate::chat::protocol::{ChatMessage, MessageKind, PresenceEvent, ServerMsg, now_ms};
@@ -32,6 +34,10 @@ pub(super) struct Post {
     pub(super) origin: Option<RemoteOrigin>,
     /// For a file message: the file, and who waits to hear how it went.
     pub(super) file: Option<Box<super::files::FileShare>>,
+    /// For a moderation notice: the change it records, as JSON
+    /// ([`super::moderation_sync::ModAction`]); applied here too when the
+    /// notice comes from another hub.
+    pub(super) moderation: Option<String>,
 }
 
 /// A command for the writer thread.
@@ -135,6 +141,9 @@ struct Outcome {
     allowed: Vec<bool>,
     ids: Vec<u64>,
     failure: Option<String>,
+    /// By place in the batch: the moderation changes that notices from
+    /// other hubs carried, stored with them, to apply after theirs.
+    changes: HashMap<usize, ModWrite>,
 }
 
 /// The writer thread: takes commands in batches, assigns ids, commits the batch
@@ -188,12 +197,12 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Que
 fn process_batch(shared: &Shared, store: &mut Store, heads: &mut Heads, batch: &[WriteCmd]) {
     let started = std::time::Instant::now();
     let allowed = check_members(shared, batch);
-    let outcome = commit(shared, store, heads, batch, allowed, started);
+    let mut outcome = commit(shared, store, heads, batch, allowed, started);
     if let Some(seq) = heads.local_seq {
         shared.local_log_reaches(seq);
     }
     let joins = prepare_joins(shared, store, &heads.ids, batch, &outcome);
-    apply(shared, batch, &outcome, joins);
+    apply(shared, batch, &mut outcome, joins);
 }
 
 /// Per command, whether it may go ahead: a message or a topic needs its
@@ -236,8 +245,10 @@ fn commit(
 ) -> Outcome {
     let mut next = heads.clone();
     let mut ids = Vec::with_capacity(batch.len());
+    let mut changes = HashMap::new();
+    let mut out = (&mut ids, &mut changes);
     let written = load_local_seq(shared, store, &mut next)
-        .and_then(|()| write(shared, store, batch, &allowed, &mut next, &mut ids));
+        .and_then(|()| write(shared, store, batch, &allowed, &mut next, &mut out));
     let failure = match written {
         Ok(()) => {
             *heads = next;
@@ -249,6 +260,7 @@ fn commit(
                 batch.len()
             );
             ids.resize(batch.len(), 0);
+            changes.clear();
             Some(e.to_string())
         }
     };
@@ -258,6 +270,7 @@ fn commit(
         allowed,
         ids,
         failure,
+        changes,
     }
 }
 
@@ -269,21 +282,34 @@ fn load_local_seq(shared: &Shared, store: &Store, heads: &mut Heads) -> Result<(
     Ok(())
 }
 
-/// The batch's transaction: each allowed command in order, its id pushed to `ids`.
+/// The batch's transaction: each allowed command in order, its id pushed to
+/// `out.0`, and the moderation changes of other hubs' notices to `out.1`.
 fn write(
     shared: &Shared,
     store: &mut Store,
     batch: &[WriteCmd],
     allowed: &[bool],
     next: &mut Heads,
-    ids: &mut Vec<u64>,
+    out: &mut (&mut Vec<u64>, &mut HashMap<usize, ModWrite>),
 ) -> Result<(), StoreError> {
     let now = now_ms();
     let tx = store.batch()?;
-    for (cmd, &ok) in batch.iter().zip(allowed) {
+    // Gossip: hubs see changes in different orders, so the latest wins;
+    // a broker's log has one order, which every hub follows.
+    let lww = shared.room_log.get().is_none();
+    for (i, (cmd, &ok)) in batch.iter().zip(allowed).enumerate() {
         let id = match cmd {
             _ if !ok => 0,
-            WriteCmd::Say(post) => write_say(&tx, shared, post, next, now)?,
+            WriteCmd::Say(post) => {
+                let id = write_say(&tx, shared, post, next, now)?;
+                if id != 0
+                    && post.client == REMOTE
+                    && let Some(m) = moderation_sync::remote_change(&tx, post, lww)?
+                {
+                    out.1.insert(i, m);
+                }
+                id
+            }
             WriteCmd::Join { room, .. } => {
                 tx.create_room(room, now)?;
                 *next.ids.entry(room.clone()).or_insert(0)
@@ -294,6 +320,7 @@ fn write(
             }
             WriteCmd::Moderate(m) => {
                 super::moderation::store_change(&tx, m)?;
+                moderation_sync::stamp_local(&tx, m, shared.origin.get().map(String::as_str))?;
                 match m.notice() {
                     Some(n) => write_say(&tx, shared, n, next, now)?,
                     None => 0,
@@ -301,7 +328,7 @@ fn write(
             }
             WriteCmd::Sync(_) => 0,
         };
-        ids.push(id);
+        out.0.push(id);
     }
     tx.commit()
 }
@@ -346,6 +373,7 @@ fn write_say(
         kind: post.kind,
         origin,
         file: post.file.as_ref().map(|f| &f.file),
+        moderation: post.moderation.as_deref(),
     })?;
     if !stored {
         return Ok(0);
@@ -470,15 +498,22 @@ fn logged_holds(store: &Store, room: &str, id: u64) -> bool {
 /// Applies a committed (or failed) batch in order under the member lock:
 /// messages fan out, joins take effect, topics change; a refused command or
 /// one the failure lost is answered with an error.
-fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Option<PreparedJoin>>) {
+fn apply(
+    shared: &Shared,
+    batch: &[WriteCmd],
+    outcome: &mut Outcome,
+    joins: Vec<Option<PreparedJoin>>,
+) {
     let mut st = shared.lock();
     let mut stored = 0u64;
+    let mut changes = std::mem::take(&mut outcome.changes);
     let steps = batch
         .iter()
         .zip(&outcome.ids)
         .zip(joins)
-        .zip(&outcome.allowed);
-    for (((cmd, &id), join), &ok) in steps {
+        .zip(&outcome.allowed)
+        .enumerate();
+    for (i, (((cmd, &id), join), &ok)) in steps {
         if let Some((client, e)) = refusal(cmd, ok, outcome.failure.as_deref()) {
             if let WriteCmd::Say(Post { file: Some(f), .. }) = cmd {
                 f.answer(Err(e.clone()));
@@ -492,6 +527,9 @@ fn apply(shared: &Shared, batch: &[WriteCmd], outcome: &Outcome, joins: Vec<Opti
             WriteCmd::Say(post) => {
                 stored += 1;
                 apply_say(shared, &mut st, post, id);
+                if let Some(m) = changes.remove(&i) {
+                    super::moderation::apply_change(shared, &mut st, &m);
+                }
             }
             WriteCmd::Sync(done) => done.notify_one(),
             WriteCmd::Join { client, room, .. } => {

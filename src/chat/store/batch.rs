@@ -79,8 +79,8 @@ impl Batch<'_> {
         let origin = m.origin.as_ref();
         self.tx
             .prepare_cached(
-                "INSERT INTO messages (room, id, nick, text, ts_ms, kind, origin, origin_id, origin_seq, file)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                "INSERT INTO messages (room, id, nick, text, ts_ms, kind, origin, origin_id, origin_seq, file, moderation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (origin, origin_seq) WHERE origin_seq IS NOT NULL DO NOTHING",
             )
             .and_then(|mut stmt| {
@@ -96,6 +96,7 @@ impl Batch<'_> {
                     origin.map(|o| clamp(o.seq)),
                     m.file
                         .map(|f| serde_json::to_string(f).expect("a file always serializes")),
+                    m.moderation,
                 ])
             })
             .map(|changed| changed == 1)

@@ -18,13 +18,15 @@ const RETIRED_FILE: &str = "relay.sqlite3.migrated";
 
 /// Columns the history gained over time, with their types: a database made
 /// before one gets it at start (its old rows hold `NULL`).
-const ORIGIN_COLUMNS: [(&str, &str); 4] = [
+const ORIGIN_COLUMNS: [(&str, &str); 5] = [
     ("origin", "TEXT"),
     ("origin_id", "INTEGER"),
     ("origin_seq", "INTEGER"),
     // Not an origin column: the file a file message shares (JSON), added by
     // the same upgrade path.
     ("file", "TEXT"),
+    // The moderation change a notice carries (JSON), for the other nodes.
+    ("moderation", "TEXT"),
 ];
 
 /// What importing an old relay store did, row by row of it.

@@ -71,6 +71,9 @@ pub struct NewMessage<'a> {
     pub origin: Option<Origin<'a>>,
     /// The file a file message shares (stored as JSON).
     pub file: Option<&'a FileRef>,
+    /// For a moderation notice: the change it records (JSON), which every
+    /// node storing the notice applies ([`LogMessage::moderation`]).
+    pub moderation: Option<&'a str>,
 }
 
 /// Where a message comes from in the cluster log.
@@ -110,6 +113,12 @@ pub struct LogMessage {
     /// Appended last: nodes that predate it cannot decode messages from
     /// nodes that have it, and the reverse; upgrade every node together.
     pub origin_id: u64,
+    /// For a moderation notice: the change it records, as JSON, applied by
+    /// every node that stores the notice. Appended after `origin_id`: a node
+    /// that predates it decodes these messages (postcard ignores the
+    /// trailing bytes) and drops the change; messages from such a node lack
+    /// it and are read as `None` (see the relay's packet decoding).
+    pub moderation: Option<String>,
 }
 
 /// What a resume by origin vector ([`Store::since`]) finds.
@@ -287,7 +296,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT origin, origin_seq, room, nick, text, kind, ts_ms, origin_id FROM messages
+                "SELECT origin, origin_seq, room, nick, text, kind, ts_ms, origin_id, moderation FROM messages
                  WHERE origin = ?1 AND origin_seq > ?2 ORDER BY origin_seq LIMIT ?3",
             )
             .map_err(|e| self.err(e))?;
@@ -303,6 +312,7 @@ impl Store {
                     kind: MessageKind::from_db(&r.get::<_, String>(5)?),
                     ts: r.get(6)?,
                     origin_id: r.get::<_, Option<i64>>(7)?.unwrap_or(0).max(0) as u64,
+                    moderation: r.get(8)?,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -535,6 +545,7 @@ mod tests {
             kind: MessageKind::Say,
             origin: None,
             file: None,
+            moderation: None,
         }
     }
 

@@ -37,6 +37,13 @@ pub(super) fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
              key TEXT NOT NULL,
              PRIMARY KEY (room, key)
          ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS room_rule_clock (
+             room TEXT NOT NULL,
+             rule TEXT NOT NULL,
+             ts_ms INTEGER NOT NULL,
+             origin TEXT NOT NULL,
+             PRIMARY KEY (room, rule)
+         ) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS room_modes (
              room TEXT PRIMARY KEY,
              moderated INTEGER NOT NULL DEFAULT 0,
@@ -46,7 +53,8 @@ pub(super) fn create_tables(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// A role an account holds in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Operator: may moderate the room.
     Op,
@@ -276,5 +284,33 @@ impl Batch<'_> {
             "DELETE FROM room_roles WHERE room = ?1 AND role = 'op'",
             params![room],
         )
+    }
+
+    /// Takes back every invitation to a room (a closed room).
+    pub fn clear_invites(&self, room: &str) -> Result<(), StoreError> {
+        self.exec("DELETE FROM room_invites WHERE room = ?1", params![room])
+    }
+
+    /// Last writer wins: records that `rule` of `room` (e.g. `ban:KEY`) was
+    /// last changed at `(ts_ms, origin)` and returns true, unless a change
+    /// stored before is later (or the same), then returns false.
+    pub fn newer_rule(
+        &self,
+        room: &str,
+        rule: &str,
+        ts_ms: i64,
+        origin: &str,
+    ) -> Result<bool, StoreError> {
+        let changed = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO room_rule_clock (room, rule, ts_ms, origin) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (room, rule) DO UPDATE SET ts_ms = excluded.ts_ms,
+                                                       origin = excluded.origin
+                 WHERE (excluded.ts_ms, excluded.origin) > (room_rule_clock.ts_ms, room_rule_clock.origin)",
+            )
+            .and_then(|mut stmt| stmt.execute(params![room, rule, ts_ms, origin]))
+            .map_err(|e| self.err(e))?;
+        Ok(changed == 1)
     }
 }

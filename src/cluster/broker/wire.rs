@@ -184,6 +184,7 @@ mod tests {
             text: "hi".into(),
             kind: MessageKind::Me,
             ts: 7,
+            moderation: None,
         }
     }
 

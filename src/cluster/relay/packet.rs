@@ -77,9 +77,25 @@ impl RelayPacket {
     /// Parses a datagram; `None` if it is not a relay packet or is malformed.
     pub fn decode(data: &[u8]) -> Option<RelayPacket> {
         match data.split_first() {
-            Some((&MAGIC, rest)) => postcard::from_bytes(rest).ok(),
+            Some((&MAGIC, rest)) => RelayPacket::decode_body(rest),
             _ => None,
         }
+    }
+
+    /// Parses a packet's postcard bytes. A message from a node that
+    /// predates [`RelayedMessage::moderation`] (its last field) lacks the
+    /// field's byte: it is read as a message without a change.
+    pub fn decode_body(body: &[u8]) -> Option<RelayPacket> {
+        if let Ok(p) = postcard::from_bytes(body) {
+            return Some(p);
+        }
+        // Variant 0 is `Msg`; `None` is a single 0 byte.
+        if body.first() != Some(&0) {
+            return None;
+        }
+        let mut legacy = body.to_vec();
+        legacy.push(0);
+        postcard::from_bytes(&legacy).ok()
     }
 }
 
@@ -118,5 +134,36 @@ mod tests {
         let mut huge = vec![MAGIC, 6, 3, 0xff, 0xff, 0xff, 0xff, 0x0f];
         huge.extend([0u8; 16]);
         assert_eq!(RelayPacket::decode(&huge), None);
+    }
+
+    #[test]
+    fn messages_with_and_without_a_moderation_change_decode() {
+        use crate::chat::protocol::MessageKind;
+        let m = RelayedMessage {
+            origin: "b/2".into(),
+            seq: 3,
+            room: "dev".into(),
+            from: "ann".into(),
+            text: "ann banned bob".into(),
+            kind: MessageKind::Notice,
+            ts: 9,
+            origin_id: 4,
+            moderation: Some(r#"{"kind":"unban","key":"bob"}"#.into()),
+        };
+        let with = RelayPacket::Msg(m.clone());
+        assert_eq!(RelayPacket::decode(&with.encode()), Some(with));
+        // From a node that predates the field: the same bytes, minus the
+        // last one (`None`), read as a message without a change.
+        let without = RelayPacket::Msg(RelayedMessage {
+            moderation: None,
+            ..m
+        });
+        let mut legacy = without.encode();
+        assert_eq!(legacy.pop(), Some(0));
+        assert_eq!(RelayPacket::decode(&legacy), Some(without));
+        // Other packets get no such help.
+        let mut summary = RelayPacket::Summary(vec![("a".into(), 1)]).encode();
+        summary.pop();
+        assert_eq!(RelayPacket::decode(&summary), None);
     }
 }

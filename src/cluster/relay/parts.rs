@@ -95,7 +95,7 @@ impl<P: Ord + Clone> Reassembly<P> {
         }
         let (_, _, pieces) = self.pending.remove(&key)?;
         let body: Vec<u8> = pieces.into_values().flatten().collect();
-        match postcard::from_bytes(&body).ok()? {
+        match RelayPacket::decode_body(&body)? {
             RelayPacket::Part { .. } => None,
             packet => Some(packet),
         }
@@ -119,6 +119,7 @@ mod tests {
             kind: MessageKind::Me,
             ts: 5,
             origin_id: 9,
+            moderation: None,
         });
         let mut pieces = split(&big, 42);
         assert!(pieces.len() >= 8, "{} pieces", pieces.len());

@@ -87,6 +87,7 @@ impl Sim {
             kind: MessageKind::Say,
             ts: 0,
             origin_id: 1,
+            moderation: None,
         }
     }
 
@@ -289,6 +290,7 @@ fn duplicates_own_messages_and_garbage_are_ignored() {
         kind: MessageKind::Say,
         ts: 0,
         origin_id: seq,
+        moderation: None,
     };
     let now = Duration::ZERO;
     assert_eq!(
