@@ -83,7 +83,7 @@ pub async fn messages(
     // error falls through to the blocking read, which reports it.
     let newest = q.after.is_none() && q.before.is_none();
     if newest
-        && let Ok(version) = app.hub.data_version_now()
+        && let Ok(version) = app.hub.history_version_now()
         && let Some(body) = app.pages.get(&room, limit, version)
     {
         return json_response(body);

@@ -9,38 +9,51 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use crate::chat::hub::HistoryVersion;
+
 /// Most bytes of JSON kept for all rooms together.
 const MAX_BYTES: usize = 32 << 20;
 
-/// The cached newest pages, by room.
-#[derive(Debug, Default)]
-pub struct PageCache {
-    inner: Mutex<Inner>,
+/// The cached newest pages, by room, each with the version (`V`) it was read at.
+#[derive(Debug)]
+pub struct PageCache<V = HistoryVersion> {
+    inner: Mutex<Inner<V>>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    rooms: HashMap<String, Page>,
+impl<V> Default for PageCache<V> {
+    fn default() -> Self {
+        PageCache {
+            inner: Mutex::new(Inner {
+                rooms: HashMap::new(),
+                bytes: 0,
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<V> {
+    rooms: HashMap<String, Page<V>>,
     bytes: usize,
 }
 
 #[derive(Debug)]
-struct Page {
+struct Page<V> {
     limit: usize,
-    version: i64,
+    version: V,
     body: Bytes,
 }
 
-impl PageCache {
+impl<V: PartialEq> PageCache<V> {
     /// The body of `room`'s newest `limit` messages if it was read at `version`.
-    pub fn get(&self, room: &str, limit: usize, version: i64) -> Option<Bytes> {
+    pub fn get(&self, room: &str, limit: usize, version: V) -> Option<Bytes> {
         let inner = self.lock();
         let p = inner.rooms.get(room)?;
         (p.limit == limit && p.version == version).then(|| p.body.clone())
     }
 
     /// Keeps `body`, `room`'s newest `limit` messages read at `version`.
-    pub fn put(&self, room: &str, limit: usize, version: i64, body: Bytes) {
+    pub fn put(&self, room: &str, limit: usize, version: V, body: Bytes) {
         let mut inner = self.lock();
         if body.len() > MAX_BYTES / 4 {
             return;
@@ -63,7 +76,7 @@ impl PageCache {
         );
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<V>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -74,7 +87,7 @@ mod tests {
 
     #[test]
     fn a_page_is_served_only_at_its_version_and_limit() {
-        let c = PageCache::default();
+        let c = PageCache::<u32>::default();
         assert!(c.get("r", 50, 1).is_none());
         c.put("r", 50, 1, Bytes::from_static(b"one"));
         assert_eq!(c.get("r", 50, 1).unwrap(), "one");
@@ -88,7 +101,7 @@ mod tests {
 
     #[test]
     fn the_bytes_stay_bounded() {
-        let c = PageCache::default();
+        let c = PageCache::<u32>::default();
         let big = Bytes::from(vec![b'x'; MAX_BYTES / 4]);
         for i in 0..10 {
             c.put(&format!("room{i}"), 50, 1, big.clone());

@@ -1,13 +1,14 @@
 //! Reading the stored history through the hub's reader connection: pages of
-//! a room ([`Hub::history`]), and the store's data version, so that a cache
-//! of pages can tell when one is stale ([`Hub::history_versioned`],
-//! [`Hub::data_version_now`]).
+//! a room ([`Hub::history`]), and the version of the stored messages, so that
+//! a cache of pages can tell when one is stale ([`Hub::history_versioned`],
+//! [`Hub::history_version_now`]).
 
 use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
 
 use super::{Hub, Store};
 use crate::chat::protocol::ChatMessage;
-use crate::chat::store::StoreError;
+use crate::chat::store::{StoreError, message_commits};
 
 impl Hub {
     /// Stored messages of `room`, oldest first. With `after` alone it pages
@@ -24,34 +25,74 @@ impl Hub {
         page(&self.shared.reader(), room, after, before, limit)
     }
 
-    /// [`Hub::history`] and the store's data version read just before it:
-    /// the page holds everything committed up to that version (and perhaps
-    /// more), so a page kept with it is current while the version is the same.
-    /// Blocking: call it from `spawn_blocking`.
+    /// [`Hub::history`] and the version of the stored messages read just
+    /// before it: the page holds everything committed up to that version (and
+    /// perhaps more), so a page kept with it is current while
+    /// [`Hub::history_version_now`] returns the same. Blocking: call it from
+    /// `spawn_blocking`.
     pub fn history_versioned(
         &self,
         room: &str,
         after: Option<u64>,
         before: Option<u64>,
         limit: usize,
-    ) -> Result<(i64, Vec<ChatMessage>), StoreError> {
-        // Read first, on the connection that [`Hub::data_version_now`] asks.
-        let version = self.versions().data_version()?;
+    ) -> Result<(HistoryVersion, Vec<ChatMessage>), StoreError> {
+        let commits = message_commits();
+        let data = self.probe().ask()?;
+        let version = HistoryVersion { commits, data };
         Ok((version, self.history(room, after, before, limit)?))
     }
 
-    /// The store's data version now ([`Store::data_version`]), as
-    /// [`Hub::history_versioned`] reads it. Cheap (no query of the data, on a
-    /// connection of its own that no page holds), so it is asked from async code.
-    pub fn data_version_now(&self) -> Result<i64, StoreError> {
-        self.versions().data_version()
+    /// The version of the stored messages now. This process's own commits
+    /// count at once (an atomic load); SQLite's `data_version`, which also
+    /// sees other processes, is asked at most once per [`RECHECK`]. Cheap
+    /// enough for async code: no query of the data, and its own connection,
+    /// which no page holds.
+    pub fn history_version_now(&self) -> Result<HistoryVersion, StoreError> {
+        let commits = message_commits();
+        let mut probe = self.probe();
+        let data = match probe.last {
+            Some((at, d)) if at.elapsed() < RECHECK => d,
+            _ => probe.ask()?,
+        };
+        Ok(HistoryVersion { commits, data })
     }
 
-    fn versions(&self) -> MutexGuard<'_, Store> {
+    fn probe(&self) -> MutexGuard<'_, VersionProbe> {
         self.shared
             .versions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How stale a kept page may be after another process (not this one)
+/// committed: the longest [`Hub::history_version_now`] goes without asking SQLite.
+pub const RECHECK: Duration = Duration::from_millis(1);
+
+/// What a kept page of history is checked against: this process's commits
+/// of messages and SQLite's `data_version` (see [`Hub::history_version_now`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryVersion {
+    commits: u64,
+    data: i64,
+}
+
+/// A connection only for `PRAGMA data_version`, and its last answer.
+pub(super) struct VersionProbe {
+    store: Store,
+    last: Option<(Instant, i64)>,
+}
+
+impl VersionProbe {
+    pub(super) fn new(store: Store) -> Self {
+        VersionProbe { store, last: None }
+    }
+
+    fn ask(&mut self) -> Result<i64, StoreError> {
+        let d = self.store.data_version()?;
+        self.last = Some((Instant::now(), d));
+        Ok(d)
     }
 }
 

@@ -59,6 +59,7 @@ use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
 pub use files::{TICKET_LIFETIME, TicketError, Uploader};
+pub use history::{HistoryVersion, RECHECK};
 pub use log::{LoggedPost, RoomLog, TopicChange};
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};
 pub use session::{Inbox, Received, Session};
@@ -441,9 +442,9 @@ struct Shared {
     stats: HubStats,
     next_client: AtomicU64,
     reader: Mutex<Store>,
-    /// A connection only for `PRAGMA data_version` ([`Hub::data_version_now`]):
+    /// A connection only for `PRAGMA data_version` ([`Hub::history_version_now`]):
     /// never held for a page, so asking it does not wait behind the reader.
-    versions: Mutex<Store>,
+    versions: Mutex<history::VersionProbe>,
     /// The newest log sequence of messages posted on this node, set after
     /// each commit (for the cluster relay, which reads them from the store).
     local_seq: tokio::sync::watch::Sender<u64>,
@@ -548,7 +549,7 @@ impl Hub {
             stats: HubStats::default(),
             next_client: AtomicU64::new(1),
             reader: Mutex::new(reader),
-            versions: Mutex::new(versions),
+            versions: Mutex::new(history::VersionProbe::new(versions)),
             local_seq: tokio::sync::watch::channel(0).0,
             presence: tokio::sync::watch::channel(0).0,
             directs: directs_tx,

@@ -120,6 +120,8 @@ impl Batch<'_> {
         let path = self.path.to_path_buf();
         self.tx
             .commit()
-            .map_err(|source| StoreError::Sqlite { path, source })
+            .map_err(|source| StoreError::Sqlite { path, source })?;
+        super::messages_committed();
+        Ok(())
     }
 }

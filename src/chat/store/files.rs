@@ -62,6 +62,7 @@ impl Store {
             changed += 1;
         }
         tx.commit().map_err(err)?;
+        super::messages_committed();
         Ok(changed)
     }
 }

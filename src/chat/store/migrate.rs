@@ -179,6 +179,7 @@ fn import(conn: &mut Connection) -> rusqlite::Result<RelayImport> {
         }
     }
     tx.commit()?;
+    super::messages_committed();
     Ok(report)
 }
 

@@ -147,6 +147,22 @@ pub struct StoredRoom {
     pub last_id: u64,
 }
 
+/// Transactions this process committed that changed stored messages (any
+/// store, any connection), counted after each commit: a cache of what the
+/// messages table held is current while this is unchanged, as far as this
+/// process's own writes go ([`Store::data_version`] covers other processes).
+static MESSAGE_COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// [`MESSAGE_COMMITS`] now.
+pub fn message_commits() -> u64 {
+    MESSAGE_COMMITS.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Counts a committed change of stored messages.
+pub(crate) fn messages_committed() {
+    MESSAGE_COMMITS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+}
+
 impl Store {
     /// Opens (creating if needed) the database `chat.sqlite3` in `dir`.
     pub fn open_in(dir: &Path) -> Result<Store, StoreError> {
