@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::Params;
+use argon2::password_hash::PasswordHash;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand_core::{OsRng, RngCore};
@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::names::name_key;
+use super::passwords::Hasher;
 use super::protocol::now_ms;
 use super::store::{DB_FILE, StoreError};
 
@@ -56,7 +57,7 @@ pub enum AccountError {
 pub struct Accounts {
     conn: Mutex<Connection>,
     path: PathBuf,
-    hasher: Argon2<'static>,
+    hasher: Hasher,
     session_ttl: Duration,
     /// A hash checked when the account does not exist, so that a login
     /// takes as long for an unknown nick as for a wrong password.
@@ -107,7 +108,7 @@ impl Accounts {
         Ok(Accounts {
             conn: Mutex::new(conn),
             path,
-            hasher: Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
+            hasher: Hasher::new(params),
             session_ttl,
             decoy: OnceLock::new(),
         })
@@ -140,12 +141,10 @@ impl Accounts {
     /// random salt); refuses a nick whose key is registered already.
     pub fn register(&self, nick: &str, password: &str) -> Result<(), AccountError> {
         check_password(password)?;
-        let salt = SaltString::generate(&mut OsRng);
         let hash = self
             .hasher
-            .hash_password(password.as_bytes(), &salt)
-            .expect("argon2 hashes any password within the length limit")
-            .to_string();
+            .hash(password.as_bytes())
+            .expect("argon2 hashes any password within the length limit");
         let inserted = self
             .conn()
             .execute(
@@ -178,10 +177,7 @@ impl Accounts {
             _ => (None, self.decoy().to_string()),
         };
         let parsed = PasswordHash::new(&phc).map_err(|_| AccountError::Wrong)?;
-        let ok = self
-            .hasher
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
+        let ok = self.hasher.verify(password.as_bytes(), &parsed);
         match registered {
             Some(n) if ok => Ok(n),
             _ => Err(AccountError::Wrong),
@@ -193,11 +189,7 @@ impl Accounts {
         self.decoy.get_or_init(|| {
             let mut pw = [0u8; 16];
             OsRng.fill_bytes(&mut pw);
-            let salt = SaltString::generate(&mut OsRng);
-            self.hasher
-                .hash_password(&pw, &salt)
-                .expect("argon2 hashes 16 bytes")
-                .to_string()
+            self.hasher.hash(&pw).expect("argon2 hashes 16 bytes")
         })
     }
 

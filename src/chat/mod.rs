@@ -15,6 +15,7 @@ pub mod hub;
 pub mod line;
 pub mod moderation;
 pub mod names;
+pub mod passwords;
 pub mod protocol;
 pub mod store;
 pub mod ws;
