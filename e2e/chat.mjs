@@ -63,6 +63,32 @@ try {
   const shared = msgs.messages.find((m) => m.file && m.file.name === fileName);
   if (!shared || got.headers()["etag"] !== `"${shared.file.blake3}"`) fail("the ETag is not the file's BLAKE3");
 
+  // An image dropped on the chat (drag and drop, as a user does from a file
+  // manager) is shared the same way, and the other page shows the server's
+  // thumbnail (320 px wide for a 400×300 picture) under the strict CSP.
+  await alice.evaluate(async () => {
+    const c = document.createElement("canvas");
+    c.width = 400; c.height = 300;
+    const g = c.getContext("2d");
+    g.fillStyle = "#3a7"; g.fillRect(0, 0, 400, 300);
+    g.fillStyle = "#fff"; g.fillRect(50, 50, 100, 100);
+    const blob = await new Promise((r) => c.toBlob(r, "image/png"));
+    const dt = new DataTransfer();
+    dt.items.add(new File([blob], "picture.png", { type: "image/png" }));
+    const chat = document.getElementById("chat");
+    chat.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    chat.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  });
+  const thumb = bob.locator("#messages li.file", { hasText: "picture.png" }).locator("img.file-thumb");
+  await thumb.waitFor({ timeout: T });
+  await bob.waitForFunction(() => {
+    const img = document.querySelector("#messages li.file img.file-thumb");
+    return img && img.complete && img.naturalWidth > 0;
+  }, null, { timeout: T });
+  const dims = await thumb.evaluate((img) => [img.naturalWidth, img.naturalHeight]);
+  if (dims[0] !== 320 || dims[1] !== 240) fail(`the thumbnail is ${dims.join("×")}, not 320×240`);
+  await carol.waitFor("<alice> shared picture.png (");
+
   await say(bob, "/me waves");
   await seeMessage(alice, "waves");
   await say(bob, "/msg alice a secret for alice");

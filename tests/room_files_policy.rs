@@ -76,6 +76,7 @@ fn put(dir: &std::path::Path, content: &[u8]) -> FileRef {
         blake3: hex,
         mime: "text/plain".into(),
         expired: false,
+        thumb: None,
     }
 }
 
@@ -86,7 +87,13 @@ fn retention_removes_old_unshared_files_and_their_messages_say_expired() {
     let mut history = Store::open_in(dir.path()).unwrap();
     let now = now_ms();
     let day = 86_400_000i64;
-    let old = put(dir.path(), b"old report");
+    let mut old = put(dir.path(), b"old report");
+    // As if it were an image with a thumbnail: both go, and the message drops the link.
+    let thumb =
+        netkit::chat::files::thumbs::path(&dir.path().join("rooms/lobby/files"), &old.blake3);
+    std::fs::create_dir_all(thumb.parent().unwrap()).unwrap();
+    std::fs::write(&thumb, b"png").unwrap();
+    old.thumb = Some(format!("http://h/thumbs/lobby/{}.png", old.blake3));
     let reshared = put(dir.path(), b"shared again lately");
     let orphan = put(dir.path(), b"never posted");
     file_message(&mut history, 1, &old, now);
@@ -112,6 +119,8 @@ fn retention_removes_old_unshared_files_and_their_messages_say_expired() {
     let msgs = history.latest("lobby", 0, u64::MAX, 10).unwrap();
     let first = msgs.iter().find(|m| m.id == 1).unwrap();
     assert!(first.file.as_ref().unwrap().expired);
+    assert_eq!(first.file.as_ref().unwrap().thumb, None);
+    assert!(!thumb.exists(), "the thumbnail goes with its file");
     assert!(first.text.contains("expired"), "{}", first.text);
     assert!(
         msgs.iter()

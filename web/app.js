@@ -108,7 +108,8 @@
     return "📄";
   }
 
-  // A file message: icon, name as a download link, size. Only http(s) links.
+  // A file message: icon, name as a download link, size, and the thumbnail
+  // of an image. Only http(s) links.
   function renderFile(f) {
     const card = document.createElement("span");
     card.className = "file-card";
@@ -126,6 +127,33 @@
     name.textContent = String(f.name);
     if (href) { name.href = href; name.setAttribute("download", String(f.name)); name.rel = "noopener"; }
     card.appendChild(name);
+    // The server's own small PNG of an image (never the image itself), asked
+    // for on this page's origin, so the img-src 'self' policy holds wherever
+    // the link's host name points.
+    let thumb = null;
+    try {
+      if (f.thumb && !f.expired) {
+        const t = new URL(String(f.thumb), location.href);
+        if (t.pathname.startsWith("/thumbs/")) thumb = t.pathname;
+      }
+    } catch { thumb = null; }
+    if (thumb) {
+      const img = document.createElement("img");
+      img.className = "file-thumb";
+      img.src = thumb;
+      img.alt = "preview of " + String(f.name);
+      img.loading = "lazy";
+      img.decoding = "async";
+      if (href) {
+        const a = document.createElement("a");
+        a.href = href; a.setAttribute("download", String(f.name)); a.rel = "noopener";
+        a.className = "file-thumb-link";
+        a.appendChild(img);
+        card.appendChild(a);
+      } else {
+        card.appendChild(img);
+      }
+    }
     const size = document.createElement("span");
     size.className = "file-size";
     size.textContent = humanSize(Number(f.size) || 0);

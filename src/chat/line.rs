@@ -971,6 +971,7 @@ mod tests {
             url: "http://127.0.0.1:8080/files/r/x/report.pdf".into(),
             mime: "application/pdf".into(),
             expired: false,
+            thumb: None,
         };
         let m = ServerMsg::Message(super::super::protocol::ChatMessage {
             room: "r".into(),

@@ -326,6 +326,10 @@ pub struct FileRef {
     /// the link is gone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub expired: bool,
+    /// A thumbnail made on the server (a PNG, longest side 320 px) for an
+    /// image; absent for other files and once the file expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumb: Option<String>,
 }
 
 impl FileRef {

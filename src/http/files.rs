@@ -40,6 +40,7 @@ pub fn routes() -> Router<AppState> {
             get(status).patch(append).delete(cancel),
         )
         .route("/files/{room}/{hash}/{name}", get(download))
+        .route("/thumbs/{room}/{file}", get(thumbnail))
 }
 
 /// Query of `POST /api/rooms/{room}/files`.
@@ -350,6 +351,54 @@ pub async fn download(
     };
     match serve_file(&path, &hash, &name, &headers).await {
         Ok(resp) => resp,
+        Err(e) => file_error(FileError::Io(e)),
+    }
+}
+
+/// `GET /thumbs/{room}/{blake3}.png`: the thumbnail the server made of an
+/// image (its own PNG, so shown inline), while the file is kept.
+pub async fn thumbnail(
+    State(app): State<AppState>,
+    Path((room, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let files = match store(&app) {
+        Ok(f) => f,
+        Err(r) => return *r,
+    };
+    let Some(hash) = file.strip_suffix(".png") else {
+        return file_error(FileError::NotFound);
+    };
+    let path = match files.thumbnail(&room, hash) {
+        Ok(p) => p,
+        Err(e) => return file_error(e),
+    };
+    let etag = format!("\"thumb-{hash}\"");
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex is a valid header"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        return resp;
+    }
+    match tokio::fs::read(&path).await {
+        Ok(png) => {
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+            *resp.body_mut() = Body::from(png);
+            resp
+        }
         Err(e) => file_error(FileError::Io(e)),
     }
 }

@@ -7,6 +7,7 @@
 mod drop;
 pub mod names;
 mod retention;
+pub mod thumbs;
 mod upload;
 
 use std::collections::HashMap;
@@ -72,6 +73,10 @@ pub struct FileArgs {
     /// the upload request.
     #[arg(long, env = "NETKIT_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Images (PNG, JPEG, GIF, WebP) up to this size get a thumbnail made
+    /// on the server, shown on the page instead of the image (0: none).
+    #[arg(long, default_value = "20MiB", value_parser = parse_size, env = "NETKIT_ROOM_FILES_THUMBNAIL_MAX_BYTES")]
+    pub room_files_thumbnail_max_bytes: u64,
 }
 
 /// The limits and policy of shared files.
@@ -95,6 +100,8 @@ pub struct FileLimits {
     pub user_daily_quota: u64,
     /// How long an unshared file is kept; `None` keeps it forever.
     pub retention: Option<Duration>,
+    /// Largest image that gets a thumbnail (0: none).
+    pub thumbnail_max_bytes: u64,
 }
 
 impl Default for FileLimits {
@@ -109,6 +116,7 @@ impl Default for FileLimits {
             public_url: None,
             user_daily_quota: 4 << 30,
             retention: None,
+            thumbnail_max_bytes: 20 << 20,
         }
     }
 }
@@ -136,6 +144,7 @@ impl FileArgs {
             user_daily_quota: self.file_user_daily_quota,
             retention: (self.room_files_retention_days > 0)
                 .then(|| Duration::from_secs(u64::from(self.room_files_retention_days) * 86_400)),
+            thumbnail_max_bytes: self.room_files_thumbnail_max_bytes,
         }
     }
 }
@@ -330,6 +339,44 @@ impl FileStore {
         &self.limits
     }
 
+    /// The thumbnail of `room`'s file `hex` (see [`thumbs`]), if any.
+    pub fn thumbnail(&self, room: &str, hex: &str) -> Result<PathBuf, FileError> {
+        self.stored(room, hex)?;
+        let path = thumbs::path(&self.files_dir(room), hex);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => Ok(path),
+            _ => Err(FileError::NotFound),
+        }
+    }
+
+    /// Makes the thumbnail of `room`'s stored file `hex` if it is an image
+    /// within the limit ([`thumbs::make`], on a blocking thread); true when
+    /// one exists. A failure to write it is logged: the file is shared without.
+    pub(crate) async fn make_thumbnail(
+        &self,
+        room: &str,
+        hex: &str,
+        mime: &str,
+        size: u64,
+    ) -> bool {
+        let (files, hex2, mime2) = (self.files_dir(room), hex.to_string(), mime.to_string());
+        let max = self.limits.thumbnail_max_bytes;
+        let made =
+            tokio::task::spawn_blocking(move || thumbs::make(&files, &hex2, &mime2, size, max))
+                .await;
+        match made {
+            Ok(Ok(made)) => made,
+            Ok(Err(e)) => {
+                tracing::warn!(room, blake3 = hex, "files: cannot write a thumbnail: {e}");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(room, blake3 = hex, "files: thumbnail task failed: {e}");
+                false
+            }
+        }
+    }
+
     /// `<root>/<room>/files`.
     fn files_dir(&self, room: &str) -> PathBuf {
         self.root.join(room).join(FILES_DIR)
@@ -502,13 +549,16 @@ impl FileStore {
         let hex = hash.to_hex().to_string();
         std::fs::create_dir_all(self.files_dir(room))?;
         let deduplicated = self.commit(room, path, &hex, size)?;
+        let mime = names::sniff(&head);
+        let thumb = self.make_thumbnail(room, &hex, &mime, size).await;
         Ok(StoredFile {
             room: room.to_string(),
             name: name.to_string(),
             size,
             blake3: hex,
-            mime: names::sniff(&head),
+            mime,
             deduplicated,
+            thumb,
         })
     }
 

@@ -77,6 +77,7 @@ impl FileStore {
         }
         history.expire_file(room, hex).map_err(io::Error::other)?;
         std::fs::remove_file(&path)?;
+        super::thumbs::remove(&self.files_dir(room), hex)?;
         if let Some(n) = used.get_mut(room) {
             *n = n.saturating_sub(meta.len());
         }

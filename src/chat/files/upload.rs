@@ -64,6 +64,8 @@ pub struct StoredFile {
     pub mime: String,
     /// True if the room already held identical content (stored once).
     pub deduplicated: bool,
+    /// True when a thumbnail was made for it ([`super::thumbs`]).
+    pub thumb: bool,
 }
 
 impl StoredFile {
@@ -79,6 +81,9 @@ impl StoredFile {
             url: format!("{base}/files/{}/{}/{name}", self.room, self.blake3),
             mime: self.mime.clone(),
             expired: false,
+            thumb: self
+                .thumb
+                .then(|| format!("{base}/thumbs/{}/{}.png", self.room, self.blake3)),
         }
     }
 }
@@ -219,6 +224,8 @@ impl FileStore {
         .await
         .map_err(|e| io::Error::other(e.to_string()))??;
         let deduplicated = self.commit(&up.room, &self.part_path(up), &hex, size)?;
+        // Made (and durable) before the message that names it is posted.
+        let thumb = self.make_thumbnail(&up.room, &hex, &mime, size).await;
         Ok(StoredFile {
             room: up.room.clone(),
             name: up.name.clone(),
@@ -226,6 +233,7 @@ impl FileStore {
             blake3: hex,
             mime,
             deduplicated,
+            thumb,
         })
     }
 }

@@ -53,6 +53,7 @@ impl Store {
                 continue;
             }
             file.expired = true;
+            file.thumb = None;
             let json = serde_json::to_string(&file).expect("a file always serializes");
             tx.execute(
                 "UPDATE messages SET file = ?1, text = ?2 WHERE room = ?3 AND id = ?4",
