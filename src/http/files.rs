@@ -384,11 +384,7 @@ pub async fn thumbnail(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, max-age=31536000, immutable"),
     );
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    {
+    if none_match(&headers, &etag) {
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         return resp;
     }
@@ -401,6 +397,14 @@ pub async fn thumbnail(
         }
         Err(e) => file_error(FileError::Io(e)),
     }
+}
+
+/// True when `If-None-Match` names `etag` (or is `*`): the client has it.
+fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
 }
 
 /// The response for a stored file: 304 when `If-None-Match` names it, 206
@@ -431,11 +435,7 @@ async fn serve_file(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, max-age=31536000, immutable"),
     );
-    if let Some(inm) = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        && inm.split(',').any(|t| t.trim() == etag || t.trim() == "*")
-    {
+    if none_match(headers, &etag) {
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         return Ok(resp);
     }
