@@ -7,13 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc rather than glibc's malloc. A password login hashes with argon2
-/// (19 MiB per hash) on a blocking thread; glibc kept those blocks in one
-/// arena per thread, and 50 concurrent logins left 796 MB resident where
-/// mimalloc leaves 91 MB (bench/chat_login, same run).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A network toolkit: TCP and UDP services and clients, address resolution,
 /// connection states, file transfer, a chat hub, and gossip membership.
 #[derive(Parser)]
