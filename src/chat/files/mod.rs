@@ -5,6 +5,7 @@
 //! Transport-agnostic: `http::files` speaks HTTP over it.
 
 mod drop;
+mod fetch;
 pub mod names;
 mod retention;
 mod upload;
