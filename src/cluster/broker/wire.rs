@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::protocol::{valid_nick, valid_room};
+use crate::chat::protocol::{FileRef, valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
 use crate::cluster::NodeMeta;
 use crate::cluster::relay::presence::Snapshot;
@@ -64,7 +64,21 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<LoggedPost, BadEntry> {
     if subject.strip_prefix(SUBJECT_PREFIX) != Some(post.room.as_str()) {
         return Err(BadEntry::Subject(subject.chars().take(80).collect()));
     }
+    if post.file.as_ref().is_some_and(|f| !valid_file(f)) {
+        return Err(BadEntry::Content);
+    }
     Ok(post)
+}
+
+/// Whether a file message's file is one a hub could have posted: a valid
+/// name, a BLAKE3 of 64 lowercase hex digits and an http(s) link.
+fn valid_file(f: &FileRef) -> bool {
+    let hex_ok = f.blake3.len() == 64
+        && f.blake3
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let url_ok = f.url.starts_with("http://") || f.url.starts_with("https://");
+    hex_ok && url_ok && crate::chat::files::names::check_name(&f.name).is_ok()
 }
 
 /// Whether `node` is a hub name netkit uses: 1 to 64 of `a-z`, `0-9`, `-`
@@ -185,6 +199,7 @@ mod tests {
             kind: MessageKind::Me,
             ts: 7,
             moderation: None,
+            file: None,
         }
     }
 
@@ -192,6 +207,49 @@ mod tests {
     fn a_post_comes_back_as_it_went() {
         let p = post("lobby");
         assert_eq!(decode(&subject("lobby"), &encode(&p)).unwrap(), p);
+    }
+
+    #[test]
+    fn a_file_message_comes_back_with_its_file_and_a_forged_one_does_not() {
+        let hex = blake3::hash(b"x").to_hex().to_string();
+        let file = FileRef {
+            name: "a.txt".into(),
+            size: 1,
+            blake3: hex.clone(),
+            url: format!("http://127.0.0.1:1/files/lobby/{hex}/a.txt"),
+            mime: "text/plain".into(),
+            expired: false,
+        };
+        let p = LoggedPost {
+            file: Some(file.clone()),
+            ..post("lobby")
+        };
+        assert_eq!(decode(&subject("lobby"), &encode(&p)).unwrap(), p);
+        // A post without a file is encoded as before (no `file` key).
+        assert!(!String::from_utf8_lossy(&encode(&post("lobby"))).contains("file"));
+        for bad in [
+            FileRef {
+                blake3: "00".into(),
+                ..file.clone()
+            },
+            FileRef {
+                url: "javascript:alert(1)".into(),
+                ..file.clone()
+            },
+            FileRef {
+                name: "../x".into(),
+                ..file.clone()
+            },
+        ] {
+            let p = LoggedPost {
+                file: Some(bad),
+                ..post("lobby")
+            };
+            assert!(matches!(
+                decode(&subject("lobby"), &encode(&p)),
+                Err(BadEntry::Content)
+            ));
+        }
     }
 
     #[test]
