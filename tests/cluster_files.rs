@@ -1,5 +1,6 @@
 //! Room files across a gossip cluster, with real `netkit serve` processes
-//! on 127.0.0.1: a file uploaded on node a is served by node b (fetched
+//! on 127.0.0.1: a file message posted on node a reaches node b with its
+//! file, and the file is served by node b (fetched
 //! once, verified, then served with the same headers, ranges included); a
 //! blob damaged on a is refused by b and nothing is kept; a node that is
 //! down gives a clear error. Every wait reads a socket or polls HTTP.
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use files_util::{Member, Resp, download, request};
-use proc_util::{ClusterNode, files_under};
+use proc_util::{ClusterNode, files_under, wait_until};
 
 /// Bytes that are not all alike, `n` of them.
 fn content(n: usize) -> Vec<u8> {
@@ -46,8 +47,18 @@ async fn a_file_uploaded_on_one_node_downloads_from_the_other_with_the_same_head
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let (a, mut b) = ClusterNode::pair(&dirs, false);
     let data = content(777_777);
-    let url = upload(&a, "report.pdf", &data).await;
+    let ann = Member::join(a.http, "ann", "lobby").await;
+    let r = ann.upload(a.http, "report.pdf", &data).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let file = r.json()["file"].clone();
+    let url = file["url"].as_str().unwrap().to_string();
     assert!(url.contains(&a.http.to_string()), "{url}");
+    // The message reaches b as a file message (its file with it).
+    wait_until("b stores the file message", Duration::from_secs(30), || {
+        b.get("/api/rooms/lobby/messages")["messages"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["file"] == file))
+    });
     assert!(kept(dirs[1].path()).is_empty(), "b holds nothing yet");
 
     // Four requests at once on b share one fetch from a.
@@ -85,7 +96,8 @@ async fn a_file_uploaded_on_one_node_downloads_from_the_other_with_the_same_head
     // A range asked first on another node also fetches the whole file, then
     // answers only the range.
     let small = content(5000);
-    let url2 = upload(&a, "small.bin", &small).await;
+    let r = ann.upload(a.http, "small.bin", &small).await;
+    let url2 = r.json()["file"]["url"].as_str().unwrap().to_string();
     let r = request(
         b.http,
         "GET",

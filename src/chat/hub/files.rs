@@ -63,6 +63,17 @@ pub enum TicketError {
     Gone(String),
 }
 
+/// Whether a file that came from another hub is one a hub could have
+/// posted: a valid name, a BLAKE3 of 64 lowercase hex digits and an http(s) link.
+pub fn plausible_file(f: &FileRef) -> bool {
+    let hex_ok = f.blake3.len() == 64
+        && f.blake3
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let url_ok = f.url.starts_with("http://") || f.url.starts_with("https://");
+    hex_ok && url_ok && crate::chat::files::names::check_name(&f.name).is_ok()
+}
+
 impl Session {
     /// Sends the client a ticket for uploading into `room`, which it must be in.
     pub fn file_ticket(&self, room: &str) -> Result<(), HubError> {

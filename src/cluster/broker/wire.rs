@@ -5,7 +5,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::protocol::{FileRef, valid_nick, valid_room};
+use crate::chat::hub::plausible_file;
+use crate::chat::protocol::{valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
 use crate::cluster::NodeMeta;
 use crate::cluster::relay::presence::Snapshot;
@@ -64,21 +65,10 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<LoggedPost, BadEntry> {
     if subject.strip_prefix(SUBJECT_PREFIX) != Some(post.room.as_str()) {
         return Err(BadEntry::Subject(subject.chars().take(80).collect()));
     }
-    if post.file.as_ref().is_some_and(|f| !valid_file(f)) {
+    if post.file.as_ref().is_some_and(|f| !plausible_file(f)) {
         return Err(BadEntry::Content);
     }
     Ok(post)
-}
-
-/// Whether a file message's file is one a hub could have posted: a valid
-/// name, a BLAKE3 of 64 lowercase hex digits and an http(s) link.
-fn valid_file(f: &FileRef) -> bool {
-    let hex_ok = f.blake3.len() == 64
-        && f.blake3
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let url_ok = f.url.starts_with("http://") || f.url.starts_with("https://");
-    hex_ok && url_ok && crate::chat::files::names::check_name(&f.name).is_ok()
 }
 
 /// Whether `node` is a hub name netkit uses: 1 to 64 of `a-z`, `0-9`, `-`
@@ -189,7 +179,7 @@ pub fn decode_topic(payload: &[u8]) -> Result<Topic, BadEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::protocol::MessageKind;
+    use crate::chat::protocol::{FileRef, MessageKind};
 
     fn post(room: &str) -> LoggedPost {
         LoggedPost {
