@@ -12,7 +12,8 @@
 //! - [`transfer`]: verified, resumable file transfer — frames ([`transfer::proto`]), untrusted names ([`transfer::names`]), the two ends ([`transfer::send`], [`transfer::recv`]) over a framed connection and the receiver's disk side, and the outcome of each entry ([`transfer::report`]).
 //! - [`chat`]: the chat hub ([`chat::hub`]), its SQLite history ([`chat::store`]), wire types ([`chat::protocol`]), WebSocket and TCP line adapters ([`chat::ws`], [`chat::line`]) and `netkit chat` ([`chat::client`]).
 //! - [`http`]: the HTTP front door: web app, `/ws`, JSON API, `/metrics`;
-//!   and `netkit get`, the download client of room files.
+//!   `netkit get`, the download client of room files; and the fetch of a
+//!   room file from another node of the cluster ([`http::files_fetch`]).
 //! - [`cluster`]: gossip membership with foca — sans-IO node ([`cluster::node`]), tokio driver ([`cluster::membership`]), packet format and sealing ([`cluster::wire`]), the chat relay between nodes ([`cluster::relay`]), presence across nodes ([`cluster::relay::presence`]), the `/api/cluster` report ([`cluster::report`]) and `netkit members` ([`cluster::members`]).
 //! - [`tls`]: one TLS acceptor (reloading certificate, handshake timeout) and client configuration (roots, CA, pin) for every door.
 //! - [`serve`]: composes the services for `netkit serve`.

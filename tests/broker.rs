@@ -127,6 +127,7 @@ async fn a_retried_publish_is_stored_once_and_garbage_is_skipped() {
         kind: MessageKind::Say,
         ts: 1,
         moderation: None,
+        file: None,
     };
     let (subject, payload) = (broker::wire::subject("lobby"), broker::wire::encode(&post));
     let first = b

@@ -899,6 +899,7 @@ async fn a_message_relayed_twice_is_stored_and_shown_once() {
         ts: 1,
         origin_id: seq + 10,
         moderation: None,
+        file: None,
     };
     for m in [from_b(1, "one"), from_b(1, "one"), from_b(2, "two")] {
         hub.apply_remote(m).await.unwrap();

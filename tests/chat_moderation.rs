@@ -801,6 +801,7 @@ fn from_b(seq: u64, ts: i64, text: &str, change: &str) -> netkit::chat::store::L
         ts,
         origin_id: seq,
         moderation: Some(change.into()),
+        file: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn state(hub: Hub, cluster: ClusterInfo) -> AppState {
         shutdown: CancellationToken::new(),
         cluster: std::sync::Arc::new(cluster),
         pages: Default::default(),
+        fetches: Default::default(),
     })
 }
 

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::AppState;
 use super::api::api_error;
+use super::files_fetch::{FETCH_HEADER, fetch_missing};
 use crate::chat::files::names::{SNIFF_LEN, content_disposition, served_type, sniff};
 use crate::chat::files::{FileError, FileStore, Progress, StoredFile, Upload};
 use crate::chat::hub::{HubError, TicketError, Uploader};
@@ -109,9 +110,9 @@ fn upload_of(
     Ok((files, by, up))
 }
 
-/// An error of the file store as a response.
-fn file_error(e: FileError) -> Response {
-    let (status, code) = match &e {
+/// The status and JSON code a file store error is answered with.
+pub(super) fn file_error_status(e: &FileError) -> (StatusCode, &'static str) {
+    match e {
         FileError::RoomClosed(_) => (StatusCode::FORBIDDEN, "files_off"),
         FileError::BadName(_) => (StatusCode::BAD_REQUEST, "bad_name"),
         FileError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
@@ -126,7 +127,12 @@ fn file_error(e: FileError) -> Response {
         FileError::Stalled(..) => (StatusCode::REQUEST_TIMEOUT, "stalled"),
         FileError::Cut(_) => (StatusCode::BAD_REQUEST, "cut"),
         FileError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_failed"),
-    };
+    }
+}
+
+/// An error of the file store as a response.
+fn file_error(e: FileError) -> Response {
+    let (status, code) = file_error_status(&e);
     let offset = match &e {
         FileError::Offset { have, .. } => Some(*have),
         FileError::Stalled(_, at) | FileError::Cut(at) => Some(*at),
@@ -347,6 +353,17 @@ pub async fn download(
     };
     let path = match files.stored(&room, &hash) {
         Ok(p) => p,
+        // Held by another hub of the cluster, perhaps: fetched once, then
+        // served from here (a hub's own fetch never fetches further).
+        Err(FileError::NotFound) if !headers.contains_key(FETCH_HEADER) => {
+            if let Err(f) = fetch_missing(&app, &files, &room, &hash, &name).await {
+                return f.response();
+            }
+            match files.stored(&room, &hash) {
+                Ok(p) => p,
+                Err(e) => return file_error(e),
+            }
+        }
         Err(e) => return file_error(e),
     };
     match serve_file(&path, &hash, &name, &headers).await {
@@ -369,7 +386,15 @@ pub async fn thumbnail(
     let Some(hash) = file.strip_suffix(".png") else {
         return file_error(FileError::NotFound);
     };
-    let path = match files.thumbnail(&room, hash) {
+    // A file another hub of the cluster holds is fetched first, as for a
+    // download; its thumbnail is then made here.
+    if matches!(files.stored(&room, hash), Err(FileError::NotFound))
+        && !headers.contains_key(FETCH_HEADER)
+        && let Err(f) = fetch_missing(&app, &files, &room, hash, hash).await
+    {
+        return f.response();
+    }
+    let path = match files.thumbnail_or_make(&room, hash).await {
         Ok(p) => p,
         Err(e) => return file_error(e),
     };

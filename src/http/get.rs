@@ -38,6 +38,12 @@ pub struct GetArgs {
     pub tls: crate::tls::ClientTlsArgs,
 }
 
+/// The server sent nothing for this long (a timeout, told apart from
+/// other failures by callers that answer 504 for it).
+#[derive(Debug, thiserror::Error)]
+#[error("the server sent nothing for {0:?}")]
+pub(crate) struct Silent(pub(crate) Duration);
+
 /// A room file's link, taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileUrl {
@@ -175,7 +181,7 @@ pub async fn get(url: &FileUrl, dest: &Path, args: &GetArgs) -> anyhow::Result<G
                 resp.status()
             );
         }
-        have = save_body(&mut resp, &part, have, &mut hasher, args.timeout).await?;
+        have = save_body(&mut resp, &part, have, &mut hasher, args.timeout, u64::MAX).await?;
     }
     finish(&part, dest, hasher.finalize(), url.blake3).await?;
     Ok(Got {
@@ -212,17 +218,20 @@ async fn request(url: &FileUrl, from: u64, args: &GetArgs) -> anyhow::Result<Res
             .tls
             .connect(tcp, &url.authority, &[b"http/1.1"], args.timeout)
             .await?;
-        send_get(tls, url, from, args.timeout).await
+        send_get(tls, url, from, args.timeout, None).await
     } else {
-        send_get(tcp, url, from, args.timeout).await
+        send_get(tcp, url, from, args.timeout, None).await
     }
 }
 
-async fn send_get<S>(
+/// Sends the GET of `url` over `stream` (bytes from `from` on, with
+/// `If-Range`), with the header `extra` if given; the answer's head within `timeout`.
+pub(crate) async fn send_get<S>(
     stream: S,
     url: &FileUrl,
     from: u64,
     timeout: Duration,
+    extra: Option<(&'static str, &'static str)>,
 ) -> anyhow::Result<Response<Incoming>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -238,6 +247,9 @@ where
     let mut req = Request::get(url.path.as_str())
         .header(header::HOST, url.authority.as_str())
         .header(header::USER_AGENT, "netkit-get");
+    if let Some((name, value)) = extra {
+        req = req.header(name, value);
+    }
     if from > 0 {
         let etag = format!("\"{}\"", url.blake3.to_hex());
         req = req
@@ -247,19 +259,21 @@ where
     let req = req.body(String::new())?;
     tokio::time::timeout(timeout, sender.send_request(req))
         .await
-        .map_err(|_| anyhow::anyhow!("{}: no answer within {timeout:?}", url.authority))?
+        .map_err(|_| anyhow::Error::from(Silent(timeout)).context(url.authority.clone()))?
         .with_context(|| format!("GET {} from {}", url.path, url.authority))
 }
 
 /// Appends the body of `resp` to `part` from byte `from` (truncating what
-/// follows), hashing it; returns the end offset. A body that breaks off
-/// leaves `part` as far as it came, for the next run to resume.
-async fn save_body(
+/// follows), hashing it; returns the end offset. A body that breaks off, or
+/// would pass `limit` bytes in all, leaves `part` as far as it came (for
+/// the next run to resume, or for the caller to remove).
+pub(crate) async fn save_body(
     resp: &mut Response<Incoming>,
     part: &Path,
     from: u64,
     hasher: &mut blake3::Hasher,
     timeout: Duration,
+    limit: u64,
 ) -> anyhow::Result<u64> {
     let file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -276,12 +290,15 @@ async fn save_body(
     let result = loop {
         let next = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
         match tokio::time::timeout(timeout, next).await {
-            Err(_) => break Err(anyhow::anyhow!("the server sent nothing for {timeout:?}")),
+            Err(_) => break Err(Silent(timeout).into()),
             Ok(None) => break Ok(()),
             Ok(Some(Err(e))) => break Err(anyhow::anyhow!("the download broke off: {e}")),
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     let data: Bytes = data;
+                    if pos.saturating_add(data.len() as u64) > limit {
+                        break Err(anyhow::anyhow!("the server sent more than {limit} bytes"));
+                    }
                     hasher.update(&data);
                     file.write_all(&data).await?;
                     pos += data.len() as u64;

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod assets;
 pub mod files;
+pub mod files_fetch;
 pub mod get;
 pub mod guard;
 pub mod host;
@@ -177,6 +178,8 @@ pub struct AppParts {
     pub cluster: Arc<ClusterInfo>,
     /// The newest page of each room's history, as last served.
     pub pages: page_cache::PageCache,
+    /// Room files being fetched from other hubs.
+    pub fetches: files_fetch::Fetches,
 }
 
 /// The router with every route and layer. The file routes ([`files::routes`])
@@ -262,6 +265,7 @@ pub async fn run(
         // Behind an Arc: axum clones the state for every request.
         cluster: Arc::new(cluster),
         pages: Default::default(),
+        fetches: Default::default(),
     });
     let sessions = state.sessions.clone();
     let header_timeout = state.config.header_timeout;

@@ -5,6 +5,7 @@
 //! Transport-agnostic: `http::files` speaks HTTP over it.
 
 mod drop;
+mod fetch;
 pub mod names;
 mod retention;
 pub mod thumbs;
@@ -347,6 +348,30 @@ impl FileStore {
             Ok(m) if m.is_file() => Ok(path),
             _ => Err(FileError::NotFound),
         }
+    }
+
+    /// The thumbnail of `room`'s stored file `hex`, made now if it is an
+    /// image within the limit that has none yet (a file this hub fetched from
+    /// another one of the cluster, whose thumbnail was made there).
+    pub async fn thumbnail_or_make(&self, room: &str, hex: &str) -> Result<PathBuf, FileError> {
+        let file = self.stored(room, hex)?;
+        if let Ok(p) = self.thumbnail(room, hex) {
+            return Ok(p);
+        }
+        let head = tokio::task::spawn_blocking(move || -> io::Result<(Vec<u8>, u64)> {
+            use std::io::Read;
+            let f = std::fs::File::open(file)?;
+            let size = f.metadata()?.len();
+            let mut head = Vec::with_capacity(names::SNIFF_LEN);
+            f.take(names::SNIFF_LEN as u64).read_to_end(&mut head)?;
+            Ok((head, size))
+        })
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))??;
+        let (head, size) = head;
+        self.make_thumbnail(room, hex, &names::sniff(&head), size)
+            .await;
+        self.thumbnail(room, hex)
     }
 
     /// Makes the thumbnail of `room`'s stored file `hex` if it is an image

@@ -21,6 +21,13 @@ pub(super) struct FileShare {
 }
 
 impl FileShare {
+    /// A file message that came from elsewhere (the broker's log): nobody
+    /// here waits to hear how it went.
+    pub(super) fn carried(file: FileRef) -> FileShare {
+        let (posted, _) = mpsc::channel(1);
+        FileShare { file, posted }
+    }
+
     /// Tells the poster how it went (it waits for exactly one answer).
     pub(super) fn answer(&self, outcome: Result<u64, HubError>) {
         let _ = self.posted.try_send(outcome);
@@ -54,6 +61,17 @@ pub enum TicketError {
     /// Its holder has disconnected or left the room.
     #[error("the ticket's holder is no longer connected to room '{0}'")]
     Gone(String),
+}
+
+/// Whether a file that came from another hub is one a hub could have
+/// posted: a valid name, a BLAKE3 of 64 lowercase hex digits and an http(s) link.
+pub fn plausible_file(f: &FileRef) -> bool {
+    let hex_ok = f.blake3.len() == 64
+        && f.blake3
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let url_ok = f.url.starts_with("http://") || f.url.starts_with("https://");
+    hex_ok && url_ok && crate::chat::files::names::check_name(&f.name).is_ok()
 }
 
 impl Session {
@@ -126,20 +144,28 @@ impl Hub {
     /// Posts the stored `file` into the uploader's room as a message from
     /// its current nick, through the writer like any message (stored before
     /// anyone is sent it); returns the message's id.
-    /// In broker mode file messages are refused: the log carries text only.
+    /// In broker mode the message goes to the log with its file (other hubs
+    /// fetch the file when asked for it) and its id is the log's sequence.
     pub async fn post_file(&self, by: &Uploader, file: FileRef) -> Result<u64, HubError> {
-        if self.shared.room_log.get().is_some() {
-            return Err(HubError::Broker(
-                "file messages do not go through the broker yet".into(),
-            ));
-        }
         let from = {
             let st = self.lock();
             match st.clients.get(&by.client) {
-                Some(c) => c.nick.clone(),
-                None => return Err(HubError::NotMember(by.room.clone())),
+                Some(c) if c.rooms.contains(&by.room) => c.nick.clone(),
+                _ => return Err(HubError::NotMember(by.room.clone())),
             }
         };
+        if let Some(log) = self.shared.room_log.get() {
+            let post = super::LoggedPost {
+                room: by.room.clone(),
+                from,
+                text: file.summary(),
+                kind: MessageKind::Say,
+                ts: now_ms(),
+                moderation: None,
+                file: Some(file),
+            };
+            return self.say_logged(log, post).await;
+        }
         let (tx, mut rx) = mpsc::channel(1);
         let post = Post {
             client: by.client,

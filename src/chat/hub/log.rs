@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::origin::{REMOTE, RemoteOrigin};
 use super::writer::{Post, WriteCmd};
 use super::{Hub, HubError, Shared};
-use crate::chat::protocol::{MessageKind, valid_nick, valid_room};
+use crate::chat::protocol::{FileRef, MessageKind, valid_nick, valid_room};
 
 /// Capacity of the queue of topics set here for the broker to carry.
 const OUTGOING_TOPICS: usize = 256;
@@ -45,6 +45,10 @@ pub struct LoggedPost {
     /// other posts are encoded as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moderation: Option<String>,
+    /// For a file message: the file it shares (fetched on demand by a hub
+    /// that does not hold it). Absent when `None`, as `moderation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileRef>,
 }
 
 /// A room topic set on one hub, as the broker carries it to the others.
@@ -120,7 +124,9 @@ impl Hub {
             kind: post.kind,
             ts: post.ts,
             origin,
-            file: None,
+            file: post
+                .file
+                .map(|f| Box::new(super::files::FileShare::carried(f))),
             moderation: post.moderation,
         });
         self.writer
@@ -136,16 +142,16 @@ impl Hub {
 
     /// Appends a local client's message to the log (failing fast with
     /// [`HubError::Broker`] when it cannot), then waits a bounded time for
-    /// this hub to apply it.
+    /// this hub to apply it; returns its sequence (its id in the room).
     pub(super) async fn say_logged(
         &self,
         log: &Arc<dyn RoomLog>,
         post: LoggedPost,
-    ) -> Result<(), HubError> {
+    ) -> Result<u64, HubError> {
         let seq = log.append(post).await.map_err(HubError::Broker)?;
         let mut applied = self.shared.logged.subscribe();
         let _ = tokio::time::timeout(OWN_APPLY_WAIT, applied.wait_for(|&v| v >= seq)).await;
-        Ok(())
+        Ok(seq)
     }
 
     /// The topics set on this hub from now on, for the broker to carry to

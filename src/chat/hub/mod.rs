@@ -58,7 +58,7 @@ use deliver::Outbox;
 use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
-pub use files::{TICKET_LIFETIME, TicketError, Uploader};
+pub use files::{TICKET_LIFETIME, TicketError, Uploader, plausible_file};
 pub use history::{HistoryVersion, RECHECK};
 pub use log::{LoggedPost, RoomLog, TopicChange};
 pub use remote::{LocalUser, MAX_ORIGIN_LEN, MAX_SINCE_ORIGINS, OutgoingDirect, RemotePresence};

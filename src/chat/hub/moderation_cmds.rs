@@ -226,8 +226,9 @@ impl Session {
             kind: n.kind,
             ts: n.ts,
             moderation: n.moderation,
+            file: None,
         };
-        self.hub.say_logged(&log, post).await
+        self.hub.say_logged(&log, post).await.map(|_| ())
     }
 
     /// Checks a request (the room, the client's powers, the target) and

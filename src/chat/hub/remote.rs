@@ -152,7 +152,7 @@ impl Hub {
                     kind: m.kind,
                     ts: m.ts,
                     origin,
-                    file: None,
+                    file: carried_file(m.file.as_deref()),
                     moderation: m.moderation,
                 }),
                 None,
@@ -435,4 +435,15 @@ pub(super) fn check_since(since: &BTreeMap<String, u64>) -> Result<(), HubError>
         )));
     }
     Ok(())
+}
+
+/// The file of a file message relayed from another node (its JSON), if it
+/// reads as one a hub could have posted; anything else leaves a text message.
+fn carried_file(json: Option<&str>) -> Option<Box<super::files::FileShare>> {
+    let file: crate::chat::protocol::FileRef = serde_json::from_str(json?).ok()?;
+    if !super::plausible_file(&file) {
+        tracing::warn!("cluster: a relayed file message's file is malformed; shown as text");
+        return None;
+    }
+    Some(Box::new(super::files::FileShare::carried(file)))
 }

@@ -497,8 +497,9 @@ impl Session {
             kind,
             ts: now_ms(),
             moderation: None,
+            file: None,
         };
-        self.hub.say_logged(log, post).await
+        self.hub.say_logged(log, post).await.map(|_| ())
     }
 
     /// Sends `text` to the user `to` only (and echoes it to the sender).

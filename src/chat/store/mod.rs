@@ -119,6 +119,10 @@ pub struct LogMessage {
     /// trailing bytes) and drops the change; messages from such a node lack
     /// it and are read as `None` (see the relay's packet decoding).
     pub moderation: Option<String>,
+    /// For a file message: the file it shares, as JSON (the `file` column).
+    /// Appended after `moderation`, the same way: older nodes ignore it,
+    /// and a message from them is read as `None`.
+    pub file: Option<String>,
 }
 
 /// What a resume by origin vector ([`Store::since`]) finds.
@@ -312,7 +316,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT origin, origin_seq, room, nick, text, kind, ts_ms, origin_id, moderation FROM messages
+                "SELECT origin, origin_seq, room, nick, text, kind, ts_ms, origin_id, moderation, file FROM messages
                  WHERE origin = ?1 AND origin_seq > ?2 ORDER BY origin_seq LIMIT ?3",
             )
             .map_err(|e| self.err(e))?;
@@ -329,6 +333,7 @@ impl Store {
                     ts: r.get(6)?,
                     origin_id: r.get::<_, Option<i64>>(7)?.unwrap_or(0).max(0) as u64,
                     moderation: r.get(8)?,
+                    file: r.get(9)?,
                 })
             })
             .map_err(|e| self.err(e))?;

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::hub::plausible_file;
 use crate::chat::protocol::{valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
 use crate::cluster::NodeMeta;
@@ -63,6 +64,9 @@ pub fn decode(subject: &str, payload: &[u8]) -> Result<LoggedPost, BadEntry> {
     }
     if subject.strip_prefix(SUBJECT_PREFIX) != Some(post.room.as_str()) {
         return Err(BadEntry::Subject(subject.chars().take(80).collect()));
+    }
+    if post.file.as_ref().is_some_and(|f| !plausible_file(f)) {
+        return Err(BadEntry::Content);
     }
     Ok(post)
 }
@@ -175,7 +179,7 @@ pub fn decode_topic(payload: &[u8]) -> Result<Topic, BadEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::protocol::MessageKind;
+    use crate::chat::protocol::{FileRef, MessageKind};
 
     fn post(room: &str) -> LoggedPost {
         LoggedPost {
@@ -185,6 +189,7 @@ mod tests {
             kind: MessageKind::Me,
             ts: 7,
             moderation: None,
+            file: None,
         }
     }
 
@@ -192,6 +197,50 @@ mod tests {
     fn a_post_comes_back_as_it_went() {
         let p = post("lobby");
         assert_eq!(decode(&subject("lobby"), &encode(&p)).unwrap(), p);
+    }
+
+    #[test]
+    fn a_file_message_comes_back_with_its_file_and_a_forged_one_does_not() {
+        let hex = blake3::hash(b"x").to_hex().to_string();
+        let file = FileRef {
+            name: "a.txt".into(),
+            size: 1,
+            blake3: hex.clone(),
+            url: format!("http://127.0.0.1:1/files/lobby/{hex}/a.txt"),
+            mime: "text/plain".into(),
+            expired: false,
+            thumb: None,
+        };
+        let p = LoggedPost {
+            file: Some(file.clone()),
+            ..post("lobby")
+        };
+        assert_eq!(decode(&subject("lobby"), &encode(&p)).unwrap(), p);
+        // A post without a file is encoded as before (no `file` key).
+        assert!(!String::from_utf8_lossy(&encode(&post("lobby"))).contains("file"));
+        for bad in [
+            FileRef {
+                blake3: "00".into(),
+                ..file.clone()
+            },
+            FileRef {
+                url: "javascript:alert(1)".into(),
+                ..file.clone()
+            },
+            FileRef {
+                name: "../x".into(),
+                ..file.clone()
+            },
+        ] {
+            let p = LoggedPost {
+                file: Some(bad),
+                ..post("lobby")
+            };
+            assert!(matches!(
+                decode(&subject("lobby"), &encode(&p)),
+                Err(BadEntry::Content)
+            ));
+        }
     }
 
     #[test]

@@ -83,8 +83,9 @@ impl RelayPacket {
     }
 
     /// Parses a packet's postcard bytes. A message from a node that
-    /// predates [`RelayedMessage::moderation`] (its last field) lacks the
-    /// field's byte: it is read as a message without a change.
+    /// predates [`RelayedMessage::file`] (its last field) lacks the field's
+    /// byte, and one from a node that also predates
+    /// [`RelayedMessage::moderation`] lacks two: they are read as `None`.
     pub fn decode_body(body: &[u8]) -> Option<RelayPacket> {
         if let Ok(p) = postcard::from_bytes(body) {
             return Some(p);
@@ -93,9 +94,11 @@ impl RelayPacket {
         if body.first() != Some(&0) {
             return None;
         }
-        let mut legacy = body.to_vec();
-        legacy.push(0);
-        postcard::from_bytes(&legacy).ok()
+        (1..=2).find_map(|missing| {
+            let mut legacy = body.to_vec();
+            legacy.resize(body.len() + missing, 0);
+            postcard::from_bytes(&legacy).ok()
+        })
     }
 }
 
@@ -149,6 +152,7 @@ mod tests {
             ts: 9,
             origin_id: 4,
             moderation: Some(r#"{"kind":"unban","key":"bob"}"#.into()),
+            file: None,
         };
         let with = RelayPacket::Msg(m.clone());
         assert_eq!(RelayPacket::decode(&with.encode()), Some(with));
@@ -156,11 +160,26 @@ mod tests {
         // last one (`None`), read as a message without a change.
         let without = RelayPacket::Msg(RelayedMessage {
             moderation: None,
-            ..m
+            ..m.clone()
         });
         let mut legacy = without.encode();
         assert_eq!(legacy.pop(), Some(0));
         assert_eq!(RelayPacket::decode(&legacy), Some(without));
+        // From a node that predates both fields: two bytes fewer.
+        let bare = RelayPacket::Msg(RelayedMessage {
+            moderation: None,
+            file: None,
+            ..m.clone()
+        });
+        let mut older = bare.encode();
+        assert_eq!((older.pop(), older.pop()), (Some(0), Some(0)));
+        assert_eq!(RelayPacket::decode(&older), Some(bare));
+        // A file message keeps its file.
+        let file = RelayPacket::Msg(RelayedMessage {
+            file: Some(r#"{"name":"a.txt"}"#.into()),
+            ..m
+        });
+        assert_eq!(RelayPacket::decode(&file.encode()), Some(file));
         // Other packets get no such help.
         let mut summary = RelayPacket::Summary(vec![("a".into(), 1)]).encode();
         summary.pop();

@@ -120,6 +120,7 @@ mod tests {
             ts: 5,
             origin_id: 9,
             moderation: None,
+            file: None,
         });
         let mut pieces = split(&big, 42);
         assert!(pieces.len() >= 8, "{} pieces", pieces.len());

@@ -88,6 +88,7 @@ impl Sim {
             ts: 0,
             origin_id: 1,
             moderation: None,
+            file: None,
         }
     }
 
@@ -291,6 +292,7 @@ fn duplicates_own_messages_and_garbage_are_ignored() {
         ts: 0,
         origin_id: seq,
         moderation: None,
+        file: None,
     };
     let now = Duration::ZERO;
     assert_eq!(
