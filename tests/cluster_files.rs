@@ -1,9 +1,10 @@
 //! Room files across a gossip cluster, with real `netkit serve` processes
 //! on 127.0.0.1: a file message posted on node a reaches node b with its
-//! file, and the file is served by node b (fetched
-//! once, verified, then served with the same headers, ranges included); a
-//! blob damaged on a is refused by b and nothing is kept; a node that is
-//! down gives a clear error. Every wait reads a socket or polls HTTP.
+//! file, and node b serves the file (fetched once, verified, then served
+//! with the same headers, ranges included); a blob damaged on a is refused
+//! by b and nothing is kept; a node's own fetch never fetches further; a
+//! node that is down gives a clear error. Every wait reads a socket or
+//! polls HTTP.
 
 mod files_util;
 mod proc_util;
@@ -147,6 +148,12 @@ async fn a_damaged_blob_is_refused_and_nothing_is_kept_and_a_down_node_is_a_clea
     // Node a down: b still serves its own copy, and answers a clear error
     // for a file only a held.
     let url3 = upload(&a, "late.bin", &content(4321)).await;
+    // A node's own fetch is answered from what the node holds, never
+    // fetched further (no loop between two nodes that both miss a file).
+    let path3 = files_util::path_of(&url3);
+    let r = request(b.http, "GET", &path3, &[("x-netkit-fetch", "1")], b"").await;
+    assert_eq!((r.status, code(&r).as_str()), (404, "not_found"));
+    assert_eq!(kept(dirs[1].path()).len(), 1, "nothing fetched for it");
     a.kill9();
     assert_eq!(download(b.http, &url).await.body, data);
     let r = download(b.http, &url3).await;
