@@ -109,6 +109,19 @@ async fn a_file_uploaded_on_one_node_downloads_from_the_other_with_the_same_head
     .await;
     assert_eq!(r.status, 206);
     assert_eq!(r.body, &small[4990..]);
+
+    // An image's thumbnail asked on the other node first: the file is
+    // fetched, and the thumbnail made there.
+    let img = image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let r = ann.upload(a.http, "photo.png", png.get_ref()).await;
+    let thumb = r.json()["file"]["thumb"].as_str().unwrap().to_string();
+    let t = request(b.http, "GET", &files_util::path_of(&thumb), &[], b"").await;
+    assert_eq!(t.status, 200, "{}", String::from_utf8_lossy(&t.body));
+    assert_eq!(t.header("content-type"), "image/png");
+    let t = image::load_from_memory(&t.body).unwrap();
+    assert_eq!((t.width(), t.height()), (320, 240));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
