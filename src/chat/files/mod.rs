@@ -30,6 +30,10 @@ const FILES_DIR: &str = "files";
 const PARTIAL_DIR: &str = ".partial";
 /// Folder (inside a room's `files`) the drop receives files into.
 const DROP_DIR: &str = ".drop";
+/// Thumbnails made at once, on the whole server (each decode is bounded by
+/// the memory limit in [`thumbs`]; this bounds their sum).
+static THUMBNAIL_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Most uploads in progress at once, on the whole server.
 pub const MAX_UPLOADS: usize = 1024;
 
@@ -386,6 +390,8 @@ impl FileStore {
     ) -> bool {
         let (files, hex2, mime2) = (self.files_dir(room), hex.to_string(), mime.to_string());
         let max = self.limits.thumbnail_max_bytes;
+        // Each decode may take up to 256 MiB: at most two at once on the server.
+        let _slot = THUMBNAIL_SLOTS.acquire().await;
         let made =
             tokio::task::spawn_blocking(move || thumbs::make(&files, &hex2, &mime2, size, max))
                 .await;
