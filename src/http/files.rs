@@ -126,8 +126,16 @@ pub(super) fn file_error_status(e: &FileError) -> (StatusCode, &'static str) {
         FileError::SizeLie { .. } => (StatusCode::BAD_REQUEST, "size_mismatch"),
         FileError::Stalled(..) => (StatusCode::REQUEST_TIMEOUT, "stalled"),
         FileError::Cut(_) => (StatusCode::BAD_REQUEST, "cut"),
+        FileError::Io(e) if is_disk_full(e) => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
         FileError::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_failed"),
     }
+}
+
+/// Whether `e` is the disk (or the user's disk quota) running full while
+/// writing: the upload is gone and its part removed, as for a refusal up front.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
 }
 
 /// An error of the file store as a response.

@@ -63,6 +63,15 @@ impl Netkit {
 
     /// [`Netkit::serve_chat`] with the drop door at `drop` (`off` or an address).
     pub fn serve_chat_drop(data_dir: &std::path::Path, drop: &str, extra: &[&str]) -> Netkit {
+        Self::spawn(&Self::serve_chat_args(data_dir, drop, extra))
+    }
+
+    /// The arguments of [`Netkit::serve_chat_drop`] (after `--ready-json`).
+    pub fn serve_chat_args<'a>(
+        data_dir: &'a std::path::Path,
+        drop: &'a str,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
         let dir = data_dir.to_str().unwrap();
         let mut args = vec![
             "serve",
@@ -82,7 +91,7 @@ impl Netkit {
             dir,
         ];
         args.extend_from_slice(extra);
-        Self::spawn(&args)
+        args
     }
 
     /// Starts `cmd` with `NETKIT_READY_JSON=1` and returns once it has bound

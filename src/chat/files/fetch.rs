@@ -16,8 +16,10 @@ impl FileStore {
         self.check_size(size)?;
         let dir = self.files_dir(room);
         std::fs::create_dir_all(dir.join(PARTIAL_DIR))?;
-        self.check_free(&dir, size)?;
-        self.check_quota(&lock(&self.uploads), room, size)?;
+        let uploads = lock(&self.uploads);
+        self.check_free(&uploads, &dir, size, None)?;
+        self.check_quota(&uploads, room, size)?;
+        drop(uploads);
         let tag = format!("{:016x}", rand::random::<u64>());
         Ok(dir
             .join(PARTIAL_DIR)

@@ -217,7 +217,9 @@ pub enum FileError {
         quota: u64,
     },
     /// Not enough free space on the disk.
-    #[error("not enough disk space: {free} bytes free, {need} needed (keeping --file-min-free)")]
+    #[error(
+        "not enough disk space: {free} bytes free, {need} needed (with the uploads in progress and --file-min-free)"
+    )]
     DiskFull {
         /// Free bytes.
         free: u64,
@@ -444,11 +446,11 @@ impl FileStore {
         self.expire();
         let dir = self.files_dir(room);
         std::fs::create_dir_all(dir.join(PARTIAL_DIR))?;
-        self.check_free(&dir, size)?;
         let mut uploads = lock(&self.uploads);
         if uploads.len() >= MAX_UPLOADS {
             return Err(FileError::Busy);
         }
+        self.check_free(&uploads, &dir, size, None)?;
         self.check_quota(&uploads, room, size)?;
         self.charge(user, size)?;
         let id = format!("{:032x}", rand::random::<u128>());
@@ -621,10 +623,27 @@ impl FileStore {
         self.files_dir(&up.room).join(PARTIAL_DIR).join(&up.id)
     }
 
-    /// Refuses when writing `more` bytes under `dir` would leave less than `--file-min-free`.
-    fn check_free(&self, dir: &Path, more: u64) -> Result<(), FileError> {
+    /// Refuses when writing `more` bytes under `dir` would leave less than
+    /// `--file-min-free`, counting the bytes the other uploads in progress
+    /// (all but `own`) are still to write: space promised to one upload is
+    /// not promised again, so two that fit one at a time are not both let
+    /// in to run the disk full halfway.
+    fn check_free(
+        &self,
+        uploads: &HashMap<String, Arc<Upload>>,
+        dir: &Path,
+        more: u64,
+        own: Option<&str>,
+    ) -> Result<(), FileError> {
         let free = crate::transfer::disk::free_space(dir)?;
-        let need = more.saturating_add(self.limits.min_free);
+        let promised: u64 = uploads
+            .values()
+            .filter(|u| Some(u.id.as_str()) != own)
+            .map(|u| u.size.saturating_sub(u.offset()))
+            .sum();
+        let need = more
+            .saturating_add(promised)
+            .saturating_add(self.limits.min_free);
         if free < need {
             return Err(FileError::DiskFull { free, need });
         }

@@ -128,7 +128,13 @@ impl FileStore {
         let Some(hasher) = part.hasher.take() else {
             return Err(FileError::NoSuchUpload(up.id.clone()));
         };
-        if let Err(e) = self.check_free(&self.files_dir(&up.room), up.size - have) {
+        let free = self.check_free(
+            &lock(&self.uploads),
+            &self.files_dir(&up.room),
+            up.size - have,
+            Some(&up.id),
+        );
+        if let Err(e) = free {
             self.cancel(up);
             return Err(e);
         }
@@ -169,7 +175,8 @@ impl FileStore {
     }
 
     /// Passes the chunks of `body` to the disk thread until it ends, stalls,
-    /// breaks, or would pass `room` more bytes.
+    /// breaks, would pass `room` more bytes, or the disk thread fails (a
+    /// full disk is answered at once, not after the client's next chunk).
     async fn feed<S, E>(
         &self,
         mut body: S,
@@ -185,6 +192,8 @@ impl FileStore {
             let next = tokio::select! {
                 n = tokio::time::timeout(stall, body.next()) => n,
                 _ = shutdown.cancelled() => return Ended::Cut,
+                // The disk thread failed; it reports why.
+                _ = tx.closed() => return Ended::Cut,
             };
             let chunk = match next {
                 Err(_) => return Ended::Stalled,
