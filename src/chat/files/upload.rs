@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,8 +18,15 @@ use tokio_util::sync::CancellationToken;
 use super::names::{SNIFF_LEN, sniff};
 use super::{FileError, FileStore, Upload, lock};
 
-/// Chunks queued between a request and its disk thread.
-const DISK_QUEUE: usize = 16;
+/// Batches queued between a request and its disk thread.
+const DISK_QUEUE: usize = 8;
+
+/// The bytes gathered into one batch for the disk thread. HTTP bodies come
+/// in chunks of the connection's read buffer (32 KiB here); handing those
+/// over one by one cost a thread wake-up and a write each, about a fifth of
+/// the server's CPU in a 1 GiB upload. At most `DISK_QUEUE` batches are
+/// queued: 2 MiB per upload.
+const DISK_BATCH: usize = 256 << 10;
 
 /// An upload's part file and the hash of what it holds.
 #[derive(Debug)]
@@ -188,28 +195,46 @@ impl FileStore {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
     {
         let stall = self.limits.stall_timeout;
-        loop {
+        let mut batch = BytesMut::new();
+        let ended = loop {
             let next = tokio::select! {
                 n = tokio::time::timeout(stall, body.next()) => n,
-                _ = shutdown.cancelled() => return Ended::Cut,
+                _ = shutdown.cancelled() => break Ended::Cut,
                 // The disk thread failed; it reports why.
                 _ = tx.closed() => return Ended::Cut,
             };
             let chunk = match next {
-                Err(_) => return Ended::Stalled,
-                Ok(None) => return Ended::Done,
-                Ok(Some(Err(_))) => return Ended::Cut,
+                Err(_) => break Ended::Stalled,
+                Ok(None) => break Ended::Done,
+                Ok(Some(Err(_))) => break Ended::Cut,
                 Ok(Some(Ok(c))) => c,
             };
             if chunk.len() as u64 > room {
                 return Ended::Lie;
             }
             room -= chunk.len() as u64;
-            if tx.send(chunk).await.is_err() {
+            let full = if batch.is_empty() && chunk.len() >= DISK_BATCH {
+                chunk
+            } else {
+                if batch.is_empty() {
+                    batch.reserve(DISK_BATCH);
+                }
+                batch.extend_from_slice(&chunk);
+                if batch.len() < DISK_BATCH {
+                    continue;
+                }
+                batch.split().freeze()
+            };
+            if tx.send(full).await.is_err() {
                 // The disk thread failed; it reports why.
                 return Ended::Cut;
             }
+        };
+        // What arrived before the end is written, so a resume starts after it.
+        if !batch.is_empty() && tx.send(batch.freeze()).await.is_err() {
+            return Ended::Cut;
         }
+        ended
     }
 
     /// Makes a complete upload durable under its BLAKE3 in the room's
