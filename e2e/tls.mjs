@@ -25,14 +25,16 @@ function spkiHash(certPem) {
   return createHash("sha256").update(spki).digest("base64");
 }
 
-// Security headers every response carries; HSTS because this is TLS.
-function checkHeaders(h, what) {
+// Security headers every response carries; HSTS because this is TLS. The page
+// gets the page's policy; anything else (script, API) one that loads nothing.
+function checkHeaders(h, what, page) {
   const csp = h["content-security-policy"] ?? fail(`${what}: no Content-Security-Policy`);
-  for (const part of ["script-src 'self'", "frame-ancestors 'none'", "default-src 'none'"]) {
+  for (const part of ["frame-ancestors 'none'", "default-src 'none'", ...(page ? ["script-src 'self'"] : [])]) {
     if (!csp.includes(part)) fail(`${what}: CSP lacks ${part}: ${csp}`);
   }
   if (/unsafe-inline|unsafe-eval/.test(csp)) fail(`${what}: CSP allows inline or eval: ${csp}`);
-  if (!/connect-src 'self' wss:\/\/127\.0\.0\.1:\d+/.test(csp)) fail(`${what}: connect-src is not the page's own wss origin: ${csp}`);
+  if (page && !/connect-src 'self' wss:\/\/127\.0\.0\.1:\d+/.test(csp)) fail(`${what}: connect-src is not the page's own wss origin: ${csp}`);
+  if (!page && csp !== "default-src 'none'; frame-ancestors 'none'") fail(`${what}: not the policy that loads nothing: ${csp}`);
   if (h["x-content-type-options"] !== "nosniff") fail(`${what}: X-Content-Type-Options is ${h["x-content-type-options"]}`);
   if (!h["referrer-policy"]) fail(`${what}: no Referrer-Policy`);
   if (!/max-age=\d+/.test(h["strict-transport-security"] ?? "")) fail(`${what}: no HSTS (${h["strict-transport-security"]})`);
@@ -95,14 +97,14 @@ try {
   const alice = await openPage(browser, url, "alice");
   for (const p of ["", "app.js"]) {
     const h = responses.get(new URL(p, url).toString()) ?? fail(`the browser never loaded /${p}`);
-    checkHeaders(h, `GET /${p}`);
+    checkHeaders(h, `GET /${p}`, p === "");
   }
   // A same-origin fetch from the page (allowed by connect-src 'self') sees the API's headers.
   const api = await alice.evaluate(async () => {
     const r = await fetch("/healthz");
     return Object.fromEntries(r.headers.entries());
   });
-  checkHeaders(api, "fetch /healthz");
+  checkHeaders(api, "fetch /healthz", false);
 
   const bob = await openPage(browser, url, "bob");
   await alice.locator("#member-list li", { hasText: "bob" }).waitFor({ timeout: T });

@@ -79,15 +79,15 @@ where
             return GuardFuture {
                 inner: None,
                 refused: Some(refused),
-                csp: None,
+                host: None,
                 shared,
             };
         }
-        let csp = security::policy_for(req.headers().get(header::HOST), shared.tls);
+        let host = req.headers().get(header::HOST).cloned();
         GuardFuture {
             inner: Some(self.inner.call(req)),
             refused: None,
-            csp,
+            host,
             shared,
         }
     }
@@ -106,8 +106,8 @@ pin_project_lite::pin_project! {
         inner: Option<F>,
         // The 421 answer, until it is given.
         refused: Option<Response>,
-        // The Content-Security-Policy for the request's Host.
-        csp: Option<HeaderValue>,
+        // The request's Host (a page's Content-Security-Policy names it).
+        host: Option<HeaderValue>,
         shared: Arc<Shared>,
     }
 }
@@ -129,7 +129,7 @@ where
             .expect("a GuardFuture is not polled after it is ready");
         let Ok(mut resp) = std::task::ready!(inner.poll(cx));
         count(this.shared, resp.status());
-        security::harden(resp.headers_mut(), this.csp.take(), this.shared.tls);
+        security::harden(resp.headers_mut(), this.host.as_ref(), this.shared.tls);
         Poll::Ready(Ok(resp))
     }
 }
