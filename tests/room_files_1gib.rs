@@ -11,7 +11,7 @@ mod ws_util;
 
 use std::io::Read;
 
-use files_util::{Member, head, path_of, read_response, request};
+use files_util::{Member, path_of, read_response, request};
 use proc_util::{Netkit, bin};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -74,18 +74,7 @@ async fn a_1_gib_sparse_file_round_trips_through_the_real_server() {
     );
     let at = create.header("location").to_string();
     let mut sock = TcpStream::connect(http).await.unwrap();
-    let auth = ann.auth();
-    let h = head(
-        http,
-        "PATCH",
-        &at,
-        &[
-            ("Authorization", &auth),
-            ("Upload-Offset", "0"),
-            ("Content-Type", "application/offset+octet-stream"),
-        ],
-        Some(SIZE),
-    );
+    let h = ann.patch_head(http, &at, SIZE);
     sock.write_all(h.as_bytes()).await.unwrap();
     let mut from = std::fs::File::open(&src).unwrap();
     let mut buf = vec![0u8; 1 << 20];

@@ -8,7 +8,7 @@ mod ws_util;
 
 use std::time::Duration;
 
-use files_util::{Member, download, head};
+use files_util::{Member, download};
 use proc_util::Netkit;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -43,18 +43,7 @@ async fn kill_9_mid_upload_leaves_no_message_without_its_file() {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let location = r.header("location").to_string();
     let mut s = TcpStream::connect(http).await.unwrap();
-    let auth = ann.auth();
-    let h = head(
-        http,
-        "PATCH",
-        &location,
-        &[
-            ("Authorization", &auth),
-            ("Upload-Offset", "0"),
-            ("Content-Type", "application/offset+octet-stream"),
-        ],
-        Some(size),
-    );
+    let h = ann.patch_head(http, &location, size);
     s.write_all(h.as_bytes()).await.unwrap();
     s.write_all(&vec![9u8; (size / 2) as usize]).await.unwrap();
     s.flush().await.unwrap();

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use files_util::{Member, download, head, read_response};
+use files_util::{Member, download, read_response};
 use proc_util::Netkit;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -148,18 +148,7 @@ async fn a_full_disk_refuses_up_front_or_ends_the_upload_and_keeps_what_is_store
     let c_at = c.header("location").to_string();
     let id = c_at.rsplit('/').next().unwrap().to_string();
     let mut s = TcpStream::connect(http).await.unwrap();
-    let auth = ann.auth();
-    let h = head(
-        http,
-        "PATCH",
-        &c_at,
-        &[
-            ("Authorization", &auth),
-            ("Upload-Offset", "0"),
-            ("Content-Type", "application/offset+octet-stream"),
-        ],
-        Some(size),
-    );
+    let h = ann.patch_head(http, &c_at, size);
     s.write_all(h.as_bytes()).await.unwrap();
     s.write_all(&vec![5u8; MIB as usize]).await.unwrap();
     let part = inside(&p, &dir.join("rooms/lobby/files/.partial").join(&id));

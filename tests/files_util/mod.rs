@@ -170,6 +170,22 @@ impl Member {
         request(addr, method, path, &all, body).await
     }
 
+    /// The head of a PATCH sending the upload at `location` from byte 0,
+    /// `len` bytes in all (the body is the caller's to stream).
+    pub fn patch_head(&self, addr: SocketAddr, location: &str, len: u64) -> String {
+        head(
+            addr,
+            "PATCH",
+            location,
+            &[
+                ("Authorization", &self.auth()),
+                ("Upload-Offset", "0"),
+                ("Content-Type", "application/offset+octet-stream"),
+            ],
+            Some(len),
+        )
+    }
+
     /// Uploads `data` as `name` in one POST.
     pub async fn upload(&self, addr: SocketAddr, name: &str, data: &[u8]) -> Resp {
         let path = format!(
