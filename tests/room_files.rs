@@ -6,36 +6,16 @@ mod chat_util;
 mod files_util;
 mod ws_util;
 
-use std::sync::Arc;
+use chat_util::files_server as server;
+
 use std::time::Duration;
 
 use chat_util::{LineClient, Server, T};
 use files_util::{Member, download, enc, head, path_of, read_response, request};
-use netkit::chat::ConnConfig;
-use netkit::chat::files::{FileLimits, FileStore};
-use netkit::chat::hub::HubConfig;
-use netkit::http::HttpConfig;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use ws_util::{recv_type, send};
-
-/// A server taking files under limits changed by `limits`; the temp dir holds them.
-async fn server(limits: impl FnOnce(&mut FileLimits)) -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut l = FileLimits {
-        min_free: 0,
-        ..FileLimits::default()
-    };
-    limits(&mut l);
-    let files = FileStore::open(dir.path(), l).unwrap();
-    let http = HttpConfig {
-        files: Some(Arc::new(files)),
-        ..HttpConfig::default()
-    };
-    let s = Server::start_with(HubConfig::default(), ConnConfig::default(), http).await;
-    (s, dir)
-}
 
 /// The files stored in `room` (part files not counted).
 fn stored(dir: &tempfile::TempDir, room: &str) -> Vec<String> {

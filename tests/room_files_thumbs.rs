@@ -8,33 +8,14 @@ mod chat_util;
 mod files_util;
 mod ws_util;
 
+use chat_util::files_server as server;
+
 use std::io::Cursor;
-use std::sync::Arc;
 
 use chat_util::Server;
 use files_util::{Member, download, path_of, request};
 use image::{ImageFormat, RgbImage};
-use netkit::chat::ConnConfig;
-use netkit::chat::files::{FileLimits, FileStore};
-use netkit::chat::hub::HubConfig;
-use netkit::http::HttpConfig;
 use ws_util::recv_type;
-
-async fn server(limits: impl FnOnce(&mut FileLimits)) -> (Server, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut l = FileLimits {
-        min_free: 0,
-        ..FileLimits::default()
-    };
-    limits(&mut l);
-    let files = FileStore::open(dir.path(), l).unwrap();
-    let http = HttpConfig {
-        files: Some(Arc::new(files)),
-        ..HttpConfig::default()
-    };
-    let s = Server::start_with(HubConfig::default(), ConnConfig::default(), http).await;
-    (s, dir)
-}
 
 /// A `w`×`h` picture encoded as `format`.
 fn picture(w: u32, h: u32, format: ImageFormat) -> Vec<u8> {

@@ -14,6 +14,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::ws_util::{Ws, recv};
 
+/// A server taking files under the default limits changed by `limits`
+/// (with no free-space reserve); the temp dir holds its store.
+pub async fn files_server(
+    limits: impl FnOnce(&mut netkit::chat::files::FileLimits),
+) -> (Server, tempfile::TempDir) {
+    use netkit::chat::files::{FileLimits, FileStore};
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = FileLimits {
+        min_free: 0,
+        ..FileLimits::default()
+    };
+    limits(&mut l);
+    let files = FileStore::open(dir.path(), l).unwrap();
+    let http = HttpConfig {
+        files: Some(std::sync::Arc::new(files)),
+        ..HttpConfig::default()
+    };
+    let s = Server::start_with(HubConfig::default(), ConnConfig::default(), http).await;
+    (s, dir)
+}
+
 /// How long a test waits for anything.
 pub const T: Duration = Duration::from_secs(10);
 
