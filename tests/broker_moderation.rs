@@ -211,3 +211,53 @@ async fn moderation_on_one_hub_holds_on_the_others() {
     drop((op, hal, eve, dave, gus, frank));
     stop_all([a, b, c], nats).await;
 }
+
+/// A client of `node` logged in to account `nick` by token, in `room`.
+async fn account(node: &Node, nick: &str, room: &str) -> (Session, Inbox) {
+    let (mut s, mut inbox) = node.hub.connect(Some(&format!("{nick}tmp"))).unwrap();
+    s.handle(ClientMsg::Auth { token: token(nick) })
+        .await
+        .unwrap();
+    until(&mut inbox, "the login", |m| {
+        matches!(m, ServerMsg::LoggedIn { .. }).then_some(())
+    })
+    .await;
+    s.join(room, None).await.unwrap();
+    s.settle().await;
+    (s, inbox)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_the_hub_chose_holds_on_the_others() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (a, b) = (hub(&nats.url()).await, hub(&nats.url()).await);
+    let plus_m = || ClientMsg::Mode {
+        room: "fresh".into(),
+        mode: "+m".into(),
+    };
+    // ann (an account) makes #fresh on a: the hub makes her its operator,
+    // and the notice saying so goes through the log to b.
+    let (_ann, mut ann_in) = account(&a, "ann", "fresh").await;
+    notice(
+        &mut ann_in,
+        "ann is now the operator of #fresh (the first to join)",
+    )
+    .await;
+    b.applied(*a.hub.logged().borrow()).await;
+
+    // bob is the first on b to join, but the room has an operator: not him.
+    let (mut bob, mut bob_in) = account(&b, "bob", "fresh").await;
+    assert_eq!(
+        bob.handle(plus_m()).await,
+        Err(HubError::NotOperator("fresh".into()))
+    );
+    // ann, on b, is the operator there too; her mode holds on a.
+    let (mut ann_b, _ann_b_in) = account(&b, "ann", "fresh").await;
+    ann_b.handle(plus_m()).await.unwrap();
+    notice(&mut bob_in, "ann set mode +m").await;
+    notice(&mut ann_in, "ann set mode +m").await;
+    drop((bob, ann_b));
+    stop_all([a, b], nats).await;
+}

@@ -272,8 +272,17 @@ async fn a_ban_by_account_survives_a_nick_change_and_a_restart() {
         let (hub, writer) = open(dir.path(), config(&[]));
         let (mut ann, mut ai) = account(&hub, "ann").await;
         assert_eq!(join(&mut ann, &mut ai, "dev").await, ["ann"]);
+        assert_eq!(
+            notice(&mut ai).await.text,
+            "ann is now the operator of #dev (the first to join)"
+        );
         let (mut eve, mut ei) = account(&hub, "eve").await;
         join(&mut eve, &mut ei, "dev").await;
+        // eve sees who holds the room in its history.
+        assert_eq!(
+            notice(&mut ei).await.text,
+            "ann is now the operator of #dev (the first to join)"
+        );
         ann.handle(ClientMsg::Ban {
             room: "dev".into(),
             nick: "eve".into(),
@@ -470,6 +479,11 @@ async fn an_invited_account_is_still_invited_after_a_restart() {
         let (hub, writer) = open(dir.path(), config(&[]));
         let (mut ann, mut ai) = account(&hub, "ann").await;
         join(&mut ann, &mut ai, "dev").await;
+        // The hub made ann, an account, the operator of the new room.
+        assert_eq!(
+            notice(&mut ai).await.text,
+            "ann is now the operator of #dev (the first to join)"
+        );
         ann.handle(mode("dev", "+i")).await.unwrap();
         assert_eq!(notice(&mut ai).await.text, "ann set mode +i");
         let (bob, bi) = account(&hub, "bob").await;
@@ -754,6 +768,11 @@ async fn a_closed_room_forgets_its_invitations() {
         let (hub, writer) = open(dir.path(), config(&["root"]));
         let (mut ann, mut ai) = account(&hub, "ann").await;
         join(&mut ann, &mut ai, "dev").await;
+        // The hub made ann, an account, the operator of the new room.
+        assert_eq!(
+            notice(&mut ai).await.text,
+            "ann is now the operator of #dev (the first to join)"
+        );
         ann.handle(mode("dev", "+i")).await.unwrap();
         assert_eq!(notice(&mut ai).await.text, "ann set mode +i");
         let (bob, bi) = account(&hub, "bob").await;

@@ -138,3 +138,45 @@ fn moderation_on_one_node_holds_on_the_other() {
     eve.send("/join dev");
     eve.wait_for("ERR banned");
 }
+
+/// A user of `node` (connected as `tmp`) logged in to account `nick` by
+/// token, in `room`.
+fn account_member(node: &ClusterNode, tmp: &str, nick: &str, room: &str) -> LineUser {
+    let mut u = LineUser::connect(node.chat(), tmp);
+    u.send(&format!("/token {}", token(nick)));
+    u.wait_for(&format!("-- logged in as {nick} (by token)"));
+    u.send(&format!("/join {room}"));
+    u.wait_for(&format!("-- joined #{room}"));
+    u
+}
+
+#[test]
+fn an_operator_the_hub_chose_holds_on_every_node() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node("a", dirs[0].path(), "");
+    let b = node("b", dirs[1].path(), &a.gossip.to_string());
+    wait_until("a and b see each other", DEADLINE, || {
+        a.alive_peers() == 1 && b.alive_peers() == 1
+    });
+
+    // ann (an account) makes #fresh on a: the hub makes her its operator,
+    // and the notice saying so carries it to b.
+    let mut ann = account_member(&a, "t1", "ann", "fresh");
+    ann.wait_for("-- ann is now the operator of #fresh (the first to join)");
+    wait_until("b learns that ann is the operator", DEADLINE, || {
+        has_message(&b, "fresh", "ann is now the operator")
+    });
+
+    // bob is the first on b to join, but the room has an operator: not him.
+    let mut bob = account_member(&b, "t2", "bob", "fresh");
+    bob.send("/mode +m");
+    bob.wait_for("ERR not_operator");
+
+    // ann, on b, is the operator there too: her mode holds on both nodes.
+    let mut ann_b = account_member(&b, "t3", "ann", "fresh");
+    ann_b.send("/mode +m");
+    bob.wait_for("-- ann set mode +m");
+    ann.wait_for("-- ann set mode +m");
+    bob.send("may I?");
+    bob.wait_for("ERR moderated");
+}

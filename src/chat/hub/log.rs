@@ -81,6 +81,10 @@ impl Hub {
         let last = self.last_logged(log.origin());
         let set = self.shared.room_log.set(log).is_ok();
         if set {
+            // Where notices the writer thread makes are appended from.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let _ = self.shared.log_rt.set(rt);
+            }
             self.shared.logged.send_modify(|v| *v = (*v).max(last));
         }
         set

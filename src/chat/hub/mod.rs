@@ -459,6 +459,8 @@ struct Shared {
     origin: OnceLock<String>,
     /// The external message log room messages go through (broker mode).
     room_log: OnceLock<Arc<dyn log::RoomLog>>,
+    /// The runtime the room log was set from (the writer thread has none).
+    log_rt: OnceLock<tokio::runtime::Handle>,
     /// The newest sequence of that log applied here.
     logged: tokio::sync::watch::Sender<u64>,
     /// Topics set here, for the broker to carry to other hubs (once taken).
@@ -556,6 +558,7 @@ impl Hub {
             directs_rx: Mutex::new(Some(directs_rx)),
             origin: OnceLock::new(),
             room_log: OnceLock::new(),
+            log_rt: OnceLock::new(),
             logged: tokio::sync::watch::channel(0).0,
             topics_out: OnceLock::new(),
             ticket_key: rand::random(),

@@ -194,7 +194,7 @@ impl Shared {
         }
         r.rules.ops.insert(h.clone());
         let others = r.members.len() > 1;
-        self.record(room, h);
+        self.record(st, room, id, h, "the first to join");
         if others {
             self.send_modes(st, room);
         }
@@ -246,28 +246,55 @@ impl Shared {
         if let Some(r) = st.rooms.get_mut(room) {
             r.rules.ops.insert(h.clone());
         }
-        self.record(room, h);
+        self.record(st, room, next, h, "the last operator left");
         let text = format!("you are now the operator of #{room} (the last operator left)");
         self.deliver_locked(st, &[next], &Event::new(ServerMsg::Info { text }));
         self.send_modes(st, room);
     }
 
-    /// Stores an operator the hub chose itself (already in force in
-    /// memory), if it is an account. No notice: nobody acted; members learn
-    /// it from `joined` or `modes`.
-    pub(super) fn record(&self, room: &str, h: Holder) {
+    /// Stores an operator the hub chose itself (client `id`, already in
+    /// force in memory), if it is an account, with a notice saying `why`
+    /// that carries the change to the other hubs of a cluster (in broker
+    /// mode through the log, like any notice). A guest's operator status
+    /// is its connection's and stays on this hub, without a notice.
+    ///
+    /// Two hubs that each pick their own first member of a new room at the
+    /// same time both keep theirs: each learns the other's choice, and the
+    /// room ends with both accounts as operators on every hub.
+    pub(super) fn record(&self, st: &State, room: &str, id: ClientId, h: Holder, why: &str) {
         if !matches!(h, Holder::Account(_)) {
             return;
         }
+        let nick = st
+            .clients
+            .get(&id)
+            .map(|c| c.nick.clone())
+            .unwrap_or_default();
+        let change = Change::Role {
+            role: Role::Op,
+            holder: h,
+            on: true,
+        };
+        let text = format!("{nick} is now the operator of #{room} ({why})");
+        let mut post = super::moderation_change::notice(HUB, room, &nick, text);
+        post.moderation = super::moderation_sync::ModAction::of(&change).map(|a| a.to_json());
+        // Broker mode: room ids are the log's, so the notice is appended
+        // to the log (and comes back to every hub, this one included).
+        let log = self.room_log.get().cloned();
+        let logged = log.as_ref().map(|_| super::LoggedPost {
+            room: post.room.clone(),
+            from: post.from.clone(),
+            text: post.text.clone(),
+            kind: post.kind,
+            ts: post.ts,
+            moderation: post.moderation.clone(),
+            file: None,
+        });
         let m = ModWrite {
             client: HUB,
             room: room.to_string(),
-            change: Change::Role {
-                role: Role::Op,
-                holder: h,
-                on: true,
-            },
-            notice: None,
+            change,
+            notice: if log.is_some() { None } else { Some(post) },
             in_force: true,
             remote: false,
         };
@@ -278,6 +305,20 @@ impl Shared {
             .is_some_and(|w| w.try_send((WriteCmd::Moderate(Box::new(m)), None)).is_ok());
         if !sent {
             tracing::warn!(%room, "chat: the writer queue is full; the new operator is not stored");
+            return;
+        }
+        if let (Some(log), Some(post)) = (log, logged) {
+            let room = room.to_string();
+            let rt = tokio::runtime::Handle::try_current().ok();
+            let Some(rt) = rt.or_else(|| self.log_rt.get().cloned()) else {
+                tracing::warn!(%room, "chat: no runtime to append the new operator to the log");
+                return;
+            };
+            rt.spawn(async move {
+                if let Err(e) = log.append(post).await {
+                    tracing::warn!(%room, "chat: the new operator is not in the log: {e}");
+                }
+            });
         }
     }
 
