@@ -248,6 +248,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         )));
         if let Some(listener) = http_listener {
             let mut config = crate::http::HttpConfig::new(&args.http_limits, conn.clone());
+            if config.peer_tls.tls_ca.is_some() {
+                // A CA file that cannot be read is a start-up error, not a
+                // failed fetch later.
+                if let Err(e) = config.peer_tls.config() {
+                    anyhow::bail!("--cluster-tls-ca: {e:#}");
+                }
+            }
             let https = tls.as_ref().map(|t| t.with_alpn(&[b"http/1.1"]));
             config.door = crate::net::door::Door::new("http", https, per_ip);
             config.files = Some(files.clone());

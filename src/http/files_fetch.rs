@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::http::StatusCode;
 use axum::response::Response;
 use futures_util::FutureExt;
@@ -130,21 +131,30 @@ pub async fn fetch_missing(
     flight.await
 }
 
-/// The HTTP doors of the other live hubs (an unspecified address as loopback).
+/// The HTTP doors of the other live hubs (see [`dial_addr`]).
 fn peers(app: &AppState) -> Vec<SocketAddr> {
     app.cluster
         .report(Vec::new())
         .members
         .into_iter()
         .filter(|m| !m.is_self && matches!(m.state.as_str(), "alive" | "suspect"))
-        .filter_map(|m| m.http)
-        .map(|mut a| {
-            if a.ip().is_unspecified() {
-                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            a
-        })
+        .filter_map(|m| Some(dial_addr(m.http?, m.gossip)))
         .collect()
+}
+
+/// Where to reach a hub whose HTTP door is bound to `http`: a door bound to
+/// every address (`0.0.0.0`, `::`) is reached at the address the hub
+/// gossips from (its machine), or at loopback when that is unknown or
+/// unspecified too.
+pub fn dial_addr(mut http: SocketAddr, gossip: Option<SocketAddr>) -> SocketAddr {
+    if http.ip().is_unspecified() {
+        let ip = gossip
+            .map(|g| g.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+        http.set_ip(ip);
+    }
+    http
 }
 
 /// Asks each other hub in turn until one hands over verified bytes.
@@ -207,7 +217,7 @@ async fn from_peer(
         name: name.to_string(),
     };
     let timeout = files.limits().stall_timeout;
-    let mut resp = request(&url, timeout)
+    let mut resp = request(&url, &app.config.peer_tls, timeout)
         .await
         .map_err(|e| FetchFail::peer(peer, e))?;
     match resp.status() {
@@ -261,9 +271,13 @@ async fn receive(
 }
 
 /// Sends the GET to the hub in `url`, over TLS when this hub's door is TLS
-/// (the certificate is checked against the system's roots, as `netkit get`
-/// does without flags).
-async fn request(url: &FileUrl, timeout: Duration) -> anyhow::Result<hyper::Response<Incoming>> {
+/// (the certificate checked as `peer_tls` says: `--cluster-tls-ca`, else the
+/// system's roots, as `netkit get` does without flags).
+async fn request(
+    url: &FileUrl,
+    peer_tls: &crate::tls::ClientTlsArgs,
+    timeout: Duration,
+) -> anyhow::Result<hyper::Response<Incoming>> {
     let tcp = crate::transfer::send::connect_peer(
         &url.authority,
         timeout,
@@ -273,11 +287,45 @@ async fn request(url: &FileUrl, timeout: Duration) -> anyhow::Result<hyper::Resp
     .await?;
     let extra = Some((FETCH_HEADER, "1"));
     if url.tls {
-        let tls = crate::tls::ClientTlsArgs::default()
+        let tls = peer_tls
             .connect(tcp, &url.authority, &[b"http/1.1"], timeout)
-            .await?;
+            .await
+            .context(
+                "TLS with the other hub failed (a hub checks the others' certificates \
+                 against --cluster-tls-ca, else the system roots)",
+            )?;
         send_get(tls, url, 0, timeout, extra).await
     } else {
         send_get(tcp, url, 0, timeout, extra).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dial_addr;
+
+    #[test]
+    fn a_door_bound_to_every_address_is_dialled_on_the_hubs_machine() {
+        let at = |s: &str| s.parse().unwrap();
+        // A door on a named address is dialled as it is.
+        assert_eq!(
+            dial_addr(at("10.0.0.5:8080"), Some(at("10.0.0.9:7946"))),
+            at("10.0.0.5:8080")
+        );
+        // 0.0.0.0 and :: take the gossip address's IP (another machine).
+        assert_eq!(
+            dial_addr(at("0.0.0.0:8080"), Some(at("10.0.0.9:7946"))),
+            at("10.0.0.9:8080")
+        );
+        assert_eq!(
+            dial_addr(at("[::]:8080"), Some(at("[fd00::2]:7946"))),
+            at("[fd00::2]:8080")
+        );
+        // Unknown or unspecified there too: loopback.
+        assert_eq!(dial_addr(at("0.0.0.0:8080"), None), at("127.0.0.1:8080"));
+        assert_eq!(
+            dial_addr(at("0.0.0.0:8080"), Some(at("0.0.0.0:7946"))),
+            at("127.0.0.1:8080")
+        );
     }
 }

@@ -69,6 +69,12 @@ pub struct HttpArgs {
     /// always work; other Host values get 421 (DNS rebinding defence).
     #[arg(long, value_delimiter = ',', env = "NETKIT_HTTP_HOST")]
     pub http_host: Vec<String>,
+    /// PEM file of the CA(s) that issued the other hubs' certificates: trusted
+    /// instead of the system roots when this hub fetches a room file from
+    /// another hub over HTTPS (their certificates must name the addresses
+    /// their doors are reached at, e.g. an IP address SAN).
+    #[arg(long, env = "NETKIT_CLUSTER_TLS_CA", value_name = "FILE")]
+    pub cluster_tls_ca: Option<std::path::PathBuf>,
 }
 
 /// How the HTTP front door behaves.
@@ -94,6 +100,9 @@ pub struct HttpConfig {
     pub door: crate::net::door::Door,
     /// Files shared in rooms; `None` turns the file routes off.
     pub files: Option<Arc<crate::chat::files::FileStore>>,
+    /// How the other hubs' HTTPS doors are checked when a room file is
+    /// fetched from them (`--cluster-tls-ca`, else the system roots).
+    pub peer_tls: crate::tls::ClientTlsArgs,
 }
 
 impl HttpConfig {
@@ -115,6 +124,10 @@ impl HttpConfig {
             conn,
             door: crate::net::door::Door::plain("http"),
             files: None,
+            peer_tls: crate::tls::ClientTlsArgs {
+                tls_ca: args.cluster_tls_ca.clone(),
+                ..Default::default()
+            },
         }
     }
 }
@@ -139,6 +152,7 @@ impl Default for HttpConfig {
             conn: ConnConfig::default(),
             door: crate::net::door::Door::plain("http"),
             files: None,
+            peer_tls: Default::default(),
         }
     }
 }

@@ -64,12 +64,12 @@ impl ClientTlsArgs {
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &self.tls_ca {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("cannot read --tls-ca {}", ca.display()))?
+                .with_context(|| format!("cannot read the CA file {}", ca.display()))?
                 .collect::<Result<_, _>>()
-                .with_context(|| format!("--tls-ca {} is not PEM", ca.display()))?;
+                .with_context(|| format!("the CA file {} is not PEM", ca.display()))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                bail!("--tls-ca {} holds no usable certificate", ca.display());
+                bail!("the CA file {} holds no usable certificate", ca.display());
             }
             return Ok(roots);
         }
