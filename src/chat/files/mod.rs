@@ -322,15 +322,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl FileStore {
     /// Opens the store under `<data_dir>/rooms`, removing the part files of
-    /// uploads a previous run left (their state was in memory).
+    /// uploads a previous run left (their state was in memory) and of
+    /// thumbnails it was writing when it stopped.
     pub fn open(data_dir: &Path, limits: FileLimits) -> io::Result<FileStore> {
         let root = data_dir.join("rooms");
         std::fs::create_dir_all(&root)?;
         for room in std::fs::read_dir(&root)? {
-            let partial = room?.path().join(FILES_DIR).join(PARTIAL_DIR);
+            let files = room?.path().join(FILES_DIR);
+            let partial = files.join(PARTIAL_DIR);
             if partial.is_dir() {
                 std::fs::remove_dir_all(&partial)?;
             }
+            thumbs::remove_parts(&files)?;
         }
         Ok(FileStore {
             root,
