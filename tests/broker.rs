@@ -606,7 +606,7 @@ async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
     for (subject, payload) in [
         ("netkit.presence.hub-0", "{\"version\": 1}"),
         (to_k.as_str(), "not json"),
-        (broker::wire::TOPIC_SUBJECT, "[]"),
+        (broker::wire::topic_subject("lobby").as_str(), "[]"),
     ] {
         client
             .publish(subject.to_string(), payload.into())
@@ -776,4 +776,102 @@ fn broker_with_gossip_flags_is_refused_with_the_reason() {
             "{err}"
         );
     }
+}
+
+/// The topic of `room` on `node` once it is `want` (polled, with a deadline).
+async fn topic_becomes(node: &Node, room: &str, want: &str) {
+    let topic = || {
+        node.hub
+            .rooms()
+            .into_iter()
+            .find(|r| r.name == room)
+            .map(|r| r.topic)
+    };
+    let deadline = tokio::time::Instant::now() + T;
+    while topic().as_deref() != Some(want) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{room}'s topic is {:?}, not {want:?}",
+            topic()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The topic of `room` the engine's topics stream holds last, once the
+/// stream holds entries up to sequence `seq` (polled, with a deadline).
+async fn stream_last_topic(url: &str, room: &str, seq: u64) -> String {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut stream = js.get_stream(broker::wire::TOPICS_STREAM).await.unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while stream.info().await.unwrap().state.last_sequence < seq {
+        assert!(tokio::time::Instant::now() < deadline, "no entry {seq}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let subject = broker::wire::topic_subject(room);
+    let m = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    broker::wire::decode_topic(&subject, &m.payload)
+        .unwrap()
+        .change
+        .topic
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_starts_later_gets_each_rooms_last_topic() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let a = Node::start(&nats.url()).await;
+    let (ann, _ann_in) = a.client("ann", None).await;
+    ann.join("dev", None).await.unwrap();
+    ann.settle().await;
+    ann.topic("lobby", "first".into()).await.unwrap();
+    ann.topic("lobby", "second".into()).await.unwrap();
+    ann.topic("dev", "builds".into()).await.unwrap();
+
+    // A hub that was not there when they were set has every room's last
+    // topic, stored, and shows it to a member who joins there.
+    let c = Node::start(&nats.url()).await;
+    topic_becomes(&c, "lobby", "second").await;
+    topic_becomes(&c, "dev", "builds").await;
+    let (mut cid, mut cid_in) = c.hub.connect(Some("cid")).unwrap();
+    cid.handle(ClientMsg::Join {
+        room: "dev".into(),
+        after: None,
+        since: None,
+    })
+    .await
+    .unwrap();
+    let joined = next_event(&mut cid_in, "the join", |m| {
+        matches!(m, ServerMsg::Joined { .. })
+    })
+    .await;
+    let ServerMsg::Joined { topic, .. } = joined else {
+        unreachable!()
+    };
+    assert_eq!(topic, "builds");
+
+    // A topic set on the later hub reaches the first one as before.
+    cid.topic("dev", "green".into()).await.unwrap();
+    topic_becomes(&a, "dev", "green").await;
+
+    // Two topics set at once on two hubs: both hubs end with the same one,
+    // the one the engine stored last.
+    // Entries so far: lobby twice, dev twice (builds, green).
+    for round in 0..5u64 {
+        let (x, y) = (format!("from a {round}"), format!("from c {round}"));
+        let (ra, rc) = tokio::join!(ann.topic("dev", x.clone()), cid.topic("dev", y.clone()));
+        ra.unwrap();
+        rc.unwrap();
+        // Once both entries of the round are stored, the last is one of them.
+        let last = stream_last_topic(&nats.url(), "dev", 6 + 2 * round).await;
+        assert!(last == x || last == y, "{last}");
+        topic_becomes(&a, "dev", &last).await;
+        topic_becomes(&c, "dev", &last).await;
+    }
+    drop((ann, cid));
+    stop_all([a, c], nats).await;
 }

@@ -165,9 +165,11 @@ impl Hub {
         self.shared.topics_out.set(tx).ok().map(|()| rx)
     }
 
-    /// Queues a topic set on another hub: stored here and announced to the
-    /// room's local members as set by `change.by`, in order with this hub's
-    /// own writes.
+    /// A topic set on another hub: stored here and announced to the room's
+    /// local members as set by `change.by`, in order with this hub's own
+    /// writes (nothing when the room has that topic already); returns once
+    /// it is applied, so changes given one after the other are compared
+    /// with the topic the previous one left.
     pub async fn apply_remote_topic(&self, change: TopicChange) -> Result<(), HubError> {
         if !valid_room(&change.room) {
             return Err(HubError::bad_room(&change.room));
@@ -175,16 +177,30 @@ impl Hub {
         if change.topic.len() > MAX_TOPIC || !valid_nick(&change.by) {
             return Err(HubError::Broker("malformed topic change".into()));
         }
+        // A hub (re)starting reads every room's last topic again: one it
+        // already has is not announced again.
+        let same = self
+            .shared
+            .lock()
+            .rooms
+            .get(&change.room)
+            .is_some_and(|r| r.topic == change.topic);
+        if same {
+            return Ok(());
+        }
         let cmd = WriteCmd::Topic {
             client: REMOTE,
             room: change.room,
             topic: change.topic,
             by: Some(change.by),
         };
+        // Applied before the next change is compared with the room's topic.
+        let (done, applied) = tokio::sync::oneshot::channel();
         self.writer
-            .send((cmd, None))
+            .send((cmd, Some(done)))
             .await
-            .map_err(|_| HubError::ShuttingDown)
+            .map_err(|_| HubError::ShuttingDown)?;
+        applied.await.map_err(|_| HubError::ShuttingDown)
     }
 }
 

@@ -1,6 +1,9 @@
 //! Broker mode, the rest of what crosses hubs: presence (each hub beats its
 //! users' snapshot every [`HEARTBEAT`]; a hub not heard for [`EXPIRY`] is
-//! down), direct messages and topics, on plain NATS subjects outside the stream.
+//! down) and direct messages on plain NATS subjects outside the stream, and
+//! topics on a stream of their own that keeps each room's last one (read
+//! from the start by a hub that starts, so none set while it was down is
+//! missed).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -37,7 +40,7 @@ pub const LEAVE_BOUND: Duration = Duration::from_millis(3_250);
 pub(super) struct Inputs {
     beats: async_nats::Subscriber,
     directs: async_nats::Subscriber,
-    topics: async_nats::Subscriber,
+    topics: async_nats::jetstream::consumer::push::Ordered,
 }
 
 /// The other hubs' presence as this hub knows it, with when each was last heard.
@@ -54,7 +57,10 @@ struct Others {
 /// This hub's side: its name, the snapshot it last published and when.
 struct Mine {
     client: async_nats::Client,
+    js: async_nats::jetstream::Context,
     node: String,
+    /// Per room, the last topic this hub published (see [`receive_topic`]).
+    own_topics: HashMap<String, String>,
     /// Where this hub's doors listen, sent with every beat.
     meta: NodeMeta,
     snap: Snapshot,
@@ -124,10 +130,20 @@ impl Mine {
         }
     }
 
-    async fn send_topic(&self, t: TopicChange) {
+    /// Publishes a topic set here to the topics stream; the engine's
+    /// acknowledgement is awaited on a task of its own, so a slow engine
+    /// does not hold presence and direct messages back.
+    async fn send_topic(&mut self, t: TopicChange) {
         let payload = wire::topic(&self.node, &t);
-        if let Err(e) = self.client.publish(wire::TOPIC_SUBJECT, payload).await {
-            tracing::warn!(room = %t.room, "broker: topic change not sent: {e}");
+        self.own_topics.insert(t.room.clone(), t.topic);
+        let room = t.room;
+        match self.js.publish(wire::topic_subject(&room), payload).await {
+            Ok(ack) => drop(tokio::spawn(async move {
+                if let Err(e) = ack.await {
+                    tracing::warn!(%room, "broker: topic change not stored: {e}");
+                }
+            })),
+            Err(e) => tracing::warn!(%room, "broker: topic change not sent: {e}"),
         }
     }
 }
@@ -175,8 +191,26 @@ impl Others {
     }
 }
 
-/// Subscribes to the subjects a hub reads.
-pub(super) async fn subscribe(client: &async_nats::Client, node: &str) -> anyhow::Result<Inputs> {
+/// Subscribes to the subjects a hub reads, and reads the topics stream from
+/// each room's last topic on.
+pub(super) async fn subscribe(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    node: &str,
+) -> anyhow::Result<Inputs> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+    let topics = js
+        .get_stream(wire::TOPICS_STREAM)
+        .await?
+        .create_consumer(OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            filter_subject: format!("{}>", wire::TOPIC_PREFIX),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
     Ok(Inputs {
         beats: client
             .subscribe(format!("{}*", wire::PRESENCE_PREFIX))
@@ -184,7 +218,7 @@ pub(super) async fn subscribe(client: &async_nats::Client, node: &str) -> anyhow
         directs: client
             .subscribe(format!("{}{node}", wire::DIRECT_PREFIX))
             .await?,
-        topics: client.subscribe(wire::TOPIC_SUBJECT).await?,
+        topics,
     })
 }
 
@@ -194,6 +228,7 @@ pub(super) async fn subscribe(client: &async_nats::Client, node: &str) -> anyhow
 /// them this hub's doors (`meta`).
 pub(super) async fn run(
     client: async_nats::Client,
+    js: async_nats::jetstream::Context,
     view: HubsView,
     meta: NodeMeta,
     hub: Hub,
@@ -205,7 +240,9 @@ pub(super) async fn run(
     let mut changes = hub.presence_changes();
     let mut mine = Mine {
         client,
+        js,
         node: view.me().to_string(),
+        own_topics: HashMap::new(),
         meta,
         snap: Snapshot {
             version: 0,
@@ -235,15 +272,7 @@ pub(super) async fn run(
                 Err(e) => tracing::warn!("broker: presence beat skipped: {e}"),
             },
             Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),
-            Some(m) = inputs.topics.next() => match wire::decode_topic(&m.payload) {
-                Ok(t) if t.node == mine.node => {}
-                Ok(t) => {
-                    if let Err(e) = hub.apply_remote_topic(t.change).await {
-                        tracing::warn!("broker: topic change from {} skipped: {e}", t.node);
-                    }
-                }
-                Err(e) => tracing::warn!("broker: topic change skipped: {e}"),
-            },
+            Some(m) = inputs.topics.next() => receive_topic(&hub, &mine, m).await,
             Some(d) = recv(&mut directs_out) => mine.send_direct(d).await,
             Some(t) = recv(&mut topics_out) => mine.send_topic(t).await,
         }
@@ -264,6 +293,37 @@ async fn recv<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// An entry of the topics stream, read in the stream's order: stored and
+/// shown here unless the room has that topic already, it is one this hub
+/// set before its latest for the room, or it is malformed (skipped with a
+/// warning). Every hub thus ends with the topic the stream holds last: when
+/// two hubs set one at once, the hub whose entry came first takes the other
+/// one, and the other hub, having applied the first, takes its own back
+/// when it reads it.
+async fn receive_topic(
+    hub: &Hub,
+    mine: &Mine,
+    m: Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
+) {
+    let m = match m {
+        Ok(m) => m,
+        // The ordered consumer makes itself again after a gap or a lost
+        // connection, from where it was.
+        Err(e) => return tracing::warn!("broker: reading the topics: {e}"),
+    };
+    match wire::decode_topic(m.subject.as_str(), &m.payload) {
+        Ok(t)
+            if t.node == mine.node
+                && mine.own_topics.get(&t.change.room) != Some(&t.change.topic) => {}
+        Ok(t) => {
+            if let Err(e) = hub.apply_remote_topic(t.change).await {
+                tracing::warn!("broker: topic change from {} skipped: {e}", t.node);
+            }
+        }
+        Err(e) => tracing::warn!("broker: topic change skipped: {e}"),
     }
 }
 

@@ -139,6 +139,21 @@ impl Broker {
                  (is JetStream enabled? nats-server -js): {e}"
             )
         })?;
+        // Each room's last topic, for hubs that start (or come back) later.
+        let topics = stream::Config {
+            name: wire::TOPICS_STREAM.to_string(),
+            subjects: vec![format!("{}>", wire::TOPIC_PREFIX)],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            num_replicas: asked,
+            ..Default::default()
+        };
+        js.get_or_create_stream(topics).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--broker: cannot open the JetStream stream {} at {servers}: {e}",
+                wire::TOPICS_STREAM
+            )
+        })?;
         let info = stream.cached_info();
         if info.config.num_replicas != asked {
             tracing::warn!(
@@ -273,9 +288,10 @@ pub async fn start(
         Arc::new(Broker::connect(servers, args.broker_max_per_room, args.broker_replicas).await?);
     check_store(&broker, hub).await?;
     hub.set_room_log(Arc::new(broker.clone()));
-    let inputs = events::subscribe(&broker.client, broker.node()).await?;
+    let inputs = events::subscribe(&broker.client, &broker.js, broker.node()).await?;
     tracker.spawn(events::run(
         broker.client.clone(),
+        broker.js.clone(),
         broker.hubs(),
         meta,
         hub.clone(),

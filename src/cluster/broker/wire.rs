@@ -1,6 +1,7 @@
 //! What netkit puts on NATS: room messages on the stream (subject
-//! `netkit.room.<room>`), and, outside it, presence beats, direct messages
-//! and topic changes; all JSON, and anything else found there is refused here.
+//! `netkit.room.<room>`), each room's last topic on a stream of its own
+//! (`netkit.topic.<room>`), and on plain subjects presence beats and direct
+//! messages; all JSON, and anything else found there is refused here.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -17,8 +18,17 @@ pub const PRESENCE_PREFIX: &str = "netkit.presence.";
 /// Direct messages to the users of one node: `netkit.direct.<node>`.
 pub const DIRECT_PREFIX: &str = "netkit.direct.";
 
-/// Topic changes, from any node.
-pub const TOPIC_SUBJECT: &str = "netkit.topic";
+/// Topic changes, from any node: `netkit.topic.<room>`, kept in their own
+/// stream ([`TOPICS_STREAM`]), the last one of each room.
+pub const TOPIC_PREFIX: &str = "netkit.topic.";
+
+/// The stream of the rooms' topics (one entry per room, the newest).
+pub const TOPICS_STREAM: &str = "NETKIT_TOPICS";
+
+/// The subject a room's topic changes are published on.
+pub fn topic_subject(room: &str) -> String {
+    format!("{TOPIC_PREFIX}{room}")
+}
 
 /// Longest hub name on the wire.
 const MAX_NODE: usize = 64;
@@ -167,11 +177,18 @@ pub fn topic(node: &str, change: &TopicChange) -> Bytes {
     })
 }
 
-/// Reads a topic change (the hub checks the room, nick and length).
-pub fn decode_topic(payload: &[u8]) -> Result<Topic, BadEntry> {
+/// Reads a topic change published on `subject` (the hub checks the nick
+/// and length).
+pub fn decode_topic(subject: &str, payload: &[u8]) -> Result<Topic, BadEntry> {
     let t: Topic = serde_json::from_slice(payload)?;
     if !valid_node(&t.node) {
         return Err(BadEntry::Content);
+    }
+    if !valid_room(&t.change.room) {
+        return Err(BadEntry::Room);
+    }
+    if subject != topic_subject(&t.change.room) {
+        return Err(BadEntry::Subject(subject.to_string()));
     }
     Ok(t)
 }
@@ -309,7 +326,10 @@ mod tests {
             topic: "t".into(),
             by: "ann".into(),
         };
-        assert_eq!(decode_topic(&topic("hub-1", &t)).unwrap().change, t);
-        assert!(decode_topic(&topic("a.b", &t)).is_err());
+        let on = topic_subject(&t.room);
+        assert_eq!(decode_topic(&on, &topic("hub-1", &t)).unwrap().change, t);
+        assert!(decode_topic(&on, &topic("a.b", &t)).is_err());
+        // Published on another room's subject: refused.
+        assert!(decode_topic("netkit.topic.other", &topic("hub-1", &t)).is_err());
     }
 }
