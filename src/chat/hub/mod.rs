@@ -29,6 +29,7 @@ mod deliver;
 mod error;
 mod files;
 mod history;
+mod joins;
 mod log;
 mod login;
 mod moderation;
