@@ -30,6 +30,13 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// (also at each reconnection).
 const STREAM_CHECK: Duration = Duration::from_secs(2);
 
+/// How long the stream's consumer may deliver nothing while the stream holds
+/// entries this hub has not applied before it is made again.
+const STALLED: Duration = Duration::from_secs(6);
+
+/// The longest a pull of the stream waits (its idle heartbeat is half).
+const PULL_EXPIRES: Duration = Duration::from_secs(4);
+
 /// The longest pause between two attempts to read the stream again.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -330,14 +337,15 @@ async fn check_store(broker: &Broker, hub: &Hub) -> anyhow::Result<()> {
 /// entry after the last one handed over: nothing is skipped, and entries
 /// handed over twice die as duplicates in the store.
 async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
-    let mut next = hub.last_logged(&broker.origin) + 1;
+    // The next entry to read: read_from advances it, check_stream watches it.
+    let next = AtomicU64::new(hub.last_logged(&broker.origin) + 1);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let read = read_from(&broker, &hub, &mut next, &mut backoff);
+        let read = read_from(&broker, &hub, &next, &mut backoff);
         let failure = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = read => r,
-            r = check_stream(&broker, &hub) => r,
+            r = check_stream(&broker, &hub, &next) => r,
         };
         match failure {
             ReadEnd::HubGone => return,
@@ -347,7 +355,8 @@ async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
                 return;
             }
             ReadEnd::Failed(e) => {
-                tracing::warn!("broker: reading the stream from {next} failed ({e}); retrying")
+                let from = next.load(Ordering::Relaxed);
+                tracing::warn!("broker: reading the stream from {from} failed ({e}); retrying")
             }
         }
         tokio::select! {
@@ -381,10 +390,15 @@ impl Broker {
 
 /// Checks, at each reconnection and every [`STREAM_CHECK`], that the stream
 /// is still the one the hub's store follows; returns when it is not (the
-/// consumer alone would wait for its next sequence on a stream made again).
-async fn check_stream(broker: &Broker, hub: &Hub) -> ReadEnd {
+/// consumer alone would wait for its next sequence on a stream made again),
+/// or when the consumer has delivered nothing for [`STALLED`] while the
+/// stream holds entries past what the hub applied (after a failover the
+/// client may keep asking the servers to make its consumer again under the
+/// same name, with no answer; a new consumer is made instead).
+async fn check_stream(broker: &Broker, hub: &Hub, next: &AtomicU64) -> ReadEnd {
     let mut connected = broker.connected();
     let mut tick = tokio::time::interval(STREAM_CHECK);
+    let mut progress = (next.load(Ordering::Relaxed), tokio::time::Instant::now());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -396,9 +410,21 @@ async fn check_stream(broker: &Broker, hub: &Hub) -> ReadEnd {
         let Ok(stream) = broker.js.get_stream(STREAM).await else {
             continue; // not there (yet): sends fail; look again later
         };
-        let next = *hub.logged().borrow() + 1;
-        if let Some(why) = broker.replaced_by(stream.cached_info(), next) {
+        let applied = *hub.logged().borrow();
+        if let Some(why) = broker.replaced_by(stream.cached_info(), applied + 1) {
             return ReadEnd::Replaced(why);
+        }
+        let (read, last) = (
+            next.load(Ordering::Relaxed),
+            stream.cached_info().state.last_sequence,
+        );
+        if read != progress.0 || last < read {
+            progress = (read, tokio::time::Instant::now());
+        } else if progress.1.elapsed() >= STALLED {
+            return ReadEnd::Failed(format!(
+                "nothing delivered for {STALLED:?} while the stream holds {} more entries",
+                last + 1 - read
+            ));
         }
     }
 }
@@ -414,19 +440,29 @@ enum ReadEnd {
 }
 
 /// One ordered consumer from `next` on, until it fails.
-async fn read_from(broker: &Broker, hub: &Hub, next: &mut u64, backoff: &mut Duration) -> ReadEnd {
+async fn read_from(
+    broker: &Broker,
+    hub: &Hub,
+    next: &AtomicU64,
+    backoff: &mut Duration,
+) -> ReadEnd {
     let failed = |e: &dyn std::fmt::Display| ReadEnd::Failed(e.to_string());
     let stream = match broker.js.get_stream(STREAM).await {
         Ok(s) => s,
         Err(e) => return failed(&e),
     };
-    if let Some(why) = broker.replaced_by(stream.cached_info(), *next) {
+    if let Some(why) = broker.replaced_by(stream.cached_info(), next.load(Ordering::Relaxed)) {
         return ReadEnd::Replaced(why);
     }
     let config = consumer::pull::OrderedConfig {
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: *next,
+            start_sequence: next.load(Ordering::Relaxed),
         },
+        // Each pull waits at most this long, and the server beats every
+        // half of it: a consumer lost with its server (a failover) is found
+        // silent after two missed beats and made again on another, within
+        // seconds (the client's defaults, 30 s and 15 s, took over a minute).
+        max_expires: PULL_EXPIRES,
         ..Default::default()
     };
     let mut messages = match stream.create_consumer(config).await {
@@ -446,10 +482,9 @@ async fn read_from(broker: &Broker, hub: &Hub, next: &mut u64, backoff: &mut Dur
             Err(e) => return failed(&e),
         };
         *backoff = Duration::from_millis(50);
-        if seq < *next {
+        if seq < next.load(Ordering::Relaxed) {
             continue;
         }
-        *next = seq + 1;
         match wire::decode(msg.subject.as_str(), &msg.payload) {
             Ok(post) => {
                 if let Err(e) = hub.apply_logged(seq, post).await {
@@ -464,6 +499,9 @@ async fn read_from(broker: &Broker, hub: &Hub, next: &mut u64, backoff: &mut Dur
                 msg.subject.as_str().chars().take(80).collect::<String>()
             ),
         }
+        // Only once handed over: a read cut short here reads it again (a
+        // second copy dies in the store).
+        next.store(seq + 1, Ordering::Relaxed);
     }
     failed(&"the consumer ended")
 }
