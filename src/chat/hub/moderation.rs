@@ -281,20 +281,15 @@ impl Shared {
         // Broker mode: room ids are the log's, so the notice is appended
         // to the log (and comes back to every hub, this one included).
         let log = self.room_log.get().cloned();
-        let logged = log.as_ref().map(|_| super::LoggedPost {
-            room: post.room.clone(),
-            from: post.from.clone(),
-            text: post.text.clone(),
-            kind: post.kind,
-            ts: post.ts,
-            moderation: post.moderation.clone(),
-            file: None,
-        });
+        let (notice, logged) = match log {
+            Some(_) => (None, Some(super::moderation_change::logged_notice(post))),
+            None => (Some(post), None),
+        };
         let m = ModWrite {
             client: HUB,
             room: room.to_string(),
             change,
-            notice: if log.is_some() { None } else { Some(post) },
+            notice,
             in_force: true,
             remote: false,
         };

@@ -26,6 +26,20 @@ pub(super) fn notice(client: ClientId, room: &str, by: &str, text: String) -> Po
     }
 }
 
+/// A notice as appended to the room log in broker mode (the log gives it
+/// its id; notices share no file).
+pub(super) fn logged_notice(n: Post) -> super::LoggedPost {
+    super::LoggedPost {
+        room: n.room,
+        from: n.from,
+        text: n.text,
+        kind: n.kind,
+        ts: n.ts,
+        moderation: n.moderation,
+        file: None,
+    }
+}
+
 /// A moderation change for the writer: stored with its notice in one
 /// transaction, then applied and announced.
 pub(super) struct ModWrite {

@@ -219,15 +219,7 @@ impl Session {
         self.write(WriteCmd::Moderate(Box::new(m))).await?;
         self.settle().await;
         let Some(n) = notice else { return Ok(()) };
-        let post = super::LoggedPost {
-            room: n.room,
-            from: n.from,
-            text: n.text,
-            kind: n.kind,
-            ts: n.ts,
-            moderation: n.moderation,
-            file: None,
-        };
+        let post = super::moderation_change::logged_notice(n);
         self.hub.say_logged(&log, post).await.map(|_| ())
     }
 
