@@ -171,29 +171,23 @@ async fn hubs_fetch_files_over_verified_tls_with_the_cluster_ca_and_refuse_witho
     assert_eq!(curl(&c, "/healthz", &ca).0, 200);
     c.wait_for("fetching the file from hub", Duration::from_secs(10));
 
-    // A CA file that cannot be read is refused at start.
+    // A CA file that cannot be read is refused at start: serve exits by
+    // itself (one still running at the deadline is killed with the future).
     let mut cmd = cluster_node_command("d", dirs[2].path(), "127.0.0.1:0", "", false);
-    let mut out = cmd
-        .arg("--tls-cert")
+    cmd.arg("--tls-cert")
         .arg(certs.join("c.pem"))
         .arg("--tls-key")
         .arg(certs.join("c.key"))
         .arg("--cluster-tls-ca")
         .arg(certs.join("missing.pem"))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        .stderr(std::process::Stdio::piped());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(DEADLINE, cmd.spawn().unwrap().wait_with_output())
+        .await
+        .expect("serve started with an unreadable --cluster-tls-ca")
         .unwrap();
-    // It must exit by itself; one still running after the deadline is ended.
-    let started = std::time::Instant::now();
-    while out.try_wait().unwrap().is_none() && started.elapsed() < DEADLINE {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if out.try_wait().unwrap().is_none() {
-        out.kill().unwrap();
-        panic!("serve started with an unreadable --cluster-tls-ca");
-    }
-    let out = out.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
