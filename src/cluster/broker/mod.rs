@@ -34,6 +34,13 @@ const STREAM_CHECK: Duration = Duration::from_secs(2);
 /// entries this hub has not applied before it is made again.
 const STALLED: Duration = Duration::from_secs(6);
 
+/// How long the stream, created when the one this hub follows was, may end
+/// before what the hub has applied before the hub takes it for another one
+/// (a store restored from an older copy). Right after a failover the new
+/// leader reports the entries it has yet to apply as missing, for a moment:
+/// the acknowledged ones are in its log, and come back.
+const BEHIND_GRACE: Duration = Duration::from_secs(20);
+
 /// The longest a pull of the stream waits (its idle heartbeat is half).
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
 
@@ -367,30 +374,54 @@ async fn consume(broker: Arc<Broker>, hub: Hub, shutdown: CancellationToken) {
     }
 }
 
+/// What the stream's info says about the stream this hub follows.
+#[derive(Debug, PartialEq)]
+enum Follows {
+    /// The same stream, holding at least what the hub applied.
+    Yes,
+    /// The same stream (created at the same time) ending before what the
+    /// hub applied: a leader catching up after a failover, for a moment, or a
+    /// store restored from an older copy, if it lasts.
+    Behind(String),
+    /// Another stream: created at another time (the server's store was
+    /// replaced, or the stream deleted and made again).
+    No(String),
+}
+
 impl Broker {
-    /// Why `info` is not the stream this hub has applied up to `next - 1`,
-    /// if it is not: created at another time (the server's store was
-    /// replaced, or the stream deleted and made again), or ending before
-    /// what the hub has applied.
-    fn replaced_by(&self, info: &stream::Info, next: u64) -> Option<String> {
-        let applied = next - 1;
-        let last = info.state.last_sequence;
-        if info.created.unix_timestamp_nanos() == self.created && last >= applied {
-            return None;
-        }
-        Some(format!(
-            "the stream {STREAM} at {} is not the one this hub follows (made again, or a fresh \
-             server store; it ends at {last}, this hub applied up to {applied}): positions would \
-             mean other messages, so this hub stops sending and delivering; restart it with a \
-             fresh --data-dir",
-            self.servers
-        ))
+    /// Whether `info` is the stream this hub has applied up to `applied`.
+    fn follows(&self, info: &stream::Info, applied: u64) -> Follows {
+        follows(
+            self.created,
+            &self.servers,
+            info.created.unix_timestamp_nanos(),
+            info.state.last_sequence,
+            applied,
+        )
+    }
+}
+
+fn follows(created: i128, servers: &str, info_created: i128, last: u64, applied: u64) -> Follows {
+    if info_created == created && last >= applied {
+        return Follows::Yes;
+    }
+    let why = format!(
+        "the stream {STREAM} at {servers} is not the one this hub follows (made again, or a \
+         fresh or restored server store; it ends at {last}, this hub applied up to {applied}): \
+         positions would mean other messages, so this hub stops sending and delivering; \
+         restart it with a fresh --data-dir"
+    );
+    if info_created == created {
+        Follows::Behind(why)
+    } else {
+        Follows::No(why)
     }
 }
 
 /// Checks, at each reconnection and every [`STREAM_CHECK`], that the stream
 /// is still the one the hub's store follows; returns when it is not (the
 /// consumer alone would wait for its next sequence on a stream made again),
+/// or (ending before what the hub applied) has not been for [`BEHIND_GRACE`];
 /// or when the consumer has delivered nothing for [`STALLED`] while the
 /// stream holds entries past what the hub applied (after a failover the
 /// client may keep asking the servers to make its consumer again under the
@@ -399,6 +430,7 @@ async fn check_stream(broker: &Broker, hub: &Hub, next: &AtomicU64) -> ReadEnd {
     let mut connected = broker.connected();
     let mut tick = tokio::time::interval(STREAM_CHECK);
     let mut progress = (next.load(Ordering::Relaxed), tokio::time::Instant::now());
+    let mut behind_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -411,8 +443,16 @@ async fn check_stream(broker: &Broker, hub: &Hub, next: &AtomicU64) -> ReadEnd {
             continue; // not there (yet): sends fail; look again later
         };
         let applied = *hub.logged().borrow();
-        if let Some(why) = broker.replaced_by(stream.cached_info(), applied + 1) {
-            return ReadEnd::Replaced(why);
+        match broker.follows(stream.cached_info(), applied) {
+            Follows::Yes => behind_since = None,
+            Follows::No(why) => return ReadEnd::Replaced(why),
+            Follows::Behind(why) => {
+                let since = *behind_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= BEHIND_GRACE {
+                    return ReadEnd::Replaced(why);
+                }
+                continue; // the consumer waits for what it has not seen
+            }
         }
         let (read, last) = (
             next.load(Ordering::Relaxed),
@@ -451,7 +491,10 @@ async fn read_from(
         Ok(s) => s,
         Err(e) => return failed(&e),
     };
-    if let Some(why) = broker.replaced_by(stream.cached_info(), next.load(Ordering::Relaxed)) {
+    // Ending before `next` is judged by check_stream, over time; the
+    // consumer made here waits for the entries it has not seen.
+    if let Follows::No(why) = broker.follows(stream.cached_info(), next.load(Ordering::Relaxed) - 1)
+    {
         return ReadEnd::Replaced(why);
     }
     let config = consumer::pull::OrderedConfig {
@@ -504,4 +547,21 @@ async fn read_from(
         next.store(seq + 1, Ordering::Relaxed);
     }
     failed(&"the consumer ended")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Follows, follows};
+
+    #[test]
+    fn a_stream_is_followed_by_its_creation_time_and_end() {
+        let s = "nats://127.0.0.1:4222";
+        assert_eq!(follows(7, s, 7, 10, 10), Follows::Yes);
+        assert_eq!(follows(7, s, 7, 12, 10), Follows::Yes);
+        // A leader that has yet to apply entries after a failover: judged over time.
+        assert!(matches!(follows(7, s, 7, 9, 10), Follows::Behind(w) if w.contains("ends at 9")));
+        // Made again: another stream at once, even when it holds more.
+        assert!(matches!(follows(7, s, 8, 12, 10), Follows::No(_)));
+        assert!(matches!(follows(7, s, 8, 0, 10), Follows::No(_)));
+    }
 }
