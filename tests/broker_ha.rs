@@ -121,6 +121,20 @@ async fn publish(
     (refused, last)
 }
 
+/// Waits until hub `i` has applied the stream up to `end`; fails at once,
+/// with the hub's reason, if it stops following the stream.
+async fn caught_up(node: &Node, i: usize, end: u64) {
+    let (mut logged, mut replaced) = (node.hub.logged(), node.broker.replaced());
+    tokio::select! {
+        r = tokio::time::timeout(SLOW, logged.wait_for(|&v| v >= end)) => {
+            r.unwrap_or_else(|_| panic!("hub {i} did not apply the stream up to {end}")).unwrap();
+        }
+        Ok(why) = replaced.wait_for(Option::is_some) => {
+            panic!("hub {i} stopped following the stream: {:?}", *why)
+        }
+    }
+}
+
 /// Every room message `inbox` gets up to stream sequence `end`.
 async fn messages_up_to(inbox: &mut netkit::chat::hub::Inbox, end: u64) -> Vec<ChatMessage> {
     let mut v: Vec<ChatMessage> = Vec::new();
@@ -203,6 +217,7 @@ async fn killing_the_stream_leader_loses_no_acknowledged_message_and_shows_none_
     for (i, (_, inbox)) in watchers.iter_mut().enumerate() {
         let applied: Vec<u64> = nodes.iter().map(|n| *n.hub.logged().borrow()).collect();
         eprintln!("end {end}; applied per hub {applied:?}; reading hub {i}");
+        caught_up(&nodes[i], i, end).await;
         let got = messages_up_to(inbox, end).await;
         let ids: HashSet<u64> = got.iter().map(|m| m.id).collect();
         let texts: HashSet<&str> = got.iter().map(|m| m.text.as_str()).collect();
