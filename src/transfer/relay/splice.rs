@@ -112,7 +112,6 @@ where
     }
 }
 
-/// Returns once nothing moved for `idle`.
 /// [`splice`] for two TCP sockets, with splice(2) through one pipe per
 /// direction: the relay copies no byte through user space (the copy loop
 /// cost it ~0.8 s of CPU per GiB). Falls back to [`splice`] when the kernel
@@ -260,6 +259,7 @@ async fn pump_pipe(
     }
 }
 
+/// Returns once nothing moved for `idle`.
 async fn watchdog(shared: &Shared, idle: Duration) {
     loop {
         let quiet = shared.since_last();
