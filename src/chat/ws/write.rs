@@ -15,13 +15,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::super::ConnConfig;
-use super::super::frame::text_frame;
-use super::super::hub::{DisconnectReason, Event, Inbox, Received};
-use super::super::protocol::ServerMsg;
 use super::{
     CLOSE_GOING_AWAY, CLOSE_LAGGING, CLOSE_WRITE_TIMEOUT, Control, WsIo, close_frame, encode,
 };
+use crate::chat::ConnConfig;
+use crate::chat::frame::text_frame;
+use crate::chat::hub::{DisconnectReason, Event, Inbox, Received};
+use crate::chat::protocol::ServerMsg;
 
 /// Most frames handed to one `writev` (the kernel takes at most 1024 pieces).
 const MAX_FRAMES_PER_WRITE: usize = 256;

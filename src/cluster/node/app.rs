@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use foca::State;
 use tracing::debug;
 
-use super::super::id::{NodeId, NodeMeta};
-use super::super::wire::{self, AppFrame, AppMsg};
 use super::{Node, Payload, Timer, postcard_len};
+use crate::cluster::id::{NodeId, NodeMeta};
+use crate::cluster::wire::{self, AppFrame, AppMsg};
 
 impl Node {
     /// An application frame from a member: a handler per message kind.
