@@ -213,14 +213,24 @@ impl Hub {
     pub fn apply_remote_presence(&self, changes: Vec<RemotePresence>, users: Vec<RemoteMember>) {
         let shared = &self.shared;
         let mut st = self.lock();
-        st.remote.users.clear();
-        for u in users {
-            st.remote
-                .users
-                .entry(name_key(&u.nick))
-                .or_default()
-                .push(u);
+        // Rebuilt on every change: a nick already held keeps its key (the
+        // look-alike key is Unicode work, and a snapshot repeats hundreds).
+        let old = std::mem::take(&mut st.remote.users);
+        let mut keys: HashMap<&str, &str> = HashMap::with_capacity(old.len());
+        for (key, members) in &old {
+            for m in members {
+                keys.insert(&m.nick, key);
+            }
         }
+        let mut by_key: HashMap<String, Vec<RemoteMember>> = HashMap::with_capacity(users.len());
+        for u in users {
+            let key = keys
+                .get(u.nick.as_str())
+                .map_or_else(|| name_key(&u.nick), |k| (*k).to_string());
+            by_key.entry(key).or_default().push(u);
+        }
+        drop(keys);
+        st.remote.users = by_key;
         for change in changes {
             match change {
                 RemotePresence::Join { room, member } => remote_join(shared, &mut st, room, member),

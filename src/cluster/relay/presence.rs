@@ -79,19 +79,29 @@ impl Snapshot {
     /// Checks what an untrusted snapshot claims: bounded sizes, valid
     /// nicks and room names, no id or nick twice.
     pub fn validate(&self) -> Result<(), Rejected> {
+        self.validate_against(None)
+    }
+
+    /// [`Snapshot::validate`], taking as valid the nicks and rooms `held`
+    /// already holds for the same user id (checked when they came: names
+    /// are Unicode work, and a snapshot repeats hundreds of them every
+    /// second).
+    fn validate_against(&self, held: Option<&HeldUsers>) -> Result<(), Rejected> {
         if self.users.len() > MAX_USERS {
             return Err(Rejected::TooLarge(self.users.len()));
         }
         let mut ids = HashSet::with_capacity(self.users.len());
         let mut nicks = HashSet::with_capacity(self.users.len());
         for u in &self.users {
-            if !valid_nick(&u.nick) {
+            let before = held.and_then(|h| h.get(&u.id));
+            if before.is_none_or(|(nick, _)| *nick != u.nick) && !valid_nick(&u.nick) {
                 return Err(Rejected::Invalid("a nickname is not valid"));
             }
             if u.rooms.len() > MAX_ROOMS_PER_USER {
                 return Err(Rejected::TooLarge(u.rooms.len()));
             }
-            if !u.rooms.iter().all(|r| valid_room(r)) {
+            let known = |r: &String| before.is_some_and(|(_, rooms)| rooms.contains(r));
+            if !u.rooms.iter().all(|r| known(r) || valid_room(r)) {
                 return Err(Rejected::Invalid("a room name is not valid"));
             }
             if !ids.insert(u.id) || !nicks.insert(u.nick.to_ascii_lowercase()) {
@@ -116,14 +126,16 @@ pub enum Rejected {
     Invalid(&'static str),
 }
 
+/// One node's users by per-connection id: nick and rooms.
+type HeldUsers = BTreeMap<u64, (String, BTreeSet<String>)>;
+
 /// The presence held for one node.
 #[derive(Debug, Clone)]
 struct Held {
     name: String,
     generation: u32,
     version: u64,
-    /// By per-connection id: nick and rooms.
-    users: BTreeMap<u64, (String, BTreeSet<String>)>,
+    users: HeldUsers,
 }
 
 /// What one node knows of the others' presence, by peer key `P` (the gossip
@@ -167,7 +179,12 @@ impl<P: Ord + Clone> PresenceTable<P> {
         generation: u32,
         snap: Snapshot,
     ) -> Result<Vec<RemotePresence>, Rejected> {
-        snap.validate()?;
+        // What this life of the node already sent was checked when it came.
+        let known = self
+            .nodes
+            .get(&from)
+            .filter(|h| h.generation == generation && h.name == name);
+        snap.validate_against(known.map(|h| &h.users))?;
         if self.ended.get(&from).is_some_and(|&g| generation <= g) {
             return Err(Rejected::Stale);
         }
@@ -187,7 +204,7 @@ impl<P: Ord + Clone> PresenceTable<P> {
             Some(h) => h.users,
             None => BTreeMap::new(),
         };
-        let new: BTreeMap<u64, (String, BTreeSet<String>)> = snap
+        let new: HeldUsers = snap
             .users
             .into_iter()
             .map(|u| (u.id, (u.nick, u.rooms.into_iter().collect())))
@@ -509,6 +526,9 @@ mod tests {
             .unwrap();
         let bad = [
             snap(2, vec![user(1, "bad nick!", &["lobby"])]),
+            // Held users are taken as checked; a new one beside them is not.
+            snap(2, vec![user(1, "bob", &["lobby"]), user(2, "bad nick!", &[])]),
+            snap(2, vec![user(1, "bob", &["lobby"]), user(2, "amy", &["bad/room"])]),
             snap(2, vec![user(1, "bob", &["no such/room"])]),
             snap(2, vec![user(1, "bob", &[]), user(1, "bib", &[])]),
             snap(2, vec![user(1, "bob", &[]), user(2, "BOB", &[])]),
