@@ -605,6 +605,10 @@ async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
     let to_k = format!("{}{node}", broker::wire::DIRECT_PREFIX);
     for (subject, payload) in [
         ("netkit.presence.hub-0", "{\"version\": 1}"),
+        (
+            "netkit.presence.hub-9",
+            "{\"version\": 1, \"users\": [{\"id\": 1, \"nick\": \"bad nick!\", \"rooms\": []}]}",
+        ),
         (to_k.as_str(), "not json"),
         (broker::wire::topic_subject("lobby").as_str(), "[]"),
     ] {
@@ -623,6 +627,7 @@ async fn a_hub_logs_and_skips_what_is_not_netkit_s_format() {
             wait,
         );
         k.wait_for("broker: presence beat skipped", wait);
+        k.wait_for("a nickname is not valid", wait);
         k.wait_for("broker: topic change skipped", wait);
         k.wait_for("broker: direct message skipped", wait);
         k

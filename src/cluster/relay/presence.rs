@@ -527,8 +527,14 @@ mod tests {
         let bad = [
             snap(2, vec![user(1, "bad nick!", &["lobby"])]),
             // Held users are taken as checked; a new one beside them is not.
-            snap(2, vec![user(1, "bob", &["lobby"]), user(2, "bad nick!", &[])]),
-            snap(2, vec![user(1, "bob", &["lobby"]), user(2, "amy", &["bad/room"])]),
+            snap(
+                2,
+                vec![user(1, "bob", &["lobby"]), user(2, "bad nick!", &[])],
+            ),
+            snap(
+                2,
+                vec![user(1, "bob", &["lobby"]), user(2, "amy", &["bad/room"])],
+            ),
             snap(2, vec![user(1, "bob", &["no such/room"])]),
             snap(2, vec![user(1, "bob", &[]), user(1, "bib", &[])]),
             snap(2, vec![user(1, "bob", &[]), user(2, "BOB", &[])]),
