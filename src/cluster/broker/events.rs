@@ -151,16 +151,18 @@ impl Mine {
 impl Others {
     /// A beat from `node`: its presence is replaced by its snapshot.
     fn heard(&mut self, hub: &Hub, node: String, beat: wire::Beat) {
-        self.heard.insert(node.clone(), Instant::now());
-        let life = *self.lives.entry(node.clone()).or_insert(1);
+        let life = self.lives.get(&node).copied().unwrap_or(1);
         match self.table.apply(node.clone(), &node, life, beat.snapshot) {
             Ok(changes) => self.apply(hub, changes),
             Err(Rejected::Stale) => {}
             Err(e) => {
+                // Malformed: not a sign of life either.
                 tracing::warn!(node = %node, "broker: presence beat skipped: {e}");
                 return;
             }
         }
+        self.heard.insert(node.clone(), Instant::now());
+        self.lives.entry(node.clone()).or_insert(life);
         let users = self.table.nicks_of(&node).unwrap_or_default();
         self.view.heard(&node, beat.meta, users);
     }
