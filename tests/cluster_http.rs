@@ -33,6 +33,7 @@ fn state(hub: Hub, cluster: ClusterInfo) -> AppState {
         cluster: std::sync::Arc::new(cluster),
         pages: Default::default(),
         fetches: Default::default(),
+        sessions_rt: tokio::runtime::Handle::current(),
     })
 }
 

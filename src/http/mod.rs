@@ -10,6 +10,7 @@ pub mod files_fetch;
 pub mod get;
 pub mod guard;
 pub mod host;
+pub mod loops;
 pub mod metrics;
 pub mod page_cache;
 pub mod security;
@@ -59,6 +60,10 @@ pub struct HttpArgs {
     /// Most HTTP requests handled at once; more wait their turn.
     #[arg(long, default_value_t = 1024, env = "NETKIT_HTTP_CONCURRENCY")]
     pub http_concurrency: usize,
+    /// Threads serving HTTP and WebSocket connections, each its own event
+    /// loop; a connection stays on one (0: one per CPU).
+    #[arg(long, default_value_t = 0, env = "NETKIT_HTTP_THREADS")]
+    pub http_threads: usize,
     /// Extra browser origins allowed to open /ws (e.g. http://example.org:8080),
     /// comma-separated; `*` allows any. The server's own host is always allowed.
     #[arg(long, value_delimiter = ',', env = "NETKIT_ALLOW_ORIGIN")]
@@ -88,6 +93,8 @@ pub struct HttpConfig {
     pub body_limit: usize,
     /// Concurrent request limit.
     pub concurrency: usize,
+    /// Event-loop threads for the connections (0: one per CPU; see [`loops`]).
+    pub threads: usize,
     /// Extra allowed origins (`*` = any).
     pub allow_origins: Vec<String>,
     /// Public names the server answers to besides its own addresses (see [`host`]).
@@ -113,6 +120,7 @@ impl HttpConfig {
             header_timeout: args.http_header_timeout,
             body_limit: usize::try_from(args.http_body_limit).unwrap_or(usize::MAX),
             concurrency: args.http_concurrency.max(1),
+            threads: args.http_threads,
             allow_origins: args
                 .allow_origin
                 .iter()
@@ -146,6 +154,7 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             body_limit: 64 * 1024,
             concurrency: 1024,
+            threads: 0,
             allow_origins: Vec::new(),
             hosts: Vec::new(),
             bound: None,
@@ -194,6 +203,9 @@ pub struct AppParts {
     pub pages: page_cache::PageCache,
     /// Room files being fetched from other hubs.
     pub fetches: files_fetch::Fetches,
+    /// The runtime WebSocket sessions run on (the process's, not the
+    /// connection's event loop: see [`loops`]).
+    pub sessions_rt: tokio::runtime::Handle,
 }
 
 /// The router with every route and layer. The file routes ([`files::routes`])
@@ -280,9 +292,11 @@ pub async fn run(
         cluster: Arc::new(cluster),
         pages: Default::default(),
         fetches: Default::default(),
+        sessions_rt: tokio::runtime::Handle::current(),
     });
     let sessions = state.sessions.clone();
     let header_timeout = state.config.header_timeout;
+    let state_threads = state.config.threads;
     let app = router(state);
     // Our own accept loop rather than `axum::serve`, which sets neither
     // TCP_NODELAY nor a header timeout: without one, a client that sends half
@@ -293,6 +307,7 @@ pub async fn run(
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD);
     let connections = TaskTracker::new();
+    let loops = loops::Loops::start(state_threads);
     let mut acceptor = Acceptor::new("http");
     while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         // Nagle's algorithm would hold a small frame back until the client
@@ -313,7 +328,22 @@ pub async fn run(
             app.clone().oneshot(req)
         });
         let (shutdown, door, http1) = (shutdown.clone(), door.clone(), http1.clone());
-        connections.spawn(async move {
+        // The connection moves to its event loop: registered there, not here.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "http: cannot hand the connection over: {e}");
+                continue;
+            }
+        };
+        loops.spawn(&connections, async move {
+            let stream = match tokio::net::TcpStream::from_std(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, "http: cannot take the connection: {e}");
+                    return;
+                }
+            };
             let Some(stream) = door.handshake(stream).await else {
                 return;
             };
@@ -339,6 +369,7 @@ pub async fn run(
     connections.wait().await;
     sessions.close();
     sessions.wait().await;
+    loops.stop().await;
     info!("http: stopped");
     Ok(())
 }
@@ -429,7 +460,7 @@ async fn ws_upgrade(
     let conn = app.config.conn.clone();
     let shutdown = app.shutdown.clone();
     let sessions = app.sessions.clone();
-    upgrade.on_upgrade(move |socket| {
+    upgrade.on_upgrade(&app.sessions_rt, move |socket| {
         sessions.track_future(
             async move {
                 ws::serve_socket(socket, session, inbox, conn, shutdown).await;

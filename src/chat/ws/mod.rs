@@ -25,7 +25,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf};
 use tokio::sync::{Notify, oneshot};
 use tokio_tungstenite::WebSocketStream;
@@ -40,6 +39,7 @@ use super::ConnConfig;
 use super::hub::{Inbox, Session};
 use super::protocol::{ClientMsg, ServerMsg};
 
+mod socket;
 mod write;
 use write::write_loop;
 
@@ -93,8 +93,7 @@ pub struct WsUpgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
 }
 
-/// The upgraded connection.
-pub type WsIo = TokioIo<hyper::upgrade::Upgraded>;
+pub use socket::WsIo;
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
@@ -148,17 +147,20 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
 
 impl WsUpgrade {
     /// Answers `101 Switching Protocols`, and runs `serve` on the connection
-    /// once hyper has handed it over.
-    pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
+    /// once hyper has handed it over, as a task of `rt`.
+    pub fn on_upgrade<F, Fut>(self, rt: &tokio::runtime::Handle, serve: F) -> Response
     where
         F: FnOnce(WsIo) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         let on_upgrade = self.on_upgrade;
-        tokio::spawn(async move {
+        rt.spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => serve(TokioIo::new(upgraded)).await,
+                Ok(upgraded) => match WsIo::take(upgraded) {
+                    Ok(io) => serve(io).await,
+                    Err(e) => debug!("websocket: cannot take the upgraded socket: {e}"),
+                },
                 Err(e) => debug!("websocket upgrade failed: {e}"),
             }
         });
