@@ -1,24 +1,25 @@
 //! The event loops that serve the HTTP door's connections: one thread per
-//! CPU, each running its own current-thread tokio runtime (its own epoll
-//! and timers). The accept loop hands each new connection to the next loop
-//! in turn, and its requests are read, answered and written there.
-//!
-//! A WebSocket session upgraded from a connection runs on the process's
-//! runtime instead (its socket stays registered with the loop, which only
-//! reports readiness): the hub wakes every session's writer from its own
-//! thread, and a current-thread runtime writes to its eventfd for each such
-//! wake, where the shared runtime wakes a worker only when one is parked.
-//! With the sessions on the loops, `bench/chat_fanout` scenario b (1,000
-//! clients) took 30 % more server CPU.
+//! CPU (`--http-threads`), each running its own current-thread tokio
+//! runtime (its own epoll and timers). The accept loop hands each new
+//! connection to the next loop in turn, and its requests are read,
+//! answered and written there.
 //!
 //! Why not the process's work-stealing runtime: a keep-alive request is a
 //! read, a few microseconds of work and a write, and on the shared runtime
 //! its task is woken by whichever worker polled the driver and is often
-//! moved or stolen, so workers wake one another for every batch of
-//! requests. With a loop per thread each thread sleeps in its own
-//! `epoll_wait` and handles what its connections bring. Measured with
-//! `bench/http` (`wrk -t2 -c100` and `-c1000` against `/healthz`,
-//! alternating): 5–9 % more requests per second on 2 cores.
+//! moved or stolen. With a loop per thread each thread sleeps in its own
+//! `epoll_wait` and handles what its connections bring. Same-run A/B on 2
+//! cores (`wrk -t2` against `/healthz`, 6 rounds alternating): 10.6 % more
+//! requests per second at 100 connections, 19 % at 1,000.
+//!
+//! A WebSocket session upgraded from a connection does not stay: its socket
+//! is taken back from hyper and registered with the process's runtime, and
+//! the session runs there ([`crate::chat::ws::WsIo::take`]). The hub wakes
+//! every session's writer from its own thread: a current-thread runtime
+//! writes to its eventfd for each such wake (the shared one wakes a worker
+//! only when one is parked), and a socket left registered with a loop wakes
+//! that loop's thread for every readiness event only to pass it on. Either
+//! way `bench/chat_fanout` scenario b (1,000 clients) took 30 % more CPU.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
