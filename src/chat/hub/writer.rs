@@ -156,6 +156,7 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Que
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     let interval = shared.config.batch_interval;
     let mut last_batch: Option<std::time::Instant> = None;
+    let mut slow = SlowBatches::default();
     while let Some(first) = rx.blocking_recv() {
         // Group commit: at most one batch per `interval` while commands keep
         // coming, so that each client is woken, and written to, once per batch
@@ -178,12 +179,58 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Que
                 None
             };
         }
+        let started = std::time::Instant::now();
         process_batch(&shared, &mut store, &mut heads, &batch);
+        slow.note(started.elapsed(), batch.len());
         batch.clear();
         // Dropping the senders tells each waiting client its command took effect.
         waiting.clear();
     }
     tracing::debug!("chat: writer thread stopped");
+}
+
+/// A batch that takes longer than this to store and deliver is logged: every
+/// message in it, and everything queued behind it, reached its room that late.
+const SLOW_BATCH: std::time::Duration = std::time::Duration::from_secs(1);
+/// At most one such warning in this long; the others are counted in it.
+const SLOW_BATCH_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Warns of batches slower than [`SLOW_BATCH`] (a disk that stalls on a
+/// commit or a checkpoint, or a starved machine), at most once per
+/// [`SLOW_BATCH_LOG_EVERY`].
+#[derive(Default)]
+struct SlowBatches {
+    last_warned: Option<std::time::Instant>,
+    /// Slow batches since the last warning, and the slowest of them.
+    unreported: u32,
+    worst: std::time::Duration,
+}
+
+impl SlowBatches {
+    fn note(&mut self, took: std::time::Duration, writes: usize) {
+        if took < SLOW_BATCH {
+            return;
+        }
+        self.unreported += 1;
+        self.worst = self.worst.max(took);
+        if self
+            .last_warned
+            .is_some_and(|at| at.elapsed() < SLOW_BATCH_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            "chat: a batch of {writes} writes took {took:.1?} to store and deliver \
+             ({} slow batches since the last warning, the slowest {:.1?}): \
+             messages reached their rooms that late; a disk that stalls or a machine \
+             short of CPU",
+            self.unreported,
+            self.worst
+        );
+        self.last_warned = Some(std::time::Instant::now());
+        self.unreported = 0;
+        self.worst = std::time::Duration::ZERO;
+    }
 }
 
 /// One batch: check, commit, tell the relay (through [`Shared::local_seq`])
@@ -526,4 +573,34 @@ fn apply_topic(
         by,
     });
     shared.deliver_locked(st, &members, &ev);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn slow_batches_are_warned_of_once_per_interval_and_counted_meanwhile() {
+        let mut slow = SlowBatches::default();
+        slow.note(Duration::from_millis(999), 10);
+        assert!(
+            slow.last_warned.is_none(),
+            "a batch under a second is not slow"
+        );
+        slow.note(Duration::from_millis(1500), 10);
+        assert!(
+            slow.last_warned.is_some(),
+            "the first slow batch is warned of"
+        );
+        assert_eq!(slow.unreported, 0);
+        slow.note(Duration::from_secs(3), 10);
+        slow.note(Duration::from_secs(2), 10);
+        assert_eq!(slow.unreported, 2, "counted until the next warning");
+        assert_eq!(slow.worst, Duration::from_secs(3));
+        slow.last_warned = Some(std::time::Instant::now() - SLOW_BATCH_LOG_EVERY);
+        slow.note(Duration::from_secs(1), 10);
+        assert_eq!(slow.unreported, 0, "the next warning reports them");
+        assert_eq!(slow.worst, Duration::ZERO);
+    }
 }
