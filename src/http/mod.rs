@@ -60,8 +60,9 @@ pub struct HttpArgs {
     /// Most HTTP requests handled at once; more wait their turn.
     #[arg(long, default_value_t = 1024, env = "NETKIT_HTTP_CONCURRENCY")]
     pub http_concurrency: usize,
-    /// Threads serving HTTP and WebSocket connections, each its own event
-    /// loop; a connection stays on one (0: one per CPU).
+    /// Threads serving HTTP connections, each its own event loop; a
+    /// connection stays on one (0: one per CPU). WebSocket sessions run on
+    /// the shared runtime.
     #[arg(long, default_value_t = 0, env = "NETKIT_HTTP_THREADS")]
     pub http_threads: usize,
     /// Extra browser origins allowed to open /ws (e.g. http://example.org:8080),
@@ -296,7 +297,7 @@ pub async fn run(
     });
     let sessions = state.sessions.clone();
     let header_timeout = state.config.header_timeout;
-    let state_threads = state.config.threads;
+    let threads = state.config.threads;
     let app = router(state);
     // Our own accept loop rather than `axum::serve`, which sets neither
     // TCP_NODELAY nor a header timeout: without one, a client that sends half
@@ -307,7 +308,7 @@ pub async fn run(
         .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD);
     let connections = TaskTracker::new();
-    let loops = loops::Loops::start(state_threads);
+    let loops = loops::Loops::start(threads);
     let mut acceptor = Acceptor::new("http");
     while let Some((stream, peer)) = acceptor.accept(&listener, &shutdown).await {
         // Nagle's algorithm would hold a small frame back until the client
