@@ -31,49 +31,42 @@ use tokio_util::task::TaskTracker;
 
 /// The HTTP door's event-loop threads.
 pub struct Loops {
-    handles: Vec<Handle>,
     loops: Vec<Loop>,
     next: AtomicUsize,
+    /// Ends every loop.
+    stop: CancellationToken,
+}
+
+/// A running loop: its runtime's handle and the thread that drives it.
+struct Loop {
+    handle: Handle,
+    thread: JoinHandle<()>,
 }
 
 impl Loops {
     /// Starts `n` loops (0: one per CPU). A loop that cannot be started
-    /// (no thread or runtime to be had) is left out with a warning; with
-    /// none, connections run on the caller's runtime.
+    /// (no thread or runtime to be had) is left out with a warning, its
+    /// share going to the others; with none, connections run on the
+    /// caller's runtime.
     pub fn start(n: usize) -> Loops {
         let n = if n == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             n
         };
-        let mut handles = Vec::with_capacity(n);
-        let mut loops = Vec::with_capacity(n);
-        for i in 0..n {
-            match start_one(i) {
-                Ok(l) => {
-                    handles.push(l.handle.clone());
-                    loops.push(l);
-                }
-                Err(e) => tracing::warn!(
-                    "http: cannot start event loop {i} ({e}); its share runs on the main runtime"
-                ),
-            }
-        }
+        let stop = CancellationToken::new();
+        let loops = (0..n)
+            .filter_map(|i| {
+                start_one(i, &stop)
+                    .inspect_err(|e| tracing::warn!("http: cannot start event loop {i}: {e}"))
+                    .ok()
+            })
+            .collect();
         Loops {
-            handles,
             loops,
             next: AtomicUsize::new(0),
+            stop,
         }
-    }
-
-    /// How many loops run.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// True when no loop could be started.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// Runs `fut` on the next loop, tracked by `tracker`; on the caller's
@@ -82,20 +75,18 @@ impl Loops {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        if self.handles.is_empty() {
+        if self.loops.is_empty() {
             tracker.spawn(fut);
             return;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        tracker.spawn_on(fut, &self.handles[i]);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.loops.len();
+        tracker.spawn_on(fut, &self.loops[i].handle);
     }
 
     /// Ends the loops (what still runs on them is dropped: call it once
     /// the connections and sessions are done) and waits for their threads.
     pub async fn stop(self) {
-        for l in &self.loops {
-            l.stop.cancel();
-        }
+        self.stop.cancel();
         let loops = self.loops;
         // Joining blocks: not on this runtime's thread.
         let _ = tokio::task::spawn_blocking(move || {
@@ -107,31 +98,17 @@ impl Loops {
     }
 }
 
-/// One loop: a current-thread runtime driven by a thread of its own.
-fn start_one(i: usize) -> std::io::Result<Loop> {
+/// One loop: a current-thread runtime driven by a thread of its own until `stop`.
+fn start_one(i: usize, stop: &CancellationToken) -> std::io::Result<Loop> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
-    let stop = CancellationToken::new();
+    let stop = stop.clone();
     let thread = std::thread::Builder::new()
         .name(format!("http-{i}"))
-        .spawn({
-            let stop = stop.clone();
-            move || rt.block_on(stop.cancelled())
-        })?;
-    Ok(Loop {
-        handle,
-        thread,
-        stop,
-    })
-}
-
-/// A running loop.
-struct Loop {
-    handle: Handle,
-    thread: JoinHandle<()>,
-    stop: CancellationToken,
+        .spawn(move || rt.block_on(stop.cancelled()))?;
+    Ok(Loop { handle, thread })
 }
 
 #[cfg(test)]
@@ -141,7 +118,6 @@ mod tests {
     #[tokio::test]
     async fn tasks_run_on_the_loop_threads_in_turn_and_stop_ends_them() {
         let loops = Loops::start(2);
-        assert_eq!(loops.len(), 2);
         let tracker = TaskTracker::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for _ in 0..4 {
@@ -164,6 +140,9 @@ mod tests {
         }
         names.sort();
         assert_eq!(names, ["http-0", "http-0", "http-1", "http-1"]);
-        loops.stop().await;
+        // stop joins the threads: it returns only once both have ended.
+        tokio::time::timeout(std::time::Duration::from_secs(10), loops.stop())
+            .await
+            .expect("the loop threads end on stop");
     }
 }
