@@ -931,3 +931,74 @@ async fn a_message_relayed_twice_is_stored_and_shown_once() {
     let page = hub.history("lobby", None, None, 50).unwrap();
     assert_eq!(page.len(), 3);
 }
+
+/// A topic of `lobby` from another gossip node, set by zed at `ms` on `origin`.
+fn gossip_topic(topic: &str, ms: i64, origin: &str) -> netkit::chat::hub::TopicChange {
+    netkit::chat::hub::TopicChange {
+        room: "lobby".into(),
+        topic: topic.into(),
+        by: "zed".into(),
+        ms,
+        origin: origin.into(),
+    }
+}
+
+/// The next topic shown to `i`.
+async fn topic_shown(i: &mut Inbox) -> (String, String) {
+    until(i, |m| match m {
+        ServerMsg::Topic { topic, by, .. } => Some((topic.clone(), by.clone())),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn gossip_topics_keep_the_later_setting_whatever_the_order() {
+    let (hub, (ann, mut ai), _bob) = lobby_pair().await;
+    let future = netkit::chat::protocol::now_ms() + 3_600_000;
+    hub.apply_gossip_topic(gossip_topic("newer", future, "b/1"))
+        .await
+        .unwrap();
+    assert_eq!(topic_shown(&mut ai).await, ("newer".into(), "zed".into()));
+    // Older, and as old but from a lower origin: neither is stored nor shown.
+    for (topic, ms, origin) in [("older", future - 1, "c/1"), ("tie, lower", future, "a/1")] {
+        hub.apply_gossip_topic(gossip_topic(topic, ms, origin))
+            .await
+            .unwrap();
+    }
+    // The same again (a resend): nothing either.
+    hub.apply_gossip_topic(gossip_topic("newer", future, "b/1"))
+        .await
+        .unwrap();
+    hub.apply_gossip_topic(gossip_topic("tie, higher", future, "z/1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        topic_shown(&mut ai).await,
+        ("tie, higher".into(), "zed".into()),
+        "the ignored ones were not shown in between"
+    );
+    let room = |hub: &Hub| hub.rooms().into_iter().find(|r| r.name == "lobby").unwrap();
+    assert_eq!(room(&hub).topic, "tie, higher");
+
+    // A topic set here replaces it even though this clock is an hour behind
+    // the other node's: it is stamped just after the one it replaces.
+    ann.topic("lobby", "ann's".into()).await.unwrap();
+    assert_eq!(topic_shown(&mut ai).await, ("ann's".into(), "ann".into()));
+    let held = hub.topics();
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (held[0].topic.as_str(), held[0].by.as_str()),
+        ("ann's", "ann")
+    );
+    assert_eq!(held[0].ms, future + 1);
+
+    // Bad input from another node is refused, and changes nothing.
+    let mut bad = gossip_topic("x", future + 10, "b/1");
+    bad.by = "not a nick!".into();
+    assert!(hub.apply_gossip_topic(bad).await.is_err());
+    let mut bad = gossip_topic(&"t".repeat(10_000), future + 10, "b/1");
+    bad.by = "zed".into();
+    assert!(hub.apply_gossip_topic(bad).await.is_err());
+    assert_eq!(room(&hub).topic, "ann's");
+}

@@ -13,6 +13,7 @@ use super::origin::{REMOTE, RemoteOrigin};
 use super::writer::{Post, WriteCmd};
 use super::{Hub, HubError, Shared};
 use crate::chat::protocol::{FileRef, MessageKind, valid_nick, valid_room};
+use crate::chat::store::TopicStamp;
 
 /// Capacity of the queue of topics set here for the broker to carry.
 const OUTGOING_TOPICS: usize = 256;
@@ -51,7 +52,8 @@ pub struct LoggedPost {
     pub file: Option<FileRef>,
 }
 
-/// A room topic set on one hub, as the broker carries it to the others.
+/// A room topic set on one hub, as the broker or the gossip relay carries
+/// it to the others.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicChange {
     /// The room.
@@ -60,6 +62,13 @@ pub struct TopicChange {
     pub topic: String,
     /// Who set it.
     pub by: String,
+    /// When it was set (ms since the epoch, on the hub that set it; 0 from
+    /// a hub older than stamps).
+    #[serde(default)]
+    pub ms: i64,
+    /// The origin of the hub that set it ("" from a hub older than stamps).
+    #[serde(default)]
+    pub origin: String,
 }
 
 /// An append-only log every hub of a deployment shares (a JetStream stream).
@@ -158,8 +167,8 @@ impl Hub {
         Ok(seq)
     }
 
-    /// The topics set on this hub from now on, for the broker to carry to
-    /// the others; `None` after the first call.
+    /// The topics set on this hub from now on, for the broker or the
+    /// gossip relay to carry to the others; `None` after the first call.
     pub fn take_outgoing_topics(&self) -> Option<mpsc::Receiver<TopicChange>> {
         let (tx, rx) = mpsc::channel(OUTGOING_TOPICS);
         self.shared.topics_out.set(tx).ok().map(|()| rx)
@@ -171,28 +180,74 @@ impl Hub {
     /// it is applied, so changes given one after the other are compared
     /// with the topic the previous one left.
     pub async fn apply_remote_topic(&self, change: TopicChange) -> Result<(), HubError> {
+        self.apply_topic_change(change, false).await
+    }
+
+    /// A topic set on another node of a gossip cluster, which may arrive
+    /// late, twice or out of order: stored and announced as by
+    /// [`Hub::apply_remote_topic`] only if its stamp is later than the
+    /// room's (by time, then origin), so every node keeps the same one.
+    pub async fn apply_gossip_topic(&self, change: TopicChange) -> Result<(), HubError> {
+        self.apply_topic_change(change, true).await
+    }
+
+    /// Every room topic set with a stamp (since stamps exist), for a
+    /// gossip member that comes up or may have missed one.
+    pub fn topics(&self) -> Vec<TopicChange> {
+        let st = self.shared.lock();
+        let mut v: Vec<TopicChange> = st
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.topic_stamp.ms > 0)
+            .map(|(name, r)| TopicChange {
+                room: name.clone(),
+                topic: r.topic.clone(),
+                by: r.topic_by.clone(),
+                ms: r.topic_stamp.ms,
+                origin: r.topic_stamp.origin.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.room.cmp(&b.room));
+        v
+    }
+
+    async fn apply_topic_change(
+        &self,
+        change: TopicChange,
+        newer_only: bool,
+    ) -> Result<(), HubError> {
         if !valid_room(&change.room) {
             return Err(HubError::bad_room(&change.room));
         }
-        if change.topic.len() > MAX_TOPIC || !valid_nick(&change.by) {
+        if change.topic.len() > MAX_TOPIC
+            || !valid_nick(&change.by)
+            || change.origin.len() > super::remote::MAX_ORIGIN_LEN
+        {
             return Err(HubError::Broker("malformed topic change".into()));
         }
+        let stamp = TopicStamp {
+            ms: change.ms,
+            origin: change.origin,
+        };
         // A hub (re)starting reads every room's last topic again: one it
-        // already has is not announced again.
-        let same = self
-            .shared
-            .lock()
-            .rooms
-            .get(&change.room)
-            .is_some_and(|r| r.topic == change.topic);
-        if same {
+        // already has is not announced again (nor an older one, in gossip).
+        let skip = self.shared.lock().rooms.get(&change.room).is_some_and(|r| {
+            if newer_only {
+                r.topic_stamp >= stamp
+            } else {
+                r.topic == change.topic
+            }
+        });
+        if skip {
             return Ok(());
         }
         let cmd = WriteCmd::Topic {
             client: REMOTE,
             room: change.room,
             topic: change.topic,
-            by: Some(change.by),
+            by: change.by,
+            stamp,
+            newer_only,
         };
         // Applied before the next change is compared with the room's topic.
         let (done, applied) = tokio::sync::oneshot::channel();
@@ -207,7 +262,7 @@ impl Hub {
 impl Shared {
     /// A topic set by a local client was committed: hand it to the broker,
     /// if one takes them (a full queue drops it, with a log line).
-    pub(super) fn topic_set_here(&self, room: &str, topic: &str, by: &str) {
+    pub(super) fn topic_set_here(&self, room: &str, topic: &str, by: &str, stamp: &TopicStamp) {
         let Some(out) = self.topics_out.get() else {
             return;
         };
@@ -215,11 +270,13 @@ impl Shared {
             room: room.to_string(),
             topic: topic.to_string(),
             by: by.to_string(),
+            ms: stamp.ms,
+            origin: stamp.origin.clone(),
         };
         if out.try_send(change).is_err() {
             tracing::warn!(
                 room,
-                "broker: topic change not carried to other hubs (queue full)"
+                "cluster: topic change not carried to other hubs (queue full)"
             );
         }
     }

@@ -184,6 +184,10 @@ struct Client {
 struct Room {
     members: BTreeSet<ClientId>,
     topic: String,
+    /// Who set the topic, and when and where (the later one wins across a
+    /// gossip cluster).
+    topic_by: String,
+    topic_stamp: crate::chat::store::TopicStamp,
     last_id: u64,
     /// Members who resumed by `since` from a node ahead of this one: per
     /// origin, the origin id up to which they have already seen messages
@@ -323,6 +327,8 @@ impl Hub {
                 Room {
                     members: BTreeSet::new(),
                     topic: r.topic,
+                    topic_by: r.topic_by,
+                    topic_stamp: r.topic_stamp,
                     last_id: r.last_id,
                     floors: HashMap::new(),
                     rules: moderation::Rules::from_stored(room_rules),

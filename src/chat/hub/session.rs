@@ -572,11 +572,23 @@ impl Session {
         if !valid_room(room) {
             return Err(HubError::bad_room(room));
         }
+        // Later than the topic it replaces, even if this clock is behind
+        // the one that set it: the newest setting wins across a cluster.
+        let stamp = {
+            let st = self.hub.lock();
+            let before = st.rooms.get(room).map_or(0, |r| r.topic_stamp.ms);
+            crate::chat::store::TopicStamp {
+                ms: now_ms().max(before.saturating_add(1)),
+                origin: self.hub.origin().unwrap_or_default().to_string(),
+            }
+        };
         self.write(WriteCmd::Topic {
             client: self.id,
             room: room.to_string(),
             topic,
-            by: None,
+            by: self.nick(),
+            stamp,
+            newer_only: false,
         })
         .await
     }

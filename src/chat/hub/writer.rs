@@ -17,7 +17,7 @@ use super::moderation_sync;
 use super::origin::{REMOTE, RemoteOrigin, members_past_floors, message_origin};
 use super::{ClientId, Event, HubError, Shared, State, truncate};
 use crate::chat::protocol::{ChatMessage, MessageKind, ServerMsg, now_ms};
-use crate::chat::store::{Batch, NewMessage, Origin, Store, StoreError};
+use crate::chat::store::{Batch, NewMessage, Origin, Store, StoreError, TopicStamp};
 
 const WRITE_QUEUE: usize = 8192;
 const MAX_BATCH: usize = 1024;
@@ -59,8 +59,13 @@ pub(super) enum WriteCmd {
         client: ClientId,
         room: String,
         topic: String,
-        /// Who set it, for a topic set on another hub ([`REMOTE`]).
-        by: Option<String>,
+        /// Who set it.
+        by: String,
+        /// When and where it was set.
+        stamp: TopicStamp,
+        /// A topic from another node of a gossip cluster: it replaces only
+        /// a topic with an older stamp (else nothing is stored or shown).
+        newer_only: bool,
     },
     /// A moderation change and its notice ([`super::moderation`]).
     Moderate(Box<super::moderation::ModWrite>),
@@ -183,8 +188,11 @@ fn writer_loop(shared: Arc<Shared>, mut store: Store, mut rx: mpsc::Receiver<Que
         process_batch(&shared, &mut store, &mut heads, &batch);
         slow.note(started.elapsed(), batch.len());
         batch.clear();
-        // Dropping the senders tells each waiting client its command took effect.
-        waiting.clear();
+        // Each waiting client is told its command took effect (a sender
+        // dropped unsent means the writer stopped first).
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
     }
     tracing::debug!("chat: writer thread stopped");
 }
@@ -355,10 +363,15 @@ fn write(
                 tx.create_room(room, now)?;
                 *next.ids.entry(room.clone()).or_insert(0)
             }
-            WriteCmd::Topic { room, topic, .. } => {
-                tx.set_topic(room, topic, now)?;
-                0
-            }
+            // 1: stored; 0: an older topic from another node, dropped.
+            WriteCmd::Topic {
+                room,
+                topic,
+                by,
+                stamp,
+                newer_only,
+                ..
+            } => u64::from(tx.set_topic(room, topic, by, stamp, *newer_only, now)?),
             WriteCmd::Moderate(m) => {
                 super::moderation::store_change(&tx, m)?;
                 moderation_sync::stamp_local(&tx, m, shared.origin.get().map(String::as_str))?;
@@ -469,12 +482,15 @@ fn apply(
                     apply_join(shared, &mut st, *client, room, join);
                 }
             }
+            WriteCmd::Topic { .. } if id == 0 => {}
             WriteCmd::Topic {
                 client,
                 room,
                 topic,
                 by,
-            } => apply_topic(shared, &mut st, *client, room, topic, by.as_deref()),
+                stamp,
+                ..
+            } => apply_topic(shared, &mut st, *client, room, topic, by, stamp),
             WriteCmd::Moderate(m) => {
                 if let Some(n) = m.notice() {
                     apply_say(shared, &mut st, n, id);
@@ -542,30 +558,25 @@ fn apply_say(shared: &Shared, st: &mut State, post: &Post, id: u64) {
     shared.deliver_locked(st, &members, &ev);
 }
 
-/// Sets a stored topic and tells the room's members who set it (`by` for
-/// a topic from another hub); a local one is also handed to the broker.
+/// Sets a stored topic and tells the room's members who set it; a local
+/// one is also handed to whatever carries topics to the other hubs.
 fn apply_topic(
     shared: &Shared,
     st: &mut State,
     client: ClientId,
     room: &str,
     topic: &str,
-    by: Option<&str>,
+    by: &str,
+    stamp: &TopicStamp,
 ) {
-    let by = match by {
-        Some(by) => by.to_string(),
-        None => {
-            let nick = st
-                .clients
-                .get(&client)
-                .map(|c| c.nick.clone())
-                .unwrap_or_default();
-            shared.topic_set_here(room, topic, &nick);
-            nick
-        }
-    };
+    if client != REMOTE {
+        shared.topic_set_here(room, topic, by, stamp);
+    }
+    let by = by.to_string();
     let r = st.room_mut(room);
     r.topic = topic.to_string();
+    r.topic_by.clone_from(&by);
+    r.topic_stamp = stamp.clone();
     let members: Vec<ClientId> = r.members.iter().copied().collect();
     let ev = Event::new(ServerMsg::Topic {
         room: room.to_string(),

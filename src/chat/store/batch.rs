@@ -25,8 +25,12 @@ impl Store {
         for m in messages {
             batch.insert(m)?;
         }
+        let stamp = super::TopicStamp {
+            ms: now_ms,
+            origin: String::new(),
+        };
         for (room, topic) in topics {
-            batch.set_topic(room, topic, now_ms)?;
+            batch.set_topic(room, topic, "", &stamp, false, now_ms)?;
         }
         batch.commit()
     }
@@ -103,15 +107,40 @@ impl Batch<'_> {
             .map_err(|e| self.err(e))
     }
 
-    /// Sets `room`'s topic (creating the room if needed).
-    pub fn set_topic(&self, room: &str, topic: &str, now_ms: i64) -> Result<(), StoreError> {
+    /// Sets `room`'s topic (creating the room if needed), set by `by` at
+    /// `stamp`. With `newer_only` (a topic from another node of a gossip
+    /// cluster) it replaces only a topic with an older stamp; returns whether
+    /// it was stored.
+    pub fn set_topic(
+        &self,
+        room: &str,
+        topic: &str,
+        by: &str,
+        stamp: &super::TopicStamp,
+        newer_only: bool,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         self.tx
             .prepare_cached(
-                "INSERT INTO rooms (name, topic, created_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET topic = excluded.topic",
+                "INSERT INTO rooms (name, topic, created_ms, topic_by, topic_ms, topic_origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET topic = excluded.topic,
+                     topic_by = excluded.topic_by, topic_ms = excluded.topic_ms,
+                     topic_origin = excluded.topic_origin
+                 WHERE NOT ?7 OR (excluded.topic_ms, excluded.topic_origin) > (topic_ms, topic_origin)",
             )
-            .and_then(|mut stmt| stmt.execute(params![room, topic, now_ms]))
-            .map(drop)
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    room,
+                    topic,
+                    now_ms,
+                    by,
+                    stamp.ms,
+                    stamp.origin,
+                    newer_only
+                ])
+            })
+            .map(|changed| changed == 1)
             .map_err(|e| self.err(e))
     }
 

@@ -29,6 +29,59 @@ const ORIGIN_COLUMNS: [(&str, &str); 5] = [
     ("moderation", "TEXT"),
 ];
 
+/// Columns a room gained for topics across the cluster: when and on which
+/// node its topic was set, and by whom (rooms made before them read as a
+/// topic set at time 0, which any later setting replaces).
+const TOPIC_COLUMNS: [(&str, &str); 3] = [
+    ("topic_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("topic_origin", "TEXT NOT NULL DEFAULT ''"),
+    ("topic_by", "TEXT NOT NULL DEFAULT ''"),
+];
+
+/// Adds the topic stamp columns to a rooms table made before them.
+pub(super) fn add_topic_columns(conn: &Connection) -> rusqlite::Result<()> {
+    add_missing_columns(conn, "rooms", &TOPIC_COLUMNS)
+}
+
+/// Adds to `table` those of `columns` (name, type) it lacks, in one
+/// transaction: several connections open the file, and the first one migrates.
+fn add_missing_columns(
+    conn: &Connection,
+    table: &str,
+    columns: &[(&str, &str)],
+) -> rusqlite::Result<()> {
+    let missing = |conn: &Connection| -> rusqlite::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (name, ty) in columns {
+            let has: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, name],
+                |r| r.get(0),
+            )?;
+            if has == 0 {
+                out.push((name.to_string(), ty.to_string()));
+            }
+        }
+        Ok(out)
+    };
+    if missing(conn)?.is_empty() {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let done = missing(conn).and_then(|cols| {
+        cols.iter().try_for_each(|(name, ty)| {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {ty}"))
+        })
+    });
+    match done {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 /// What importing an old relay store did, row by row of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RelayImport {
@@ -52,36 +105,7 @@ pub struct RelayImport {
 /// indexes that resume by origin and the log use. `UNIQUE(origin, origin_seq)`
 /// is what makes a message relayed twice a no-op.
 pub(super) fn add_origin_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let missing = |conn: &Connection| -> rusqlite::Result<Vec<(&str, &str)>> {
-        let mut out = Vec::new();
-        for (name, ty) in ORIGIN_COLUMNS {
-            let has: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )?;
-            if has == 0 {
-                out.push((name, ty));
-            }
-        }
-        Ok(out)
-    };
-    if !missing(conn)?.is_empty() {
-        // Several connections open the file; the first one migrates.
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let done = missing(conn).and_then(|cols| {
-            cols.iter().try_for_each(|(name, ty)| {
-                conn.execute_batch(&format!("ALTER TABLE messages ADD COLUMN {name} {ty}"))
-            })
-        });
-        match done {
-            Ok(()) => conn.execute_batch("COMMIT")?,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
-        }
-    }
+    add_missing_columns(conn, "messages", &ORIGIN_COLUMNS)?;
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS messages_by_origin
              ON messages (room, origin, origin_id) WHERE origin IS NOT NULL;

@@ -147,8 +147,24 @@ pub struct StoredRoom {
     pub name: String,
     /// Topic (may be empty).
     pub topic: String,
+    /// Who set the topic ("" if unknown).
+    pub topic_by: String,
+    /// When and where the topic was set.
+    pub topic_stamp: TopicStamp,
     /// Newest message id (0 if none).
     pub last_id: u64,
+}
+
+/// When and on which node a room's topic was set. Across a gossip cluster
+/// the later setting wins: by time, then by origin name, so every node
+/// picks the same one whatever order the settings arrive in. A topic from
+/// before stamps existed has time 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TopicStamp {
+    /// Milliseconds since the Unix epoch, on the node that set it.
+    pub ms: i64,
+    /// That node's origin (`name/TAG`), or "" outside a cluster.
+    pub origin: String,
 }
 
 /// Transactions this process committed that changed stored messages (any
@@ -216,6 +232,7 @@ impl Store {
         )
         .map_err(err)?;
         migrate::add_origin_columns(&conn).map_err(err)?;
+        migrate::add_topic_columns(&conn).map_err(err)?;
         moderation::create_tables(&conn).map_err(err)?;
         Ok(Store { conn, path })
     }
@@ -250,7 +267,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT r.name, r.topic, COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = r.name), 0)
+                "SELECT r.name, r.topic, COALESCE((SELECT MAX(id) FROM messages m WHERE m.room = r.name), 0),
+                        r.topic_by, r.topic_ms, r.topic_origin
                  FROM rooms r ORDER BY r.name",
             )
             .map_err(|e| self.err(e))?;
@@ -260,6 +278,11 @@ impl Store {
                     name: r.get(0)?,
                     topic: r.get(1)?,
                     last_id: r.get::<_, i64>(2)? as u64,
+                    topic_by: r.get(3)?,
+                    topic_stamp: TopicStamp {
+                        ms: r.get(4)?,
+                        origin: r.get(5)?,
+                    },
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -571,6 +594,57 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_from_another_node_replaces_only_an_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in(dir.path()).unwrap();
+        let at = |ms, origin: &str| TopicStamp {
+            ms,
+            origin: origin.into(),
+        };
+        let set = |s: &mut Store, topic: &str, stamp: TopicStamp, newer_only| {
+            let b = s.batch().unwrap();
+            let stored = b
+                .set_topic("r", topic, "ann", &stamp, newer_only, 1)
+                .unwrap();
+            b.commit().unwrap();
+            stored
+        };
+        let topic = |s: &Store| {
+            let r = s.rooms().unwrap().remove(0);
+            (r.topic, r.topic_stamp)
+        };
+        assert!(
+            set(&mut s, "first", at(100, "a/1"), true),
+            "a new room takes it"
+        );
+        assert!(!set(&mut s, "older", at(99, "b/1"), true));
+        assert!(!set(
+            &mut s,
+            "same time, lower origin",
+            at(100, "a/0"),
+            true
+        ));
+        assert_eq!(topic(&s), ("first".into(), at(100, "a/1")));
+        assert!(set(
+            &mut s,
+            "same time, higher origin",
+            at(100, "b/1"),
+            true
+        ));
+        assert!(set(&mut s, "later", at(101, "a/1"), true));
+        assert_eq!(topic(&s), ("later".into(), at(101, "a/1")));
+        // A local setting (or the broker's order) is not compared.
+        assert!(set(&mut s, "local", at(5, ""), false));
+        drop(s);
+        let s = Store::open_in(dir.path()).unwrap();
+        assert_eq!(
+            topic(&s),
+            ("local".into(), at(5, "")),
+            "kept across a reopen"
+        );
+    }
+
+    #[test]
     fn batches_and_paging() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open_in(dir.path()).unwrap();
@@ -590,6 +664,8 @@ mod tests {
             vec![StoredRoom {
                 name: "r".into(),
                 topic: "hello".into(),
+                topic_by: String::new(),
+                topic_stamp: TopicStamp::default(),
                 last_id: 10
             }]
         );

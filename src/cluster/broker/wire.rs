@@ -326,11 +326,17 @@ mod tests {
             room: "lobby".into(),
             topic: "t".into(),
             by: "ann".into(),
+            ms: 1_764_000_000_000,
+            origin: "a/1".into(),
         };
         let on = topic_subject(&t.room);
         assert_eq!(decode_topic(&on, &topic("hub-1", &t)).unwrap().change, t);
         assert!(decode_topic(&on, &topic("a.b", &t)).is_err());
         // Published on another room's subject: refused.
         assert!(decode_topic("netkit.topic.other", &topic("hub-1", &t)).is_err());
+        // From a hub older than topic stamps: read with stamp 0.
+        let old = br#"{"node":"hub-1","change":{"room":"lobby","topic":"t","by":"ann"}}"#;
+        let read = decode_topic(&on, old).unwrap().change;
+        assert_eq!((read.ms, read.origin.as_str()), (0, ""));
     }
 }

@@ -2,7 +2,10 @@
 //! connection to the hub's store (the one message log) and the [`Relay`]
 //! core, feeds the core events (local messages read from the log, packets,
 //! member changes, outgoing direct messages, the tick) and carries out the
-//! actions it returns. It makes no protocol decisions of its own.
+//! actions it returns. It makes no protocol decisions of its own. Topics set
+//! here go to every live member as they are set, and all of them to a member
+//! that comes up and (with the presence snapshot) now and then; the hub keeps
+//! the later setting of each room ([`Hub::apply_gossip_topic`]).
 
 use std::net::SocketAddr;
 
@@ -11,12 +14,12 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
-use super::packet::RelayPacket;
+use super::packet::{RelayPacket, TOPICS_PER_PACKET};
 use super::presence::SharedPresence;
 use super::presence_link::PresenceLink;
 use super::transport::{live_peers, send};
 use super::{Relay, RelayAction, RelayEvent, SERVE_BATCH, SUMMARY_INTERVAL};
-use crate::chat::hub::{Hub, OutgoingDirect};
+use crate::chat::hub::{Hub, OutgoingDirect, TopicChange};
 use crate::chat::protocol::RemoteMember;
 use crate::chat::store::Store;
 use crate::cluster::{MemberEvent, MemberState, Membership, NodeId, Payload, sleep_until};
@@ -64,8 +67,15 @@ pub async fn run(
                 driver.presence.send_all(&driver.membership).await;
                 true
             }
-            Some(d) = recv_direct(&mut inputs.directs) => {
+            Some(d) = recv_some(&mut inputs.directs) => {
                 driver.on_outgoing_direct(d).await;
+                true
+            }
+            Some(t) = recv_some(&mut inputs.topics) => {
+                let packet = RelayPacket::Topics(vec![t]);
+                for peer in live_peers(&driver.membership) {
+                    send(&driver.membership, peer, &packet).await;
+                }
                 true
             }
             _ = inputs.tick.tick() => {
@@ -87,6 +97,8 @@ struct Inputs {
     payloads: broadcast::Receiver<Payload>,
     member_events: broadcast::Receiver<MemberEvent>,
     directs: Option<mpsc::Receiver<OutgoingDirect>>,
+    /// Topics set here (none if the hub's were taken already).
+    topics: Option<mpsc::Receiver<TopicChange>>,
     tick: Interval,
 }
 
@@ -138,6 +150,7 @@ impl Driver {
             payloads: membership.payloads(),
             member_events: membership.events(),
             directs: hub.take_outgoing_directs(),
+            topics: hub.take_outgoing_topics(),
             tick,
         };
         let driver = Driver {
@@ -208,6 +221,9 @@ impl Driver {
     async fn on_member_event(&mut self, got: Result<MemberEvent, RecvError>) -> bool {
         match got {
             Ok(ev) => {
+                if ev.state == MemberState::Alive {
+                    send_topics(&self.hub, &self.membership, ev.id.addr).await;
+                }
                 let event = match ev.state {
                     MemberState::Alive => Some(RelayEvent::MemberUp { peer: ev.id.addr }),
                     // Nothing to catch up on while a member is only suspected.
@@ -314,7 +330,18 @@ impl Driver {
                     self.presence.legacy_users(from, nicks);
                 }
             }
-            RelayAction::SendPresence(peer) => self.presence.send_to(membership, peer).await,
+            RelayAction::SendPresence(peer) => {
+                self.presence.send_to(membership, peer).await;
+                send_topics(&self.hub, membership, peer).await;
+            }
+            RelayAction::ApplyTopics(peer, topics) => {
+                for t in topics {
+                    let room = t.room.clone();
+                    if let Err(e) = self.hub.apply_gossip_topic(t).await {
+                        tracing::warn!(%peer, %room, "relay: topic change refused: {e}");
+                    }
+                }
+            }
             RelayAction::DirectsGivenUp(given_up) => {
                 tracing::warn!(
                     given_up,
@@ -325,7 +352,14 @@ impl Driver {
     }
 }
 
-async fn recv_direct(rx: &mut Option<mpsc::Receiver<OutgoingDirect>>) -> Option<OutgoingDirect> {
+/// Sends every room topic `hub` holds to `peer`, if it holds any.
+async fn send_topics(hub: &Hub, membership: &Membership, peer: SocketAddr) {
+    for chunk in hub.topics().chunks(TOPICS_PER_PACKET) {
+        send(membership, peer, &RelayPacket::Topics(chunk.to_vec())).await;
+    }
+}
+
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

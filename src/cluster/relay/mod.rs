@@ -46,7 +46,7 @@ use std::time::Duration;
 
 pub use direct::DirectLink;
 pub use driver::run;
-pub use packet::{MAGIC, RelayPacket, RelayedMessage};
+pub use packet::{MAGIC, RelayPacket, RelayedMessage, TOPICS_PER_PACKET};
 pub use parts::{MAX_DATAGRAM, Reassembly, split};
 pub use presence::SharedPresence;
 
@@ -156,6 +156,8 @@ pub enum RelayAction<P> {
     SendPresence(P),
     /// This many direct messages were never acknowledged and are given up.
     DirectsGivenUp(usize),
+    /// Room topics from `peer`, each to be kept if later than the room's.
+    ApplyTopics(P, Vec<crate::chat::hub::TopicChange>),
 }
 
 /// One node's relay state.
@@ -323,6 +325,12 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
                 return;
             }
             RelayPacket::DirectAck { id } => return self.directs.acked(&from, id),
+            RelayPacket::Topics(topics) => {
+                if topics.len() <= TOPICS_PER_PACKET {
+                    out.push(RelayAction::ApplyTopics(from, topics));
+                }
+                return;
+            }
         }
         // Relay traffic means catching up: summaries go often for a while.
         if out.len() > before {

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::presence::Snapshot;
+use crate::chat::hub::TopicChange;
 
 /// First byte of every relay datagram, so the gossip payload channel can be shared.
 pub const MAGIC: u8 = 0xC7;
@@ -64,7 +65,15 @@ pub enum RelayPacket {
         /// The sender's number for it.
         id: u64,
     },
+    /// Room topics with when and where each was set: one just set on the
+    /// sender, or (at most [`TOPICS_PER_PACKET`] per packet) those it holds,
+    /// for a member that came up or now and then in case one was lost. The
+    /// receiver keeps the later setting of each room.
+    Topics(Vec<TopicChange>),
 }
+
+/// Most topics one [`RelayPacket::Topics`] carries; a packet with more is dropped.
+pub const TOPICS_PER_PACKET: usize = 32;
 
 impl RelayPacket {
     /// The datagram: [`MAGIC`] then the packet in postcard.

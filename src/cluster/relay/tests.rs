@@ -361,3 +361,24 @@ fn a_member_up_gets_a_summary_and_a_quiet_relay_sends_one_datagram_per_interval(
     );
     assert_eq!(t.len(), 1, "{t:?}");
 }
+
+#[test]
+fn topics_are_handed_to_the_hub_and_an_oversized_list_is_dropped() {
+    let topic = |i: usize| crate::chat::hub::TopicChange {
+        room: format!("r{i}"),
+        topic: "t".into(),
+        by: "ann".into(),
+        ms: 1,
+        origin: "a/1".into(),
+    };
+    let mut r: Relay<usize> = Relay::new("me", BTreeMap::new());
+    let full: Vec<_> = (0..TOPICS_PER_PACKET).map(topic).collect();
+    let packet = RelayPacket::Topics(full.clone());
+    assert_eq!(RelayPacket::decode(&packet.encode()), Some(packet.clone()));
+    assert_eq!(
+        receive(&mut r, 1, packet, Duration::ZERO),
+        vec![RelayAction::ApplyTopics(1, full)]
+    );
+    let too_many = (0..=TOPICS_PER_PACKET).map(topic).collect();
+    assert!(receive(&mut r, 1, RelayPacket::Topics(too_many), Duration::ZERO).is_empty());
+}
