@@ -31,6 +31,17 @@ fn topic_of(node: &ClusterNode, room: &str) -> Option<String> {
         .map(|r| r["topic"].as_str().unwrap_or_default().to_string())
 }
 
+/// Node `name` on `dir`, joining the cluster through `via`.
+fn joining(name: &str, dir: &tempfile::TempDir, via: &ClusterNode) -> ClusterNode {
+    ClusterNode::start(
+        name,
+        dir.path(),
+        "127.0.0.1:0",
+        &via.gossip.to_string(),
+        true,
+    )
+}
+
 fn has_topic(node: &ClusterNode, room: &str, topic: &str) -> bool {
     topic_of(node, room).as_deref() == Some(topic)
 }
@@ -59,13 +70,7 @@ fn a_topic_set_on_one_node_is_the_topic_on_every_node() {
 
     // A node that joins afterwards gets it when it comes up, with nobody
     // setting it again; its first member sees it on joining.
-    let c = ClusterNode::start(
-        "c",
-        dirs[2].path(),
-        "127.0.0.1:0",
-        &a.gossip.to_string(),
-        true,
-    );
+    let c = joining("c", &dirs[2], &a);
     wait_until("c has the topic", DEADLINE, || {
         has_topic(&c, "dev", "Moved to Monday")
     });
@@ -80,13 +85,7 @@ fn a_topic_set_on_one_node_is_the_topic_on_every_node() {
     wait_until("c has the topic set while b was down", DEADLINE, || {
         has_topic(&c, "dev", "Shipped")
     });
-    let b = ClusterNode::start(
-        "b",
-        dirs[1].path(),
-        "127.0.0.1:0",
-        &a.gossip.to_string(),
-        true,
-    );
+    let b = joining("b", &dirs[1], &a);
     wait_until("b catches up with the topic", DEADLINE, || {
         has_topic(&b, "dev", "Shipped")
     });
