@@ -347,13 +347,13 @@ where
     // stall (dirty-page throttling, a busy core) does not stop the socket.
     let (wtx, wrx) = mpsc::channel::<Bytes>(QUEUE);
     let config = &shared.config;
-    let sync_every = config.durable.then_some(config.sync_every);
+    let durable = config.durable;
     let part = target.part.clone();
     // The writer owns the busy guard: the name stays reserved until the last
     // queued chunk is on disk, even if this connection dies first.
     let writer = shared.writers.spawn_blocking(move || {
         let _guard = guard;
-        disk::write_part(&part, start, wrx, hasher, sync_every)
+        disk::write_part(&part, start, wrx, hasher, durable)
     });
     let limit = offer.size.or(config.max_size);
     let (received, sent_hash) = read_content(conn, offer, start, limit, wtx).await?;

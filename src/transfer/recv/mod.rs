@@ -161,8 +161,6 @@ pub struct Config {
     pub umask: u32,
     /// Name in logs and in `/metrics` (`recv`, `drop`).
     pub door: &'static str,
-    /// Make the data durable (fdatasync) every this many bytes, and at the end.
-    pub sync_every: u64,
     /// Call fdatasync at all (off: faster, but a crash can lose confirmed files).
     pub durable: bool,
     /// Print one JSON object per file on stdout.
@@ -187,7 +185,6 @@ impl Config {
             portable_names: false,
             umask: super::disk::process_umask(),
             door: "recv",
-            sync_every: 128 << 20,
             durable: true,
             json: false,
             code: None,
