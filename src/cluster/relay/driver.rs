@@ -117,6 +117,8 @@ struct Driver {
     presence: PresenceLink,
     /// The core's clock starts here.
     started: Instant,
+    /// Where the next quiet turn's packet of topics starts in the room list.
+    topics_turn: usize,
 }
 
 impl Driver {
@@ -162,6 +164,7 @@ impl Driver {
             membership,
             log,
             started: Instant::now(),
+            topics_turn: 0,
         };
         Some((driver, inputs))
     }
@@ -332,7 +335,16 @@ impl Driver {
             }
             RelayAction::SendPresence(peer) => {
                 self.presence.send_to(membership, peer).await;
-                send_topics(&self.hub, membership, peer).await;
+                // One packet of topics per quiet turn, taking the rooms in
+                // turn: the safety net costs one datagram however many
+                // rooms have a topic.
+                let topics = self.hub.topics();
+                if !topics.is_empty() {
+                    let (window, next) = topics_window(topics.len(), self.topics_turn);
+                    self.topics_turn = next;
+                    let packet = RelayPacket::Topics(topics[window].to_vec());
+                    send(membership, peer, &packet).await;
+                }
             }
             RelayAction::ApplyTopics(peer, topics) => {
                 for t in topics {
@@ -352,7 +364,17 @@ impl Driver {
     }
 }
 
-/// Sends every room topic `hub` holds to `peer`, if it holds any.
+/// Which of `len` (> 0) topics, sorted by room, the quiet turn starting at
+/// `turn` sends (at most [`TOPICS_PER_PACKET`]), and where the next turn
+/// starts: the rooms in turn, from the first again after the last.
+fn topics_window(len: usize, turn: usize) -> (std::ops::Range<usize>, usize) {
+    let at = turn % len;
+    let end = (at + TOPICS_PER_PACKET).min(len);
+    (at..end, if end == len { 0 } else { end })
+}
+
+/// Sends every room topic `hub` holds to `peer` (a member that came up), if
+/// it holds any.
 async fn send_topics(hub: &Hub, membership: &Membership, peer: SocketAddr) {
     for chunk in hub.topics().chunks(TOPICS_PER_PACKET) {
         send(membership, peer, &RelayPacket::Topics(chunk.to_vec())).await;
@@ -363,5 +385,24 @@ async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{TOPICS_PER_PACKET, topics_window};
+
+    #[test]
+    fn quiet_turns_send_the_topics_in_turn() {
+        let n = TOPICS_PER_PACKET;
+        // Two and a half packets' worth: three turns, then the first again.
+        let len = 2 * n + n / 2;
+        assert_eq!(topics_window(len, 0), (0..n, n));
+        assert_eq!(topics_window(len, n), (n..2 * n, 2 * n));
+        assert_eq!(topics_window(len, 2 * n), (2 * n..len, 0));
+        // Fewer than one packet: all of them every turn.
+        assert_eq!(topics_window(3, 0), (0..3, 0));
+        // Rooms gone since the last turn: the turn wraps into the shorter list.
+        assert_eq!(topics_window(n + 1, 2 * n), (n - 1..n + 1, 0));
     }
 }
