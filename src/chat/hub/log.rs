@@ -187,6 +187,8 @@ impl Hub {
     /// late, twice or out of order: stored and announced as by
     /// [`Hub::apply_remote_topic`] only if its stamp is later than the
     /// room's (by time, then origin), so every node keeps the same one.
+    /// Returns once it is queued: the writer compares stamps in order (in
+    /// SQL), so the relay need not wait for each of a member's topics.
     pub async fn apply_gossip_topic(&self, change: TopicChange) -> Result<(), HubError> {
         self.apply_topic_change(change, true).await
     }
@@ -249,12 +251,17 @@ impl Hub {
             stamp,
             newer_only,
         };
-        // Applied before the next change is compared with the room's topic.
+        // The broker's changes: applied before the next one is compared
+        // with the room's topic.
         let (done, applied) = tokio::sync::oneshot::channel();
+        let done = (!newer_only).then_some(done);
         self.writer
-            .send((cmd, Some(done)))
+            .send((cmd, done))
             .await
             .map_err(|_| HubError::ShuttingDown)?;
+        if newer_only {
+            return Ok(());
+        }
         applied.await.map_err(|_| HubError::ShuttingDown)
     }
 }

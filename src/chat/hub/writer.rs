@@ -572,16 +572,15 @@ fn apply_topic(
     if client != REMOTE {
         shared.topic_set_here(room, topic, by, stamp);
     }
-    let by = by.to_string();
     let r = st.room_mut(room);
     r.topic = topic.to_string();
-    r.topic_by.clone_from(&by);
+    r.topic_by = by.to_string();
     r.topic_stamp = stamp.clone();
     let members: Vec<ClientId> = r.members.iter().copied().collect();
     let ev = Event::new(ServerMsg::Topic {
         room: room.to_string(),
         topic: topic.to_string(),
-        by,
+        by: by.to_string(),
     });
     shared.deliver_locked(st, &members, &ev);
 }

@@ -3,8 +3,9 @@
 //! core, feeds the core events (local messages read from the log, packets,
 //! member changes, outgoing direct messages, the tick) and carries out the
 //! actions it returns. It makes no protocol decisions of its own. Topics set
-//! here go to every live member as they are set, and all of them to a member
-//! that comes up and (with the presence snapshot) now and then; the hub keeps
+//! here go to every live member as they are set, all of them to a member
+//! that comes up, and 32 at a time, in turn, after each quiet presence
+//! snapshot; a member that sends an older one gets ours back; the hub keeps
 //! the later setting of each room ([`Hub::apply_gossip_topic`]).
 
 use std::net::SocketAddr;
@@ -347,11 +348,25 @@ impl Driver {
                 }
             }
             RelayAction::ApplyTopics(peer, topics) => {
+                // A member that sends a topic older than ours (a node back
+                // from a restart sends what it had) gets ours back: one
+                // exchange brings both up to date.
+                let mine = self.hub.topics();
+                let mut newer_here = Vec::new();
                 for t in topics {
+                    if let Ok(i) = mine.binary_search_by(|m| m.room.cmp(&t.room))
+                        && (mine[i].ms, &mine[i].origin) > (t.ms, &t.origin)
+                    {
+                        newer_here.push(mine[i].clone());
+                        continue;
+                    }
                     let room = t.room.clone();
                     if let Err(e) = self.hub.apply_gossip_topic(t).await {
                         tracing::warn!(%peer, %room, "relay: topic change refused: {e}");
                     }
+                }
+                for chunk in newer_here.chunks(TOPICS_PER_PACKET) {
+                    send(membership, peer, &RelayPacket::Topics(chunk.to_vec())).await;
                 }
             }
             RelayAction::DirectsGivenUp(given_up) => {
