@@ -4,9 +4,10 @@
 //! member changes, outgoing direct messages, the tick) and carries out the
 //! actions it returns. It makes no protocol decisions of its own. Topics set
 //! here go to every live member as they are set, all of them to a member
-//! that comes up, and 32 at a time, in turn, after each quiet presence
-//! snapshot; a member that sends an older one gets ours back; the hub keeps
-//! the later setting of each room ([`Hub::apply_gossip_topic`]).
+//! that comes up (which is asked for its own, as are the members already up
+//! when this task starts), and 32 at a time, in turn, after each quiet
+//! presence snapshot; the hub keeps the later setting of each room
+//! ([`Hub::apply_gossip_topic`]).
 
 use std::net::SocketAddr;
 
@@ -43,6 +44,11 @@ pub async fn run(
     let Some((mut driver, mut inputs)) = Driver::start(hub, membership, log, remote_users) else {
         return;
     };
+    // Members already up when this task started came up before it listened
+    // (no event, and their topics may have arrived before it read): ask them.
+    for peer in live_peers(&driver.membership) {
+        send(&driver.membership, peer, &RelayPacket::TopicsPlease).await;
+    }
     loop {
         let behind = driver.pushed < *inputs.local.borrow();
         let go_on = tokio::select! {
@@ -227,6 +233,7 @@ impl Driver {
             Ok(ev) => {
                 if ev.state == MemberState::Alive {
                     send_topics(&self.hub, &self.membership, ev.id.addr).await;
+                    send(&self.membership, ev.id.addr, &RelayPacket::TopicsPlease).await;
                 }
                 let event = match ev.state {
                     MemberState::Alive => Some(RelayEvent::MemberUp { peer: ev.id.addr }),
@@ -348,27 +355,14 @@ impl Driver {
                 }
             }
             RelayAction::ApplyTopics(peer, topics) => {
-                // A member that sends a topic older than ours (a node back
-                // from a restart sends what it had) gets ours back: one
-                // exchange brings both up to date.
-                let mine = self.hub.topics();
-                let mut newer_here = Vec::new();
                 for t in topics {
-                    if let Ok(i) = mine.binary_search_by(|m| m.room.cmp(&t.room))
-                        && (mine[i].ms, &mine[i].origin) > (t.ms, &t.origin)
-                    {
-                        newer_here.push(mine[i].clone());
-                        continue;
-                    }
                     let room = t.room.clone();
                     if let Err(e) = self.hub.apply_gossip_topic(t).await {
                         tracing::warn!(%peer, %room, "relay: topic change refused: {e}");
                     }
                 }
-                for chunk in newer_here.chunks(TOPICS_PER_PACKET) {
-                    send(membership, peer, &RelayPacket::Topics(chunk.to_vec())).await;
-                }
             }
+            RelayAction::SendTopics(peer) => send_topics(&self.hub, membership, peer).await,
             RelayAction::DirectsGivenUp(given_up) => {
                 tracing::warn!(
                     given_up,

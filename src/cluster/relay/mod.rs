@@ -158,6 +158,8 @@ pub enum RelayAction<P> {
     DirectsGivenUp(usize),
     /// Room topics from `peer`, each to be kept if later than the room's.
     ApplyTopics(P, Vec<crate::chat::hub::TopicChange>),
+    /// Send every topic this node holds to `peer`, which asked.
+    SendTopics(P),
 }
 
 /// One node's relay state.
@@ -331,6 +333,7 @@ impl<P: Clone + Ord + std::hash::Hash> Relay<P> {
                 }
                 return;
             }
+            RelayPacket::TopicsPlease => return out.push(RelayAction::SendTopics(from)),
         }
         // Relay traffic means catching up: summaries go often for a while.
         if out.len() > before {

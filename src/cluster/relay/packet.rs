@@ -70,6 +70,10 @@ pub enum RelayPacket {
     /// for a member that came up or now and then in case one was lost. The
     /// receiver keeps the later setting of each room.
     Topics(Vec<TopicChange>),
+    /// "Send me every topic you hold": sent to a member this node sees come
+    /// up (with this node's own topics), so that a node that has just started
+    /// gets them even if the member's own packets reached it too early.
+    TopicsPlease,
 }
 
 /// Most topics one [`RelayPacket::Topics`] carries; a packet with more is dropped.

@@ -363,7 +363,7 @@ fn a_member_up_gets_a_summary_and_a_quiet_relay_sends_one_datagram_per_interval(
 }
 
 #[test]
-fn topics_are_handed_to_the_hub_and_an_oversized_list_is_dropped() {
+fn topics_are_handed_to_the_hub_an_oversized_list_is_dropped_and_asking_gets_them() {
     let topic = |i: usize| crate::chat::hub::TopicChange {
         room: format!("r{i}"),
         topic: "t".into(),
@@ -381,4 +381,10 @@ fn topics_are_handed_to_the_hub_and_an_oversized_list_is_dropped() {
     );
     let too_many = (0..=TOPICS_PER_PACKET).map(topic).collect();
     assert!(receive(&mut r, 1, RelayPacket::Topics(too_many), Duration::ZERO).is_empty());
+    let please = RelayPacket::TopicsPlease;
+    assert_eq!(RelayPacket::decode(&please.encode()), Some(please.clone()));
+    assert_eq!(
+        receive(&mut r, 2, please, Duration::ZERO),
+        vec![RelayAction::SendTopics(2)]
+    );
 }
