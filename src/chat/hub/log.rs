@@ -251,17 +251,21 @@ impl Hub {
             stamp,
             newer_only,
         };
+        if newer_only {
+            // The writer compares stamps in order: nothing to wait for.
+            return self
+                .writer
+                .send((cmd, None))
+                .await
+                .map_err(|_| HubError::ShuttingDown);
+        }
         // The broker's changes: applied before the next one is compared
         // with the room's topic.
         let (done, applied) = tokio::sync::oneshot::channel();
-        let done = (!newer_only).then_some(done);
         self.writer
-            .send((cmd, done))
+            .send((cmd, Some(done)))
             .await
             .map_err(|_| HubError::ShuttingDown)?;
-        if newer_only {
-            return Ok(());
-        }
         applied.await.map_err(|_| HubError::ShuttingDown)
     }
 }

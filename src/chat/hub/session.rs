@@ -574,19 +574,21 @@ impl Session {
         }
         // Later than the topic it replaces, even if this clock is behind
         // the one that set it: the newest setting wins across a cluster.
-        let stamp = {
+        let (by, stamp) = {
             let st = self.hub.lock();
             let before = st.rooms.get(room).map_or(0, |r| r.topic_stamp.ms);
-            crate::chat::store::TopicStamp {
+            let by = st.clients.get(&self.id).map(|c| c.nick.clone());
+            let stamp = crate::chat::store::TopicStamp {
                 ms: now_ms().max(before.saturating_add(1)),
                 origin: self.hub.origin().unwrap_or_default().to_string(),
-            }
+            };
+            (by.unwrap_or_default(), stamp)
         };
         self.write(WriteCmd::Topic {
             client: self.id,
             room: room.to_string(),
             topic,
-            by: self.nick(),
+            by,
             stamp,
             newer_only: false,
         })
