@@ -27,12 +27,13 @@ pub const STREAM: &str = "NETKIT";
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a hub checks that the stream is still the one it follows
-/// (also at each reconnection).
-const STREAM_CHECK: Duration = Duration::from_secs(2);
+/// and that its consumer delivers (also at each reconnection).
+const STREAM_CHECK: Duration = Duration::from_secs(1);
 
 /// How long the stream's consumer may deliver nothing while the stream holds
-/// entries this hub has not applied before it is made again.
-const STALLED: Duration = Duration::from_secs(6);
+/// entries this hub has not applied before it is made again. The client
+/// itself takes a consumer for lost only after 10 s without its beats.
+const STALLED: Duration = Duration::from_secs(3);
 
 /// How long the stream, created when the one this hub follows was, may end
 /// before what the hub has applied before the hub takes it for another one
@@ -40,9 +41,6 @@ const STALLED: Duration = Duration::from_secs(6);
 /// leader reports the entries it has yet to apply as missing, for a moment:
 /// the acknowledged ones are in its log, and come back.
 const BEHIND_GRACE: Duration = Duration::from_secs(20);
-
-/// The longest a pull of the stream waits (its idle heartbeat is half).
-const PULL_EXPIRES: Duration = Duration::from_secs(4);
 
 /// The longest pause between two attempts to read the stream again.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -86,6 +84,38 @@ pub struct Broker {
     servers: String,
 }
 
+/// Follows the NATS client's connection events: whether it is connected
+/// (sends fail fast while it is not), and a log line for each one an
+/// operator needs to see: a lost connection, its return, a server's error,
+/// a subscription the client dropped messages for (a hub too slow to read
+/// them), a server going into lame duck mode.
+fn connection_event(connected: &tokio::sync::watch::Sender<bool>, event: async_nats::Event) {
+    use async_nats::Event;
+    match event {
+        Event::Connected => {
+            // The first connection is announced by `start`; only a return is news.
+            if !connected.send_replace(true) {
+                tracing::warn!("broker: connected to the NATS server again");
+            }
+        }
+        Event::Disconnected => {
+            connected.send_replace(false);
+            tracing::warn!(
+                "broker: lost the connection to the NATS server; sends fail until it is back"
+            );
+        }
+        Event::SlowConsumer(sid) => tracing::warn!(
+            "broker: the NATS client dropped messages for subscription {sid} (this hub reads too slowly)"
+        ),
+        Event::ServerError(e) => tracing::warn!("broker: the NATS server says: {e}"),
+        Event::ClientError(e) => tracing::warn!("broker: NATS client error: {e}"),
+        Event::LameDuckMode => {
+            tracing::warn!("broker: the NATS server is going away (lame duck mode)")
+        }
+        Event::Draining | Event::Closed => {}
+    }
+}
+
 /// The servers of `--broker`: comma-separated, each `nats://HOST:PORT` or `HOST:PORT`.
 pub fn parse_servers(list: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     list.split(',')
@@ -116,13 +146,7 @@ impl Broker {
             .name("netkit")
             .event_callback(move |event| {
                 let events = events.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => events.send_replace(true),
-                        async_nats::Event::Disconnected => events.send_replace(false),
-                        _ => return,
-                    };
-                }
+                async move { connection_event(&events, event) }
             })
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
@@ -497,15 +521,18 @@ async fn read_from(
     {
         return ReadEnd::Replaced(why);
     }
-    let config = consumer::pull::OrderedConfig {
+    // The server pushes entries as they are stored, with flow control and
+    // idle beats; the client makes the consumer again on a gap in its
+    // sequence, a lost connection or missed beats. Not a pull consumer:
+    // nats-server before 2.9.16 (Debian's is 2.9.10) can drop an expired
+    // pull request without its 408 when an entry arrives at that moment,
+    // and async-nats then waits 5 s past the expiry before pulling again —
+    // every entry in between was seconds late on that hub (docs/cluster.md).
+    let config = consumer::push::OrderedConfig {
+        deliver_subject: broker.client.new_inbox(),
         deliver_policy: consumer::DeliverPolicy::ByStartSequence {
             start_sequence: next.load(Ordering::Relaxed),
         },
-        // Each pull waits at most this long, and the server beats every
-        // half of it: a consumer lost with its server (a failover) is found
-        // silent after two missed beats and made again on another, within
-        // seconds (the client's defaults, 30 s and 15 s, took over a minute).
-        max_expires: PULL_EXPIRES,
         ..Default::default()
     };
     let mut messages = match stream.create_consumer(config).await {
