@@ -53,6 +53,53 @@ pub enum AccountError {
     Store(#[from] StoreError),
 }
 
+/// One registered account as hubs share it in broker mode: the nick as
+/// registered, its argon2id hash (a PHC string: salt and parameters
+/// included, never the password) and when it was registered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountRecord {
+    /// The nick as registered (its [`name_key`] is the account's key).
+    pub nick: String,
+    /// The argon2id PHC string.
+    pub password: String,
+    /// Milliseconds since the epoch.
+    pub created_ms: i64,
+}
+
+/// Longest PHC string taken from another hub.
+const MAX_PHC: usize = 256;
+/// Most argon2 passes and lanes a hash from another hub may ask for (the
+/// memory is bounded where hashes are checked).
+const MAX_REMOTE_PASSES: u32 = 16;
+const MAX_REMOTE_LANES: u32 = 8;
+
+impl AccountRecord {
+    /// Refuses a record that is not one a hub makes: an invalid nick, or a
+    /// hash that is not argon2id or asks for more than a login should cost.
+    pub fn check(&self) -> Result<(), String> {
+        super::names::check_nick(&self.nick).map_err(|e| format!("bad nick: {e}"))?;
+        if self.password.len() > MAX_PHC {
+            return Err("password hash too long".into());
+        }
+        let phc =
+            PasswordHash::new(&self.password).map_err(|e| format!("bad password hash: {e}"))?;
+        if phc.algorithm != argon2::Algorithm::Argon2id.ident()
+            || phc.salt.is_none()
+            || phc.hash.is_none()
+        {
+            return Err("not an argon2id hash".into());
+        }
+        let params = Params::try_from(&phc).map_err(|e| format!("bad argon2 parameters: {e}"))?;
+        if params.m_cost() > super::passwords::MAX_MEMORY_KIB
+            || params.t_cost() > MAX_REMOTE_PASSES
+            || params.p_cost() > MAX_REMOTE_LANES
+        {
+            return Err("argon2 parameters beyond what a login may cost".into());
+        }
+        Ok(())
+    }
+}
+
 /// The registered accounts and their sessions.
 pub struct Accounts {
     conn: Mutex<Connection>,
@@ -140,23 +187,80 @@ impl Accounts {
     /// Registers `nick` with `password` (hashed with argon2id and a fresh
     /// random salt); refuses a nick whose key is registered already.
     pub fn register(&self, nick: &str, password: &str) -> Result<(), AccountError> {
+        let record = self.new_record(nick, password)?;
+        if !self.insert(&record)? {
+            return Err(AccountError::Exists(nick.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The account `nick` would be with `password` (hashed with argon2id
+    /// and a fresh random salt), not stored.
+    pub fn new_record(&self, nick: &str, password: &str) -> Result<AccountRecord, AccountError> {
         check_password(password)?;
         let hash = self
             .hasher
             .hash(password.as_bytes())
             .expect("argon2 hashes any password within the length limit");
+        Ok(AccountRecord {
+            nick: nick.to_string(),
+            password: hash,
+            created_ms: now_ms(),
+        })
+    }
+
+    /// Stores `record` unless its key is registered already; true if stored.
+    pub fn insert(&self, record: &AccountRecord) -> Result<bool, AccountError> {
         let inserted = self
             .conn()
             .execute(
                 "INSERT OR IGNORE INTO accounts (key, nick, password, created_ms)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![name_key(nick), nick, hash, now_ms()],
+                params![
+                    name_key(&record.nick),
+                    record.nick,
+                    record.password,
+                    record.created_ms
+                ],
             )
             .map_err(|e| self.err(e))?;
-        if inserted == 0 {
-            return Err(AccountError::Exists(nick.to_string()));
-        }
-        Ok(())
+        Ok(inserted > 0)
+    }
+
+    /// The account whose key is `nick`'s, if registered.
+    pub fn get(&self, nick: &str) -> Result<Option<AccountRecord>, AccountError> {
+        self.conn()
+            .query_row(
+                "SELECT nick, password, created_ms FROM accounts WHERE key = ?1",
+                params![name_key(nick)],
+                |r| {
+                    Ok(AccountRecord {
+                        nick: r.get(0)?,
+                        password: r.get(1)?,
+                        created_ms: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e).into())
+    }
+
+    /// Every registered account, oldest first.
+    pub fn all(&self) -> Result<Vec<AccountRecord>, AccountError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT nick, password, created_ms FROM accounts ORDER BY created_ms, key")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(AccountRecord {
+                    nick: r.get(0)?,
+                    password: r.get(1)?,
+                    created_ms: r.get(2)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?)
     }
 
     /// Checks `password` for the account of `nick` (any name with its key);

@@ -16,7 +16,7 @@ const MAX_SPARE: usize = 4;
 
 /// Largest memory cost a stored hash may ask for (KiB): a hash that asks for
 /// more is taken as not matching rather than allocated.
-const MAX_MEMORY_KIB: u32 = 256 * 1024;
+pub(crate) const MAX_MEMORY_KIB: u32 = 256 * 1024;
 
 /// Hashes and verifies passwords with argon2id and `params`.
 pub struct Hasher {

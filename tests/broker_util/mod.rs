@@ -171,7 +171,11 @@ impl Node {
 
     /// A hub with settings `cfg`, started with the broker flags `args`.
     pub async fn start_configured(args: BrokerArgs, cfg: HubConfig) -> Node {
-        let dir = tempfile::tempdir().unwrap();
+        Node::start_in(tempfile::tempdir().unwrap(), args, cfg).await
+    }
+
+    /// A hub on the data dir `dir` (which it keeps), as [`Node::start_configured`].
+    pub async fn start_in(dir: tempfile::TempDir, args: BrokerArgs, cfg: HubConfig) -> Node {
         let (hub, writer) = Hub::open(dir.path(), cfg).unwrap();
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
         let meta = netkit::cluster::NodeMeta::default();

@@ -115,6 +115,9 @@ pub enum HubError {
     /// The message broker did not take the message, so nobody was sent it.
     #[error("message not sent: the message broker is unavailable ({0}); try again")]
     Broker(String),
+    /// An account another hub shared is not one a hub makes (not stored).
+    #[error("account record refused: {0}")]
+    BadAccount(String),
 }
 
 impl HubError {
@@ -153,6 +156,7 @@ impl HubError {
             HubError::Repeated(_) => "repeated",
             HubError::TooManyGuests(_) => "too_many_guests",
             HubError::Broker(_) => "broker_unavailable",
+            HubError::BadAccount(_) => "bad_request",
         }
     }
 

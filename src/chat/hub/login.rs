@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use super::account_log::ClaimError;
 use super::session::Session;
 use super::{ClientId, Event, HubError, Shared, State, guest_nick};
 use crate::chat::accounts::{AccountError, Accounts, check_password};
@@ -99,13 +100,46 @@ impl Session {
         let shared = self.hub.shared.clone();
         let slot = shared.login_slots.acquire().await;
         let n = nick.clone();
-        let (token, expires) = blocking(move || {
-            accounts.register(&n, &password)?;
-            accounts.issue_session(&n)
-        })
-        .await?;
+        let (token, expires) = match self.hub.account_log() {
+            None => {
+                blocking(move || {
+                    accounts.register(&n, &password)?;
+                    accounts.issue_session(&n)
+                })
+                .await?
+            }
+            // Shared with other hubs: the log decides who registered the
+            // nick first, and only then is it stored here.
+            Some(log) => {
+                let a = accounts.clone();
+                let record = blocking(move || a.new_record(&n, &password)).await?;
+                match log.claim(record.clone()).await {
+                    Ok(()) => {}
+                    Err(ClaimError::Taken) => {
+                        return Err(HubError::CannotRegister(format!(
+                            "'{nick}' is registered already (on another hub); /login {nick} PASSWORD"
+                        )));
+                    }
+                    Err(ClaimError::Unavailable(why)) => {
+                        return Err(HubError::CannotRegister(format!(
+                            "the message broker is unavailable ({why}); try again"
+                        )));
+                    }
+                }
+                blocking(move || {
+                    // The shared log may have brought it here first: the same hash.
+                    if !accounts.insert(&record)?
+                        && accounts.get(&record.nick)?.map(|r| r.password) != Some(record.password)
+                    {
+                        return Err(AccountError::Exists(record.nick));
+                    }
+                    accounts.issue_session(&record.nick)
+                })
+                .await?
+            }
+        };
         drop(slot);
-        self.hub.lock().registered.insert(key);
+        self.hub.registered_now(key);
         metrics::counter!("netkit_chat_registrations_total").increment(1);
         self.logged_in_as(&nick, Via::Password, Some((token, expires)));
         Ok(())
@@ -273,7 +307,7 @@ impl Shared {
 }
 
 /// Runs an account operation on a blocking thread; its errors as hub errors.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AccountError> + Send + 'static,
 ) -> Result<T, HubError> {
     match tokio::task::spawn_blocking(f).await {

@@ -25,6 +25,7 @@
 //! the upload tickets and file messages.
 
 mod abuse_limits;
+mod account_log;
 mod deliver;
 mod error;
 mod files;
@@ -60,6 +61,7 @@ use deliver::Outbox;
 use remote::{OUTGOING_DIRECTS, Remote};
 use writer::Queued;
 
+pub use account_log::{AccountLog, ClaimError};
 pub use error::{DisconnectReason, HubError};
 pub use files::{TICKET_LIFETIME, TicketError, Uploader, plausible_file};
 pub use history::{HistoryVersion, RECHECK};
@@ -258,6 +260,10 @@ struct Shared {
     room_log: OnceLock<Arc<dyn log::RoomLog>>,
     /// The runtime the room log was set from (the writer thread has none).
     log_rt: OnceLock<tokio::runtime::Handle>,
+    /// The log registrations are claimed in (broker mode).
+    account_log: OnceLock<Arc<dyn account_log::AccountLog>>,
+    /// Bumped whenever a nick becomes registered here.
+    accounts_changed: tokio::sync::watch::Sender<u64>,
     /// The newest sequence of that log applied here.
     logged: tokio::sync::watch::Sender<u64>,
     /// Topics set here, for the broker to carry to other hubs (once taken).
@@ -358,6 +364,8 @@ impl Hub {
             origin: OnceLock::new(),
             room_log: OnceLock::new(),
             log_rt: OnceLock::new(),
+            account_log: OnceLock::new(),
+            accounts_changed: tokio::sync::watch::channel(0).0,
             logged: tokio::sync::watch::channel(0).0,
             topics_out: OnceLock::new(),
             ticket_key: rand::random(),

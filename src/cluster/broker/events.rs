@@ -41,6 +41,7 @@ pub(super) struct Inputs {
     beats: async_nats::Subscriber,
     directs: async_nats::Subscriber,
     topics: async_nats::jetstream::consumer::push::Ordered,
+    accounts: async_nats::jetstream::consumer::push::Ordered,
 }
 
 /// The other hubs' presence as this hub knows it, with when each was last heard.
@@ -213,7 +214,20 @@ pub(super) async fn subscribe(
         .await?
         .messages()
         .await?;
+    let accounts = js
+        .get_stream(wire::ACCOUNTS_STREAM)
+        .await?
+        .create_consumer(OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            deliver_policy: DeliverPolicy::All,
+            filter_subject: format!("{}>", wire::ACCOUNT_PREFIX),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
     Ok(Inputs {
+        accounts,
         beats: client
             .subscribe(format!("{}*", wire::PRESENCE_PREFIX))
             .await?,
@@ -275,6 +289,7 @@ pub(super) async fn run(
             },
             Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),
             Some(m) = inputs.topics.next() => receive_topic(&hub, &mine, m).await,
+            Some(m) = inputs.accounts.next() => receive_account(&hub, m).await,
             Some(d) = recv(&mut directs_out) => mine.send_direct(d).await,
             Some(t) = recv(&mut topics_out) => mine.send_topic(t).await,
         }
@@ -326,6 +341,26 @@ async fn receive_topic(
             }
         }
         Err(e) => tracing::warn!("broker: topic change skipped: {e}"),
+    }
+}
+
+/// An entry of the accounts stream: stored here (so its owner logs in on
+/// this hub too) unless malformed, which is skipped with a warning.
+async fn receive_account(
+    hub: &Hub,
+    m: Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
+) {
+    let m = match m {
+        Ok(m) => m,
+        Err(e) => return tracing::warn!("broker: reading the accounts: {e}"),
+    };
+    match wire::decode_account(m.subject.as_str(), &m.payload) {
+        Ok(record) => {
+            if let Err(e) = hub.apply_remote_account(record).await {
+                tracing::warn!("broker: account skipped: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("broker: account entry skipped: {e}"),
     }
 }
 

@@ -17,6 +17,8 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::chat::accounts::AccountRecord;
+use crate::chat::hub::{AccountLog, ClaimError};
 use crate::chat::{Hub, LoggedPost, RoomLog};
 
 /// The stream's name (and, with `nats:`, the origin its messages are stored under).
@@ -192,6 +194,25 @@ impl Broker {
                 wire::TOPICS_STREAM
             )
         })?;
+        // Registered accounts: the first claim of each key stands.
+        let accounts = stream::Config {
+            name: wire::ACCOUNTS_STREAM.to_string(),
+            subjects: vec![format!("{}>", wire::ACCOUNT_PREFIX)],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            // A second entry for a key is refused by the engine itself,
+            // not only by the claims' expected sequence.
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            num_replicas: asked,
+            ..Default::default()
+        };
+        js.get_or_create_stream(accounts).await.map_err(|e| {
+            anyhow::anyhow!(
+                "--broker: cannot open the JetStream stream {} at {servers}: {e}",
+                wire::ACCOUNTS_STREAM
+            )
+        })?;
         let info = stream.cached_info();
         if info.config.num_replicas != asked {
             tracing::warn!(
@@ -284,6 +305,76 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// Claims `record`'s key in the accounts stream: published only if the
+    /// key has no entry yet (expected last subject sequence 0), so of two
+    /// hubs registering one nick at once the engine takes exactly one. A
+    /// lost acknowledgement is retried once with the same message id.
+    async fn claim_account(self: Arc<Self>, record: AccountRecord) -> Result<(), ClaimError> {
+        self.health().map_err(ClaimError::Unavailable)?;
+        let subject = wire::account_subject(&record.nick);
+        let payload = wire::account(&record);
+        let id = format!(
+            "{:016x}-{}",
+            self.tag,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut last = String::new();
+        for _ in 0..2 {
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&id)
+                .expected_last_subject_sequence(0);
+            let acked = match self.js.send_publish(subject.clone(), msg).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    return Err(ClaimError::Taken);
+                }
+                Err(e) => last = e.to_string(),
+            }
+            self.health().map_err(ClaimError::Unavailable)?;
+        }
+        Err(ClaimError::Unavailable(format!(
+            "no acknowledgement from {}: {last}",
+            self.servers
+        )))
+    }
+}
+
+impl AccountLog for Arc<Broker> {
+    fn claim(&self, record: AccountRecord) -> BoxFuture<'static, Result<(), ClaimError>> {
+        Box::pin(self.clone().claim_account(record))
+    }
+}
+
+/// Claims, in the accounts stream, the accounts this hub registered before
+/// it shared one (a data dir from a hub on its own): each stands unless
+/// another hub claimed its nick first, and then this hub keeps its own and
+/// says so.
+async fn claim_local_accounts(broker: Arc<Broker>, hub: Hub) {
+    let mine = match hub.local_accounts().await {
+        Ok(v) => v,
+        Err(e) => return tracing::warn!("broker: the accounts of this hub were not read: {e}"),
+    };
+    for record in mine {
+        match broker.clone().claim_account(record.clone()).await {
+            Ok(()) => {
+                tracing::info!(nick = %record.nick, "broker: account shared with the other hubs")
+            }
+            Err(ClaimError::Taken) => {} // already there (ours or another's: the reader tells)
+            Err(ClaimError::Unavailable(why)) => {
+                return tracing::warn!(
+                    "broker: accounts of this hub not shared ({why}); they are at the next start"
+                );
+            }
+        }
+    }
+}
+
 impl RoomLog for Arc<Broker> {
     fn origin(&self) -> &str {
         &self.origin
@@ -326,6 +417,7 @@ pub async fn start(
         Arc::new(Broker::connect(servers, args.broker_max_per_room, args.broker_replicas).await?);
     check_store(&broker, hub).await?;
     hub.set_room_log(Arc::new(broker.clone()));
+    hub.set_account_log(Arc::new(broker.clone()));
     let inputs = events::subscribe(&broker.client, &broker.js, broker.node()).await?;
     tracker.spawn(events::run(
         broker.client.clone(),
@@ -337,6 +429,7 @@ pub async fn start(
         shutdown.clone(),
     ));
     tracker.spawn(consume(broker.clone(), hub.clone(), shutdown));
+    tracker.spawn(claim_local_accounts(broker.clone(), hub.clone()));
     tracing::info!(servers = %servers, stream = STREAM, node = %broker.node(), "broker: room messages go through NATS JetStream");
     Ok(Some(broker))
 }

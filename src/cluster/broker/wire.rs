@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::accounts::AccountRecord;
 use crate::chat::hub::plausible_file;
 use crate::chat::protocol::{valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
@@ -28,6 +29,41 @@ pub const TOPICS_STREAM: &str = "NETKIT_TOPICS";
 /// The subject a room's topic changes are published on.
 pub fn topic_subject(room: &str) -> String {
     format!("{TOPIC_PREFIX}{room}")
+}
+
+/// Registered accounts: `netkit.account.<key in hex>`, kept in their own
+/// stream ([`ACCOUNTS_STREAM`]), the first one of each key.
+pub const ACCOUNT_PREFIX: &str = "netkit.account.";
+
+/// The stream of registered accounts (one entry per account key).
+pub const ACCOUNTS_STREAM: &str = "NETKIT_ACCOUNTS";
+
+/// The subject an account is claimed on: its name key (which holds any
+/// Unicode letter) in lowercase hex, one subject token.
+pub fn account_subject(nick: &str) -> String {
+    let key = crate::chat::names::name_key(nick);
+    let mut s = String::with_capacity(ACCOUNT_PREFIX.len() + 2 * key.len());
+    s.push_str(ACCOUNT_PREFIX);
+    for b in key.bytes() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The payload of an account claim.
+pub fn account(record: &AccountRecord) -> Bytes {
+    json(record)
+}
+
+/// Reads an account claimed on `subject`: refused unless it is well formed
+/// (nick, argon2id hash within bounds) and the subject is its nick's key.
+pub fn decode_account(subject: &str, payload: &[u8]) -> Result<AccountRecord, BadEntry> {
+    let record: AccountRecord = serde_json::from_slice(payload)?;
+    record.check().map_err(|_| BadEntry::Content)?;
+    if subject != account_subject(&record.nick) {
+        return Err(BadEntry::Subject(subject.chars().take(80).collect()));
+    }
+    Ok(record)
 }
 
 /// Longest hub name on the wire.

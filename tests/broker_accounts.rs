@@ -1,0 +1,264 @@
+//! Broker mode: accounts registered on one hub log in on every hub, through
+//! a real nats-server (JetStream on a loopback port, its own store dir).
+//! Skipped, with a message, only where nats-server is not installed.
+
+mod broker_util;
+mod chat_util;
+mod proc_util;
+mod ws_util;
+
+use broker_util::{Node, nats_on_fresh_store, stop_all};
+use chat_util::T;
+use netkit::chat::auth::{AuthConfig, AuthMode};
+use netkit::chat::hub::{Hub, HubConfig, HubError};
+use netkit::cluster::broker::BrokerArgs;
+
+/// Settings with accounts (`--chat-auth accounts`).
+fn with_accounts() -> HubConfig {
+    HubConfig {
+        auth: AuthConfig {
+            mode: AuthMode::Accounts,
+            ..AuthConfig::default()
+        },
+        ..HubConfig::default()
+    }
+}
+
+fn broker_on(url: &str) -> BrokerArgs {
+    BrokerArgs {
+        broker: Some(url.to_string()),
+        broker_max_per_room: 0,
+        broker_replicas: 1,
+    }
+}
+
+/// A hub with accounts in broker mode on `url`.
+async fn hub(url: &str) -> Node {
+    Node::start_configured(broker_on(url), with_accounts()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_registered_before_broker_mode_are_shared_when_it_starts() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    // A hub on its own registers two accounts, and stops.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (hub, writer) = Hub::open(dir.path(), with_accounts()).unwrap();
+        for nick in ["elder", "shared"] {
+            let (mut s, _i) = hub.connect(Some(nick)).unwrap();
+            s.register(format!("{nick}'s old password")).await.unwrap();
+        }
+        hub.shutdown();
+        drop(hub);
+        drop(writer);
+    }
+    // Meanwhile another hub registered "shared" in the cluster.
+    let other = hub(&nats.url()).await;
+    let (mut s, _i) = other.hub.connect(Some("shared")).unwrap();
+    s.register("the cluster's password".into()).await.unwrap();
+    // The old hub joins in broker mode on its data dir: its "elder" is
+    // shared, its "shared" stays its own (the cluster's stands elsewhere).
+    let old = Node::start_in(dir, broker_on(&nats.url()), with_accounts()).await;
+    registered(&other.hub, "elder").await;
+    let (mut e, _i) = other.hub.connect(None).unwrap();
+    e.login("elder", "elder's old password".into())
+        .await
+        .unwrap();
+    let (mut on_other, _i) = other.hub.connect(None).unwrap();
+    assert_eq!(
+        on_other
+            .login("shared", "shared's old password".into())
+            .await,
+        Err(HubError::LoginFailed)
+    );
+    let (mut on_old, _i) = old.hub.connect(None).unwrap();
+    on_old
+        .login("shared", "shared's old password".into())
+        .await
+        .unwrap();
+    stop_all([other, old], nats).await;
+}
+
+/// Waits until `hub` holds `nick` as registered.
+async fn registered(hub: &Hub, nick: &str) {
+    let mut changed = hub.accounts_changed();
+    tokio::time::timeout(T, changed.wait_for(|_| hub.is_registered(nick)))
+        .await
+        .unwrap_or_else(|_| panic!("'{nick}' never registered on this hub"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_registered_on_one_hub_logs_in_on_every_hub() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (a, b) = (hub(&nats.url()).await, hub(&nats.url()).await);
+    let (mut alice, _inbox) = a.hub.connect(Some("alice")).unwrap();
+    alice.register("alice's password".into()).await.unwrap();
+    assert!(alice.logged_in());
+
+    registered(&b.hub, "alice").await;
+    // Her nick is hers on b too: a guest cannot take it, nor a look-alike.
+    let (guest, _g) = b.hub.connect(None).unwrap();
+    assert_eq!(
+        guest.set_nick("alice"),
+        Err(HubError::NickRegistered("alice".into()))
+    );
+    assert!(matches!(
+        guest.set_nick("ALICE"),
+        Err(HubError::NickRegistered(_))
+    ));
+    // Her password works on b, a wrong one does not.
+    let (mut other, _o) = b.hub.connect(None).unwrap();
+    assert_eq!(
+        other.login("alice", "not her password".into()).await,
+        Err(HubError::LoginFailed)
+    );
+    let (mut her, _h) = b.hub.connect(None).unwrap();
+    her.login("alice", "alice's password".into()).await.unwrap();
+    assert_eq!(her.nick(), "alice");
+    // Registering it again on b is refused.
+    assert!(matches!(
+        her.register("another password".into()).await,
+        Err(HubError::CannotRegister(_))
+    ));
+
+    // A hub that starts later has it too.
+    let c = hub(&nats.url()).await;
+    registered(&c.hub, "alice").await;
+    let (mut on_c, _c) = c.hub.connect(None).unwrap();
+    on_c.login("alice", "alice's password".into())
+        .await
+        .unwrap();
+    stop_all([a, b, c], nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_nick_registered_on_two_hubs_at_once_is_one_account() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (a, b) = (hub(&nats.url()).await, hub(&nats.url()).await);
+    for round in 0..5 {
+        let nick = format!("racer{round}");
+        let (mut on_a, _ia) = a.hub.connect(Some(&nick)).unwrap();
+        let (mut on_b, _ib) = b.hub.connect(Some(&nick)).unwrap();
+        let (ra, rb) = tokio::join!(
+            on_a.register("password of a".into()),
+            on_b.register("password of b".into())
+        );
+        let winner = match (&ra, &rb) {
+            (Ok(()), Err(HubError::CannotRegister(_))) => "password of a",
+            (Err(HubError::CannotRegister(_)), Ok(())) => "password of b",
+            other => panic!("round {round}: exactly one registration stands, got {other:?}"),
+        };
+        let loser = if winner == "password of a" {
+            "password of b"
+        } else {
+            "password of a"
+        };
+        for node in [&a, &b] {
+            registered(&node.hub, &nick).await;
+            let (mut s, _i) = node.hub.connect(None).unwrap();
+            assert_eq!(
+                s.login(&nick, loser.into()).await,
+                Err(HubError::LoginFailed),
+                "round {round}: the refused password logs in nowhere"
+            );
+            let (mut s, _i) = node.hub.connect(None).unwrap();
+            s.login(&nick, winner.into()).await.unwrap();
+        }
+    }
+    stop_all([a, b], nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_entries_that_are_not_a_hubs_are_skipped() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let a = hub(&nats.url()).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let good_hash = {
+        // A real argon2id hash, made by a hub, to put under wrong subjects.
+        let (mut s, _i) = a.hub.connect(Some("source")).unwrap();
+        s.register("a fine password".into()).await.unwrap();
+        let rec = a.hub.local_accounts().await.unwrap();
+        rec.into_iter()
+            .find(|r| r.nick == "source")
+            .unwrap()
+            .password
+    };
+    let huge = "$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+    let bcrypt = "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW";
+    // Each under a subject of its own (the stream keeps one entry per key).
+    let entries: Vec<(&str, String)> = vec![
+        ("mallory1", "not json".into()),
+        ("mallory2", r#"{"nick":"mallory2"}"#.into()),
+        // A good record under another nick's subject.
+        (
+            "mallory3",
+            format!(r#"{{"nick":"victim","password":"{good_hash}","created_ms":1}}"#),
+        ),
+        // Hashes a hub never makes.
+        (
+            "mallory4",
+            format!(r#"{{"nick":"mallory4","password":"{huge}","created_ms":1}}"#),
+        ),
+        (
+            "mallory5",
+            format!(r#"{{"nick":"mallory5","password":"{bcrypt}","created_ms":1}}"#),
+        ),
+        (
+            "bad nick!",
+            format!(r#"{{"nick":"bad nick!","password":"{good_hash}","created_ms":1}}"#),
+        ),
+    ];
+    for (nick, payload) in entries {
+        let subject = netkit::cluster::broker::wire::account_subject(nick);
+        js.publish(subject, payload.into_bytes().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // An account cannot be replaced: the stream refuses a second entry for
+    // a key even without the claim's expected sequence.
+    let replaced = js
+        .publish(
+            netkit::cluster::broker::wire::account_subject("source"),
+            format!(r#"{{"nick":"source","password":"{good_hash}","created_ms":2}}"#)
+                .into_bytes()
+                .into(),
+        )
+        .await
+        .unwrap()
+        .await;
+    assert!(
+        replaced.is_err(),
+        "a second entry for an account was stored"
+    );
+    // After all of them, one a hub makes: once it is applied, so were they.
+    let b = hub(&nats.url()).await;
+    let (mut late, _i) = b.hub.connect(Some("late")).unwrap();
+    late.register("late's password".into()).await.unwrap();
+    registered(&a.hub, "late").await;
+    for nick in [
+        "mallory1",
+        "mallory2",
+        "mallory3",
+        "victim",
+        "mallory4",
+        "mallory5",
+        "bad nick!",
+    ] {
+        assert!(!a.hub.is_registered(nick), "{nick} was stored");
+        assert!(!b.hub.is_registered(nick), "{nick} was stored");
+    }
+    assert!(b.hub.is_registered("source"));
+    stop_all([a, b], nats).await;
+}
