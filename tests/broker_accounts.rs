@@ -262,3 +262,176 @@ async fn account_entries_that_are_not_a_hubs_are_skipped() {
     assert!(b.hub.is_registered("source"));
     stop_all([a, b], nats).await;
 }
+
+/// The session token in the `logged_in` reply waiting in `inbox`.
+async fn session_token(inbox: &mut netkit::chat::hub::Inbox) -> String {
+    use netkit::chat::hub::Received;
+    use netkit::chat::protocol::ServerMsg;
+    loop {
+        match tokio::time::timeout(T, inbox.recv())
+            .await
+            .expect("logged_in")
+        {
+            Received::Event(ev) => {
+                if let ServerMsg::LoggedIn {
+                    session: Some(s), ..
+                } = &ev.msg
+                {
+                    return s.clone();
+                }
+            }
+            other => panic!("client gone: {other:?}"),
+        }
+    }
+}
+
+fn by_session(token: &str) -> netkit::chat::protocol::ClientMsg {
+    netkit::chat::protocol::ClientMsg::Login {
+        nick: None,
+        password: None,
+        session: Some(token.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_session_from_one_hub_logs_in_on_every_hub_until_logout() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let (a, b) = (hub(&nats.url()).await, hub(&nats.url()).await);
+    let mut sessions_b = b.hub.sessions_changed();
+    let (mut alice, mut inbox) = a.hub.connect(Some("alice")).unwrap();
+    alice.register("alice's password".into()).await.unwrap();
+    let token = session_token(&mut inbox).await;
+    registered(&b.hub, "alice").await;
+    // Her page reconnects to b with the token a gave it.
+    tokio::time::timeout(T, sessions_b.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut page, _page_inbox) = b.hub.connect(None).unwrap();
+    page.handle(by_session(&token)).await.unwrap();
+    assert_eq!(page.nick(), "alice");
+    // A forged secret under her selector is refused on b.
+    let (sel, _) = token.split_once('.').unwrap();
+    let (mut forger, _f) = b.hub.connect(None).unwrap();
+    assert!(matches!(
+        forger
+            .handle(by_session(&format!(
+                "{sel}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            )))
+            .await,
+        Err(HubError::BadToken(_))
+    ));
+    // A password login on b gives a token a takes too.
+    let mut sessions_a = a.hub.sessions_changed();
+    let (mut on_b, mut on_b_inbox) = b.hub.connect(None).unwrap();
+    on_b.login("alice", "alice's password".into())
+        .await
+        .unwrap();
+    let second = session_token(&mut on_b_inbox).await;
+    tokio::time::timeout(T, sessions_a.wait_for(|_| true))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut seen = *sessions_a.borrow_and_update();
+    let (mut back_on_a, _x) = a.hub.connect(None).unwrap();
+    loop {
+        // The session may be the second change a sees (its own comes back first).
+        if back_on_a.handle(by_session(&second)).await.is_ok() {
+            break;
+        }
+        tokio::time::timeout(T, sessions_a.wait_for(|v| *v > seen))
+            .await
+            .expect("b's session reaches a")
+            .unwrap();
+        seen = *sessions_a.borrow_and_update();
+    }
+    assert_eq!(back_on_a.nick(), "alice");
+    // Logging out on b ends the first token on a as well.
+    page.handle(netkit::chat::protocol::ClientMsg::Logout {
+        session: token.clone(),
+    })
+    .await
+    .unwrap();
+    let (mut later, _l) = a.hub.connect(None).unwrap();
+    loop {
+        match later.handle(by_session(&token)).await {
+            Err(HubError::BadToken(_)) => break,
+            Ok(()) => {
+                let (fresh, _f) = a.hub.connect(None).unwrap();
+                later = fresh;
+                tokio::time::timeout(T, sessions_a.wait_for(|v| *v > seen))
+                    .await
+                    .expect("the logout reaches a")
+                    .unwrap();
+                seen = *sessions_a.borrow_and_update();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    stop_all([a, b], nats).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_entries_that_are_not_a_hubs_are_skipped() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let a = hub(&nats.url()).await;
+    let mut changed = a.hub.sessions_changed();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let sel = "AAAAAAAAAAAAAAAA";
+    let v32 = "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU"; // 32 bytes, base64url
+    let far = 4_000_000_000_000i64;
+    let bad: Vec<(String, String)> = vec![
+        (sel.into(), "not json".into()),
+        // Under another selector's subject.
+        (
+            "BBBBBBBBBBBBBBBB".into(),
+            format!(
+                r#"{{"selector":"{sel}","account":"alice","verifier":"{v32}","expires_ms":{far}}}"#
+            ),
+        ),
+        // A short verifier, an empty account, a year and more ahead.
+        (
+            "CCCCCCCCCCCCCCCC".into(),
+            format!(
+                r#"{{"selector":"CCCCCCCCCCCCCCCC","account":"alice","verifier":"AAAA","expires_ms":{far}}}"#
+            ),
+        ),
+        (
+            "DDDDDDDDDDDDDDDD".into(),
+            format!(
+                r#"{{"selector":"DDDDDDDDDDDDDDDD","account":"","verifier":"{v32}","expires_ms":{far}}}"#
+            ),
+        ),
+        (
+            "EEEEEEEEEEEEEEEE".into(),
+            format!(
+                r#"{{"selector":"EEEEEEEEEEEEEEEE","account":"alice","verifier":"{v32}","expires_ms":99999999999999}}"#
+            ),
+        ),
+    ];
+    for (selector, payload) in bad {
+        js.publish(
+            netkit::cluster::broker::wire::session_subject(&selector),
+            payload.into_bytes().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // Then a real one: once it is applied, the others were read (and none applied).
+    let (mut alice, mut inbox) = a.hub.connect(Some("alice")).unwrap();
+    alice.register("alice's password".into()).await.unwrap();
+    let _ = session_token(&mut inbox).await;
+    tokio::time::timeout(T, changed.wait_for(|v| *v >= 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*changed.borrow(), 1, "only the real session was applied");
+    stop_all([a], nats).await;
+}

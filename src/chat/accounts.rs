@@ -66,6 +66,61 @@ pub struct AccountRecord {
     pub created_ms: i64,
 }
 
+/// A page session as hubs share it in broker mode: the token's selector,
+/// the account it is for, the SHA-256 of its secret (never the secret) and
+/// when it expires; `revoked` marks a logout.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    /// The token's public part (16 base64url characters).
+    pub selector: String,
+    /// The account's name key.
+    pub account: String,
+    /// SHA-256 of the token's secret, base64url.
+    pub verifier: String,
+    /// Milliseconds since the epoch.
+    pub expires_ms: i64,
+    /// A logout: the session is forgotten everywhere.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
+}
+
+/// Length of a session selector (12 random bytes, base64url).
+const SELECTOR_LEN: usize = 16;
+
+/// Furthest in the future a shared session may expire (a year).
+const MAX_SESSION_MS: i64 = 366 * 24 * 3600 * 1000;
+
+impl SessionRecord {
+    /// Refuses a record that is not one a hub makes.
+    pub fn check(&self) -> Result<(), String> {
+        if !valid_selector(&self.selector) {
+            return Err("bad selector".into());
+        }
+        if self.revoked {
+            return Ok(());
+        }
+        if self.account.is_empty() || self.account.len() > 4 * super::names::MAX_NICK_CHARS {
+            return Err("bad account".into());
+        }
+        match URL_SAFE_NO_PAD.decode(&self.verifier) {
+            Ok(v) if v.len() == 32 => {}
+            _ => return Err("bad verifier".into()),
+        }
+        if self.expires_ms > now_ms().saturating_add(MAX_SESSION_MS) {
+            return Err("expires too far ahead".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `selector` is one [`Accounts::issue_session`] makes.
+pub fn valid_selector(selector: &str) -> bool {
+    selector.len() == SELECTOR_LEN
+        && selector
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Longest PHC string taken from another hub.
 const MAX_PHC: usize = 256;
 /// Most argon2 passes and lanes a hash from another hub may ask for (the
@@ -301,6 +356,16 @@ impl Accounts {
     /// of which only the SHA-256 of the secret is stored. Returns the token
     /// and when it expires (ms since the epoch).
     pub fn issue_session(&self, nick: &str) -> Result<(String, i64), AccountError> {
+        self.issue_shared_session(nick)
+            .map(|(token, record)| (token, record.expires_ms))
+    }
+
+    /// As [`Accounts::issue_session`], with the session as other hubs
+    /// store it.
+    pub fn issue_shared_session(
+        &self,
+        nick: &str,
+    ) -> Result<(String, SessionRecord), AccountError> {
         let mut selector = [0u8; 12];
         let mut secret = [0u8; 32];
         OsRng.fill_bytes(&mut selector);
@@ -316,10 +381,35 @@ impl Accounts {
                 params![selector, name_key(nick), verifier, expires],
             )
             .map_err(|e| self.err(e))?;
+        let record = SessionRecord {
+            account: name_key(nick),
+            verifier: URL_SAFE_NO_PAD.encode(&verifier),
+            expires_ms: expires,
+            revoked: false,
+            selector: selector.clone(),
+        };
         Ok((
             format!("{selector}.{}", URL_SAFE_NO_PAD.encode(secret)),
-            expires,
+            record,
         ))
+    }
+
+    /// Stores (or, revoked, forgets) a session another hub issued.
+    pub fn apply_session(&self, record: &SessionRecord) -> Result<(), AccountError> {
+        if record.revoked || record.expires_ms <= now_ms() {
+            return self.revoke_session(&record.selector);
+        }
+        let verifier = URL_SAFE_NO_PAD
+            .decode(&record.verifier)
+            .map_err(|_| AccountError::BadSession)?;
+        self.conn()
+            .execute(
+                "INSERT OR IGNORE INTO account_sessions (selector, account, verifier, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![record.selector, record.account, verifier, record.expires_ms],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// The nick whose session `token` is, if it is known and not expired;

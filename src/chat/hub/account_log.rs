@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 use super::{Hub, HubError};
-use crate::chat::accounts::AccountRecord;
+use crate::chat::accounts::{AccountRecord, SessionRecord};
 use crate::chat::names::name_key;
 
 /// Why a claim was not taken.
@@ -26,6 +26,9 @@ pub trait AccountLog: Send + Sync + 'static {
     /// Claims `record`'s key for it: `Ok` once the log has stored it as
     /// the first entry for that key.
     fn claim(&self, record: AccountRecord) -> BoxFuture<'static, Result<(), ClaimError>>;
+    /// Shares a page session issued here, or (revoked) a logout, with the
+    /// other hubs; best effort: the session holds here whatever happens.
+    fn share_session(&self, record: SessionRecord);
 }
 
 impl Hub {
@@ -48,6 +51,35 @@ impl Hub {
     /// from another hub).
     pub fn accounts_changed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.accounts_changed.subscribe()
+    }
+
+    /// How long a page session lasts here.
+    pub fn session_ttl(&self) -> std::time::Duration {
+        self.shared.config.auth.session_ttl
+    }
+
+    /// Changes whenever a session from another hub is stored or forgotten here.
+    pub fn sessions_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.sessions_changed.subscribe()
+    }
+
+    pub(super) fn share_session(&self, record: SessionRecord) {
+        if let Some(log) = self.shared.account_log.get() {
+            log.share_session(record);
+        }
+    }
+
+    /// A page session (or a logout) from another hub: stored (forgotten)
+    /// here, so the page logs in with its token on this hub too. A
+    /// malformed record is refused.
+    pub async fn apply_remote_session(&self, record: SessionRecord) -> Result<(), HubError> {
+        let Some(accounts) = self.shared.accounts.clone() else {
+            return Ok(());
+        };
+        record.check().map_err(HubError::BadAccount)?;
+        super::login::blocking(move || accounts.apply_session(&record)).await?;
+        self.shared.sessions_changed.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     pub(super) fn registered_now(&self, key: String) {

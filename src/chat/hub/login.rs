@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::account_log::ClaimError;
 use super::session::Session;
 use super::{ClientId, Event, HubError, Shared, State, guest_nick};
-use crate::chat::accounts::{AccountError, Accounts, check_password};
+use crate::chat::accounts::{AccountError, Accounts, SessionRecord, check_password};
 use crate::chat::names::{check_nick, name_key};
 use crate::chat::protocol::{ClientMsg, ServerMsg};
 
@@ -60,6 +60,16 @@ impl Session {
             )),
             ClientMsg::Logout { session } => {
                 let accounts = self.accounts()?;
+                let selector = session.split_once('.').map_or(session.as_str(), |(s, _)| s);
+                if crate::chat::accounts::valid_selector(selector) {
+                    self.hub.share_session(SessionRecord {
+                        selector: selector.to_string(),
+                        account: String::new(),
+                        verifier: String::new(),
+                        expires_ms: 0,
+                        revoked: true,
+                    });
+                }
                 blocking(move || accounts.revoke_session(&session)).await?;
                 self.tell(ServerMsg::Info {
                     text: "session token forgotten".into(),
@@ -100,11 +110,11 @@ impl Session {
         let shared = self.hub.shared.clone();
         let slot = shared.login_slots.acquire().await;
         let n = nick.clone();
-        let (token, expires) = match self.hub.account_log() {
+        let (token, session) = match self.hub.account_log() {
             None => {
                 blocking(move || {
                     accounts.register(&n, &password)?;
-                    accounts.issue_session(&n)
+                    accounts.issue_shared_session(&n)
                 })
                 .await?
             }
@@ -133,12 +143,14 @@ impl Session {
                     {
                         return Err(AccountError::Exists(record.nick));
                     }
-                    accounts.issue_session(&record.nick)
+                    accounts.issue_shared_session(&record.nick)
                 })
                 .await?
             }
         };
         drop(slot);
+        let expires = session.expires_ms;
+        self.hub.share_session(session);
         self.hub.registered_now(key);
         metrics::counter!("netkit_chat_registrations_total").increment(1);
         self.logged_in_as(&nick, Via::Password, Some((token, expires)));
@@ -158,15 +170,17 @@ impl Session {
         let n = nick.to_string();
         let outcome = blocking(move || {
             let nick = accounts.verify(&n, &password)?;
-            let session = accounts.issue_session(&nick)?;
+            let session = accounts.issue_shared_session(&nick)?;
             Ok((nick, session))
         })
         .await;
         drop(slot);
         match outcome {
-            Ok((nick, session)) => {
+            Ok((nick, (token, session))) => {
                 shared.limiter.succeeded(&key, self.ident.peer);
-                self.logged_in_as(&nick, Via::Password, Some(session));
+                let expires = session.expires_ms;
+                self.hub.share_session(session);
+                self.logged_in_as(&nick, Via::Password, Some((token, expires)));
                 Ok(())
             }
             Err(HubError::LoginFailed) => {

@@ -264,6 +264,8 @@ struct Shared {
     account_log: OnceLock<Arc<dyn account_log::AccountLog>>,
     /// Bumped whenever a nick becomes registered here.
     accounts_changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped whenever a session from another hub is applied here.
+    sessions_changed: tokio::sync::watch::Sender<u64>,
     /// The newest sequence of that log applied here.
     logged: tokio::sync::watch::Sender<u64>,
     /// Topics set here, for the broker to carry to other hubs (once taken).
@@ -366,6 +368,7 @@ impl Hub {
             log_rt: OnceLock::new(),
             account_log: OnceLock::new(),
             accounts_changed: tokio::sync::watch::channel(0).0,
+            sessions_changed: tokio::sync::watch::channel(0).0,
             logged: tokio::sync::watch::channel(0).0,
             topics_out: OnceLock::new(),
             ticket_key: rand::random(),

@@ -42,6 +42,7 @@ pub(super) struct Inputs {
     directs: async_nats::Subscriber,
     topics: async_nats::jetstream::consumer::push::Ordered,
     accounts: async_nats::jetstream::consumer::push::Ordered,
+    sessions: async_nats::jetstream::consumer::push::Ordered,
 }
 
 /// The other hubs' presence as this hub knows it, with when each was last heard.
@@ -226,8 +227,21 @@ pub(super) async fn subscribe(
         .await?
         .messages()
         .await?;
+    let sessions = js
+        .get_stream(wire::SESSIONS_STREAM)
+        .await?
+        .create_consumer(OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            filter_subject: format!("{}>", wire::SESSION_PREFIX),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
     Ok(Inputs {
         accounts,
+        sessions,
         beats: client
             .subscribe(format!("{}*", wire::PRESENCE_PREFIX))
             .await?,
@@ -290,6 +304,7 @@ pub(super) async fn run(
             Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),
             Some(m) = inputs.topics.next() => receive_topic(&hub, &mine, m).await,
             Some(m) = inputs.accounts.next() => receive_account(&hub, m).await,
+            Some(m) = inputs.sessions.next() => receive_session(&hub, m).await,
             Some(d) = recv(&mut directs_out) => mine.send_direct(d).await,
             Some(t) = recv(&mut topics_out) => mine.send_topic(t).await,
         }
@@ -361,6 +376,27 @@ async fn receive_account(
             }
         }
         Err(e) => tracing::warn!("broker: account entry skipped: {e}"),
+    }
+}
+
+/// An entry of the sessions stream: a page session another hub issued
+/// (stored here) or a logout (forgotten here); malformed ones are skipped
+/// with a warning.
+async fn receive_session(
+    hub: &Hub,
+    m: Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
+) {
+    let m = match m {
+        Ok(m) => m,
+        Err(e) => return tracing::warn!("broker: reading the sessions: {e}"),
+    };
+    match wire::decode_session(m.subject.as_str(), &m.payload) {
+        Ok(record) => {
+            if let Err(e) = hub.apply_remote_session(record).await {
+                tracing::warn!("broker: session skipped: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("broker: session entry skipped: {e}"),
     }
 }
 

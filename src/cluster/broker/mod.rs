@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::chat::accounts::AccountRecord;
+use crate::chat::accounts::{AccountRecord, SessionRecord};
 use crate::chat::hub::{AccountLog, ClaimError};
 use crate::chat::{Hub, LoggedPost, RoomLog};
 
@@ -349,6 +349,49 @@ impl AccountLog for Arc<Broker> {
     fn claim(&self, record: AccountRecord) -> BoxFuture<'static, Result<(), ClaimError>> {
         Box::pin(self.clone().claim_account(record))
     }
+
+    fn share_session(&self, record: SessionRecord) {
+        let js = self.js.clone();
+        let revoked = record.revoked;
+        let (subject, payload) = (
+            wire::session_subject(&record.selector),
+            wire::session(&record),
+        );
+        tokio::spawn(async move {
+            let stored = match js.publish(subject, payload).await {
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
+                let what = if revoked { "logout" } else { "session" };
+                tracing::warn!(
+                    "broker: {what} not shared with the other hubs (it holds on this one): {e}"
+                );
+            }
+        });
+    }
+}
+
+/// Makes sure the stream of page sessions exists: entries kept one per
+/// selector and no longer than a session lasts (`ttl`, and a day).
+async fn sessions_stream(broker: &Broker, ttl: Duration, replicas: u8) -> anyhow::Result<()> {
+    let config = stream::Config {
+        name: wire::SESSIONS_STREAM.to_string(),
+        subjects: vec![format!("{}>", wire::SESSION_PREFIX)],
+        storage: stream::StorageType::File,
+        max_messages_per_subject: 1,
+        max_age: ttl.saturating_add(Duration::from_secs(24 * 3600)),
+        num_replicas: usize::from(replicas.max(1)),
+        ..Default::default()
+    };
+    broker.js.get_or_create_stream(config).await.map_err(|e| {
+        anyhow::anyhow!(
+            "--broker: cannot open the JetStream stream {} at {}: {e}",
+            wire::SESSIONS_STREAM,
+            broker.servers
+        )
+    })?;
+    Ok(())
 }
 
 /// Claims, in the accounts stream, the accounts this hub registered before
@@ -416,6 +459,7 @@ pub async fn start(
     let broker =
         Arc::new(Broker::connect(servers, args.broker_max_per_room, args.broker_replicas).await?);
     check_store(&broker, hub).await?;
+    sessions_stream(&broker, hub.session_ttl(), args.broker_replicas).await?;
     hub.set_room_log(Arc::new(broker.clone()));
     hub.set_account_log(Arc::new(broker.clone()));
     let inputs = events::subscribe(&broker.client, &broker.js, broker.node()).await?;

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::accounts::AccountRecord;
+use crate::chat::accounts::{AccountRecord, SessionRecord};
 use crate::chat::hub::plausible_file;
 use crate::chat::protocol::{valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
@@ -61,6 +61,35 @@ pub fn decode_account(subject: &str, payload: &[u8]) -> Result<AccountRecord, Ba
     let record: AccountRecord = serde_json::from_slice(payload)?;
     record.check().map_err(|_| BadEntry::Content)?;
     if subject != account_subject(&record.nick) {
+        return Err(BadEntry::Subject(subject.chars().take(80).collect()));
+    }
+    Ok(record)
+}
+
+/// Page sessions: `netkit.session.<selector>`, kept in their own stream
+/// ([`SESSIONS_STREAM`]), the newest entry of each (a logout replaces it).
+pub const SESSION_PREFIX: &str = "netkit.session.";
+
+/// The stream of page sessions.
+pub const SESSIONS_STREAM: &str = "NETKIT_SESSIONS";
+
+/// The subject of the session whose selector is `selector` (base64url: one
+/// subject token).
+pub fn session_subject(selector: &str) -> String {
+    format!("{SESSION_PREFIX}{selector}")
+}
+
+/// The payload of a shared session.
+pub fn session(record: &SessionRecord) -> Bytes {
+    json(record)
+}
+
+/// Reads a session shared on `subject`: refused unless well formed and
+/// published under its own selector.
+pub fn decode_session(subject: &str, payload: &[u8]) -> Result<SessionRecord, BadEntry> {
+    let record: SessionRecord = serde_json::from_slice(payload)?;
+    record.check().map_err(|_| BadEntry::Content)?;
+    if subject != session_subject(&record.selector) {
         return Err(BadEntry::Subject(subject.chars().take(80).collect()));
     }
     Ok(record)
