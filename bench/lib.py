@@ -115,6 +115,25 @@ def write_calls(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("syscw:"))
 
 
+def context_switches(pid):
+    """Context switches (voluntary and not) of all of `pid`'s threads so far
+    (threads that already ended are not counted)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                n += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except OSError:
+            pass
+    return n
+
+
+def read_calls(pid):
+    """Read system calls `pid` has made so far (`syscr` in /proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("syscr:"))
+
+
 def raise_fd_limit():
     """Many clients need many descriptors: lift the soft limit to the hard one."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
