@@ -288,13 +288,7 @@ impl Accounts {
             .query_row(
                 "SELECT nick, password, created_ms FROM accounts WHERE key = ?1",
                 params![name_key(nick)],
-                |r| {
-                    Ok(AccountRecord {
-                        nick: r.get(0)?,
-                        password: r.get(1)?,
-                        created_ms: r.get(2)?,
-                    })
-                },
+                account_row,
             )
             .optional()
             .map_err(|e| self.err(e).into())
@@ -306,15 +300,7 @@ impl Accounts {
         let mut stmt = conn
             .prepare("SELECT nick, password, created_ms FROM accounts ORDER BY created_ms, key")
             .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(AccountRecord {
-                    nick: r.get(0)?,
-                    password: r.get(1)?,
-                    created_ms: r.get(2)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], account_row).map_err(|e| self.err(e))?;
         Ok(rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?)
     }
 
@@ -450,6 +436,15 @@ impl Accounts {
             .map_err(|e| self.err(e))?;
         Ok(())
     }
+}
+
+/// An account from a row of `nick, password, created_ms`.
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRecord> {
+    Ok(AccountRecord {
+        nick: r.get(0)?,
+        password: r.get(1)?,
+        created_ms: r.get(2)?,
+    })
 }
 
 /// Refuses a password shorter than [`MIN_PASSWORD`] or longer than [`MAX_PASSWORD`] bytes.

@@ -202,43 +202,9 @@ pub(super) async fn subscribe(
     js: &async_nats::jetstream::Context,
     node: &str,
 ) -> anyhow::Result<Inputs> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
-    let topics = js
-        .get_stream(wire::TOPICS_STREAM)
-        .await?
-        .create_consumer(OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            filter_subject: format!("{}>", wire::TOPIC_PREFIX),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    let accounts = js
-        .get_stream(wire::ACCOUNTS_STREAM)
-        .await?
-        .create_consumer(OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            deliver_policy: DeliverPolicy::All,
-            filter_subject: format!("{}>", wire::ACCOUNT_PREFIX),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    let sessions = js
-        .get_stream(wire::SESSIONS_STREAM)
-        .await?
-        .create_consumer(OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            filter_subject: format!("{}>", wire::SESSION_PREFIX),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
+    let topics = keyed_reader(client, js, wire::TOPICS_STREAM, wire::TOPIC_PREFIX).await?;
+    let accounts = keyed_reader(client, js, wire::ACCOUNTS_STREAM, wire::ACCOUNT_PREFIX).await?;
+    let sessions = keyed_reader(client, js, wire::SESSIONS_STREAM, wire::SESSION_PREFIX).await?;
     Ok(Inputs {
         accounts,
         sessions,
@@ -250,6 +216,29 @@ pub(super) async fn subscribe(
             .await?,
         topics,
     })
+}
+
+/// An ordered consumer of the stream `name`, which keeps one entry per
+/// subject under `prefix`: each subject's newest entry, then what follows.
+async fn keyed_reader(
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    prefix: &str,
+) -> anyhow::Result<async_nats::jetstream::consumer::push::Ordered> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+    Ok(js
+        .get_stream(name)
+        .await?
+        .create_consumer(OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            filter_subject: format!("{prefix}>"),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?)
 }
 
 /// Carries presence, direct messages and topics between `hub` and the
@@ -303,8 +292,10 @@ pub(super) async fn run(
             },
             Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),
             Some(m) = inputs.topics.next() => receive_topic(&hub, &mine, m).await,
-            Some(m) = inputs.accounts.next() => receive_account(&hub, m).await,
-            Some(m) = inputs.sessions.next() => receive_session(&hub, m).await,
+            Some(m) = inputs.accounts.next() => receive_keyed("account", m, wire::decode_account,
+                |r| async { hub.apply_remote_account(r).await.map(drop) }).await,
+            Some(m) = inputs.sessions.next() => receive_keyed("session", m, wire::decode_session,
+                |r| hub.apply_remote_session(r)).await,
             Some(d) = recv(&mut directs_out) => mine.send_direct(d).await,
             Some(t) = recv(&mut topics_out) => mine.send_topic(t).await,
         }
@@ -335,11 +326,7 @@ async fn recv<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
 /// two hubs set one at once, the hub whose entry came first takes the other
 /// one, and the other hub, having applied the first, takes its own back
 /// when it reads it.
-async fn receive_topic(
-    hub: &Hub,
-    mine: &Mine,
-    m: Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
-) {
+async fn receive_topic(hub: &Hub, mine: &Mine, m: Entry) {
     let m = match m {
         Ok(m) => m,
         // The ordered consumer makes itself again after a gap or a lost
@@ -359,44 +346,36 @@ async fn receive_topic(
     }
 }
 
-/// An entry of the accounts stream: stored here (so its owner logs in on
-/// this hub too) unless malformed, which is skipped with a warning.
-async fn receive_account(
-    hub: &Hub,
-    m: Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
-) {
-    let m = match m {
-        Ok(m) => m,
-        Err(e) => return tracing::warn!("broker: reading the accounts: {e}"),
-    };
-    match wire::decode_account(m.subject.as_str(), &m.payload) {
-        Ok(record) => {
-            if let Err(e) = hub.apply_remote_account(record).await {
-                tracing::warn!("broker: account skipped: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("broker: account entry skipped: {e}"),
-    }
-}
+/// An entry of a keyed stream read by an ordered consumer.
+type Entry =
+    Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>;
 
-/// An entry of the sessions stream: a page session another hub issued
-/// (stored here) or a logout (forgotten here); malformed ones are skipped
-/// with a warning.
-async fn receive_session(
-    hub: &Hub,
-    m: Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
-) {
+/// An entry of the accounts stream (`what` "account") or the sessions
+/// stream ("session"): read with `decode`, then given to the hub with
+/// `apply`; a malformed entry, or one the hub refuses, is skipped with a
+/// warning.
+async fn receive_keyed<T, F, Fut>(
+    what: &str,
+    m: Entry,
+    decode: fn(&str, &[u8]) -> Result<T, wire::BadEntry>,
+    apply: F,
+) where
+    F: FnOnce(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::chat::hub::HubError>>,
+{
     let m = match m {
         Ok(m) => m,
-        Err(e) => return tracing::warn!("broker: reading the sessions: {e}"),
+        // The ordered consumer makes itself again after a gap or a lost
+        // connection, from where it was.
+        Err(e) => return tracing::warn!("broker: reading the {what}s: {e}"),
     };
-    match wire::decode_session(m.subject.as_str(), &m.payload) {
-        Ok(record) => {
-            if let Err(e) = hub.apply_remote_session(record).await {
-                tracing::warn!("broker: session skipped: {e}");
+    match decode(m.subject.as_str(), &m.payload) {
+        Ok(entry) => {
+            if let Err(e) = apply(entry).await {
+                tracing::warn!("broker: {what} skipped: {e}");
             }
         }
-        Err(e) => tracing::warn!("broker: session entry skipped: {e}"),
+        Err(e) => tracing::warn!("broker: {what} entry skipped: {e}"),
     }
 }
 

@@ -60,9 +60,7 @@ pub fn account(record: &AccountRecord) -> Bytes {
 pub fn decode_account(subject: &str, payload: &[u8]) -> Result<AccountRecord, BadEntry> {
     let record: AccountRecord = serde_json::from_slice(payload)?;
     record.check().map_err(|_| BadEntry::Content)?;
-    if subject != account_subject(&record.nick) {
-        return Err(BadEntry::Subject(subject.chars().take(80).collect()));
-    }
+    own_subject(subject, &account_subject(&record.nick))?;
     Ok(record)
 }
 
@@ -89,10 +87,16 @@ pub fn session(record: &SessionRecord) -> Bytes {
 pub fn decode_session(subject: &str, payload: &[u8]) -> Result<SessionRecord, BadEntry> {
     let record: SessionRecord = serde_json::from_slice(payload)?;
     record.check().map_err(|_| BadEntry::Content)?;
-    if subject != session_subject(&record.selector) {
+    own_subject(subject, &session_subject(&record.selector))?;
+    Ok(record)
+}
+
+/// Refuses an entry published on `subject` that belongs on `own`.
+fn own_subject(subject: &str, own: &str) -> Result<(), BadEntry> {
+    if subject != own {
         return Err(BadEntry::Subject(subject.chars().take(80).collect()));
     }
-    Ok(record)
+    Ok(())
 }
 
 /// Longest hub name on the wire.
