@@ -390,7 +390,12 @@ async fn session_entries_that_are_not_a_hubs_are_skipped() {
     let js = async_nats::jetstream::new(client);
     let sel = "AAAAAAAAAAAAAAAA";
     let v32 = "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU"; // 32 bytes, base64url
-    let far = 4_000_000_000_000i64;
+    // A day ahead: within bounds, so each entry below fails for its own flaw.
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 86_400_000;
     let bad: Vec<(String, String)> = vec![
         (sel.into(), "not json".into()),
         // Under another selector's subject.
@@ -400,7 +405,7 @@ async fn session_entries_that_are_not_a_hubs_are_skipped() {
                 r#"{{"selector":"{sel}","account":"alice","verifier":"{v32}","expires_ms":{far}}}"#
             ),
         ),
-        // A short verifier, an empty account, a year and more ahead.
+        // A short verifier, an empty account, 400 days ahead.
         (
             "CCCCCCCCCCCCCCCC".into(),
             format!(
@@ -416,7 +421,8 @@ async fn session_entries_that_are_not_a_hubs_are_skipped() {
         (
             "EEEEEEEEEEEEEEEE".into(),
             format!(
-                r#"{{"selector":"EEEEEEEEEEEEEEEE","account":"alice","verifier":"{v32}","expires_ms":99999999999999}}"#
+                r#"{{"selector":"EEEEEEEEEEEEEEEE","account":"alice","verifier":"{v32}","expires_ms":{}}}"#,
+                far + 400 * 86_400_000
             ),
         ),
     ];
