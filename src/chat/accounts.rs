@@ -113,6 +113,21 @@ impl SessionRecord {
     }
 }
 
+impl SessionRecord {
+    /// The logout of session `token` as other hubs read it, if the token
+    /// has a selector a hub makes.
+    pub fn revocation(token: &str) -> Option<SessionRecord> {
+        let selector = token.split_once('.').map_or(token, |(s, _)| s);
+        valid_selector(selector).then(|| SessionRecord {
+            selector: selector.to_string(),
+            account: String::new(),
+            verifier: String::new(),
+            expires_ms: 0,
+            revoked: true,
+        })
+    }
+}
+
 /// Whether `selector` is one [`Accounts::issue_session`] makes.
 pub fn valid_selector(selector: &str) -> bool {
     selector.len() == SELECTOR_LEN
@@ -340,18 +355,8 @@ impl Accounts {
 
     /// Issues a session token for the account of `nick`: `SELECTOR.SECRET`,
     /// of which only the SHA-256 of the secret is stored. Returns the token
-    /// and when it expires (ms since the epoch).
-    pub fn issue_session(&self, nick: &str) -> Result<(String, i64), AccountError> {
-        self.issue_shared_session(nick)
-            .map(|(token, record)| (token, record.expires_ms))
-    }
-
-    /// As [`Accounts::issue_session`], with the session as other hubs
-    /// store it.
-    pub fn issue_shared_session(
-        &self,
-        nick: &str,
-    ) -> Result<(String, SessionRecord), AccountError> {
+    /// and the session as other hubs store it (with when it expires).
+    pub fn issue_session(&self, nick: &str) -> Result<(String, SessionRecord), AccountError> {
         let mut selector = [0u8; 12];
         let mut secret = [0u8; 32];
         OsRng.fill_bytes(&mut selector);
@@ -490,7 +495,8 @@ mod tests {
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(!phc.contains("correct horse"));
 
-        let (token, expires) = acc.issue_session("alice").unwrap();
+        let (token, session) = acc.issue_session("alice").unwrap();
+        let expires = session.expires_ms;
         assert!(expires > now_ms());
         assert_eq!(acc.check_session(&token).unwrap(), "Alice");
         let (sel, _) = token.split_once('.').unwrap();

@@ -60,15 +60,8 @@ impl Session {
             )),
             ClientMsg::Logout { session } => {
                 let accounts = self.accounts()?;
-                let selector = session.split_once('.').map_or(session.as_str(), |(s, _)| s);
-                if crate::chat::accounts::valid_selector(selector) {
-                    self.hub.share_session(SessionRecord {
-                        selector: selector.to_string(),
-                        account: String::new(),
-                        verifier: String::new(),
-                        expires_ms: 0,
-                        revoked: true,
-                    });
+                if let Some(logout) = SessionRecord::revocation(&session) {
+                    self.hub.share_session(logout);
                 }
                 blocking(move || accounts.revoke_session(&session)).await?;
                 self.tell(ServerMsg::Info {
@@ -114,7 +107,7 @@ impl Session {
             None => {
                 blocking(move || {
                     accounts.register(&n, &password)?;
-                    accounts.issue_shared_session(&n)
+                    accounts.issue_session(&n)
                 })
                 .await?
             }
@@ -143,17 +136,15 @@ impl Session {
                     {
                         return Err(AccountError::Exists(record.nick));
                     }
-                    accounts.issue_shared_session(&record.nick)
+                    accounts.issue_session(&record.nick)
                 })
                 .await?
             }
         };
         drop(slot);
-        let expires = session.expires_ms;
-        self.hub.share_session(session);
         self.hub.registered_now(key);
         metrics::counter!("netkit_chat_registrations_total").increment(1);
-        self.logged_in_as(&nick, Via::Password, Some((token, expires)));
+        self.logged_in_with_session(&nick, token, session);
         Ok(())
     }
 
@@ -170,7 +161,7 @@ impl Session {
         let n = nick.to_string();
         let outcome = blocking(move || {
             let nick = accounts.verify(&n, &password)?;
-            let session = accounts.issue_shared_session(&nick)?;
+            let session = accounts.issue_session(&nick)?;
             Ok((nick, session))
         })
         .await;
@@ -178,9 +169,7 @@ impl Session {
         match outcome {
             Ok((nick, (token, session))) => {
                 shared.limiter.succeeded(&key, self.ident.peer);
-                let expires = session.expires_ms;
-                self.hub.share_session(session);
-                self.logged_in_as(&nick, Via::Password, Some((token, expires)));
+                self.logged_in_with_session(&nick, token, session);
                 Ok(())
             }
             Err(HubError::LoginFailed) => {
@@ -191,6 +180,14 @@ impl Session {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A password login (or registration) as `nick` went through: the
+    /// other hubs are given its session, and the client its token.
+    fn logged_in_with_session(&mut self, nick: &str, token: String, session: SessionRecord) {
+        let expires = session.expires_ms;
+        self.hub.share_session(session);
+        self.logged_in_as(nick, Via::Password, Some((token, expires)));
     }
 
     /// Logs in with a session token from an earlier login.

@@ -4,15 +4,12 @@
 //! (docs/cluster.md, "Accounts"). The hubs read both in `events`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use futures_util::future::BoxFuture;
 
-use super::{Broker, keyed_stream, wire};
+use super::{Broker, Refused, keyed_stream, wire};
 use crate::chat::Hub;
-use crate::chat::RoomLog;
 use crate::chat::accounts::{AccountRecord, SessionRecord};
 use crate::chat::hub::{AccountLog, ClaimError};
 
@@ -22,37 +19,12 @@ impl Broker {
     /// hubs registering one nick at once the engine takes exactly one. A
     /// lost acknowledgement is retried once with the same message id.
     async fn claim_account(self: Arc<Self>, record: AccountRecord) -> Result<(), ClaimError> {
-        self.health().map_err(ClaimError::Unavailable)?;
-        let subject = wire::account_subject(&record.nick);
-        let payload = wire::account(&record);
-        let id = format!(
-            "{:016x}-{}",
-            self.tag,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut last = String::new();
-        for _ in 0..2 {
-            let msg = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(&id)
-                .expected_last_subject_sequence(0);
-            let acked = match self.js.send_publish(subject.clone(), msg).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            match acked {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                    return Err(ClaimError::Taken);
-                }
-                Err(e) => last = e.to_string(),
-            }
-            self.health().map_err(ClaimError::Unavailable)?;
+        let (subject, payload) = (wire::account_subject(&record.nick), wire::account(&record));
+        match self.publish_retried(subject, payload, true).await {
+            Ok(_) => Ok(()),
+            Err(Refused::NotFirst) => Err(ClaimError::Taken),
+            Err(Refused::Unavailable(why)) => Err(ClaimError::Unavailable(why)),
         }
-        Err(ClaimError::Unavailable(format!(
-            "no acknowledgement from {}: {last}",
-            self.servers
-        )))
     }
 }
 

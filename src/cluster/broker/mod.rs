@@ -289,34 +289,98 @@ impl Broker {
         payload: bytes::Bytes,
         id: &str,
     ) -> anyhow::Result<u64> {
-        let msg = jetstream::message::PublishMessage::build()
+        Ok(self.publish_with(subject, payload, id, false).await?)
+    }
+
+    /// As [`Broker::publish`]; with `first_on_subject`, stored only if the
+    /// subject holds no entry yet (expected last subject sequence 0).
+    async fn publish_with(
+        &self,
+        subject: String,
+        payload: bytes::Bytes,
+        id: &str,
+        first_on_subject: bool,
+    ) -> Result<u64, jetstream::context::PublishError> {
+        let mut msg = jetstream::message::PublishMessage::build()
             .payload(payload)
             .message_id(id);
+        if first_on_subject {
+            msg = msg.expected_last_subject_sequence(0);
+        }
         let ack = self.js.send_publish(subject, msg).await?.await?;
         Ok(ack.sequence)
     }
 
-    /// Appends `post`, failing at once when not connected (nothing is
-    /// queued for later) and retrying a lost acknowledgement once with the
-    /// same message id, which the stream stores only once.
-    async fn append_post(self: Arc<Self>, post: LoggedPost) -> Result<u64, String> {
-        self.health()?;
+    /// `Ok` while sends can go out: connected, and the stream is the one
+    /// this hub's store follows; else why not.
+    fn usable(&self) -> Result<(), String> {
+        if let Some(why) = &*self.replaced.borrow() {
+            return Err(why.clone());
+        }
+        if *self.connected.borrow() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not connected to the NATS server at {}",
+                self.servers
+            ))
+        }
+    }
+
+    /// Publishes as [`Broker::publish_with`] under a fresh message id,
+    /// failing at once when not connected (nothing is queued for later)
+    /// and retrying a lost acknowledgement once with the same id, which
+    /// the stream stores only once.
+    pub(super) async fn publish_retried(
+        &self,
+        subject: String,
+        payload: bytes::Bytes,
+        first_on_subject: bool,
+    ) -> Result<u64, Refused> {
+        self.usable().map_err(Refused::Unavailable)?;
         let id = format!(
             "{:016x}-{}",
             self.tag,
             self.next.fetch_add(1, Ordering::Relaxed)
         );
-        let (subject, payload) = (wire::subject(&post.room), wire::encode(&post));
         let mut last = String::new();
         for _ in 0..2 {
-            match self.publish(subject.clone(), payload.clone(), &id).await {
+            match self
+                .publish_with(subject.clone(), payload.clone(), &id, first_on_subject)
+                .await
+            {
                 Ok(seq) => return Ok(seq),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    return Err(Refused::NotFirst);
+                }
                 Err(e) => last = e.to_string(),
             }
-            self.health()?;
+            self.usable().map_err(Refused::Unavailable)?;
         }
-        Err(format!("no acknowledgement from {}: {last}", self.servers))
+        Err(Refused::Unavailable(format!(
+            "no acknowledgement from {}: {last}",
+            self.servers
+        )))
     }
+
+    /// Appends `post` (see [`Broker::publish_retried`]).
+    async fn append_post(self: Arc<Self>, post: LoggedPost) -> Result<u64, String> {
+        let (subject, payload) = (wire::subject(&post.room), wire::encode(&post));
+        self.publish_retried(subject, payload, false)
+            .await
+            .map_err(|r| match r {
+                Refused::Unavailable(why) => why,
+                Refused::NotFirst => "refused by the stream".into(),
+            })
+    }
+}
+
+/// Why [`Broker::publish_retried`] stored nothing.
+pub(super) enum Refused {
+    /// Not connected, or no acknowledgement: why.
+    Unavailable(String),
+    /// The subject holds an entry already (asked to be the first).
+    NotFirst,
 }
 
 impl RoomLog for Arc<Broker> {
@@ -329,17 +393,7 @@ impl RoomLog for Arc<Broker> {
     }
 
     fn health(&self) -> Result<(), String> {
-        if let Some(why) = &*self.replaced.borrow() {
-            return Err(why.clone());
-        }
-        if *self.connected.borrow() {
-            Ok(())
-        } else {
-            Err(format!(
-                "not connected to the NATS server at {}",
-                self.servers
-            ))
-        }
+        self.usable()
     }
 }
 
