@@ -9,10 +9,9 @@ use std::time::Duration;
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-        return Err(format!("'{s}' is not a valid duration"));
+        // Refuses negative, NaN, infinite, and more seconds than a Duration holds.
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("'{s}' is not a valid duration"));
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("'{s}' is not a valid duration ({e}); try 500ms, 5s or 2m"))
@@ -140,6 +139,12 @@ mod tests {
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1").is_err());
+        // More seconds than a Duration holds: an error, not a panic (a
+        // line-chat `/ban NICK 66666666666666666666666` reached this).
+        assert!(parse_duration("66666666666666666666666").is_err());
+        assert!(parse_duration("1e300").is_err());
+        assert!(parse_duration("NaN").is_err());
+        assert!(parse_duration("inf").is_err());
     }
 
     #[test]
