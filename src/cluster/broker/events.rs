@@ -66,6 +66,11 @@ struct Mine {
     /// Where this hub's doors listen, sent with every beat.
     meta: NodeMeta,
     snap: Snapshot,
+    /// The beat of `snap`, encoded once per version (an unchanged hub
+    /// repeats it every [`HEARTBEAT`]).
+    payload: Option<(String, bytes::Bytes)>,
+    /// Whether the hub's presence may have changed since `snap` was taken.
+    dirty: bool,
     last_beat: Option<Instant>,
     /// When to beat for a change (at most one beat per [`MIN_BEAT_INTERVAL`]).
     due: Option<Instant>,
@@ -74,9 +79,12 @@ struct Mine {
 impl Mine {
     /// Publishes the hub's presence (a new version if it changed).
     async fn beat(&mut self, hub: &Hub) {
-        let now = Snapshot::of(self.snap.version + 1, hub.local_presence());
-        if !now.same_users(&self.snap) {
-            self.snap = now;
+        if std::mem::take(&mut self.dirty) {
+            let now = Snapshot::of(self.snap.version + 1, hub.local_presence());
+            if !now.same_users(&self.snap) {
+                self.snap = now;
+                self.payload = None;
+            }
         }
         self.due = None;
         self.last_beat = Some(Instant::now());
@@ -85,6 +93,7 @@ impl Mine {
 
     /// The hub's presence changed: beat soon.
     fn schedule(&mut self) {
+        self.dirty = true;
         if self.due.is_none() {
             let now = Instant::now();
             let earliest = self
@@ -94,12 +103,11 @@ impl Mine {
         }
     }
 
-    async fn publish(&self) {
-        let beat = wire::Beat {
-            snapshot: self.snap.clone(),
-            meta: self.meta.clone(),
-        };
-        let (subject, payload) = wire::beat(&self.node, &beat);
+    async fn publish(&mut self) {
+        let (subject, payload) = self
+            .payload
+            .get_or_insert_with(|| wire::beat(&self.node, &self.snap, &self.meta))
+            .clone();
         if let Err(e) = self.client.publish(subject, payload).await {
             tracing::debug!("broker: presence beat not sent: {e}");
         }
@@ -111,6 +119,7 @@ impl Mine {
             version: self.snap.version + 1,
             users: Vec::new(),
         };
+        self.payload = None;
         self.publish().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
     }
@@ -151,9 +160,37 @@ impl Mine {
 }
 
 impl Others {
-    /// A beat from `node`: its presence is replaced by its snapshot.
-    fn heard(&mut self, hub: &Hub, node: String, beat: wire::Beat) {
+    /// A beat on `subject`: a beat from another hub replaces its presence
+    /// by its snapshot. A beat that repeats the version already applied (a
+    /// hub with no change beats every [`HEARTBEAT`]) is only a sign of life:
+    /// its users are skipped unread.
+    fn heard(&mut self, hub: &Hub, me: &str, subject: &str, payload: &[u8]) {
+        let (node, version) = match wire::beat_version(subject, payload) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("broker: presence beat skipped: {e}");
+                return;
+            }
+        };
+        if node == me {
+            return;
+        }
         let life = self.lives.get(&node).copied().unwrap_or(1);
+        let applied = self
+            .table
+            .version_of(&node)
+            .is_some_and(|held| held >= (life, version));
+        if applied && self.view.touch(&node) {
+            self.heard.insert(node, Instant::now());
+            return;
+        }
+        let beat = match wire::decode_beat(subject, payload) {
+            Ok((_, beat)) => beat,
+            Err(e) => {
+                tracing::warn!(node = %node, "broker: presence beat skipped: {e}");
+                return;
+            }
+        };
         match self.table.apply(node.clone(), &node, life, beat.snapshot) {
             Ok(changes) => self.apply(hub, changes),
             Err(Rejected::Stale) => {}
@@ -267,6 +304,8 @@ pub(super) async fn run(
             version: 0,
             users: Vec::new(),
         },
+        payload: None,
+        dirty: true,
         last_beat: None,
         due: None,
     };
@@ -285,11 +324,7 @@ pub(super) async fn run(
             Ok(()) = changes.changed() => mine.schedule(),
             _ = sleep_until(mine.due) => mine.beat(&hub).await,
             _ = check.tick() => others.expire(&hub),
-            Some(m) = inputs.beats.next() => match wire::decode_beat(m.subject.as_str(), &m.payload) {
-                Ok((from, _)) if from == mine.node => {}
-                Ok((from, beat)) => others.heard(&hub, from, beat),
-                Err(e) => tracing::warn!("broker: presence beat skipped: {e}"),
-            },
+            Some(m) = inputs.beats.next() => others.heard(&hub, &mine.node, m.subject.as_str(), &m.payload),
             Some(m) = inputs.directs.next() => receive_direct(&hub, &m.payload),
             Some(m) = inputs.topics.next() => receive_topic(&hub, &mine, m).await,
             Some(m) = inputs.accounts.next() => receive_keyed("account", m, wire::decode_account,

@@ -55,6 +55,18 @@ impl HubsView {
         self.lock().insert(node.to_string(), seen);
     }
 
+    /// Hub `node` was heard now, saying nothing new; false if it is not
+    /// shown (then [`HubsView::heard`] must say what it is).
+    pub fn touch(&self, node: &str) -> bool {
+        match self.lock().get_mut(node) {
+            Some(seen) => {
+                seen.heard = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Hub `node` is taken as down: it is no longer shown.
     pub fn gone(&self, node: &str) {
         self.lock().remove(node);

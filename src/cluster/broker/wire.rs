@@ -3,6 +3,8 @@
 //! (`netkit.topic.<room>`), and on plain subjects presence beats and direct
 //! messages; all JSON, and anything else found there is refused here.
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +13,7 @@ use crate::chat::hub::plausible_file;
 use crate::chat::protocol::{valid_nick, valid_room};
 use crate::chat::{LoggedPost, hub::TopicChange};
 use crate::cluster::NodeMeta;
-use crate::cluster::relay::presence::Snapshot;
+use crate::cluster::relay::presence::{Snapshot, SnapshotUser};
 
 /// Presence beats: `netkit.presence.<node>`, a snapshot of the node's users.
 pub const PRESENCE_PREFIX: &str = "netkit.presence.";
@@ -175,20 +177,71 @@ fn node_of<'a>(subject: &'a str, prefix: &str) -> Result<&'a str, BadEntry> {
 }
 
 /// A presence beat: the hub's snapshot and where its doors listen (for
-/// `/api/cluster`), one JSON object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `/api/cluster`), one JSON object: `{"version", "users", "http", "chat"}`.
+/// Read and written through [`BeatWire`] and [`BeatOut`], not with
+/// `#[serde(flatten)]`, which buffers the whole object (every user) before
+/// reading it: a beat repeats hundreds of users every second.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "BeatWire")]
 pub struct Beat {
     /// The hub's users.
-    #[serde(flatten)]
     pub snapshot: Snapshot,
     /// The hub's HTTP and line-chat addresses (absent fields: none).
-    #[serde(flatten)]
     pub meta: NodeMeta,
 }
 
-/// The subject and payload of `node`'s presence beat.
-pub fn beat(node: &str, beat: &Beat) -> (String, Bytes) {
-    (format!("{PRESENCE_PREFIX}{node}"), json(beat))
+/// A beat as read off the wire.
+#[derive(Deserialize)]
+struct BeatWire {
+    version: u64,
+    users: Vec<SnapshotUser>,
+    #[serde(default)]
+    http: Option<SocketAddr>,
+    #[serde(default)]
+    chat: Option<SocketAddr>,
+}
+
+impl From<BeatWire> for Beat {
+    fn from(w: BeatWire) -> Beat {
+        Beat {
+            snapshot: Snapshot {
+                version: w.version,
+                users: w.users,
+            },
+            meta: NodeMeta {
+                http: w.http,
+                chat: w.chat,
+            },
+        }
+    }
+}
+
+/// A beat as written, borrowing what it sends.
+#[derive(Serialize)]
+struct BeatOut<'a> {
+    version: u64,
+    users: &'a [SnapshotUser],
+    http: Option<SocketAddr>,
+    chat: Option<SocketAddr>,
+}
+
+/// What a beat says before its users: its version. Reading it skips the
+/// users without keeping them, so a beat that repeats a version already
+/// applied costs a scan, not a decode.
+#[derive(Deserialize)]
+struct BeatHead {
+    version: u64,
+}
+
+/// The subject and payload of `node`'s presence beat of `snapshot`.
+pub fn beat(node: &str, snapshot: &Snapshot, meta: &NodeMeta) -> (String, Bytes) {
+    let out = BeatOut {
+        version: snapshot.version,
+        users: &snapshot.users,
+        http: meta.http,
+        chat: meta.chat,
+    };
+    (format!("{PRESENCE_PREFIX}{node}"), json(&out))
 }
 
 /// Reads a presence beat: the node it is from and its beat. Its snapshot's
@@ -198,6 +251,14 @@ pub fn decode_beat(subject: &str, payload: &[u8]) -> Result<(String, Beat), BadE
     let node = node_of(subject, PRESENCE_PREFIX)?;
     let beat: Beat = serde_json::from_slice(payload)?;
     Ok((node.to_string(), beat))
+}
+
+/// Reads only the node a beat is from and its version (the payload must
+/// still be one well-formed JSON object with a version).
+pub fn beat_version(subject: &str, payload: &[u8]) -> Result<(String, u64), BadEntry> {
+    let node = node_of(subject, PRESENCE_PREFIX)?;
+    let head: BeatHead = serde_json::from_slice(payload)?;
+    Ok((node.to_string(), head.version))
 }
 
 /// A direct message from a user of one hub to a user of another.
@@ -365,10 +426,19 @@ mod tests {
                 chat: None,
             },
         };
-        let (subject, payload) = beat("hub-1", &b);
+        let (subject, payload) = beat("hub-1", &b.snapshot, &b.meta);
         assert_eq!(
             decode_beat(&subject, &payload).unwrap(),
             ("hub-1".into(), b.clone())
+        );
+        assert_eq!(
+            beat_version(&subject, &payload).unwrap(),
+            ("hub-1".into(), 3)
+        );
+        // The format is the one written before BeatOut (flattened fields).
+        assert_eq!(
+            std::str::from_utf8(&payload).unwrap(),
+            r#"{"version":3,"users":[{"id":1,"nick":"ann","rooms":["lobby"]}],"http":"127.0.0.1:8080","chat":null}"#
         );
         // A beat without addresses is one with none.
         let bare = serde_json::to_vec(&snap).unwrap();
@@ -378,6 +448,9 @@ mod tests {
         );
         assert!(decode_beat("netkit.presence.Hub 1", &payload).is_err());
         assert!(decode_beat(&subject, b"{}").is_err());
+        assert!(beat_version(&subject, b"{}").is_err());
+        assert!(beat_version(&subject, br#"{"version":3,"users":[{"id":1"#).is_err());
+        assert!(beat_version("netkit.presence.Hub 1", &payload).is_err());
         let d = Direct {
             from_node: "hub-1".into(),
             from: "ann".into(),
