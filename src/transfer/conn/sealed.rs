@@ -185,19 +185,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         pos: u64,
         len: usize,
     ) -> Result<(), TransferError> {
-        use std::os::unix::fs::FileExt;
         let io = self.sealed.as_mut().expect("sealed connection");
         io.out.clear();
         let start = Sealer::begin(&mut io.out, HEADER_LEN + len);
         io.out.put_slice(&proto::data_header(len));
-        let at = io.out.len();
-        io.out.resize(at + len, 0);
-        if let Err(e) = file.read_exact_at(&mut io.out[at..], pos) {
-            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                std::io::Error::new(e.kind(), "the file shrank while it was being sent")
-            } else {
-                e
-            };
+        if let Err(e) = read_exact_at_into(file, pos, len, &mut io.out) {
             return Err(TransferError::io("reading the source", e));
         }
         io.sealer.seal_in_place(&mut io.out, start, false)?;
@@ -209,6 +201,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// Appends exactly `len` bytes of `file` at `pos` to `buf`, read straight
+/// into its spare capacity: no zeroing of the room first, which was a
+/// memset of every byte sent, about a sixth of what sealing it costs.
+fn read_exact_at_into(
+    file: &std::fs::File,
+    pos: u64,
+    len: usize,
+    buf: &mut BytesMut,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    buf.reserve(len);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: pread writes at most `len - done` bytes into the spare
+        // capacity, which holds at least that many (reserved above, and
+        // each pass appends only what the previous ones read); no
+        // reference to the uninitialised bytes is made.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.spare_capacity_mut().as_mut_ptr().cast(),
+                len - done,
+                (pos + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was being sent",
+            ));
+        }
+        // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// One handshake frame: the usual 5-byte header and the payload.
 fn handshake_frame(ty: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -216,4 +253,28 @@ fn handshake_frame(ty: u8, payload: &[u8]) -> Vec<u8> {
     f.put_u32(payload.len() as u32);
     f.put_slice(payload);
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_range_is_appended_without_zeroing_and_a_short_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut buf = BytesMut::from(&b"head"[..]);
+        read_exact_at_into(&file, 1000, 200_000, &mut buf).unwrap();
+        assert_eq!(&buf[..4], b"head");
+        assert_eq!(&buf[4..], &content[1000..201_000]);
+        // Asking past the end: the shrink error, and nothing claimed beyond what was read.
+        let mut buf = BytesMut::new();
+        let e = read_exact_at_into(&file, 250_000, 100_000, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(e.to_string().contains("shrank"));
+        assert_eq!(&buf[..], &content[250_000..]);
+    }
 }
