@@ -2,6 +2,12 @@
 //! ChaCha20-Poly1305 and AES-256-GCM (RustCrypto's, and ring's, which
 //! `src/transfer/seal.rs` uses) and prints each one's throughput.
 //! Run: `cargo run --release --manifest-path bench/aead/Cargo.toml`.
+//!
+//! `-- --ring-json` instead seals and opens 1 GiB with ring's AES-256-GCM in
+//! records of netkit's size (a 128 KiB chunk and its 5-byte frame header),
+//! three times, and prints one JSON line with the median CPU seconds of the
+//! pair: what any transfer that seals and opens every byte with this cipher
+//! pays, at the least (bench/transfer_code --floor uses it).
 
 use std::time::Instant;
 
@@ -54,8 +60,43 @@ fn cpu_ns() -> u64 {
     s.split_whitespace().next().and_then(|n| n.parse().ok()).expect("schedstat field")
 }
 
+/// Seals then opens, in place, 1 GiB of netkit-sized records with ring's
+/// AES-256-GCM; the CPU seconds of the whole (each record opened is the
+/// one just sealed, so the open checks a real tag).
+fn ring_seal_open(key: &[u8; 32]) -> f64 {
+    use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    const PLAIN: usize = RECORD + 5;
+    let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("key"));
+    let mut buf = vec![7u8; PLAIN + 16];
+    let cpu0 = cpu_ns();
+    for i in 0..(TOTAL / RECORD) as u64 {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&i.to_be_bytes());
+        let tag = k
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from([1u8; 4]), &mut buf[..PLAIN])
+            .expect("seal");
+        buf[PLAIN..].copy_from_slice(tag.as_ref());
+        let plain = k
+            .open_in_place(Nonce::assume_unique_for_key(n), Aad::from([1u8; 4]), &mut buf)
+            .expect("open");
+        assert_eq!(plain.len(), PLAIN);
+    }
+    (cpu_ns() - cpu0) as f64 / 1e9
+}
+
 fn main() {
     let key = [9u8; 32];
+    if std::env::args().any(|a| a == "--ring-json") {
+        let mut runs: Vec<f64> = (0..3).map(|_| ring_seal_open(&key)).collect();
+        runs.sort_by(f64::total_cmp);
+        println!(
+            "{{\"cipher\":\"ring aes-256-gcm\",\"record\":{},\"seal_open_cpu_s_per_gib\":{:.3},\"runs\":[{}]}}",
+            RECORD + 5,
+            runs[1],
+            runs.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(",")
+        );
+        return;
+    }
     for _ in 0..2 {
         run("chacha20poly1305", &chacha20poly1305::ChaCha20Poly1305::new((&key).into()));
         run("aes-256-gcm", &aes_gcm::Aes256Gcm::new((&key).into()));
