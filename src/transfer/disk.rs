@@ -406,3 +406,34 @@ pub(crate) fn hash_range(
     }
     Ok(h)
 }
+
+/// Reads up to `want` bytes of `file` at `pos` straight into the spare
+/// capacity of `buf` (reserved here) and appends them; returns how many (0
+/// at the end of the file). Nothing is zeroed first: the senders read every
+/// byte they send this way, clear and sealed.
+pub(crate) fn pread_append(
+    file: &File,
+    pos: u64,
+    want: usize,
+    buf: &mut bytes::BytesMut,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    buf.reserve(want);
+    // SAFETY: pread writes at most `want` bytes into the spare capacity,
+    // which holds at least that many (reserved above); no reference to the
+    // uninitialised bytes is made.
+    let n = unsafe {
+        libc::pread(
+            file.as_raw_fd(),
+            buf.spare_capacity_mut().as_mut_ptr().cast(),
+            want,
+            pos as libc::off_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}

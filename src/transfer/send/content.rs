@@ -81,33 +81,16 @@ pub(super) async fn resume_point(
 /// Reads up to `want` bytes at `pos` (or sequentially for a pipe) into a fresh chunk.
 fn read_chunk(src: &mut ChunkSource, pos: u64, want: usize) -> io::Result<Bytes> {
     let mut buf = BytesMut::with_capacity(want);
-    let n = match src {
+    match src {
         ChunkSource::File(f) => {
-            use std::os::fd::AsRawFd;
-            // SAFETY: pread writes at most `want` bytes into the spare capacity
-            // we own; we only mark as initialised the bytes it reports.
-            let n = unsafe {
-                libc::pread(
-                    f.as_raw_fd(),
-                    buf.spare_capacity_mut().as_mut_ptr().cast(),
-                    want,
-                    pos as libc::off_t,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            n as usize
+            crate::transfer::disk::pread_append(f, pos, want, &mut buf)?;
         }
         ChunkSource::Pipe(r) => {
             buf.resize(want, 0);
             let n = r.read(&mut buf[..])?;
             buf.truncate(n);
-            return Ok(buf.freeze());
         }
-    };
-    // SAFETY: pread initialised the first `n` bytes.
-    unsafe { buf.set_len(n) };
+    }
     Ok(buf.freeze())
 }
 
