@@ -33,6 +33,13 @@ fn run_ring(key: &[u8; 32]) {
     });
 }
 
+/// The nonce of record `i`, as netkit builds it: 4 zero bytes, then the counter.
+fn nonce(i: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&i.to_be_bytes());
+    n
+}
+
 /// Seals 1 GiB in RECORD-sized records with `seal(nonce, record) -> first tag byte`.
 fn measure(name: &str, mut seal: impl FnMut([u8; 12], &mut [u8]) -> u8) {
     let mut buf = vec![7u8; RECORD];
@@ -40,9 +47,7 @@ fn measure(name: &str, mut seal: impl FnMut([u8; 12], &mut [u8]) -> u8) {
     let cpu0 = cpu_ns();
     let mut sum = 0u8;
     for i in 0..(TOTAL / RECORD) as u64 {
-        let mut nonce = [0u8; 12];
-        nonce[4..].copy_from_slice(&i.to_be_bytes());
-        sum ^= seal(nonce, &mut buf);
+        sum ^= seal(nonce(i), &mut buf);
     }
     let wall = start.elapsed().as_secs_f64();
     // CPU time, not wall time: the machine is shared, and a busy neighbour
@@ -57,7 +62,10 @@ fn measure(name: &str, mut seal: impl FnMut([u8; 12], &mut [u8]) -> u8) {
 /// Nanoseconds this thread has run on a CPU (Linux schedstat).
 fn cpu_ns() -> u64 {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
-    s.split_whitespace().next().and_then(|n| n.parse().ok()).expect("schedstat field")
+    s.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("schedstat field")
 }
 
 /// Seals then opens, in place, 1 GiB of netkit-sized records with ring's
@@ -70,14 +78,21 @@ fn ring_seal_open(key: &[u8; 32]) -> f64 {
     let mut buf = vec![7u8; PLAIN + 16];
     let cpu0 = cpu_ns();
     for i in 0..(TOTAL / RECORD) as u64 {
-        let mut n = [0u8; 12];
-        n[4..].copy_from_slice(&i.to_be_bytes());
+        let n = nonce(i);
         let tag = k
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from([1u8; 4]), &mut buf[..PLAIN])
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(n),
+                Aad::from([1u8; 4]),
+                &mut buf[..PLAIN],
+            )
             .expect("seal");
         buf[PLAIN..].copy_from_slice(tag.as_ref());
         let plain = k
-            .open_in_place(Nonce::assume_unique_for_key(n), Aad::from([1u8; 4]), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key(n),
+                Aad::from([1u8; 4]),
+                &mut buf,
+            )
             .expect("open");
         assert_eq!(plain.len(), PLAIN);
     }
@@ -93,12 +108,18 @@ fn main() {
             "{{\"cipher\":\"ring aes-256-gcm\",\"record\":{},\"seal_open_cpu_s_per_gib\":{:.3},\"runs\":[{}]}}",
             RECORD + 5,
             runs[1],
-            runs.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(",")
+            runs.iter()
+                .map(|r| format!("{r:.3}"))
+                .collect::<Vec<_>>()
+                .join(",")
         );
         return;
     }
     for _ in 0..2 {
-        run("chacha20poly1305", &chacha20poly1305::ChaCha20Poly1305::new((&key).into()));
+        run(
+            "chacha20poly1305",
+            &chacha20poly1305::ChaCha20Poly1305::new((&key).into()),
+        );
         run("aes-256-gcm", &aes_gcm::Aes256Gcm::new((&key).into()));
         run_ring(&key);
     }
