@@ -129,6 +129,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         r
     }
 
+    /// The largest `Data` frame to make of a regular file on this
+    /// connection: [`FILE_FRAME`](crate::transfer::FILE_FRAME) in the clear,
+    /// one record ([`CHUNK`](crate::transfer::CHUNK)) when sealed.
+    pub(crate) fn file_frame(&self) -> usize {
+        if self.sealed.is_some() {
+            crate::transfer::CHUNK
+        } else {
+            crate::transfer::FILE_FRAME
+        }
+    }
+
     /// Gives the next [`Conn::read`] extra time: the peer hashes
     /// `hashed_bytes` (a partial or existing file) before it answers.
     pub(crate) fn allow_hashing(&mut self, hashed_bytes: u64) {

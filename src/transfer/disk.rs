@@ -7,11 +7,12 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::CHUNK;
 use super::names;
@@ -176,6 +177,63 @@ pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
     }
 }
 
+/// The socket's end of a connection's queue to its disk thread: at most
+/// `bytes` of content and `chunks` chunks wait in it, whatever size of
+/// frame the sender chose.
+pub(crate) struct QueueTx {
+    tx: mpsc::Sender<Bytes>,
+    room: Arc<Semaphore>,
+}
+
+/// The disk thread's end of the queue. Dropping it (the thread ended, on
+/// an error too) closes the queue, and a sender waiting for room gets `Err`.
+pub(crate) struct QueueRx {
+    rx: mpsc::Receiver<Bytes>,
+    room: Arc<Semaphore>,
+}
+
+/// A queue to a disk thread holding at most `bytes` and `chunks`.
+pub(crate) fn disk_queue(bytes: usize, chunks: usize) -> (QueueTx, QueueRx) {
+    let (tx, rx) = mpsc::channel(chunks);
+    let room = Arc::new(Semaphore::new(bytes));
+    (
+        QueueTx {
+            tx,
+            room: room.clone(),
+        },
+        QueueRx { rx, room },
+    )
+}
+
+impl QueueTx {
+    /// Queues `chunk` (at most [`MAX_DATA_FRAME`](super::proto::MAX_DATA_FRAME)
+    /// bytes) once there is room; `Err` once the disk thread has ended.
+    pub(crate) async fn send(&self, chunk: Bytes) -> Result<(), ()> {
+        let n = u32::try_from(chunk.len()).map_err(|_| ())?;
+        self.room.acquire_many(n).await.map_err(|_| ())?.forget();
+        self.tx.send(chunk).await.map_err(|_| ())
+    }
+}
+
+impl QueueRx {
+    /// The next chunk, blocking; `None` once the socket's end is dropped and
+    /// the queue is empty. Its room is given back by [`QueueRx::done`].
+    fn blocking_recv(&mut self) -> Option<Bytes> {
+        self.rx.blocking_recv()
+    }
+
+    /// Gives back the room of a chunk of `len` bytes that is written.
+    fn done(&self, len: usize) {
+        self.room.add_permits(len);
+    }
+}
+
+impl Drop for QueueRx {
+    fn drop(&mut self) {
+        self.room.close();
+    }
+}
+
 /// Hashes each chunk and writes it at its offset (while the chunk is still
 /// in this core's cache), leaving holes for all-zero chunks. When the file
 /// is to be `durable`, every [`WRITEBACK_STEP`] written is handed to the disk
@@ -190,7 +248,7 @@ pub(crate) fn free_space(dir: &Path) -> io::Result<u64> {
 fn write_loop(
     file: &File,
     mut pos: u64,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: QueueRx,
     mut hasher: blake3::Hasher,
     durable: bool,
 ) -> io::Result<(u64, blake3::Hasher)> {
@@ -201,6 +259,7 @@ fn write_loop(
             file.write_all_at(&chunk, pos)?;
         }
         pos += chunk.len() as u64;
+        rx.done(chunk.len());
         if durable && pos - kicked_at >= WRITEBACK_STEP {
             start_writeback(file, kicked_at, pos - kicked_at);
             kicked_at = pos;
@@ -248,7 +307,7 @@ fn is_zero(b: &[u8]) -> bool {
 pub(crate) fn write_part(
     part: &Path,
     start: u64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: QueueRx,
     hasher: blake3::Hasher,
     durable: bool,
 ) -> io::Result<(File, u64, blake3::Hasher)> {
@@ -436,4 +495,47 @@ pub(crate) fn pread_append(
     // SAFETY: pread initialised the first `n` bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n as usize) };
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    /// The queue holds at most its byte budget: a chunk that does not fit
+    /// waits until the disk thread gives back the room of a written one.
+    #[tokio::test]
+    async fn queue_is_bounded_in_bytes() {
+        let (tx, mut rx) = disk_queue(1 << 20, 256);
+        tx.send(Bytes::from(vec![1u8; 600 << 10])).await.unwrap();
+        let second = tx.send(Bytes::from(vec![2u8; 600 << 10]));
+        tokio::pin!(second);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            second.as_mut().poll(&mut cx).is_pending(),
+            "1.2 MiB queued past a 1 MiB budget"
+        );
+        let first = tokio::task::spawn_blocking(move || {
+            let c = rx.blocking_recv().unwrap();
+            rx.done(c.len());
+            (c, rx)
+        });
+        let (c, mut rx) = first.await.unwrap();
+        assert_eq!(c[0], 1);
+        second.await.unwrap();
+        let c = tokio::task::spawn_blocking(move || rx.blocking_recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(c[0], 2);
+    }
+
+    /// A disk thread that ended (an error) never leaves the socket's end
+    /// waiting for room that will not come.
+    #[tokio::test]
+    async fn queue_fails_once_the_disk_thread_ends() {
+        let (tx, rx) = disk_queue(1 << 20, 256);
+        tx.send(Bytes::from(vec![0u8; 1 << 20])).await.unwrap();
+        drop(rx);
+        assert!(tx.send(Bytes::from_static(b"more")).await.is_err());
+    }
 }

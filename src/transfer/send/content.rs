@@ -201,7 +201,8 @@ async fn stream_file(
     let sent = async {
         while pos < size {
             // Frames end on CHUNK boundaries so a resumed file lines up again.
-            let n = (size - pos).min(CHUNK as u64 - pos % CHUNK as u64) as usize;
+            let frame = conn.file_frame() as u64;
+            let n = (size - pos).min(frame - pos % CHUNK as u64) as usize;
             conn.send_file_frame(&file, pos, n).await?;
             pos += n as u64;
             bar.inc(n as u64);
