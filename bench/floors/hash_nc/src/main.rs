@@ -28,7 +28,10 @@ fn recv(addr: &str, out: &str) -> io::Result<bool> {
         let want = left.min(BUF as u64) as usize;
         let n = s.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "sender left early"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sender left early",
+            ));
         }
         h.update(&buf[..n]);
         f.write_all(&buf[..n])?;
