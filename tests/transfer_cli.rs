@@ -152,6 +152,31 @@ fn stdin_without_a_name_is_a_clear_usage_error() {
     stop(r);
 }
 
+/// The smallest write queue (one largest frame) still moves a file of many
+/// 512 KiB frames whole; a smaller one is refused before anything listens.
+#[test]
+fn the_write_queue_flag_has_a_floor() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recv_into(out.path(), &["--write-queue", "1MiB"]);
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("frames.bin");
+    let body: Vec<u8> = (0..(5 << 20) + 12_345).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let o = send(&["--to", &r.addr, file.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(out.path().join("frames.bin")).unwrap(), body);
+    stop(r);
+
+    let o = Command::new(BIN)
+        .args(["recv", "--listen", "127.0.0.1:0", "--write-queue", "512KiB"])
+        .args(["--dir", out.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("at least 1MiB"), "{err}");
+}
+
 fn stop(mut r: Running) {
     let status = r.p.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");

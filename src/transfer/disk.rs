@@ -278,7 +278,7 @@ fn write_loop(
 const WRITE_PIECE: usize = 32 << 10;
 
 /// Writes `buf` at `pos` in [`WRITE_PIECE`] slices.
-fn write_in_pieces(file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
+pub(crate) fn write_in_pieces(file: &File, buf: &[u8], pos: u64) -> io::Result<()> {
     for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
         file.write_all_at(piece, pos + (i * WRITE_PIECE) as u64)?;
     }

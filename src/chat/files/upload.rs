@@ -5,7 +5,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -325,7 +324,7 @@ fn write_loop(
     back: &std::sync::mpsc::Sender<Vec<u8>>,
 ) -> io::Result<u64> {
     while let Some(mut batch) = rx.blocking_recv() {
-        file.write_all_at(&batch, pos)?;
+        crate::transfer::disk::write_in_pieces(file, &batch, pos)?;
         pos += batch.len() as u64;
         batch.clear();
         let _ = back.send(batch);

@@ -19,11 +19,6 @@ use crate::transfer::proto::{EntryKind, Offer, ReceiverFrame, SenderFrame};
 use crate::transfer::report::{kind_name, rate};
 use crate::transfer::{Conn, FileReport, TransferError, Verdict};
 
-/// Content queued per connection for the disk thread, in bytes: 64 of the
-/// netkit sender's 512 KiB frames. On tmpfs a queue of 8 MiB (16 frames)
-/// moved 8-10 % less than this: the socket task waited for room more often.
-const QUEUE_BYTES: usize = 32 << 20;
-
 /// Chunks queued per connection, whatever their size: a sender of small
 /// frames cannot make the queue hold more buffers than this.
 const QUEUE_CHUNKS: usize = 256;
@@ -347,10 +342,15 @@ where
         hasher,
         guard,
     } = inc;
-    // Up to QUEUE_BYTES in flight to the disk thread, so a short stall
-    // (dirty-page throttling, a busy core) does not stop the socket.
-    let (wtx, wrx) = disk::disk_queue(QUEUE_BYTES, QUEUE_CHUNKS);
+    // Up to --write-queue bytes (32 MiB: 64 of the netkit sender's 512 KiB
+    // frames) in flight to the disk thread, so a short stall (dirty-page
+    // throttling, a busy core) does not stop the socket. On tmpfs 8 MiB
+    // moved 8-10 % less: the socket task waited for room more often.
     let config = &shared.config;
+    let room = config
+        .write_queue
+        .max(crate::transfer::proto::MAX_DATA_FRAME);
+    let (wtx, wrx) = disk::disk_queue(room, QUEUE_CHUNKS);
     let durable = config.durable;
     let part = target.part.clone();
     // The writer owns the busy guard: the name stays reserved until the last

@@ -89,6 +89,23 @@ pub struct RecvArgs {
     /// lose files the sender was told are stored.
     #[arg(long, env = "NETKIT_RECV_NO_SYNC")]
     pub no_sync: bool,
+    /// Content each sender may have waiting for the disk (at least 1MiB);
+    /// memory is bounded by this times --max-conns.
+    #[arg(long, default_value = "32MiB", value_parser = parse_write_queue, env = "NETKIT_RECV_WRITE_QUEUE")]
+    pub write_queue: usize,
+}
+
+/// A `--write-queue` size: at least one largest `Data` frame, or a frame
+/// could never get room.
+fn parse_write_queue(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    let min = crate::transfer::proto::MAX_DATA_FRAME as u64;
+    if n < min {
+        return Err(format!(
+            "'{s}' is less than one data frame; give at least 1MiB"
+        ));
+    }
+    usize::try_from(n).map_err(|_| format!("'{s}' is too large"))
 }
 
 /// Limits of the file drop in `netkit serve` (the receiver's flags, named `--drop-…`).
@@ -115,6 +132,10 @@ pub struct DropArgs {
     /// Replace an existing different file in the drop instead of saving it as `name (1).ext`.
     #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
     pub drop_overwrite: bool,
+    /// Content each sender to the drop may have waiting for the disk (at
+    /// least 1MiB); memory is bounded by this times --drop-max-conns.
+    #[arg(long, default_value = "32MiB", value_parser = parse_write_queue, env = "NETKIT_DROP_WRITE_QUEUE")]
+    pub drop_write_queue: usize,
     /// Accept only senders who know the password in this file (`netkit send
     /// --password-file`); then every transfer to the drop is encrypted.
     #[arg(long, env = "NETKIT_DROP_PASSWORD_FILE")]
@@ -132,6 +153,7 @@ impl DropArgs {
             handshake_timeout: self.drop_handshake_timeout,
             max_pending_per_ip: self.drop_max_pending_per_ip,
             portable_names: self.drop_portable_names,
+            write_queue: self.drop_write_queue,
             door: "drop",
             ..Config::new(dir)
         }
@@ -163,6 +185,9 @@ pub struct Config {
     pub door: &'static str,
     /// Call fdatasync at all (off: faster, but a crash can lose confirmed files).
     pub durable: bool,
+    /// Bytes of content one connection may have queued for its disk thread
+    /// (at least [`MAX_DATA_FRAME`](crate::transfer::proto::MAX_DATA_FRAME)).
+    pub write_queue: usize,
     /// Print one JSON object per file on stdout.
     pub json: bool,
     /// Require this code or password from every sender (then all is sealed).
@@ -186,6 +211,7 @@ impl Config {
             umask: super::disk::process_umask(),
             door: "recv",
             durable: true,
+            write_queue: 32 << 20,
             json: false,
             code: None,
             rooms: None,
@@ -209,6 +235,7 @@ pub async fn run_command(args: RecvArgs) -> anyhow::Result<()> {
         portable_names: args.portable_names,
         json: args.json,
         durable: !args.no_sync,
+        write_queue: args.write_queue,
         code: crate::transfer::send::code_auth(
             crate::transfer::pake::Role::Receiver,
             args.code.as_deref(),
