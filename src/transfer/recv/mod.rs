@@ -133,8 +133,9 @@ pub struct DropArgs {
     #[arg(long, env = "NETKIT_DROP_OVERWRITE")]
     pub drop_overwrite: bool,
     /// Content each sender to the drop may have waiting for the disk (at
-    /// least 1MiB); memory is bounded by this times --drop-max-conns.
-    #[arg(long, default_value = "32MiB", value_parser = parse_write_queue, env = "NETKIT_DROP_WRITE_QUEUE")]
+    /// least 1MiB); memory is bounded by this times --drop-max-conns. Less
+    /// than `netkit recv`'s 32MiB: the drop is a door of a server.
+    #[arg(long, default_value = "8MiB", value_parser = parse_write_queue, env = "NETKIT_DROP_WRITE_QUEUE")]
     pub drop_write_queue: usize,
     /// Accept only senders who know the password in this file (`netkit send
     /// --password-file`); then every transfer to the drop is encrypted.
