@@ -192,10 +192,13 @@ pub(crate) struct QueueRx {
     room: Arc<Semaphore>,
 }
 
-/// A queue to a disk thread holding at most `bytes` and `chunks`.
+/// A queue to a disk thread holding at most `bytes` and `chunks`. It always
+/// has room for one largest frame ([`MAX_DATA_FRAME`](super::proto::MAX_DATA_FRAME)),
+/// whatever `bytes` says: a frame that could never get room would stop the
+/// connection for good.
 pub(crate) fn disk_queue(bytes: usize, chunks: usize) -> (QueueTx, QueueRx) {
     let (tx, rx) = mpsc::channel(chunks);
-    let room = Arc::new(Semaphore::new(bytes));
+    let room = Arc::new(Semaphore::new(bytes.max(super::proto::MAX_DATA_FRAME)));
     (
         QueueTx {
             tx,
@@ -577,6 +580,20 @@ mod tests {
         let got = std::fs::read(dir.path().join("f")).unwrap();
         assert_eq!(&got[..5], b"head!");
         assert_eq!(&got[5..], &buf[..]);
+    }
+
+    /// A queue configured below one largest frame still takes one.
+    #[tokio::test]
+    async fn queue_always_has_room_for_one_largest_frame() {
+        let (tx, _rx) = disk_queue(1000, 256);
+        let frame = Bytes::from(vec![0u8; crate::transfer::proto::MAX_DATA_FRAME]);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let send = tx.send(frame);
+        tokio::pin!(send);
+        assert!(
+            send.as_mut().poll(&mut cx).is_ready(),
+            "a 1 MiB frame waited on a 1000-byte queue"
+        );
     }
 
     /// A disk thread that ended (an error) never leaves the socket's end

@@ -347,10 +347,7 @@ where
     // throttling, a busy core) does not stop the socket. On tmpfs 8 MiB
     // moved 8-10 % less: the socket task waited for room more often.
     let config = &shared.config;
-    let room = config
-        .write_queue
-        .max(crate::transfer::proto::MAX_DATA_FRAME);
-    let (wtx, wrx) = disk::disk_queue(room, QUEUE_CHUNKS);
+    let (wtx, wrx) = disk::disk_queue(config.write_queue, QUEUE_CHUNKS);
     let durable = config.durable;
     let part = target.part.clone();
     // The writer owns the busy guard: the name stays reserved until the last

@@ -95,6 +95,9 @@ pub struct RecvArgs {
     pub write_queue: usize,
 }
 
+/// `--write-queue`'s default (its flag says "32MiB"), also [`Config::new`]'s.
+pub const WRITE_QUEUE: usize = 32 << 20;
+
 /// A `--write-queue` size: at least one largest `Data` frame, or a frame
 /// could never get room.
 fn parse_write_queue(s: &str) -> Result<usize, String> {
@@ -212,7 +215,7 @@ impl Config {
             umask: super::disk::process_umask(),
             door: "recv",
             durable: true,
-            write_queue: 32 << 20,
+            write_queue: WRITE_QUEUE,
             json: false,
             code: None,
             rooms: None,
@@ -539,5 +542,25 @@ where
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        recv: RecvArgs,
+    }
+
+    /// The flag's default string and `Config::new`'s constant say the same.
+    #[test]
+    fn write_queue_default_is_the_constant() {
+        let cli = Cli::try_parse_from(["recv"]).unwrap();
+        assert_eq!(cli.recv.write_queue, WRITE_QUEUE);
+        assert_eq!(Config::new(".").write_queue, WRITE_QUEUE);
     }
 }

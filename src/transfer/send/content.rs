@@ -198,10 +198,10 @@ async fn stream_file(
     });
     let mut bar = progress.file(&entry.offer.path, Some(size), start);
     let mut pos = start;
+    let frame = conn.file_frame() as u64;
     let sent = async {
         while pos < size {
             // Frames end on CHUNK boundaries so a resumed file lines up again.
-            let frame = conn.file_frame() as u64;
             let n = (size - pos).min(frame - pos % CHUNK as u64) as usize;
             conn.send_file_frame(&file, pos, n).await?;
             pos += n as u64;
