@@ -290,14 +290,14 @@ pub(crate) fn write_in_pieces(file: &File, buf: &[u8], pos: u64) -> io::Result<(
 
 /// How often the disk thread of a durable transfer asks the kernel to start
 /// writing back what it wrote.
-const WRITEBACK_STEP: u64 = 8 << 20;
+pub(crate) const WRITEBACK_STEP: u64 = 8 << 20;
 
 /// Starts writeback of `len` bytes at `off` without waiting for it, so the
 /// disk writes while the transfer goes on and the final fdatasync finds
 /// little left to do. Not for `--no-sync`: there the page cache takes the
 /// file as it does for `nc`, and the kernel writes it back when it will.
 /// Best effort: errors surface at fdatasync.
-fn start_writeback(file: &File, off: u64, len: u64) {
+pub(crate) fn start_writeback(file: &File, off: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
