@@ -445,3 +445,34 @@ async fn session_entries_that_are_not_a_hubs_are_skipped() {
     assert_eq!(*changed.borrow(), 1, "only the real session was applied");
     stop_all([a], nats).await;
 }
+
+/// How long the sessions stream keeps its entries.
+async fn sessions_kept(js: &async_nats::jetstream::Context) -> std::time::Duration {
+    let mut s = js.get_stream("NETKIT_SESSIONS").await.unwrap();
+    s.info().await.unwrap().config.max_age
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_stream_keeps_entries_as_long_as_the_longest_session_of_the_hubs() {
+    let Some((_store, nats)) = nats_on_fresh_store().await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let with_ttl = |ttl| {
+        let mut cfg = with_accounts();
+        cfg.auth.session_ttl = ttl;
+        cfg
+    };
+    // The first hub makes the stream for its one-hour sessions.
+    let a = Node::start_configured(broker_on(&nats.url()), with_ttl(day / 24)).await;
+    assert_eq!(sessions_kept(&js).await, day / 24 + day);
+    // A hub with 30-day sessions raises it, or its sessions would leave
+    // the stream after a day and an hour.
+    let b = Node::start_configured(broker_on(&nats.url()), with_ttl(30 * day)).await;
+    assert_eq!(sessions_kept(&js).await, 31 * day);
+    // A later hub with short sessions does not cut it down.
+    let c = Node::start_configured(broker_on(&nats.url()), with_ttl(day / 24)).await;
+    assert_eq!(sessions_kept(&js).await, 31 * day);
+    stop_all([a, b, c], nats).await;
+}

@@ -56,7 +56,11 @@ impl AccountLog for Arc<Broker> {
 }
 
 /// Makes sure the stream of page sessions exists: entries kept one per
-/// selector and no longer than a session lasts (`ttl`, and a day).
+/// selector and no longer than a session lasts (`ttl`, and a day). A
+/// stream made by a hub with a shorter session TTL is given this hub's
+/// longer one (the longest of the hubs wins; it is never shortened), or
+/// its sessions would leave the stream, and the hubs that start later,
+/// before they expire.
 pub(super) async fn sessions_stream(
     broker: &Broker,
     ttl: Duration,
@@ -64,10 +68,40 @@ pub(super) async fn sessions_stream(
 ) -> anyhow::Result<()> {
     let (name, prefix) = (wire::SESSIONS_STREAM, wire::SESSION_PREFIX);
     let replicas = usize::from(replicas.max(1));
+    let max_age = ttl.saturating_add(Duration::from_secs(24 * 3600));
     keyed_stream(&broker.js, &broker.servers, name, prefix, replicas, |c| {
-        c.max_age = ttl.saturating_add(Duration::from_secs(24 * 3600));
+        c.max_age = max_age;
     })
-    .await
+    .await?;
+    // Two hubs raising it at once: each looks again after its update, so
+    // the longer one stands unless the other's lands after that look.
+    for _ in 0..3 {
+        let mut stream = broker.js.get_stream(name).await.map_err(|e| {
+            anyhow::anyhow!("--broker: cannot read the JetStream stream {name}: {e}")
+        })?;
+        let info = stream.info().await.map_err(|e| {
+            anyhow::anyhow!("--broker: cannot read the JetStream stream {name}: {e}")
+        })?;
+        let mut config = info.config.clone();
+        if !keeps_less(config.max_age, max_age) {
+            return Ok(());
+        }
+        tracing::info!(
+            "broker: the stream {name} kept sessions {:?}; raised to {max_age:?} (--chat-session-ttl and a day)",
+            config.max_age
+        );
+        config.max_age = max_age;
+        broker.js.update_stream(config).await.map_err(|e| {
+            anyhow::anyhow!("--broker: cannot raise the max age of the stream {name}: {e}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether a stream whose entries live `current` (zero: for ever) keeps
+/// them less than `wanted`.
+fn keeps_less(current: Duration, wanted: Duration) -> bool {
+    !current.is_zero() && current < wanted
 }
 
 /// Claims, in the accounts stream, the accounts this hub registered before
@@ -118,4 +152,20 @@ async fn held_keys(broker: &Broker) -> anyhow::Result<std::collections::HashSet<
         held.insert(subject);
     }
     Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keeps_less;
+    use std::time::Duration;
+
+    #[test]
+    fn a_stream_keeping_sessions_for_less_is_raised_never_lowered() {
+        let day = Duration::from_secs(24 * 3600);
+        assert!(keeps_less(day, 31 * day));
+        assert!(!keeps_less(31 * day, 31 * day));
+        assert!(!keeps_less(31 * day, day));
+        // Zero: the stream keeps its entries for ever already.
+        assert!(!keeps_less(Duration::ZERO, 31 * day));
+    }
 }
