@@ -255,7 +255,7 @@ fn write_loop(
     mut hasher: blake3::Hasher,
     durable: bool,
 ) -> io::Result<(u64, blake3::Hasher)> {
-    let mut kicked_at = pos;
+    let mut writeback = durable.then(|| Writeback::from(pos));
     while let Some(chunk) = rx.blocking_recv() {
         hasher.update(&chunk);
         if !is_zero(&chunk) {
@@ -263,9 +263,8 @@ fn write_loop(
         }
         pos += chunk.len() as u64;
         rx.done(chunk.len());
-        if durable && pos - kicked_at >= WRITEBACK_STEP {
-            start_writeback(file, kicked_at, pos - kicked_at);
-            kicked_at = pos;
+        if let Some(w) = &mut writeback {
+            w.written(file, pos);
         }
     }
     Ok((pos, hasher))
@@ -290,14 +289,37 @@ pub(crate) fn write_in_pieces(file: &File, buf: &[u8], pos: u64) -> io::Result<(
 
 /// How often the disk thread of a durable transfer asks the kernel to start
 /// writing back what it wrote.
-pub(crate) const WRITEBACK_STEP: u64 = 8 << 20;
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Hands what a file's writer wrote to the disk every [`WRITEBACK_STEP`]
+/// (see [`start_writeback`]), for a file that ends in an fsync anyway.
+pub(crate) struct Writeback {
+    /// Where the part not yet handed over starts.
+    from: u64,
+}
+
+impl Writeback {
+    /// For a writer that starts at `pos`.
+    pub(crate) fn from(pos: u64) -> Writeback {
+        Writeback { from: pos }
+    }
+
+    /// The writer has written up to `pos`: starts writeback of what it
+    /// wrote since the last time, once that is a step.
+    pub(crate) fn written(&mut self, file: &File, pos: u64) {
+        if pos - self.from >= WRITEBACK_STEP {
+            start_writeback(file, self.from, pos - self.from);
+            self.from = pos;
+        }
+    }
+}
 
 /// Starts writeback of `len` bytes at `off` without waiting for it, so the
 /// disk writes while the transfer goes on and the final fdatasync finds
 /// little left to do. Not for `--no-sync`: there the page cache takes the
 /// file as it does for `nc`, and the kernel writes it back when it will.
 /// Best effort: errors surface at fdatasync.
-pub(crate) fn start_writeback(file: &File, off: u64, len: u64) {
+fn start_writeback(file: &File, off: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
@@ -533,6 +555,20 @@ pub(crate) fn pread_append(
 mod tests {
     use super::*;
     use std::future::Future;
+
+    /// Writeback is started once per step written, from where the last one ended.
+    #[test]
+    fn writeback_is_started_once_a_step_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("f")).unwrap();
+        let mut w = Writeback::from(5);
+        w.written(&f, 5 + WRITEBACK_STEP - 1);
+        assert_eq!(w.from, 5);
+        w.written(&f, 5 + WRITEBACK_STEP);
+        assert_eq!(w.from, 5 + WRITEBACK_STEP);
+        w.written(&f, 5 + 3 * WRITEBACK_STEP);
+        assert_eq!(w.from, 5 + 3 * WRITEBACK_STEP);
+    }
 
     /// The queue holds at most its byte budget: a chunk that does not fit
     /// waits until the disk thread gives back the room of a written one.

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::names::{SNIFF_LEN, sniff};
 use super::{FileError, FileStore, Upload, lock};
+use crate::transfer::disk::{Writeback, write_in_pieces};
 
 /// Batches queued between a request and its disk thread.
 const DISK_QUEUE: usize = 8;
@@ -317,7 +318,7 @@ struct Feeder<'a> {
 
 /// Writes each batch from `rx` at its offset, from `pos` on, and hands the
 /// emptied buffer `back`, until the queue closes; returns the end offset.
-/// Every [`WRITEBACK_STEP`] written is handed to the disk at once, as the
+/// What is written is handed to the disk as it goes ([`Writeback`]), as the
 /// transfer receiver does: the upload ends in an fsync anyway, which then
 /// finds little left to write, and the page cache never holds much of the
 /// upload dirty. Without it a 1 GiB upload spent over half the server's CPU
@@ -329,17 +330,13 @@ fn write_loop(
     mut rx: mpsc::Receiver<Vec<u8>>,
     back: &std::sync::mpsc::Sender<Vec<u8>>,
 ) -> io::Result<u64> {
-    use crate::transfer::disk::{WRITEBACK_STEP, start_writeback, write_in_pieces};
-    let mut kicked_at = pos;
+    let mut writeback = Writeback::from(pos);
     while let Some(mut batch) = rx.blocking_recv() {
         write_in_pieces(file, &batch, pos)?;
         pos += batch.len() as u64;
         batch.clear();
         let _ = back.send(batch);
-        if pos - kicked_at >= WRITEBACK_STEP {
-            start_writeback(file, kicked_at, pos - kicked_at);
-            kicked_at = pos;
-        }
+        writeback.written(file, pos);
     }
     Ok(pos)
 }

@@ -76,13 +76,11 @@ pub(super) async fn sessions_stream(
     // Two hubs raising it at once: each looks again after its update, so
     // the longer one stands unless the other's lands after that look.
     for _ in 0..3 {
-        let mut stream = broker.js.get_stream(name).await.map_err(|e| {
+        // get_stream reads the stream's info from the server each time.
+        let stream = broker.js.get_stream(name).await.map_err(|e| {
             anyhow::anyhow!("--broker: cannot read the JetStream stream {name}: {e}")
         })?;
-        let info = stream.info().await.map_err(|e| {
-            anyhow::anyhow!("--broker: cannot read the JetStream stream {name}: {e}")
-        })?;
-        let mut config = info.config.clone();
+        let mut config = stream.cached_info().config.clone();
         if !keeps_less(config.max_age, max_age) {
             return Ok(());
         }

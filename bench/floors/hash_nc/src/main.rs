@@ -27,6 +27,24 @@ use std::process::ExitCode;
 
 const BUF: usize = 128 * 1024;
 
+/// The receiver's end: reads the sender's hash, compares it with `h`, and
+/// answers 1 for a match.
+fn answer(s: &mut TcpStream, h: &blake3::Hasher) -> io::Result<bool> {
+    let mut theirs = [0u8; 32];
+    s.read_exact(&mut theirs)?;
+    let ok = h.finalize().as_bytes() == &theirs;
+    s.write_all(&[ok as u8])?;
+    Ok(ok)
+}
+
+/// The sender's end: sends the hash `h` and reads the receiver's verdict.
+fn ask(s: &mut TcpStream, h: &blake3::Hasher) -> io::Result<bool> {
+    s.write_all(h.finalize().as_bytes())?;
+    let mut verdict = [0u8; 1];
+    s.read_exact(&mut verdict)?;
+    Ok(verdict[0] == 1)
+}
+
 fn recv(addr: &str, out: &str) -> io::Result<bool> {
     let (mut s, _) = TcpListener::bind(addr)?.accept()?;
     let mut len = [0u8; 8];
@@ -48,11 +66,7 @@ fn recv(addr: &str, out: &str) -> io::Result<bool> {
         f.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    let mut theirs = [0u8; 32];
-    s.read_exact(&mut theirs)?;
-    let ok = h.finalize().as_bytes() == &theirs;
-    s.write_all(&[ok as u8])?;
-    Ok(ok)
+    answer(&mut s, &h)
 }
 
 fn send(addr: &str, path: &str) -> io::Result<bool> {
@@ -72,10 +86,7 @@ fn send(addr: &str, path: &str) -> io::Result<bool> {
         s.write_all(&buf[..n])?;
         left = left.saturating_sub(n as u64);
     }
-    s.write_all(h.finalize().as_bytes())?;
-    let mut verdict = [0u8; 1];
-    s.read_exact(&mut verdict)?;
-    Ok(verdict[0] == 1)
+    ask(&mut s, &h)
 }
 
 /// Bytes per `sendfile`/`splice` and per hash step in the zero-copy mode.
@@ -234,11 +245,7 @@ fn recv_spliced(addr: &str, out: &str, mapped: bool) -> io::Result<bool> {
         libc::close(pw);
     }
     result?;
-    let mut theirs = [0u8; 32];
-    s.read_exact(&mut theirs)?;
-    let ok = h.finalize().as_bytes() == &theirs;
-    s.write_all(&[ok as u8])?;
-    Ok(ok)
+    answer(&mut s, &h)
 }
 
 fn send_zc(addr: &str, path: &str) -> io::Result<bool> {
@@ -264,10 +271,7 @@ fn send_zc(addr: &str, path: &str) -> io::Result<bool> {
             }
         }
     }
-    s.write_all(h.finalize().as_bytes())?;
-    let mut verdict = [0u8; 1];
-    s.read_exact(&mut verdict)?;
-    Ok(verdict[0] == 1)
+    ask(&mut s, &h)
 }
 
 fn main() -> ExitCode {
