@@ -195,10 +195,12 @@ pub(crate) struct QueueRx {
 /// A queue to a disk thread holding at most `bytes` and `chunks`. It always
 /// has room for one largest frame ([`MAX_DATA_FRAME`](super::proto::MAX_DATA_FRAME)),
 /// whatever `bytes` says: a frame that could never get room would stop the
-/// connection for good.
+/// connection for good. More than a semaphore can count (2^61 bytes, which
+/// `--write-queue` accepts) is the same as no byte bound.
 pub(crate) fn disk_queue(bytes: usize, chunks: usize) -> (QueueTx, QueueRx) {
     let (tx, rx) = mpsc::channel(chunks);
-    let room = Arc::new(Semaphore::new(bytes.max(super::proto::MAX_DATA_FRAME)));
+    let bytes = bytes.clamp(super::proto::MAX_DATA_FRAME, Semaphore::MAX_PERMITS);
+    let room = Arc::new(Semaphore::new(bytes));
     (
         QueueTx {
             tx,
@@ -630,6 +632,14 @@ mod tests {
             send.as_mut().poll(&mut cx).is_ready(),
             "a 1 MiB frame waited on a 1000-byte queue"
         );
+    }
+
+    /// A byte bound past what a semaphore counts (a `--write-queue` of
+    /// thousands of TiB) is no bound, not a panic on the first file.
+    #[tokio::test]
+    async fn queue_larger_than_a_semaphore_counts_is_unbounded_in_bytes() {
+        let (tx, _rx) = disk_queue(usize::MAX, 256);
+        tx.send(Bytes::from(vec![0u8; 1 << 20])).await.unwrap();
     }
 
     /// A disk thread that ended (an error) never leaves the socket's end
