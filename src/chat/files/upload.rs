@@ -323,7 +323,7 @@ struct Feeder<'a> {
 /// finds little left to write, and the page cache never holds much of the
 /// upload dirty. Without it a 1 GiB upload spent over half the server's CPU
 /// copying into the page cache on this machine (a VM whose fresh pages are
-/// costly to touch), and moved 271 MB/s.
+/// costly to touch): 406-563 MB/s against 584-830 with it, alternated.
 fn write_loop(
     file: &File,
     mut pos: u64,

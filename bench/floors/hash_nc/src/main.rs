@@ -152,6 +152,21 @@ impl Drop for Mapped {
     }
 }
 
+/// A pipe's read and write ends, closed when dropped.
+fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: a two-int array for pipe2 to fill.
+    os_err(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } as isize)?;
+    // SAFETY: both descriptors were just made and are owned by nothing else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
 fn recv_zc(addr: &str, out: &str) -> io::Result<bool> {
     recv_spliced(addr, out, true)
 }
@@ -171,64 +186,44 @@ fn recv_spliced(addr: &str, out: &str, mapped: bool) -> io::Result<bool> {
     f.set_len(len as u64)?;
     let map = Mapped::new(&f, if mapped { len } else { 0 })?;
     let mut back = vec![0u8; if mapped { 0 } else { ZC_STEP }];
-    let mut pipe = [0i32; 2];
-    // SAFETY: a two-int array for pipe2 to fill.
-    os_err(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } as isize)?;
-    let (pr, pw) = (pipe[0], pipe[1]);
+    let (pr, pw) = pipe()?;
     // SAFETY: fcntl on the pipe just made.
-    unsafe { libc::fcntl(pw, libc::F_SETPIPE_SZ, ZC_STEP as libc::c_int) };
+    unsafe { libc::fcntl(pw.as_raw_fd(), libc::F_SETPIPE_SZ, ZC_STEP as libc::c_int) };
     let mut h = blake3::Hasher::new();
     let mut done = 0usize;
-    let mut result = Ok(());
     while done < len {
         let want = (len - done).min(ZC_STEP);
         // SAFETY: splice between fds this function owns.
-        let n = match os_err(unsafe {
+        let n = os_err(unsafe {
             libc::splice(
                 s.as_raw_fd(),
                 std::ptr::null_mut(),
-                pw,
+                pw.as_raw_fd(),
                 std::ptr::null_mut(),
                 want,
                 libc::SPLICE_F_MOVE,
             )
-        }) {
-            Ok(0) => {
-                result = Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "sender left early",
-                ));
-                break;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        };
+        })?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sender left early",
+            ));
+        }
         let mut moved = 0;
         while moved < n {
             let mut off = (done + moved) as libc::loff_t;
             // SAFETY: as above; `off` is this call's own offset.
-            match os_err(unsafe {
+            moved += os_err(unsafe {
                 libc::splice(
-                    pr,
+                    pr.as_raw_fd(),
                     std::ptr::null_mut(),
                     f.as_raw_fd(),
                     &mut off,
                     n - moved,
                     libc::SPLICE_F_MOVE,
                 )
-            }) {
-                Ok(m) => moved += m,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        if result.is_err() {
-            break;
+            })?;
         }
         if mapped {
             h.update(map.slice(done, done + n));
@@ -239,12 +234,6 @@ fn recv_spliced(addr: &str, out: &str, mapped: bool) -> io::Result<bool> {
         }
         done += n;
     }
-    // SAFETY: closing the pipe's two ends, opened above.
-    unsafe {
-        libc::close(pr);
-        libc::close(pw);
-    }
-    result?;
     answer(&mut s, &h)
 }
 
